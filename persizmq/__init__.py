@@ -1,0 +1,36 @@
+"""persizmq: persistence for ZeroMQ subscribers.
+
+A :class:`ThreadedSubscriber` receives from a SUB socket in a background thread and hands every
+message to a callback; :class:`PersistentStorage` (a crash-safe FIFO queue on disk) and
+:class:`PersistentLatestStorage` (only the newest message) are such callbacks, and the filters
+of :mod:`persizmq.filter` can be chained in front of them.
+"""
+
+from persizmq._errors import (
+    ClosedError,
+    CorruptionError,
+    DirectoryError,
+    InvalidArgumentError,
+    LockedError,
+    MessageTooLargeError,
+    MessageTypeError,
+    PersizmqError,
+    QueueFullError,
+    StorageWriteError,
+)
+
+__version__ = "2.0.0"
+
+__all__ = [
+    "ClosedError",
+    "CorruptionError",
+    "DirectoryError",
+    "InvalidArgumentError",
+    "LockedError",
+    "MessageTooLargeError",
+    "MessageTypeError",
+    "PersizmqError",
+    "QueueFullError",
+    "StorageWriteError",
+    "__version__",
+]

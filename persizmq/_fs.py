@@ -1,0 +1,169 @@
+"""File-system helpers shared by the storages and the filters.
+
+They turn the operating system's failures into the persizmq exceptions of ``_errors`` with a
+message that names the path, what was expected and what was found.
+"""
+
+import contextlib
+import errno
+import fcntl
+import os
+import pathlib
+from typing import Union
+
+from persizmq._errors import (
+    DirectoryError,
+    InvalidArgumentError,
+    LockedError,
+    MessageTypeError,
+    StorageWriteError,
+)
+
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "SYNC_MODES",
+    "PathLike",
+    "acquire_lock",
+    "check_sync_mode",
+    "fsync_directory",
+    "open_directory",
+    "release_lock",
+    "write_atomically",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: The accepted values of the ``sync`` keyword, see the durability table in README.rst.
+SYNC_MODES = ("always", "periodic", "never")
+
+#: Permissions of the directories and files persizmq creates (before the umask): never
+#: world-writable; readable by others only if the umask allows.
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+
+
+def check_sync_mode(sync: object) -> str:
+    """Return ``sync`` if it is one of :data:`SYNC_MODES`, otherwise raise a clear error."""
+    if not isinstance(sync, str):
+        raise MessageTypeError(
+            f"expected sync to be one of {', '.join(map(repr, SYNC_MODES))}, "
+            f"got a {type(sync).__name__}: {sync!r}"
+        )
+    if sync not in SYNC_MODES:
+        raise InvalidArgumentError(
+            f"expected sync to be one of {', '.join(map(repr, SYNC_MODES))}, got {sync!r}"
+        )
+    return sync
+
+
+def open_directory(path: object, what: str = "persistent_dir") -> pathlib.Path:
+    """Validate ``path``, create the directory (with parents) if needed and return it.
+
+    :raises MessageTypeError: ``path`` is not a ``str`` or path-like object.
+    :raises DirectoryError: the path exists but is not a directory, cannot be created, or is not
+        writable.
+    """
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise MessageTypeError(
+            f"expected {what} to be a str or a pathlib.Path, got a {type(path).__name__}: {path!r}"
+        )
+    directory = pathlib.Path(path)
+    if str(path) == "":
+        raise InvalidArgumentError(f"expected {what} to name a directory, got an empty string")
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    except FileExistsError as err:
+        raise DirectoryError(
+            errno.ENOTDIR,
+            f"expected {what} {str(directory)!r} to be a directory, but it is a file",
+        ) from err
+    except OSError as err:
+        raise DirectoryError(
+            err.errno, f"cannot create the directory {what} {str(directory)!r}: {err.strerror}"
+        ) from err
+    if not directory.is_dir():
+        raise DirectoryError(
+            errno.ENOTDIR, f"expected {what} {str(directory)!r} to be a directory, but it is not"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise DirectoryError(
+            errno.EACCES,
+            f"expected the directory {what} {str(directory)!r} to be writable, but it is not",
+        )
+    return directory
+
+
+def fsync_directory(directory: pathlib.Path) -> None:
+    """Make the directory's entries (created, renamed, removed files) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def acquire_lock(lock_path: pathlib.Path, holder: str) -> int:
+    """Take an exclusive ``flock`` on ``lock_path`` without waiting; return its descriptor.
+
+    The lock belongs to the open file description, so a second opener in the same process is
+    refused just like one in another process; the kernel drops it when the holder dies, so a
+    SIGKILLed process never leaves a stale lock.
+
+    :raises LockedError: another holder has the lock.
+    """
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    except OSError as err:
+        raise DirectoryError(
+            err.errno, f"cannot open the lock file {str(lock_path)!r}: {err.strerror}"
+        ) from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        os.close(fd)
+        raise LockedError(
+            errno.EWOULDBLOCK,
+            f"expected to be the only {holder} of {str(lock_path.parent)!r}, but another "
+            f"opener (in this or another process) holds {lock_path.name!r}; close it first",
+        ) from err
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    """Release a lock taken by :func:`acquire_lock` (closing the descriptor drops the flock)."""
+    os.close(fd)
+
+
+def write_atomically(path: pathlib.Path, data: bytes, *, sync: str) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old or the new content, never a mix.
+
+    Writes a temporary file beside ``path``, renames it over ``path`` and, unless ``sync`` is
+    ``"never"``, fsyncs the file before the rename and the directory after it.
+
+    :raises StorageWriteError: the write failed (for example a full disk); ``path`` is unchanged.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if sync != "never":
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StorageWriteError(
+            err.errno, f"cannot write {str(path)!r}: {err.strerror}; the previous content is kept"
+        ) from err
+    if sync != "never":
+        fsync_directory(path.parent)
