@@ -13,7 +13,7 @@ A record *body* is one kind byte followed by the payload:
 """
 
 import struct
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from persizmq._errors import CorruptionError, MessageTypeError
 
@@ -108,3 +108,35 @@ def message_size(msg: Sequence[bytes]) -> int:
     if isinstance(msg, bytes):
         return len(msg)
     return sum(len(frame) for frame in msg)
+
+
+def encode_payload(msg: object) -> Optional[Tuple[bool, bytes]]:
+    """Return ``(multipart, payload)`` for ``msg``, or ``None`` when ``msg`` is ``None``.
+
+    The payload of a single-frame message is its bytes; that of a multipart message is the
+    frame table described in the module docstring (without the kind byte).
+
+    :raises MessageTypeError: ``msg`` is neither bytes-like nor a list/tuple of bytes-like frames.
+    """
+    if isinstance(msg, bytes):
+        return False, msg
+    if msg is None:
+        return None
+    if isinstance(msg, (list, tuple)):
+        frames = [_frame_bytes(frame, f"frame {i} of the message") for i, frame in enumerate(msg)]
+        parts = [_U32.pack(len(frames))]
+        for frame in frames:
+            parts.append(_U32.pack(len(frame)))
+            parts.append(frame)
+        return True, b"".join(parts)
+    return False, _frame_bytes(msg, "the message")
+
+
+def decode_multipart(payload: Union[bytes, memoryview], where: str) -> List[bytes]:
+    """Return the frames of a multipart payload (the frame table without the kind byte).
+
+    :raises CorruptionError: the frame table is impossible.
+    """
+    message = decode_body(_MULTI_PREFIX + bytes(payload), where)
+    assert isinstance(message, list)
+    return message

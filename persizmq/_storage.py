@@ -1,0 +1,1220 @@
+"""PersistentStorage: a crash-safe FIFO queue of messages on disk.
+
+Theory of operation
+===================
+
+Files in the storage directory
+------------------------------
+
+``NNNNNNNNNNNNNNNNNNNN.seg`` (20 digits)
+    Segments: an append-only log cut into numbered files. A segment starts with the 8-byte
+    magic ``PZMQSEG2`` and then holds records back to back. The producer appends to the
+    segment with the highest number; once it has grown to ``segment_size`` bytes the producer
+    creates the next segment and then *seals* the full one with a seal record that holds its
+    record count. Records never span two segments.
+
+``consumer.pos``
+    The consumer's position: an append-only log of fixed 28-byte entries
+    ``<u64 segment><u64 offset><u64 consumed><u32 crc32>``. ``offset`` is where the next
+    record to deliver starts inside ``segment``, ``consumed`` how many records of that segment
+    are behind it. Every ``pop_front`` appends one entry (one small ``write(2)``, no rename);
+    the last entry with a good CRC wins. When the log passes 1 MiB it is rewritten atomically
+    with a single entry.
+
+``producer.lock``, ``consumer.lock``
+    ``flock`` locks of the two roles. An in-process :class:`PersistentStorage` holds both; a
+    second opener, in this or another process, gets :class:`LockedError`. The kernel drops a
+    lock when its holder dies, so a crash never leaves a stale lock behind.
+
+``quarantine/``
+    The bytes of damaged records, one file per damaged region, named after the segment and
+    the byte range they came from. Created only when damage is found.
+
+``NNN…N.bin`` (30 digits)
+    Messages of persizmq 1.0.x, one per file. They are delivered first, in numeric order, and
+    deleted when popped; 1.0.x ``*.bin.tmp`` leftovers are removed on open. Any other entry in
+    the directory is left alone.
+
+Record format
+-------------
+
+``<u32 length><u32 crc><u8 kind>`` followed by ``length`` payload bytes (little-endian).
+``kind`` is ``0xA0`` (single-frame message), ``0xA1`` (multipart: the frame table of
+``_message``) or ``0xA2`` (seal: ``<u64 record count>``). ``crc`` is ``zlib.crc32`` of the
+payload, started from a value derived from ``length`` and ``kind``, so a damaged header fails
+the check as surely as a damaged payload; and a run of zero bytes (what a power cut can leave
+in a file whose size was updated before its data) is never a valid record.
+
+Recovery rules
+--------------
+
+* Producer open: the last segment is scanned; whatever follows its last good record that no
+  good record follows (a torn tail, the normal result of a crash) is cut off with
+  ``ftruncate`` and reported (log warning, ``stats().torn_tail_bytes``). A last segment that
+  is already sealed, or that the consumer's position points beyond, is closed and a new one
+  started, so nothing is ever appended at an offset the consumer may already have passed.
+* Consumer open: segments below the position's are removed (a crash between moving on and
+  removing the old segment); a position in a missing segment moves to the next existing one.
+* Reading: a record whose header or CRC is bad is never returned. The consumer searches for
+  the next good record in the segment; the bytes in between are copied into ``quarantine/``,
+  reported (log error, ``stats().corrupt_regions``), and delivery continues after them. A bad
+  region running to the end of a segment that has a successor is set aside the same way.
+* Counting is O(segments): a sealed segment's count is read from its seal; only the last (or
+  an unsealed) segment is scanned.
+
+Durability (``sync``)
+---------------------
+
+``"always"``: every add returns after ``fdatasync`` of the segment (and of the directory when a
+segment is created); every pop after ``fdatasync`` of the position log. ``"periodic"``: adds
+and pops are ``write(2)`` calls (they survive the death of the process), and a shared
+background thread fsyncs what was written every ``sync_interval`` seconds; ``front()`` fsyncs
+first when the record it is about to return may not be on disk yet, and a full segment is
+fsynced before the next one is started. ``"never"``: no fsync at all.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import errno
+import logging
+import math
+import os
+import pathlib
+import re
+import struct
+import threading
+import time
+import zlib
+from types import TracebackType
+from typing import Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Type
+
+from persizmq import _fs, _syncer
+from persizmq._errors import (
+    ClosedError,
+    InvalidArgumentError,
+    MessageTooLargeError,
+    MessageTypeError,
+    QueueFullError,
+    StorageWriteError,
+)
+from persizmq._message import Message, decode_multipart, encode_payload
+
+__all__ = ["OVERFLOW_POLICIES", "PersistentStorage", "StorageStats"]
+
+_LOGGER = logging.getLogger("persizmq")
+
+SEGMENT_MAGIC = b"PZMQSEG2"
+_HEADER = struct.Struct("<IIB")
+HEADER_SIZE = _HEADER.size  # 9
+KIND_SINGLE = 0xA0
+KIND_MULTIPART = 0xA1
+KIND_SEAL = 0xA2
+_KINDS = frozenset((KIND_SINGLE, KIND_MULTIPART, KIND_SEAL))
+_SEAL_PAYLOAD = struct.Struct("<Q")
+_SEED_MIX = 0x5E6D1C3B
+_KIND_MUL = 0x9E3779B1
+_POS = struct.Struct("<QQQ")
+_POS_ENTRY_SIZE = _POS.size + 4  # 28
+_POS_COMPACT_AT = 1 << 20
+_MAX_PAYLOAD = (1 << 31) - 1
+_READ_CHUNK = 1 << 18
+
+SEGMENT_SUFFIX = ".seg"
+POSITION_FILE = "consumer.pos"
+PRODUCER_LOCK = "producer.lock"
+CONSUMER_LOCK = "consumer.lock"
+QUARANTINE_DIR = "quarantine"
+_SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
+_LEGACY_RE = re.compile(r"^(\d+)\.bin$")
+_LEGACY_TMP_RE = re.compile(r"^\d+\.bin\.tmp$")
+
+#: The accepted values of ``overflow``.
+OVERFLOW_POLICIES = ("raise", "drop_oldest", "drop_newest")
+
+
+def record_crc(payload: bytes, length: int, kind: int) -> int:
+    """Return the CRC of a record: ``crc32`` of the payload seeded by its length and kind."""
+    seed = ((length ^ _SEED_MIX) + kind * _KIND_MUL) & 0xFFFFFFFF
+    return zlib.crc32(payload, seed)
+
+
+def encode_record(payload: bytes, kind: int) -> bytes:
+    """Return the bytes of one record (header and payload)."""
+    length = len(payload)
+    return _HEADER.pack(length, record_crc(payload, length, kind), kind) + payload
+
+
+def segment_name(index: int) -> str:
+    """Return the file name of segment ``index``."""
+    return f"{index:020d}{SEGMENT_SUFFIX}"
+
+
+def _pos_entry(segment: int, offset: int, consumed: int) -> bytes:
+    body = _POS.pack(segment, offset, consumed)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def read_position(directory: pathlib.Path) -> Optional[Tuple[int, int, int]]:
+    """Return the last valid ``(segment, offset, consumed)`` entry of the position log, if any."""
+    try:
+        data = (directory / POSITION_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    best: Optional[Tuple[int, int, int]] = None
+    bad = 0
+    for start in range(0, len(data) - _POS_ENTRY_SIZE + 1, _POS_ENTRY_SIZE):
+        body = data[start : start + _POS.size]
+        (crc,) = struct.unpack_from("<I", data, start + _POS.size)
+        if zlib.crc32(body) == crc:
+            best = _POS.unpack(body)
+        else:
+            bad += 1
+    if bad:
+        _LOGGER.warning(
+            "persizmq: %d damaged entries in %s were skipped; the last good one is used",
+            bad,
+            directory / POSITION_FILE,
+        )
+    return best
+
+
+def list_segments(directory: pathlib.Path) -> List[int]:
+    """Return the indices of the segment files in ``directory``, ascending."""
+    indices = []
+    for name in os.listdir(directory):
+        match = _SEGMENT_RE.match(name)
+        if match:
+            indices.append(int(match.group(1)))
+    indices.sort()
+    return indices
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What a scan of a segment's bytes found."""
+
+    count: int = 0  # good message records
+    good_end: int = 0  # offset just past the last good record (message or seal)
+    sealed: Optional[int] = None  # the seal's record count, if a seal was met
+    damaged: bool = False  # a bad record was met before good_end (damage in the middle)
+    payload_bytes: int = 0
+
+
+def find_next_record(data: bytes, start: int) -> Optional[int]:
+    """Return the offset of the first good record at or after ``start`` in ``data``, if any."""
+    end = len(data)
+    pos = start
+    while pos + HEADER_SIZE <= end:
+        length, crc, kind = _HEADER.unpack_from(data, pos)
+        if kind in _KINDS and pos + HEADER_SIZE + length <= end:
+            payload = data[pos + HEADER_SIZE : pos + HEADER_SIZE + length]
+            if record_crc(payload, length, kind) == crc:
+                return pos
+        pos += 1
+    return None
+
+
+def scan_segment(data: bytes, start: int = len(SEGMENT_MAGIC)) -> _Scan:
+    """Scan the records of a segment's bytes from ``start``; see :class:`_Scan`."""
+    result = _Scan(good_end=start)
+    pos = start
+    end = len(data)
+    unpack = _HEADER.unpack_from
+    while pos + HEADER_SIZE <= end:
+        length, crc, kind = unpack(data, pos)
+        stop = pos + HEADER_SIZE + length
+        if kind in _KINDS and stop <= end:
+            payload = data[pos + HEADER_SIZE : stop]
+            if record_crc(payload, length, kind) == crc:
+                if kind == KIND_SEAL:
+                    if length == _SEAL_PAYLOAD.size:
+                        result.sealed = _SEAL_PAYLOAD.unpack(payload)[0]
+                else:
+                    result.count += 1
+                    result.payload_bytes += length
+                pos = stop
+                result.good_end = pos
+                continue
+        # A bad record: damage in the middle if a good record follows, a torn tail otherwise.
+        following = find_next_record(data, pos + 1)
+        if following is None:
+            break
+        result.damaged = True
+        pos = following
+    return result
+
+
+def read_seal(path: pathlib.Path) -> Optional[int]:
+    """Return the record count of a sealed segment from its last record, or None if unsealed."""
+    size = HEADER_SIZE + _SEAL_PAYLOAD.size
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            if file.tell() < len(SEGMENT_MAGIC) + size:
+                return None
+            file.seek(-size, os.SEEK_END)
+            tail = file.read(size)
+    except FileNotFoundError:
+        return None
+    length, crc, kind = _HEADER.unpack_from(tail, 0)
+    payload = tail[HEADER_SIZE:]
+    if kind != KIND_SEAL or length != len(payload) or record_crc(payload, length, kind) != crc:
+        return None
+    count: int = _SEAL_PAYLOAD.unpack(payload)[0]
+    return count
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageStats:
+    """A snapshot of a storage's state, from :meth:`PersistentStorage.stats`."""
+
+    #: Messages added and not yet popped (``len(storage)``).
+    pending: int
+    #: Bytes on disk of the pending messages, record headers included.
+    pending_bytes: int
+    #: Bytes of all the storage's files on disk (segments, position log, 1.0.x files).
+    disk_bytes: int
+    #: Segment files on disk.
+    segments: int
+    #: 1.0.x ``.bin`` files still pending.
+    legacy_pending: int
+    #: Messages added (since this object was opened).
+    added: int
+    #: Messages popped (since this object was opened).
+    popped: int
+    #: Messages discarded by ``overflow="drop_oldest"``.
+    dropped_oldest: int
+    #: Messages refused by ``overflow="drop_newest"``.
+    dropped_newest: int
+    #: Damaged regions found in the middle of the queue and set aside in ``quarantine/``.
+    corrupt_regions: int
+    #: Bytes set aside in ``quarantine/``.
+    quarantined_bytes: int
+    #: Bytes of torn tails cut off when the storage was opened.
+    torn_tail_bytes: int
+
+
+class PersistentStorage:
+    """A FIFO queue of messages on disk that survives restarts, crashes and power cuts.
+
+    Pass :meth:`add_message` as the callback of a :class:`ThreadedSubscriber` and consume with
+    :meth:`front` and :meth:`pop_front`, as in persizmq 1.0.x. A message is ``bytes`` or a list of
+    ``bytes`` (a multipart message, stored and returned whole). Thread-safe: one thread may add
+    while another consumes. See the module docstring for the on-disk format.
+
+    :param persistent_dir: the directory (created if missing) that holds the queue.
+    :param sync: ``"always"``, ``"periodic"`` (default) or ``"never"``; see README "Durability".
+    :param sync_interval: seconds between the fsyncs of ``"periodic"`` mode.
+    :param max_messages: bound on the pending messages (None: unbounded).
+    :param max_bytes: bound on :attr:`StorageStats.pending_bytes` (None: unbounded).
+    :param overflow: what an add beyond a bound does: ``"raise"`` (:class:`QueueFullError`),
+        ``"drop_oldest"`` (discard pending messages to make room) or ``"drop_newest"`` (discard
+        the new message).
+    :param max_message_size: largest accepted payload in bytes; larger messages raise
+        :class:`MessageTooLargeError`. At most 2 GiB - 1 (also the default).
+    :param segment_size: a segment is closed once it holds this many bytes (default 4 MiB).
+
+    :raises MessageTypeError: an argument has the wrong type.
+    :raises InvalidArgumentError: an argument has an impossible value.
+    :raises DirectoryError: ``persistent_dir`` is a file, cannot be created or is not writable.
+    :raises LockedError: another storage object, here or in another process, has the directory.
+    """
+
+    def __init__(
+        self,
+        persistent_dir: _fs.PathLike,
+        *,
+        sync: str = "periodic",
+        sync_interval: float = 1.0,
+        max_messages: Optional[int] = None,
+        max_bytes: Optional[int] = None,
+        overflow: str = "raise",
+        max_message_size: Optional[int] = None,
+        segment_size: int = 4 << 20,
+    ) -> None:
+        self._closed = True  # until fully opened, so that __del__ of a failed open is quiet
+        self._sync = _fs.check_sync_mode(sync)
+        self._sync_interval = _check_positive_number("sync_interval", sync_interval)
+        self._max_messages = _check_optional_int("max_messages", max_messages, 1)
+        self._max_bytes = _check_optional_int("max_bytes", max_bytes, 1)
+        if not isinstance(overflow, str) or overflow not in OVERFLOW_POLICIES:
+            raise InvalidArgumentError(
+                f"expected overflow to be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, "
+                f"got {overflow!r}"
+            )
+        self._overflow = overflow
+        limit = _check_optional_int("max_message_size", max_message_size, 0)
+        if limit is not None and limit > _MAX_PAYLOAD:
+            raise InvalidArgumentError(
+                f"expected max_message_size to be at most {_MAX_PAYLOAD} bytes, got {limit}"
+            )
+        self._max_message_size = _MAX_PAYLOAD if limit is None else limit
+        checked_segment_size = _check_optional_int("segment_size", segment_size, 1)
+        assert checked_segment_size is not None
+        self._segment_size = checked_segment_size
+
+        self._dir = _fs.open_directory(persistent_dir)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0
+        self._fds: List[int] = []  # every descriptor this object owns, closed by close()
+
+        # statistics
+        self._added = 0
+        self._popped = 0
+        self._dropped_oldest = 0
+        self._dropped_newest = 0
+        self._corrupt_regions = 0
+        self._quarantined_bytes = 0
+        self._torn_tail_bytes = 0
+
+        self._sync_key: Optional[int] = None
+        try:
+            self._fds.append(_fs.acquire_lock(self._dir / PRODUCER_LOCK, "producer"))
+            self._fds.append(_fs.acquire_lock(self._dir / CONSUMER_LOCK, "consumer"))
+            self._open()
+        except BaseException:
+            self._close_fds()
+            raise
+        self._closed = False
+        if self._sync == "periodic":
+            self._sync_key = _syncer.register(self, self._sync_interval)
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self) -> None:
+        position = read_position(self._dir)
+        self._open_legacy()
+        segments = list_segments(self._dir)
+        if position is not None:
+            pos_seg, pos_off, pos_consumed = position
+        else:
+            pos_seg, pos_off, pos_consumed = (segments[0] if segments else 1), 0, 0
+        # Remove fully consumed segments left by a crash between moving on and deleting.
+        while segments and segments[0] < pos_seg:
+            self._unlink_segment(segments.pop(0))
+        if segments and segments[0] > pos_seg:
+            pos_seg, pos_off, pos_consumed = segments[0], 0, 0
+        self._open_producer(segments, pos_seg, pos_off)
+        if not segments:
+            pos_seg, pos_off, pos_consumed = self._wseg, 0, 0
+        self._open_consumer(pos_seg, pos_off, pos_consumed)
+
+    def _open_legacy(self) -> None:
+        """Find the 1.0.x message files (delivered first) and remove their temporary files."""
+        legacy: List[Tuple[int, str]] = []
+        for name in os.listdir(self._dir):
+            if _LEGACY_TMP_RE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._dir / name)
+                continue
+            match = _LEGACY_RE.match(name)
+            if match:
+                legacy.append((int(match.group(1)), name))
+        legacy.sort()
+        self._legacy: Deque[pathlib.Path] = collections.deque(self._dir / n for _, n in legacy)
+        self._legacy_bytes = sum(p.stat().st_size for p in self._legacy)
+        self._legacy_front: Optional[bytes] = None
+
+    def _open_producer(self, segments: List[int], pos_seg: int, pos_off: int) -> None:
+        """Count the segments, cut a torn tail off the last one and open it for appending."""
+        self._counts: Dict[int, int] = {}  # segment -> good records, for every segment on disk
+        self._sizes: Dict[int, int] = {}  # segment -> file size
+        self._wfd = -1
+        if not segments:
+            self._create_segment(pos_seg)
+            return
+        for index in segments[:-1]:
+            path = self._dir / segment_name(index)
+            sealed = read_seal(path)
+            self._counts[index] = (
+                scan_segment(path.read_bytes()).count if sealed is None else sealed
+            )
+            self._sizes[index] = path.stat().st_size
+        last = segments[-1]
+        path = self._dir / segment_name(last)
+        data = path.read_bytes()
+        if data[: len(SEGMENT_MAGIC)] == SEGMENT_MAGIC:
+            scan = scan_segment(data)
+        else:
+            self._quarantine(last, 0, data[: len(SEGMENT_MAGIC)], "damaged segment header")
+            scan = scan_segment(data, len(SEGMENT_MAGIC))
+        if scan.good_end < len(data):
+            self._cut_torn_tail(path, len(data), scan.good_end)
+        self._counts[last] = scan.count
+        self._sizes[last] = scan.good_end
+        self._wseg = last
+        if scan.sealed is not None or (pos_seg == last and pos_off > scan.good_end):
+            # Never append where the consumer may already have been.
+            self._create_segment(last + 1)
+            return
+        self._wfd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._fds.append(self._wfd)
+        self._wend = scan.good_end
+        self._synced_end = self._wend
+        self._dirty = False
+
+    def _cut_torn_tail(self, path: pathlib.Path, size: int, good_end: int) -> None:
+        torn = size - good_end
+        _LOGGER.warning(
+            "persizmq: cut a torn tail of %d bytes off %s (offset %d); this is the normal "
+            "trace of a crash during a write",
+            torn,
+            path,
+            good_end,
+        )
+        self._torn_tail_bytes += torn
+        with open(path, "r+b") as file:
+            file.truncate(good_end)
+            if self._sync != "never":
+                os.fsync(file.fileno())
+
+    def _open_consumer(self, pos_seg: int, pos_off: int, pos_consumed: int) -> None:
+        """Set up the read position, the position log and the pending counts."""
+        if pos_off < len(SEGMENT_MAGIC):
+            pos_off, pos_consumed = len(SEGMENT_MAGIC), 0
+        self._rseg = pos_seg
+        self._roff = pos_off
+        self._rconsumed = pos_consumed
+        self._rfd = -1
+        self._rbuf = b""
+        self._rbuf_off = 0
+        self._rdurable = 0
+        self._front_cache: Optional[Tuple[Message, int]] = None
+        self._open_reader()
+        self._pfd = os.open(
+            self._dir / POSITION_FILE,
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+            _fs.FILE_MODE,
+        )
+        self._fds.append(self._pfd)
+        self._pos_size = os.fstat(self._pfd).st_size
+        self._pos_dirty = False
+        consumed = min(pos_consumed, self._counts.get(pos_seg, 0))
+        self._segment_pending = sum(self._counts.values()) - consumed
+        magic = len(SEGMENT_MAGIC)
+        self._pending_bytes = (
+            sum(self._sizes.values()) - magic * len(self._sizes) - max(0, pos_off - magic)
+        )
+
+    def _create_segment(self, index: int) -> int:
+        """Create segment ``index``, make it the write segment, seal the previous one."""
+        path = self._dir / segment_name(index)
+        try:
+            fd = os.open(
+                path,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                _fs.FILE_MODE,
+            )
+        except OSError as err:
+            raise StorageWriteError(
+                err.errno, f"cannot create the segment {str(path)!r}: {err.strerror}"
+            ) from err
+        try:
+            _write_all(fd, SEGMENT_MAGIC)
+            if self._sync != "never":
+                os.fdatasync(fd)
+                _fs.fsync_directory(self._dir)
+        except OSError as err:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise StorageWriteError(
+                err.errno, f"cannot start the segment {str(path)!r}: {err.strerror}"
+            ) from err
+        old_fd = self._wfd
+        if old_fd >= 0:
+            # Seal the full segment: its count makes the next open O(segments).
+            seal_payload = _SEAL_PAYLOAD.pack(self._counts[self._wseg])
+            seal = encode_record(seal_payload, KIND_SEAL)
+            try:
+                _write_all(old_fd, seal)
+                self._sizes[self._wseg] += len(seal)
+                self._pending_bytes += len(seal)
+                if self._sync != "never":
+                    os.fdatasync(old_fd)
+            except OSError as err:
+                # Without its seal the segment is counted by a scan on the next open.
+                _LOGGER.warning("persizmq: could not seal segment %d: %s", self._wseg, err)
+            self._fds.remove(old_fd)
+            os.close(old_fd)
+        self._fds.append(fd)
+        self._wfd = fd
+        self._counts[index] = 0
+        self._sizes[index] = len(SEGMENT_MAGIC)
+        self._wseg = index
+        self._wend = len(SEGMENT_MAGIC)
+        self._synced_end = self._wend
+        self._dirty = False
+        return index
+
+    def _open_reader(self) -> None:
+        """Open the segment the consumer is in (``_rseg``) for reading."""
+        if self._rfd >= 0:
+            self._fds.remove(self._rfd)
+            os.close(self._rfd)
+            self._rfd = -1
+        self._rbuf = b""
+        self._rbuf_off = self._roff
+        self._rdurable = 0
+        path = self._dir / segment_name(self._rseg)
+        try:
+            self._rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        self._fds.append(self._rfd)
+
+    # ------------------------------------------------------------------ producing
+
+    def add_message(self, msg: Optional[Message]) -> None:
+        """Append ``msg`` to the queue; ``None`` is ignored (a filter dropped the message).
+
+        Returns once the message is as durable as the ``sync`` mode promises.
+
+        :raises MessageTypeError: ``msg`` is not bytes-like nor a list of bytes (e.g. ``str``).
+        :raises MessageTooLargeError: ``msg`` is larger than ``max_message_size``.
+        :raises QueueFullError: a bound is reached and ``overflow="raise"``.
+        :raises StorageWriteError: the disk refused the write (ENOSPC, EFBIG); nothing stored.
+        :raises ClosedError: the storage was closed.
+        """
+        encoded = encode_payload(msg)
+        if encoded is None:
+            return
+        multipart, payload = encoded
+        record = self._make_record(payload, KIND_MULTIPART if multipart else KIND_SINGLE)
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"cannot add to {self!r}: it is closed")
+            if not self._make_room(len(record)):
+                return
+            start = self._wend
+            self._append(record, 1)
+            if self._sync == "always":
+                self._fdatasync_writer(start)
+            if self._waiters:
+                self._cond.notify()
+
+    def add_messages(self, msgs: Iterable[Optional[Message]]) -> int:
+        """Append several messages with one write and (in ``"always"`` mode) one fsync.
+
+        ``None`` entries are skipped. Returns the number of messages stored. Either every
+        message of the batch is stored or, when an error is raised, none of it.
+
+        :raises: as :meth:`add_message`.
+        """
+        records: List[bytes] = []
+        for msg in msgs:
+            encoded = encode_payload(msg)
+            if encoded is None:
+                continue
+            multipart, payload = encoded
+            records.append(self._make_record(payload, KIND_MULTIPART if multipart else KIND_SINGLE))
+        if not records:
+            return 0
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"cannot add to {self!r}: it is closed")
+            stored = 0
+            batch: List[bytes] = []
+            batch_size = 0
+            for record in records:
+                if not self._make_room(len(record) + batch_size, len(batch) + 1):
+                    continue
+                batch.append(record)
+                batch_size += len(record)
+                if self._wend + batch_size >= self._segment_size:
+                    # Write what fills this segment; the rest goes to the next one.
+                    stored += self._append_batch(batch, batch_size)
+                    batch, batch_size = [], 0
+            if batch:
+                stored += self._append_batch(batch, batch_size)
+            if self._waiters:
+                self._cond.notify_all()
+            return stored
+
+    def _append_batch(self, batch: List[bytes], size: int) -> int:
+        start = self._wend
+        self._append(b"".join(batch), len(batch), size)
+        if self._sync == "always":
+            self._fdatasync_writer(start)
+        return len(batch)
+
+    def _make_record(self, payload: bytes, kind: int) -> bytes:
+        if len(payload) > self._max_message_size:
+            raise MessageTooLargeError(
+                f"expected a message of at most {self._max_message_size} bytes "
+                f"(max_message_size), got {len(payload)} bytes; it was not stored"
+            )
+        return encode_record(payload, kind)
+
+    def _make_room(self, size: int, count: int = 1) -> bool:
+        """Apply the bounds before adding ``count`` records of ``size`` bytes (lock held).
+
+        Returns False when the new message is to be dropped.
+        """
+        max_messages, max_bytes = self._max_messages, self._max_bytes
+        if max_messages is None and max_bytes is None:
+            return True
+
+        def over() -> bool:
+            pending = self._segment_pending + len(self._legacy)
+            if max_messages is not None and pending + count > max_messages:
+                return True
+            return max_bytes is not None and self._pending_bytes + size > max_bytes
+
+        if not over():
+            return True
+        if self._overflow == "raise":
+            raise QueueFullError(
+                f"the storage is full: {self._segment_pending + len(self._legacy)} messages "
+                f"({self._pending_bytes} bytes) pending, bounds max_messages={max_messages}, "
+                f"max_bytes={max_bytes}; the message was not stored"
+            )
+        if self._overflow == "drop_newest":
+            self._dropped_newest += 1
+            return False
+        while over() and self._pop_locked():
+            self._dropped_oldest += 1
+            self._popped -= 1
+        if over():  # even an empty queue cannot hold it
+            self._dropped_newest += 1
+            return False
+        return True
+
+    def _append(self, data: bytes, count: int, size: Optional[int] = None) -> None:
+        """Write records to the write segment (lock held); roll over first if it is full."""
+        if self._wend >= self._segment_size and self._counts[self._wseg] > 0:
+            self._create_segment(self._wseg + 1)
+        start = self._wend
+        try:
+            _write_all(self._wfd, data)
+        except OSError as err:
+            self._undo_partial_write(start)
+            raise StorageWriteError(
+                err.errno,
+                f"cannot append to {str(self._dir / segment_name(self._wseg))!r}: "
+                f"{err.strerror}; the message was not stored, the stored ones are intact",
+            ) from err
+        length = len(data) if size is None else size
+        self._wend = start + length
+        self._sizes[self._wseg] = self._wend
+        self._counts[self._wseg] += count
+        self._segment_pending += count
+        self._pending_bytes += length
+        self._added += count
+        self._dirty = True
+
+    def _undo_partial_write(self, start: int) -> None:
+        try:
+            os.ftruncate(self._wfd, start)
+        except OSError:
+            _LOGGER.exception(
+                "persizmq: could not cut a partial record off %s at %d; it will be cut on "
+                "the next open",
+                self._dir / segment_name(self._wseg),
+                start,
+            )
+
+    def _fdatasync_writer(self, start: int) -> None:
+        try:
+            os.fdatasync(self._wfd)
+        except OSError as err:
+            raise StorageWriteError(
+                err.errno,
+                f"fdatasync of {str(self._dir / segment_name(self._wseg))!r} failed: "
+                f"{err.strerror}; the message from offset {start} on may not be durable",
+            ) from err
+        self._synced_end = self._wend
+        self._dirty = False
+
+    # ------------------------------------------------------------------ consuming
+
+    def front(self, block: bool = False, timeout: Optional[float] = None) -> Optional[Message]:
+        """Return the oldest pending message without removing it; ``None`` if there is none.
+
+        With ``block=True`` wait until a message arrives, at most ``timeout`` seconds (forever
+        if ``timeout`` is None), in the manner of :meth:`queue.Queue.get`; on time-out return
+        ``None``. In ``"periodic"`` mode the message is on disk before it is returned.
+
+        :raises ClosedError: the storage was closed.
+        """
+        if timeout is not None and not (timeout >= 0):
+            raise InvalidArgumentError(f"expected timeout to be None or >= 0, got {timeout!r}")
+        with self._lock:
+            msg = self._front_locked()
+            if msg is not None or not block:
+                return msg
+            if timeout is not None:
+                deadline = time.monotonic() + timeout
+            self._waiters += 1
+            try:
+                while msg is None:
+                    if timeout is None:
+                        self._cond.wait()
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return None
+                        self._cond.wait(remaining)
+                    msg = self._front_locked()
+            finally:
+                self._waiters -= 1
+            return msg
+
+    def pop_front(self) -> bool:
+        """Remove the oldest pending message; return False if there was none.
+
+        Once this returns, the message never comes back after a crash of the process (and, in
+        ``"always"`` mode, after a power cut).
+
+        :raises ClosedError: the storage was closed.
+        """
+        with self._lock:
+            return self._pop_locked()
+
+    def _front_locked(self) -> Optional[Message]:
+        if self._closed:
+            raise ClosedError(f"cannot read from {self!r}: it is closed")
+        if self._legacy:
+            if self._legacy_front is None:
+                self._legacy_front = self._legacy[0].read_bytes()
+            return self._legacy_front
+        cached = self._front_cache
+        if cached is not None:
+            return cached[0]
+        found = self._read_record()
+        if found is None:
+            return None
+        msg, end = found
+        if self._sync == "periodic" and end > self._rdurable:
+            self._make_durable(end)
+        self._front_cache = (msg, end)
+        return msg
+
+    def _make_durable(self, end: int) -> None:
+        """Fsync the read segment so the record ending at ``end`` survives a power cut."""
+        if self._rseg == self._wseg and end <= self._synced_end:
+            self._rdurable = self._synced_end
+            return
+        size = os.fstat(self._rfd).st_size
+        os.fdatasync(self._rfd)
+        self._rdurable = size
+        if self._rseg == self._wseg:
+            self._synced_end = max(self._synced_end, size)
+
+    def _pop_locked(self) -> bool:
+        if self._closed:
+            raise ClosedError(f"cannot pop from {self!r}: it is closed")
+        if self._legacy:
+            path = self._legacy.popleft()
+            self._legacy_front = None
+            try:
+                self._legacy_bytes -= path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            if self._sync == "always":
+                _fs.fsync_directory(self._dir)
+            self._popped += 1
+            return True
+        cached = self._front_cache
+        if cached is None:
+            found = self._read_record()
+            if found is None:
+                return False
+            end = found[1]
+        else:
+            end = cached[1]
+        self._front_cache = None
+        self._pending_bytes -= end - self._roff
+        self._roff = end
+        self._rconsumed += 1
+        self._segment_pending -= 1
+        self._popped += 1
+        self._write_position()
+        return True
+
+    def _write_position(self) -> None:
+        entry = _pos_entry(self._rseg, self._roff, self._rconsumed)
+        if self._pos_size >= _POS_COMPACT_AT:
+            _fs.write_atomically(self._dir / POSITION_FILE, entry, sync=self._sync)
+            self._fds.remove(self._pfd)
+            os.close(self._pfd)
+            self._pfd = os.open(self._dir / POSITION_FILE, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._fds.append(self._pfd)
+            self._pos_size = len(entry)
+            self._pos_dirty = False
+            return
+        try:
+            _write_all(self._pfd, entry)
+        except OSError as err:
+            raise StorageWriteError(
+                err.errno,
+                f"cannot record the consumer position in "
+                f"{str(self._dir / POSITION_FILE)!r}: {err.strerror}; the message may be "
+                "delivered again after a restart",
+            ) from err
+        self._pos_size += len(entry)
+        if self._sync == "always":
+            os.fdatasync(self._pfd)
+        else:
+            self._pos_dirty = True
+
+    def _read_record(self) -> Optional[Tuple[Message, int]]:
+        """Read the record at the consumer position (lock held), moving across segments.
+
+        Returns ``(message, end offset)`` or None when no message is pending.
+        """
+        while True:
+            if self._rfd < 0:
+                if self._rseg >= self._wseg:
+                    return None
+                self._advance_segment()
+                continue
+            pos = self._roff
+            header = self._buffered(pos, HEADER_SIZE)
+            if header is not None:
+                length, crc, kind = _HEADER.unpack_from(header[0], header[1])
+                if kind in _KINDS and length <= _MAX_PAYLOAD:
+                    got = self._buffered(pos + HEADER_SIZE, length)
+                    if got is not None:
+                        buf, at = got
+                        payload = buf[at : at + length]
+                        if record_crc(payload, length, kind) == crc:
+                            end = pos + HEADER_SIZE + length
+                            if kind == KIND_SINGLE:
+                                return payload, end
+                            if kind == KIND_MULTIPART:
+                                return self._decode_multipart(payload, end), end
+                            # A seal: this segment is complete.
+                            self._advance_segment()
+                            continue
+            # No good record at the position.
+            if self._rseg >= self._wseg:
+                if pos >= self._wend:
+                    return None  # caught up with the producer
+            elif not os.pread(self._rfd, 1, pos):
+                self._advance_segment()  # the clean end of a segment that lost its seal
+                continue
+            self._skip_damage()
+
+    def _decode_multipart(self, payload: bytes, end: int) -> Message:
+        where = f"{self._dir / segment_name(self._rseg)} at offset {self._roff}"
+        return decode_multipart(payload, where)
+
+    def _buffered(self, offset: int, size: int) -> Optional[Tuple[bytes, int]]:
+        """Return ``(buffer, index)`` such that ``buffer[index:index+size]`` is the file's bytes
+        at ``offset``, reading more from the segment if needed; None if the file is shorter."""
+        start = offset - self._rbuf_off
+        if start >= 0 and start + size <= len(self._rbuf):
+            return self._rbuf, start
+        self._rbuf = os.pread(self._rfd, max(size, _READ_CHUNK), offset)
+        self._rbuf_off = offset
+        if len(self._rbuf) < size:
+            return None
+        return self._rbuf, 0
+
+    def _advance_segment(self) -> None:
+        """Move the consumer to the next segment and delete the consumed one."""
+        done = self._rseg
+        counted = self._counts.pop(done, 0)
+        size = self._sizes.pop(done, 0)
+        # Records the consumer did not deliver (set aside as damaged) leave the count here.
+        self._segment_pending -= max(0, counted - self._rconsumed)
+        self._pending_bytes -= max(0, size - self._roff)
+        self._rseg = done + 1
+        while self._rseg < self._wseg and self._rseg not in self._counts:
+            self._rseg += 1
+        self._roff = len(SEGMENT_MAGIC)
+        self._rconsumed = 0
+        self._front_cache = None
+        self._open_reader()
+        self._write_position()
+        self._unlink_segment(done)
+
+    def _unlink_segment(self, index: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._dir / segment_name(index))
+
+    def _skip_damage(self) -> None:
+        """Set aside the damaged bytes at the consumer position and move past them."""
+        data = self._read_segment_from(self._roff)
+        following = find_next_record(data, 1)
+        if following is None and self._rseg >= self._wseg:
+            # The damage runs to the producer's end: set it all aside; appends follow it.
+            following = len(data)
+        region = data if following is None else data[:following]
+        self._quarantine(self._rseg, self._roff, region, "damaged record")
+        self._corrupt_regions += 1
+        self._pending_bytes -= len(region)
+        if following is None:
+            self._roff += len(region)
+            self._advance_segment()
+            return
+        self._roff += following
+        self._rbuf = b""
+        self._rbuf_off = self._roff
+
+    def _read_segment_from(self, offset: int) -> bytes:
+        chunks = []
+        while True:
+            chunk = os.pread(self._rfd, 1 << 20, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        data = b"".join(chunks)
+        if self._rseg == self._wseg:
+            data = data[: max(0, self._wend - (offset - len(data)))]
+        return data
+
+    def _quarantine(self, index: int, offset: int, region: bytes, what: str) -> None:
+        directory = self._dir / QUARANTINE_DIR
+        name = f"{segment_name(index)}@{offset}-{offset + len(region)}.bin"
+        try:
+            directory.mkdir(mode=_fs.DIR_MODE, exist_ok=True)
+            (directory / name).write_bytes(region)
+            kept = f"kept in {directory / name}"
+        except OSError as err:
+            kept = f"could not be kept ({err})"
+        self._quarantined_bytes += len(region)
+        _LOGGER.error(
+            "persizmq: %s in %s at offset %d: %d bytes set aside and never delivered (%s); "
+            "the messages after it are still delivered",
+            what,
+            self._dir / segment_name(index),
+            offset,
+            len(region),
+            kept,
+        )
+
+    # ------------------------------------------------------------------ inspection
+
+    def __len__(self) -> int:
+        """Return the number of pending messages."""
+        with self._lock:
+            return self._segment_pending + len(self._legacy)
+
+    def __bool__(self) -> bool:
+        """A storage object is always true, even when empty (unlike ``len() == 0``)."""
+        return True
+
+    def __iter__(self) -> Iterator[Message]:
+        """Iterate over the pending messages, oldest first, without removing them.
+
+        The iteration sees the messages pending when it reaches them; messages added meanwhile
+        may or may not be included, and damaged records are skipped (the consumer reports them
+        when it reaches them).
+        """
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"cannot iterate over {self!r}: it is closed")
+            legacy = list(self._legacy)
+            first_seg, first_off = self._rseg, self._roff
+        for path in legacy:
+            with contextlib.suppress(FileNotFoundError):
+                yield path.read_bytes()
+        index, offset = first_seg, first_off
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ClosedError(f"{self!r} was closed during the iteration")
+                last, end_of_last = self._wseg, self._wend
+                index = max(index, self._rseg)
+            if index > last:
+                return
+            try:
+                data = (self._dir / segment_name(index)).read_bytes()
+            except FileNotFoundError:
+                index, offset = index + 1, len(SEGMENT_MAGIC)
+                continue
+            if index == last:
+                data = data[:end_of_last]
+            yield from _iter_records(data, max(offset, len(SEGMENT_MAGIC)))
+            index, offset = index + 1, len(SEGMENT_MAGIC)
+
+    def stats(self) -> StorageStats:
+        """Return a snapshot of counts and sizes; see :class:`StorageStats`."""
+        with self._lock:
+            disk = 0
+            for name in os.listdir(self._dir):
+                if _SEGMENT_RE.match(name) or _LEGACY_RE.match(name) or name == POSITION_FILE:
+                    with contextlib.suppress(FileNotFoundError):
+                        disk += os.stat(self._dir / name).st_size
+            return StorageStats(
+                pending=self._segment_pending + len(self._legacy),
+                pending_bytes=self._pending_bytes + self._legacy_bytes,
+                disk_bytes=disk,
+                segments=len(self._sizes),
+                legacy_pending=len(self._legacy),
+                added=self._added,
+                popped=self._popped,
+                dropped_oldest=self._dropped_oldest,
+                dropped_newest=self._dropped_newest,
+                corrupt_regions=self._corrupt_regions,
+                quarantined_bytes=self._quarantined_bytes,
+                torn_tail_bytes=self._torn_tail_bytes,
+            )
+
+    @property
+    def persistent_dir(self) -> pathlib.Path:
+        """The storage directory."""
+        return self._dir
+
+    @property
+    def sync(self) -> str:
+        """The durability mode: ``"always"``, ``"periodic"`` or ``"never"``."""
+        return self._sync
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        """Show the directory, the mode and (while open) the pending count."""
+        state = "closed" if self._closed else f"pending={self._segment_pending + len(self._legacy)}"
+        return f"PersistentStorage({str(self._dir)!r}, sync={self._sync!r}, {state})"
+
+    # ------------------------------------------------------------------ syncing and closing
+
+    def sync_now(self) -> None:
+        """Fsync everything written so far (adds and pops), whatever the ``sync`` mode."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"cannot sync {self!r}: it is closed")
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        if self._dirty:
+            os.fdatasync(self._wfd)
+            self._synced_end = self._wend
+            self._dirty = False
+        if self._pos_dirty:
+            os.fdatasync(self._pfd)
+            self._pos_dirty = False
+
+    def periodic_sync(self) -> None:
+        """Called by the periodic syncer thread: fsync what was written since the last call."""
+        with self._lock:
+            if self._closed or not (self._dirty or self._pos_dirty):
+                return
+            # fsync duplicates outside the lock, so adds and pops go on meanwhile.
+            write_fd = os.dup(self._wfd) if self._dirty else -1
+            write_seg, write_end = self._wseg, self._wend
+            pos_fd = os.dup(self._pfd) if self._pos_dirty else -1
+            self._dirty = False
+            self._pos_dirty = False
+        try:
+            if write_fd >= 0:
+                os.fdatasync(write_fd)
+            if pos_fd >= 0:
+                os.fdatasync(pos_fd)
+        except OSError:
+            with self._lock:
+                self._dirty = self._dirty or write_fd >= 0
+                self._pos_dirty = self._pos_dirty or pos_fd >= 0
+            raise
+        finally:
+            for fd in (write_fd, pos_fd):
+                if fd >= 0:
+                    os.close(fd)
+        with self._lock:
+            if write_fd >= 0 and self._wseg == write_seg:
+                self._synced_end = max(self._synced_end, write_end)
+
+    def close(self) -> None:
+        """Fsync (unless ``sync="never"``), close the files and release the directory.
+
+        Idempotent. A :meth:`front` call blocked in another thread raises :class:`ClosedError`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._sync != "never":
+                    self._sync_locked()
+            finally:
+                self._closed = True
+                self._close_fds()
+                self._cond.notify_all()
+        if self._sync_key is not None:
+            _syncer.unregister(self._sync_key)
+            self._sync_key = None
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> "PersistentStorage":
+        """Return the storage itself; leaving the block closes it."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_val: Optional[BaseException],
+        exc_tb: Optional[TracebackType],
+    ) -> None:
+        """Close the storage."""
+        self.close()
+
+    def __del__(self) -> None:
+        """Release the directory when the last reference goes (as ``del storage`` did in 1.0.x)."""
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self.close()
+
+
+def _iter_records(data: bytes, pos: int) -> Iterator[Message]:
+    end = len(data)
+    while pos + HEADER_SIZE <= end:
+        length, crc, kind = _HEADER.unpack_from(data, pos)
+        stop = pos + HEADER_SIZE + length
+        if kind in _KINDS and stop <= end:
+            payload = data[pos + HEADER_SIZE : stop]
+            if record_crc(payload, length, kind) == crc:
+                if kind == KIND_SINGLE:
+                    yield payload
+                elif kind == KIND_MULTIPART:
+                    yield decode_multipart(payload, f"record at offset {pos}")
+                else:
+                    return
+                pos = stop
+                continue
+        following = find_next_record(data, pos + 1)
+        if following is None:
+            return
+        pos = following
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    if written != len(data):
+        view = memoryview(data)[written:]
+        while view:
+            written = os.write(fd, view)
+            if written == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[written:]
+
+
+def _check_positive_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MessageTypeError(f"expected {name} to be a number, got a {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidArgumentError(f"expected {name} to be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_optional_int(name: str, value: object, minimum: int) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageTypeError(f"expected {name} to be an int or None, got {value!r}")
+    if value < minimum:
+        raise InvalidArgumentError(f"expected {name} to be >= {minimum}, got {value}")
+    return value
