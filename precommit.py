@@ -12,7 +12,7 @@ import sys
 from typing import List
 
 HERE = pathlib.Path(__file__).resolve().parent
-PATHS = ["persizmq", "tests", "bench", "precommit.py", "setup.py"]
+PATHS = ["persizmq", "tests", "bench", "precommit.py", "setup.py", "conftest.py"]
 
 
 def run(name: str, command: List[str]) -> bool:

@@ -18,19 +18,25 @@ from persizmq._errors import (
     QueueFullError,
     StorageWriteError,
 )
+from persizmq._message import Message
+from persizmq._storage import OVERFLOW_POLICIES, PersistentStorage, StorageStats
 
 __version__ = "2.0.0"
 
 __all__ = [
+    "OVERFLOW_POLICIES",
     "ClosedError",
     "CorruptionError",
     "DirectoryError",
     "InvalidArgumentError",
     "LockedError",
+    "Message",
     "MessageTooLargeError",
     "MessageTypeError",
+    "PersistentStorage",
     "PersizmqError",
     "QueueFullError",
+    "StorageStats",
     "StorageWriteError",
     "__version__",
 ]

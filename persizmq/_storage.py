@@ -10,8 +10,9 @@ Files in the storage directory
     Segments: an append-only log cut into numbered files. A segment starts with the 8-byte
     magic ``PZMQSEG2`` and then holds records back to back. The producer appends to the
     segment with the highest number; once it has grown to ``segment_size`` bytes the producer
-    creates the next segment and then *seals* the full one with a seal record that holds its
-    record count. Records never span two segments.
+    creates the next segment (written as ``NNN.seg.tmp`` and renamed, so a segment file always
+    starts with its whole magic; a leftover ``.tmp`` is removed on open) and then *seals* the
+    full one with a seal record that holds its record count. Records never span two segments.
 
 ``consumer.pos``
     The consumer's position: an append-only log of fixed 28-byte entries
@@ -121,6 +122,7 @@ _MAX_PAYLOAD = (1 << 31) - 1
 _READ_CHUNK = 1 << 18
 
 SEGMENT_SUFFIX = ".seg"
+SEGMENT_TMP_SUFFIX = ".tmp"
 POSITION_FILE = "consumer.pos"
 PRODUCER_LOCK = "producer.lock"
 CONSUMER_LOCK = "consumer.lock"
@@ -128,6 +130,7 @@ QUARANTINE_DIR = "quarantine"
 _SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
 _LEGACY_RE = re.compile(r"^(\d+)\.bin$")
 _LEGACY_TMP_RE = re.compile(r"^\d+\.bin\.tmp$")
+_SEGMENT_TMP_RE = re.compile(r"^\d{20}\.seg\.tmp$")
 
 #: The accepted values of ``overflow``.
 OVERFLOW_POLICIES = ("raise", "drop_oldest", "drop_newest")
@@ -402,10 +405,10 @@ class PersistentStorage:
         self._open_consumer(pos_seg, pos_off, pos_consumed)
 
     def _open_legacy(self) -> None:
-        """Find the 1.0.x message files (delivered first) and remove their temporary files."""
+        """Find the 1.0.x message files (delivered first); remove leftover temporary files."""
         legacy: List[Tuple[int, str]] = []
         for name in os.listdir(self._dir):
-            if _LEGACY_TMP_RE.match(name):
+            if _LEGACY_TMP_RE.match(name) or _SEGMENT_TMP_RE.match(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._dir / name)
                 continue
@@ -499,12 +502,17 @@ class PersistentStorage:
         )
 
     def _create_segment(self, index: int) -> int:
-        """Create segment ``index``, make it the write segment, seal the previous one."""
+        """Create segment ``index``, make it the write segment, seal the previous one.
+
+        The new segment is written under a temporary name and renamed into place, so every
+        ``.seg`` file starts with a complete magic even if the process dies half-way.
+        """
         path = self._dir / segment_name(index)
+        tmp = self._dir / (segment_name(index) + SEGMENT_TMP_SUFFIX)
         try:
             fd = os.open(
-                path,
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                tmp,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                 _fs.FILE_MODE,
             )
         except OSError as err:
@@ -515,11 +523,13 @@ class PersistentStorage:
             _write_all(fd, SEGMENT_MAGIC)
             if self._sync != "never":
                 os.fdatasync(fd)
+            os.rename(tmp, path)
+            if self._sync != "never":
                 _fs.fsync_directory(self._dir)
         except OSError as err:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(tmp)
             raise StorageWriteError(
                 err.errno, f"cannot start the segment {str(path)!r}: {err.strerror}"
             ) from err

@@ -1,0 +1,29 @@
+"""Project-wide pytest options: ``--run-slow`` switches the crash and soak tests to their long form."""
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register ``--run-slow``."""
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="run the long forms: hundreds of crash trials per mode, the soak test",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``slow`` unless ``--run-slow`` is given."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="long form: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def crash_trials(request: pytest.FixtureRequest) -> int:
+    """How many SIGKILL trials a crash test runs per mode: a few by default, hundreds if slow."""
+    return 200 if request.config.getoption("--run-slow") else 6
