@@ -18,6 +18,7 @@ from persizmq._errors import (
     QueueFullError,
     StorageWriteError,
 )
+from persizmq._latest import PersistentLatestStorage
 from persizmq._message import Message
 from persizmq._storage import OVERFLOW_POLICIES, PersistentStorage, StorageStats
 
@@ -33,6 +34,7 @@ __all__ = [
     "Message",
     "MessageTooLargeError",
     "MessageTypeError",
+    "PersistentLatestStorage",
     "PersistentStorage",
     "PersizmqError",
     "QueueFullError",

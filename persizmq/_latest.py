@@ -1,0 +1,604 @@
+"""PersistentLatestStorage: keep only the newest message, on disk.
+
+On-disk layout (all in ``persistent_dir``, other entries are left alone):
+
+* ``latest.lock`` -- the ``flock`` that makes one storage object the only opener;
+* ``latest.0.msg`` and ``latest.1.msg`` -- two slots, each holding one complete message;
+  the valid slot with the higher sequence number is the newest message, the other one is a
+  previous message to fall back on if the newest turns out damaged;
+* ``latest.msg.tmp`` -- a slot being written (removed on open if a crash left it);
+* ``*.corrupt`` -- damaged slots set aside for inspection, never read again.
+
+A slot file is a 32-byte header followed by the message body of ``_message.encode_body``.
+Header, little-endian::
+
+    offset size  field
+         0    8  magic b"PZMQLAST"
+         8    2  format version (1)
+        10    2  flags (0, reserved)
+        12    8  sequence number (u64, +1 per stored message)
+        20    8  body length in bytes (u64)
+        28    4  CRC32 (zlib.crc32) of bytes 0..27 followed by the body
+
+A slot is valid only if its size is exactly 32 + body length, the magic and the CRC match and
+its body decodes. A later format version must keep these 32 bytes' layout.
+
+Every write goes to ``latest.msg.tmp`` and is renamed over one of the slots, so a killed process
+leaves each slot either old or new, never half-written. Which slot is replaced:
+
+* normally the one *not* holding the newest message, so the previous message stays on disk;
+* with ``sync="periodic"``, while the newest message is not fsynced yet, that unsynced slot is
+  replaced again. So the last fsynced message -- in particular every message that
+  :meth:`PersistentLatestStorage.message` returned -- is never overwritten before a newer one is
+  durable, and survives a power cut.
+
+persizmq 1.0.x kept the message as the raw content of ``persistent_message.bin``; when no slot
+exists it is read, converted to a slot (fsynced) and then removed; a leftover 1.0.x
+``persistent_message.tmp`` is removed.
+"""
+
+import contextlib
+import errno
+import logging
+import math
+import numbers
+import os
+import pathlib
+import struct
+import threading
+import weakref
+import zlib
+from types import TracebackType
+from typing import List, Optional, Tuple, Type
+
+from persizmq import _fs, _syncer
+from persizmq._errors import (
+    ClosedError,
+    CorruptionError,
+    InvalidArgumentError,
+    MessageTooLargeError,
+    MessageTypeError,
+    StorageWriteError,
+)
+from persizmq._message import KIND_SINGLE, Message, decode_body, encode_body
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LEGACY_FILE",
+    "LEGACY_TMP_FILE",
+    "LOCK_FILE",
+    "MAGIC",
+    "SLOT_FILES",
+    "TMP_FILE",
+    "PersistentLatestStorage",
+]
+
+_LOGGER = logging.getLogger("persizmq")
+
+MAGIC = b"PZMQLAST"
+FORMAT_VERSION = 1
+LOCK_FILE = "latest.lock"
+SLOT_FILES = ("latest.0.msg", "latest.1.msg")
+TMP_FILE = "latest.msg.tmp"
+LEGACY_FILE = "persistent_message.bin"
+LEGACY_TMP_FILE = "persistent_message.tmp"
+
+# magic, version, flags, sequence, body length -- then the CRC32.
+_PREFIX = struct.Struct("<8sHHQQ")
+_CRC = struct.Struct("<I")
+_HEADER_SIZE = _PREFIX.size + _CRC.size  # 32
+_U32 = struct.Struct("<I")
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+
+
+class _DamagedError(Exception):
+    """A slot file failed its checks; the argument says how."""
+
+
+class _Handles:
+    """The operating-system resources of a storage, released by its finalizer.
+
+    Kept apart from the storage so that the finalizer does not reference (and keep alive) the
+    storage itself.
+    """
+
+    __slots__ = ("dir_fd", "lock_fd", "pending_sync", "syncer_key")
+
+    def __init__(self, lock_fd: int) -> None:
+        self.lock_fd = lock_fd
+        self.dir_fd = -1
+        self.syncer_key: Optional[int] = None
+        # Name of a slot written but not yet fsynced (periodic mode), synced on release.
+        self.pending_sync: Optional[str] = None
+
+
+def _release(handles: _Handles) -> None:
+    """Release what ``handles`` holds: a last fsync if one is pending, then the lock.
+
+    This is the finalizer, so it may run in whatever thread drops the last reference -- even
+    the syncer's own thread while it holds its registry lock. It therefore leaves the syncer
+    registration alone: the syncer forgets an entry whose weak reference died by itself.
+    """
+    if handles.dir_fd >= 0:
+        if handles.pending_sync is not None:
+            try:
+                _fsync_slot(handles.dir_fd, handles.pending_sync)
+            except OSError:
+                _LOGGER.exception("persizmq: the final fsync of the latest message failed")
+            handles.pending_sync = None
+        os.close(handles.dir_fd)
+        handles.dir_fd = -1
+    if handles.lock_fd >= 0:
+        _fs.release_lock(handles.lock_fd)
+        handles.lock_fd = -1
+
+
+def _fsync_slot(dir_fd: int, name: str) -> None:
+    """Make the slot ``name`` durable: its content, then the directory entry renamed to it."""
+    fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.fsync(dir_fd)
+
+
+def _payload_size(body: bytes) -> int:
+    """Return the message's payload size (sum of frames) from its encoded body."""
+    if body[0] == KIND_SINGLE:
+        return len(body) - 1
+    count: int = _U32.unpack_from(body, 1)[0]
+    return len(body) - 5 - 4 * count
+
+
+def _parse_slot(data: bytes) -> Tuple[int, Message]:
+    """Return ``(sequence, message)`` of a slot file's content.
+
+    :raises _DamagedError: the content failed a check.
+    :raises CorruptionError: the slot is intact but written by a newer format version.
+    """
+    if len(data) < _HEADER_SIZE:
+        raise _DamagedError(f"{len(data)} bytes, shorter than the {_HEADER_SIZE}-byte header")
+    magic, version, _flags, sequence, length = _PREFIX.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise _DamagedError(f"expected the magic {MAGIC!r}, found {magic!r}")
+    if len(data) != _HEADER_SIZE + length:
+        raise _DamagedError(
+            f"the header announces a {length}-byte body, the file holds "
+            f"{len(data) - _HEADER_SIZE} bytes after the header"
+        )
+    (stored_crc,) = _CRC.unpack_from(data, _PREFIX.size)
+    view = memoryview(data)
+    crc = zlib.crc32(view[_HEADER_SIZE:], zlib.crc32(view[: _PREFIX.size]))
+    if crc != stored_crc:
+        raise _DamagedError(f"CRC32 mismatch: stored {stored_crc:#010x}, computed {crc:#010x}")
+    if version != FORMAT_VERSION:
+        raise CorruptionError(
+            f"expected format version {FORMAT_VERSION}, found {version}: the file was written "
+            f"by a newer persizmq; open the directory with that version"
+        )
+    if length == 0:
+        raise _DamagedError("the body is empty, expected at least its kind byte")
+    try:
+        message = decode_body(view[_HEADER_SIZE:], "slot")
+    except CorruptionError as err:
+        raise _DamagedError(str(err)) from None
+    return sequence, message
+
+
+def _check_sync_interval(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MessageTypeError(
+            f"expected sync_interval to be a number of seconds (int or float), got a "
+            f"{type(value).__name__}: {value!r}"
+        )
+    interval = float(value)
+    if not math.isfinite(interval) or interval <= 0:
+        raise InvalidArgumentError(
+            f"expected sync_interval to be a finite number of seconds > 0, got {value!r}"
+        )
+    return interval
+
+
+def _check_max_message_size(value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageTypeError(
+            f"expected max_message_size to be None or an int (bytes), got a "
+            f"{type(value).__name__}: {value!r}"
+        )
+    if value < 1:
+        raise InvalidArgumentError(
+            f"expected max_message_size to be None or a number of bytes >= 1, got {value!r}"
+        )
+    return value
+
+
+class PersistentLatestStorage:
+    """Keep only the newest message, crash-safe on disk.
+
+    Use :meth:`add_message` as a :class:`ThreadedSubscriber` callback and read the newest
+    message with :meth:`message`; :attr:`new_message` tells whether one arrived since the last
+    :meth:`message` call (and is ``True`` after a restart that found a stored message).
+
+    ``sync`` chooses the durability (see the table in README.rst):
+
+    * ``"always"``: ``add_message`` returns once the message and its directory entry are fsynced;
+    * ``"periodic"`` (default): ``add_message`` returns once the file is renamed into place; a
+      background thread fsyncs within ``sync_interval`` seconds, and :meth:`message` fsyncs
+      before it returns a message that is not durable yet;
+    * ``"never"``: no fsync; the operating system writes when it likes.
+
+    In every mode a killed process loses nothing that ``add_message`` accepted, and damage on
+    disk is never returned: a damaged newest slot falls back to the previous good message.
+
+    The storage is thread-safe. It holds a lock on the directory until :meth:`close` (or the
+    end of a ``with`` block, or the object is garbage-collected), so a second opener -- in this
+    or another process -- gets :class:`LockedError`.
+    """
+
+    def __init__(
+        self,
+        persistent_dir: _fs.PathLike,
+        *,
+        sync: str = "periodic",
+        sync_interval: float = 1.0,
+        max_message_size: Optional[int] = None,
+    ) -> None:
+        """Open (creating it if needed) the storage in ``persistent_dir``.
+
+        :param persistent_dir: the directory (``str`` or path-like); other entries in it are
+            left alone.
+        :param sync: ``"always"``, ``"periodic"`` or ``"never"``, see the class documentation.
+        :param sync_interval: seconds between two background fsyncs with ``sync="periodic"``.
+        :param max_message_size: ``None``, or the largest message in bytes (the sum of the
+            frames of a multipart message) that :meth:`add_message` accepts.
+        :raises MessageTypeError: an argument has the wrong type.
+        :raises InvalidArgumentError: an argument has an impossible value.
+        :raises DirectoryError: ``persistent_dir`` is not a usable directory.
+        :raises LockedError: another storage object holds the directory.
+        :raises CorruptionError: the stored message was written by a newer persizmq.
+        """
+        self._sync = _fs.check_sync_mode(sync)
+        self._sync_interval = _check_sync_interval(sync_interval)
+        self._max_message_size = _check_max_message_size(max_message_size)
+        self._dir = _fs.open_directory(persistent_dir, "persistent_dir")
+        self._lock = threading.Lock()
+        self._closed = False
+        self._message: Optional[Message] = None
+        self._new_message = False
+        self._sequence = 0  # of the newest stored message; 0 when none
+        self._newest_slot: Optional[int] = None
+        self._newest_synced = True
+
+        handles = _Handles(_fs.acquire_lock(self._dir / LOCK_FILE, "PersistentLatestStorage"))
+        self._handles = handles
+        try:
+            handles.dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._load()
+        except BaseException:
+            _release(handles)
+            raise
+        self._finalizer = weakref.finalize(self, _release, handles)
+        if self._sync == "periodic":
+            handles.syncer_key = _syncer.register(self, self._sync_interval)
+
+    # ------------------------------------------------------------------ opening
+
+    def _load(self) -> None:
+        dir_fd = self._handles.dir_fd
+        for name in (TMP_FILE, LEGACY_TMP_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+
+        present, valid, damaged = self._scan_slots()
+        if valid:
+            sequence, slot, message = max(valid, key=lambda entry: entry[0])
+            self._sequence = sequence
+            self._newest_slot = slot
+            self._message = message
+            self._new_message = True
+            for name, reason in damaged:
+                _LOGGER.warning(
+                    "persizmq: the latest-message file %s is damaged (%s); using the valid "
+                    "message with sequence number %d from %s",
+                    self._dir / name,
+                    reason,
+                    sequence,
+                    SLOT_FILES[slot],
+                )
+        elif damaged:
+            _LOGGER.error(
+                "persizmq: no valid latest message in %s: %s; starting empty",
+                self._dir,
+                "; ".join(f"{name} is damaged ({reason})" for name, reason in damaged),
+            )
+        for name, _reason in damaged:
+            self._quarantine(name)
+
+        if not present:
+            self._migrate_legacy()
+
+        if self._sync != "never":
+            if self._newest_slot is not None:
+                # Whatever a previous run left unsynced becomes durable before it is relied on.
+                _fsync_slot(dir_fd, SLOT_FILES[self._newest_slot])
+            elif damaged:
+                os.fsync(dir_fd)
+
+    def _scan_slots(
+        self,
+    ) -> Tuple[bool, List[Tuple[int, int, Message]], List[Tuple[str, str]]]:
+        """Return whether any slot exists, the valid ones and the damaged ones."""
+        valid: List[Tuple[int, int, Message]] = []  # (sequence, slot, message)
+        damaged: List[Tuple[str, str]] = []  # (name, reason)
+        present = False
+        for slot, name in enumerate(SLOT_FILES):
+            try:
+                data = self._read(name)
+            except FileNotFoundError:
+                continue
+            present = True
+            try:
+                sequence, message = _parse_slot(data)
+            except _DamagedError as err:
+                damaged.append((name, str(err)))
+            except CorruptionError as err:
+                raise CorruptionError(f"{str(self._dir / name)!r}: {err}") from None
+            else:
+                valid.append((sequence, slot, message))
+        return present, valid, damaged
+
+    def _read(self, name: str) -> bytes:
+        fd = os.open(name, _READ_FLAGS, dir_fd=self._handles.dir_fd)
+        try:
+            size = os.fstat(fd).st_size
+            chunks = []
+            while True:
+                chunk = os.read(fd, max(size, 65536))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def _quarantine(self, name: str) -> None:
+        """Move a damaged slot aside (``<name>.corrupt``, ``.corrupt.1``, ...) for inspection."""
+        dir_fd = self._handles.dir_fd
+        target = f"{name}.corrupt"
+        counter = 0
+        while True:
+            try:
+                os.stat(target, dir_fd=dir_fd)
+            except FileNotFoundError:
+                break
+            counter += 1
+            target = f"{name}.corrupt.{counter}"
+        os.rename(name, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        _LOGGER.warning(
+            "persizmq: moved the damaged %s to %s", self._dir / name, self._dir / target
+        )
+
+    def _migrate_legacy(self) -> None:
+        dir_fd = self._handles.dir_fd
+        try:
+            data = self._read(LEGACY_FILE)
+        except FileNotFoundError:
+            return
+        # Converted with an fsync whatever the mode, since the 1.0.x file is removed afterwards.
+        body = encode_body(data)
+        assert body is not None
+        self._write(body, data, durable=True)
+        os.unlink(LEGACY_FILE, dir_fd=dir_fd)
+        os.fsync(dir_fd)
+        self._new_message = True
+        _LOGGER.info(
+            "persizmq: converted the persizmq 1.0.x message %s (%d bytes) to %s",
+            self._dir / LEGACY_FILE,
+            len(data),
+            SLOT_FILES[self._newest_slot or 0],
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def persistent_dir(self) -> pathlib.Path:
+        """The storage directory."""
+        return self._dir
+
+    @property
+    def sync(self) -> str:
+        """The durability mode: ``"always"``, ``"periodic"`` or ``"never"``."""
+        return self._sync
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def new_message(self) -> bool:
+        """``True`` if a message arrived (or was found on opening) since the last message()."""
+        return self._new_message
+
+    @new_message.setter
+    def new_message(self, value: bool) -> None:
+        self._new_message = bool(value)
+
+    def add_message(self, msg: object) -> None:
+        """Replace the stored message with ``msg``; ``None`` is ignored.
+
+        :param msg: ``bytes``, a list of ``bytes`` (a multipart message, kept whole), or
+            another object with the buffer protocol (stored as ``bytes``).
+        :raises MessageTypeError: ``msg`` is a ``str`` or not bytes-like.
+        :raises MessageTooLargeError: ``msg`` is larger than ``max_message_size``.
+        :raises StorageWriteError: writing failed (for example a full disk); the previous
+            message is kept.
+        :raises ClosedError: the storage is closed.
+        """
+        body = encode_body(msg)
+        if body is None:
+            return
+        if self._max_message_size is not None:
+            size = _payload_size(body)
+            if size > self._max_message_size:
+                raise MessageTooLargeError(
+                    f"expected a message of at most max_message_size={self._max_message_size} "
+                    f"bytes, got {size} bytes; it was not stored"
+                )
+        if isinstance(msg, bytes):
+            message: Message = msg
+        else:
+            message = decode_body(body, "message")
+        with self._lock:
+            if self._closed:
+                raise ClosedError("cannot add a message: the PersistentLatestStorage is closed")
+            self._write(body, message, durable=self._sync == "always")
+
+    def message(self) -> Optional[Message]:
+        """Return the newest message (``None`` if there is none) and clear :attr:`new_message`.
+
+        With ``sync="periodic"`` a message that is not yet fsynced is fsynced first, so what
+        this returns survives a power cut.
+
+        :raises ClosedError: the storage is closed.
+        :raises StorageWriteError: the fsync failed.
+        """
+        with self._lock:
+            if self._closed:
+                raise ClosedError("cannot read the message: the PersistentLatestStorage is closed")
+            if not self._newest_synced:
+                self._sync_newest()
+            self._new_message = False
+            message = self._message
+        if isinstance(message, list):
+            return list(message)
+        return message
+
+    def periodic_sync(self) -> None:
+        """Fsync the newest message if it was written since the last sync (for the syncer)."""
+        with self._lock:
+            if self._closed or self._newest_synced:
+                return
+            self._sync_newest()
+
+    def close(self) -> None:
+        """Fsync what is pending (unless ``sync="never"``) and release the directory.
+
+        Idempotent; afterwards :meth:`add_message` and :meth:`message` raise
+        :class:`ClosedError`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._handles.syncer_key is not None:
+                _syncer.unregister(self._handles.syncer_key)
+                self._handles.syncer_key = None
+            self._finalizer()
+
+    def __enter__(self) -> "PersistentLatestStorage":
+        """Return the storage itself."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_val: Optional[BaseException],
+        exc_tb: Optional[TracebackType],
+    ) -> None:
+        """Close the storage."""
+        self.close()
+
+    def __repr__(self) -> str:
+        """Return a description with the directory, the mode and the state."""
+        state = "closed" if self._closed else f"sequence={self._sequence}"
+        return (
+            f"<{type(self).__name__} persistent_dir={str(self._dir)!r} sync={self._sync!r} "
+            f"{state} new_message={self._new_message}>"
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    def _write(self, body: bytes, message: Message, *, durable: bool) -> None:
+        """Store ``body`` as the next sequence number; the caller holds the lock."""
+        handles = self._handles
+        dir_fd = handles.dir_fd
+        newest = self._newest_slot
+        if newest is None:
+            slot = 0
+        elif self._newest_synced:
+            slot = 1 - newest
+        else:
+            slot = newest  # keep the last durable message, replace the unsynced one
+        sequence = self._sequence + 1
+        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, sequence, len(body))
+        header = prefix + _CRC.pack(zlib.crc32(body, zlib.crc32(prefix)))
+        name = SLOT_FILES[slot]
+        try:
+            fd = os.open(TMP_FILE, _WRITE_FLAGS, _fs.FILE_MODE, dir_fd=dir_fd)
+            try:
+                written = os.writev(fd, (header, body))
+                if written < _HEADER_SIZE + len(body):
+                    _write_rest(fd, header + body, written)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(TMP_FILE, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(TMP_FILE, dir_fd=dir_fd)
+            raise StorageWriteError(
+                err.errno if err.errno is not None else errno.EIO,
+                f"cannot write the latest message to {str(self._dir / name)!r}: "
+                f"{err.strerror}; the previous message is kept",
+            ) from err
+        # The new message is in place: from here on it is the newest, even if an fsync fails.
+        self._sequence = sequence
+        self._newest_slot = slot
+        self._message = message
+        self._new_message = True
+        if durable:
+            try:
+                os.fsync(dir_fd)
+            except OSError as err:
+                self._newest_synced = False
+                handles.pending_sync = name
+                raise StorageWriteError(
+                    err.errno if err.errno is not None else errno.EIO,
+                    f"stored the latest message in {str(self._dir / name)!r}, but the fsync of "
+                    f"the directory failed: {err.strerror}; it may not survive a power cut",
+                ) from err
+            self._newest_synced = True
+            handles.pending_sync = None
+        elif self._sync == "periodic":
+            self._newest_synced = False
+            handles.pending_sync = name
+        else:
+            self._newest_synced = True  # "never": nothing will ever be fsynced
+
+    def _sync_newest(self) -> None:
+        """Fsync the newest slot and the directory; the caller holds the lock."""
+        assert self._newest_slot is not None
+        name = SLOT_FILES[self._newest_slot]
+        try:
+            _fsync_slot(self._handles.dir_fd, name)
+        except OSError as err:
+            raise StorageWriteError(
+                err.errno if err.errno is not None else errno.EIO,
+                f"cannot fsync the latest message {str(self._dir / name)!r}: {err.strerror}",
+            ) from err
+        self._newest_synced = True
+        self._handles.pending_sync = None
+
+
+def _write_rest(fd: int, data: bytes, done: int) -> None:
+    """Finish a short write: write ``data[done:]`` to ``fd``."""
+    view = memoryview(data)[done:]
+    while view:
+        view = view[os.write(fd, view) :]
