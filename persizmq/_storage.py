@@ -86,9 +86,10 @@ import re
 import struct
 import threading
 import time
+import weakref
 import zlib
 from types import TracebackType
-from typing import Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Type
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
 from persizmq import _fs, _syncer
 from persizmq._errors import (
@@ -136,6 +137,13 @@ _SEGMENT_TMP_RE = re.compile(r"^\d{20}\.seg\.tmp$")
 OVERFLOW_POLICIES = ("raise", "drop_oldest", "drop_newest")
 
 
+_pack_header = _HEADER.pack
+_pack_pos = _POS.pack
+_unpack_header = _HEADER.unpack_from
+_crc32 = zlib.crc32
+_SINGLE_MUL = KIND_SINGLE * _KIND_MUL
+
+
 def record_crc(payload: bytes, length: int, kind: int) -> int:
     """Return the CRC of a record: ``crc32`` of the payload seeded by its length and kind."""
     seed = ((length ^ _SEED_MIX) + kind * _KIND_MUL) & 0xFFFFFFFF
@@ -155,7 +163,7 @@ def segment_name(index: int) -> str:
 
 def _pos_entry(segment: int, offset: int, consumed: int) -> bytes:
     body = _POS.pack(segment, offset, consumed)
-    return body + struct.pack("<I", zlib.crc32(body))
+    return body + zlib.crc32(body).to_bytes(4, "little")
 
 
 def read_position(directory: pathlib.Path) -> Optional[Tuple[int, int, int]]:
@@ -314,8 +322,9 @@ class PersistentStorage:
     :param overflow: what an add beyond a bound does: ``"raise"`` (:class:`QueueFullError`),
         ``"drop_oldest"`` (discard pending messages to make room) or ``"drop_newest"`` (discard
         the new message).
-    :param max_message_size: largest accepted payload in bytes; larger messages raise
-        :class:`MessageTooLargeError`. At most 2 GiB - 1 (also the default).
+    :param max_message_size: largest accepted message in bytes (a multipart message: the sum of
+        its frames); larger messages raise :class:`MessageTooLargeError`. At most 2 GiB - 1
+        (also the default).
     :param segment_size: a segment is closed once it holds this many bytes (default 4 MiB).
 
     :raises MessageTypeError: an argument has the wrong type.
@@ -347,6 +356,7 @@ class PersistentStorage:
                 f"got {overflow!r}"
             )
         self._overflow = overflow
+        self._bounded = max_messages is not None or max_bytes is not None
         limit = _check_optional_int("max_message_size", max_message_size, 0)
         if limit is not None and limit > _MAX_PAYLOAD:
             raise InvalidArgumentError(
@@ -422,9 +432,12 @@ class PersistentStorage:
 
     def _open_producer(self, segments: List[int], pos_seg: int, pos_off: int) -> None:
         """Count the segments, cut a torn tail off the last one and open it for appending."""
-        self._counts: Dict[int, int] = {}  # segment -> good records, for every segment on disk
-        self._sizes: Dict[int, int] = {}  # segment -> file size
+        # Segments before the write segment: good records and file size. The write segment's
+        # are ``_wcount`` and ``_wend``.
+        self._counts: Dict[int, int] = {}
+        self._sizes: Dict[int, int] = {}
         self._wfd = -1
+        self._wseg = -1
         if not segments:
             self._create_segment(pos_seg)
             return
@@ -445,16 +458,15 @@ class PersistentStorage:
             scan = scan_segment(data, len(SEGMENT_MAGIC))
         if scan.good_end < len(data):
             self._cut_torn_tail(path, len(data), scan.good_end)
-        self._counts[last] = scan.count
-        self._sizes[last] = scan.good_end
         self._wseg = last
+        self._wcount = scan.count
+        self._wend = scan.good_end
         if scan.sealed is not None or (pos_seg == last and pos_off > scan.good_end):
             # Never append where the consumer may already have been.
             self._create_segment(last + 1)
             return
         self._wfd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._fds.append(self._wfd)
-        self._wend = scan.good_end
         self._synced_end = self._wend
         self._dirty = False
 
@@ -494,11 +506,16 @@ class PersistentStorage:
         self._fds.append(self._pfd)
         self._pos_size = os.fstat(self._pfd).st_size
         self._pos_dirty = False
-        consumed = min(pos_consumed, self._counts.get(pos_seg, 0))
-        self._segment_pending = sum(self._counts.values()) - consumed
+        in_position = self._wcount if pos_seg == self._wseg else self._counts.get(pos_seg, 0)
+        consumed = min(pos_consumed, in_position)
+        self._segment_pending = sum(self._counts.values()) + self._wcount - consumed
         magic = len(SEGMENT_MAGIC)
-        self._pending_bytes = (
-            sum(self._sizes.values()) - magic * len(self._sizes) - max(0, pos_off - magic)
+        self._pending_bytes = max(
+            0,
+            sum(self._sizes.values())
+            + self._wend
+            - magic * (len(self._sizes) + 1)
+            - max(0, pos_off - magic),
         )
 
     def _create_segment(self, index: int) -> int:
@@ -533,11 +550,13 @@ class PersistentStorage:
             raise StorageWriteError(
                 err.errno, f"cannot start the segment {str(path)!r}: {err.strerror}"
             ) from err
+        if self._wseg >= 0:
+            self._counts[self._wseg] = self._wcount
+            self._sizes[self._wseg] = self._wend
         old_fd = self._wfd
         if old_fd >= 0:
             # Seal the full segment: its count makes the next open O(segments).
-            seal_payload = _SEAL_PAYLOAD.pack(self._counts[self._wseg])
-            seal = encode_record(seal_payload, KIND_SEAL)
+            seal = encode_record(_SEAL_PAYLOAD.pack(self._wcount), KIND_SEAL)
             try:
                 _write_all(old_fd, seal)
                 self._sizes[self._wseg] += len(seal)
@@ -551,8 +570,7 @@ class PersistentStorage:
             os.close(old_fd)
         self._fds.append(fd)
         self._wfd = fd
-        self._counts[index] = 0
-        self._sizes[index] = len(SEGMENT_MAGIC)
+        self._wcount = 0
         self._wseg = index
         self._wend = len(SEGMENT_MAGIC)
         self._synced_end = self._wend
@@ -588,20 +606,42 @@ class PersistentStorage:
         :raises StorageWriteError: the disk refused the write (ENOSPC, EFBIG); nothing stored.
         :raises ClosedError: the storage was closed.
         """
-        encoded = encode_payload(msg)
-        if encoded is None:
-            return
-        multipart, payload = encoded
-        record = self._make_record(payload, KIND_MULTIPART if multipart else KIND_SINGLE)
+        if msg.__class__ is bytes:  # the common case, kept lean: one write(2) per message
+            length = len(msg)
+            if length > self._max_message_size:
+                self._make_record(msg, KIND_SINGLE)  # raises MessageTooLargeError
+            seed = ((length ^ _SEED_MIX) + _SINGLE_MUL) & 0xFFFFFFFF
+            record = _pack_header(length, _crc32(msg, seed), KIND_SINGLE) + msg
+        else:
+            encoded = encode_payload(msg)
+            if encoded is None:
+                return
+            multipart, payload = encoded
+            record = self._make_record(payload, KIND_MULTIPART if multipart else KIND_SINGLE)
         with self._lock:
             if self._closed:
                 raise ClosedError(f"cannot add to {self!r}: it is closed")
-            if not self._make_room(len(record)):
+            if self._bounded and not self._make_room(len(record)):
                 return
-            start = self._wend
-            self._append(record, 1)
+            wend = self._wend
+            if wend < self._segment_size:
+                size = len(record)
+                try:
+                    written = os.write(self._wfd, record)
+                    if written != size:
+                        _write_all(self._wfd, memoryview(record)[written:])
+                except OSError as err:
+                    raise self._write_failed(err, wend) from err
+                self._wend = wend + size
+                self._wcount += 1
+                self._segment_pending += 1
+                self._pending_bytes += size
+                self._added += 1
+                self._dirty = True
+            else:
+                self._append(record, 1)  # rolls over to a new segment first
             if self._sync == "always":
-                self._fdatasync_writer(start)
+                self._fdatasync_writer(wend)
             if self._waiters:
                 self._cond.notify()
 
@@ -651,10 +691,13 @@ class PersistentStorage:
         return len(batch)
 
     def _make_record(self, payload: bytes, kind: int) -> bytes:
-        if len(payload) > self._max_message_size:
+        size = len(payload)
+        if kind == KIND_MULTIPART:  # count the frames' bytes, not the frame table
+            size -= 4 + 4 * int.from_bytes(payload[:4], "little")
+        if size > self._max_message_size or len(payload) > _MAX_PAYLOAD:
             raise MessageTooLargeError(
                 f"expected a message of at most {self._max_message_size} bytes "
-                f"(max_message_size), got {len(payload)} bytes; it was not stored"
+                f"(max_message_size), got {size} bytes; it was not stored"
             )
         return encode_record(payload, kind)
 
@@ -694,26 +737,29 @@ class PersistentStorage:
 
     def _append(self, data: bytes, count: int, size: Optional[int] = None) -> None:
         """Write records to the write segment (lock held); roll over first if it is full."""
-        if self._wend >= self._segment_size and self._counts[self._wseg] > 0:
+        if self._wend >= self._segment_size and self._wcount > 0:
             self._create_segment(self._wseg + 1)
         start = self._wend
         try:
             _write_all(self._wfd, data)
         except OSError as err:
-            self._undo_partial_write(start)
-            raise StorageWriteError(
-                err.errno,
-                f"cannot append to {str(self._dir / segment_name(self._wseg))!r}: "
-                f"{err.strerror}; the message was not stored, the stored ones are intact",
-            ) from err
+            raise self._write_failed(err, start) from err
         length = len(data) if size is None else size
         self._wend = start + length
-        self._sizes[self._wseg] = self._wend
-        self._counts[self._wseg] += count
+        self._wcount += count
         self._segment_pending += count
         self._pending_bytes += length
         self._added += count
         self._dirty = True
+
+    def _write_failed(self, err: OSError, start: int) -> StorageWriteError:
+        """Cut what a failed append wrote and return the exception to raise."""
+        self._undo_partial_write(start)
+        return StorageWriteError(
+            err.errno,
+            f"cannot append to {str(self._dir / segment_name(self._wseg))!r}: "
+            f"{err.strerror}; the message was not stored, the stored ones are intact",
+        )
 
     def _undo_partial_write(self, start: int) -> None:
         try:
@@ -781,7 +827,25 @@ class PersistentStorage:
         :raises ClosedError: the storage was closed.
         """
         with self._lock:
-            return self._pop_locked()
+            cached = self._front_cache
+            if cached is None or self._sync == "always" or self._pos_size >= _POS_COMPACT_AT:
+                return self._pop_locked()
+            # The common case, kept lean: the message front() returned, one write(2).
+            end = cached[1]
+            self._front_cache = None
+            self._pending_bytes -= end - self._roff
+            self._roff = end
+            self._rconsumed += 1
+            self._segment_pending -= 1
+            self._popped += 1
+            body = _pack_pos(self._rseg, end, self._rconsumed)
+            try:
+                _write_all(self._pfd, body + _crc32(body).to_bytes(4, "little"))
+            except OSError as err:
+                raise self._position_write_failed(err) from err
+            self._pos_size += _POS_ENTRY_SIZE
+            self._pos_dirty = True
+            return True
 
     def _front_locked(self) -> Optional[Message]:
         if self._closed:
@@ -793,6 +857,20 @@ class PersistentStorage:
         cached = self._front_cache
         if cached is not None:
             return cached[0]
+        # The common case, kept lean: a single-frame record already in the read buffer.
+        buf = self._rbuf
+        at = self._roff - self._rbuf_off
+        if at >= 0 and at + HEADER_SIZE <= len(buf):
+            length, crc, kind = _unpack_header(buf, at)
+            stop = at + HEADER_SIZE + length
+            if kind == KIND_SINGLE and stop <= len(buf):
+                payload = buf[at + HEADER_SIZE : stop]
+                if _crc32(payload, ((length ^ _SEED_MIX) + _SINGLE_MUL) & 0xFFFFFFFF) == crc:
+                    end = self._roff + HEADER_SIZE + length
+                    if self._sync == "periodic" and end > self._rdurable:
+                        self._make_durable(end)
+                    self._front_cache = (payload, end)
+                    return payload
         found = self._read_record()
         if found is None:
             return None
@@ -846,7 +924,8 @@ class PersistentStorage:
         return True
 
     def _write_position(self) -> None:
-        entry = _pos_entry(self._rseg, self._roff, self._rconsumed)
+        body = _pack_pos(self._rseg, self._roff, self._rconsumed)
+        entry = body + _crc32(body).to_bytes(4, "little")
         if self._pos_size >= _POS_COMPACT_AT:
             _fs.write_atomically(self._dir / POSITION_FILE, entry, sync=self._sync)
             self._fds.remove(self._pfd)
@@ -859,17 +938,20 @@ class PersistentStorage:
         try:
             _write_all(self._pfd, entry)
         except OSError as err:
-            raise StorageWriteError(
-                err.errno,
-                f"cannot record the consumer position in "
-                f"{str(self._dir / POSITION_FILE)!r}: {err.strerror}; the message may be "
-                "delivered again after a restart",
-            ) from err
+            raise self._position_write_failed(err) from err
         self._pos_size += len(entry)
         if self._sync == "always":
             os.fdatasync(self._pfd)
         else:
             self._pos_dirty = True
+
+    def _position_write_failed(self, err: OSError) -> StorageWriteError:
+        return StorageWriteError(
+            err.errno,
+            f"cannot record the consumer position in {str(self._dir / POSITION_FILE)!r}: "
+            f"{err.strerror}; the message was removed here but may be delivered again after "
+            "a restart",
+        )
 
     def _read_record(self) -> Optional[Tuple[Message, int]]:
         """Read the record at the consumer position (lock held), moving across segments.
@@ -1056,7 +1138,7 @@ class PersistentStorage:
                 pending=self._segment_pending + len(self._legacy),
                 pending_bytes=self._pending_bytes + self._legacy_bytes,
                 disk_bytes=disk,
-                segments=len(self._sizes),
+                segments=len(self._sizes) + 1,
                 legacy_pending=len(self._legacy),
                 added=self._added,
                 popped=self._popped,
@@ -1105,34 +1187,44 @@ class PersistentStorage:
             os.fdatasync(self._pfd)
             self._pos_dirty = False
 
-    def periodic_sync(self) -> None:
-        """Called by the periodic syncer thread: fsync what was written since the last call."""
+    def periodic_sync(self) -> Optional[Callable[[], None]]:
+        """For the periodic syncer: return a callable that fsyncs what was written since the
+        last call, or None if nothing was. The callable works on duplicated descriptors and
+        holds no reference to the storage, so adds and pops go on meanwhile and ``del`` of the
+        storage still releases the directory at once."""
         with self._lock:
             if self._closed or not (self._dirty or self._pos_dirty):
-                return
-            # fsync duplicates outside the lock, so adds and pops go on meanwhile.
-            write_fd = os.dup(self._wfd) if self._dirty else -1
+                return None
+            fds = []
+            if self._dirty:
+                fds.append(os.dup(self._wfd))
+            if self._pos_dirty:
+                fds.append(os.dup(self._pfd))
             write_seg, write_end = self._wseg, self._wend
-            pos_fd = os.dup(self._pfd) if self._pos_dirty else -1
             self._dirty = False
             self._pos_dirty = False
-        try:
-            if write_fd >= 0:
-                os.fdatasync(write_fd)
-            if pos_fd >= 0:
-                os.fdatasync(pos_fd)
-        except OSError:
-            with self._lock:
-                self._dirty = self._dirty or write_fd >= 0
-                self._pos_dirty = self._pos_dirty or pos_fd >= 0
-            raise
-        finally:
-            for fd in (write_fd, pos_fd):
-                if fd >= 0:
+        ref = weakref.ref(self)
+
+        def finish() -> None:
+            try:
+                for fd in fds:
+                    os.fdatasync(fd)
+            except OSError:
+                storage = ref()
+                if storage is not None:  # try again next time
+                    with storage._lock:
+                        storage._dirty = storage._pos_dirty = True
+                raise
+            finally:
+                for fd in fds:
                     os.close(fd)
-        with self._lock:
-            if write_fd >= 0 and self._wseg == write_seg:
-                self._synced_end = max(self._synced_end, write_end)
+            storage = ref()
+            if storage is not None:
+                with storage._lock:
+                    if storage._wseg == write_seg:
+                        storage._synced_end = max(storage._synced_end, write_end)
+
+        return finish
 
     def close(self) -> None:
         """Fsync (unless ``sync="never"``), close the files and release the directory.
@@ -1147,6 +1239,7 @@ class PersistentStorage:
                     self._sync_locked()
             finally:
                 self._closed = True
+                self._front_cache = None
                 self._close_fds()
                 self._cond.notify_all()
         if self._sync_key is not None:
@@ -1201,7 +1294,7 @@ def _iter_records(data: bytes, pos: int) -> Iterator[Message]:
         pos = following
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: "bytes | memoryview") -> None:
     written = os.write(fd, data)
     if written != len(data):
         view = memoryview(data)[written:]
