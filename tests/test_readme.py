@@ -1,0 +1,115 @@
+"""Every example of README.rst runs, and so do the storage examples of the 1.0.x README.
+
+The examples connect to ``ipc:///tmp/persizmq-example.zeromq`` and use
+``/tmp/persizmq-example``; the tests substitute a private endpoint and directory (and nothing
+else) and run them while a publisher keeps sending on that endpoint.
+"""
+
+import contextlib
+import io
+import pathlib
+import re
+import textwrap
+import threading
+from typing import Any, Dict, Iterator, List
+
+import pytest
+import zmq
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.rst"
+# The 1.0.x README as the user handed it to us (outside the repository; optional).
+LEGACY_README = ROOT.parent / "shared" / "seeds" / "000_d59095ead4e305ed.txt"
+
+
+def readme_examples() -> List[str]:
+    """Return the ``.. code-block:: python`` blocks of README.rst, dedented."""
+    text = README.read_text(encoding="utf-8")
+    blocks = []
+    for match in re.finditer(r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text, re.M):
+        blocks.append(textwrap.dedent(match.group(1)))
+    return blocks
+
+
+def legacy_examples() -> List[str]:
+    """Return the code examples of the 1.0.x README: from an ``import`` line to the next prose."""
+    if not LEGACY_README.exists():
+        return []
+    examples: List[str] = []
+    current: List[str] = []
+    for line in LEGACY_README.read_text(encoding="utf-8").splitlines():
+        if not current and line.startswith("import "):
+            current.append(line)
+        elif current:
+            if line and not line.isascii():
+                examples.append("\n".join(current).strip() + "\n")
+                current = []
+            else:
+                current.append(line)
+    return [e for e in examples if "persizmq.ThreadedSubscriber" in e]
+
+
+@contextlib.contextmanager
+def publishing(endpoint: str) -> Iterator[None]:
+    """Keep publishing ``b"hello"`` on ``endpoint`` until the block ends."""
+    context: zmq.Context[Any] = zmq.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    publisher.bind(endpoint)
+    stop = threading.Event()
+
+    def publish() -> None:
+        while not stop.wait(0.005):  # a publishing period, not a wait for a result
+            publisher.send(b"hello")
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        publisher.close(linger=0)
+        context.term()
+
+
+def run_example(code: str, endpoint: str, directory: pathlib.Path) -> str:
+    """Run one example with its endpoint and directory substituted; return what it printed."""
+    namespace: Dict[str, Any] = {"__name__": "__example__"}
+    out = io.StringIO()
+    with publishing(endpoint), contextlib.redirect_stdout(out):
+        exec(compile(code, "<README example>", "exec"), namespace)  # noqa: S102 (our README)
+    for value in list(namespace.values()):  # the 1.0.x examples leave their socket open
+        if isinstance(value, zmq.Socket) and not value.closed:
+            value.close(linger=0)
+    namespace.clear()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("index", range(len(readme_examples())))
+def test_readme_example_runs(index: int, tmp_path: pathlib.Path) -> None:
+    code = readme_examples()[index]
+    endpoint = f"ipc://{tmp_path}/example.zeromq"
+    assert "ipc:///tmp/persizmq-example.zeromq" in code
+    code = code.replace("ipc:///tmp/persizmq-example.zeromq", endpoint)
+    code = code.replace("/tmp/persizmq-example", str(tmp_path / "dir"))
+    printed = run_example(code, endpoint, tmp_path / "dir")
+    assert "b'hello'" in printed, printed
+    assert "exception" not in printed, printed
+
+
+def test_readme_has_the_three_examples() -> None:
+    assert len(readme_examples()) == 3
+
+
+@pytest.mark.skipif(not LEGACY_README.exists(), reason="the 1.0.x README is not beside the repo")
+@pytest.mark.parametrize("index", [1, 2])  # the storage examples; example 0 sleeps 10 s
+def test_legacy_readme_storage_example_runs_unchanged(index: int, tmp_path: pathlib.Path) -> None:
+    examples = legacy_examples()
+    assert len(examples) == 3, examples
+    code = examples[index]
+    endpoint = f"ipc://{tmp_path}/legacy.zeromq"
+    code = code.replace("ipc:///some-queue.zeromq", endpoint)
+    code = code.replace('"/some/dir"', repr(str(tmp_path / "dir")))
+    printed = run_example(code, endpoint, tmp_path / "dir")
+    assert "exception" not in printed, printed
