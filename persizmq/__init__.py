@@ -16,16 +16,19 @@ from persizmq._errors import (
     MessageTypeError,
     PersizmqError,
     QueueFullError,
+    RoleError,
     StorageWriteError,
 )
 from persizmq._latest import PersistentLatestStorage
 from persizmq._message import Message
-from persizmq._storage import OVERFLOW_POLICIES, PersistentStorage, StorageStats
+from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
+from persizmq._subscriber import ThreadedSubscriber
 
 __version__ = "2.0.0"
 
 __all__ = [
     "OVERFLOW_POLICIES",
+    "ROLES",
     "ClosedError",
     "CorruptionError",
     "DirectoryError",
@@ -38,7 +41,9 @@ __all__ = [
     "PersistentStorage",
     "PersizmqError",
     "QueueFullError",
+    "RoleError",
     "StorageStats",
     "StorageWriteError",
+    "ThreadedSubscriber",
     "__version__",
 ]
