@@ -6,6 +6,7 @@ built-in that fits the mistake, so that code written against the built-ins keeps
 directory, ``except ValueError`` an absurd argument.
 """
 
+import io
 import queue
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "MessageTypeError",
     "PersizmqError",
     "QueueFullError",
+    "RoleError",
     "StorageWriteError",
 ]
 
@@ -48,6 +50,12 @@ class ClosedError(PersizmqError, ValueError):
 
 class CorruptionError(PersizmqError, ValueError):
     """Data on disk failed its checks and there is no good copy to fall back on."""
+
+
+class RoleError(PersizmqError, io.UnsupportedOperation):
+    """The storage was opened in a role that does not allow this call (for example
+    ``pop_front`` on a ``role="producer"`` storage); like writing to a file opened for reading,
+    this is an ``io.UnsupportedOperation`` (an ``OSError`` and a ``ValueError``)."""
 
 
 class DirectoryError(PersizmqError, OSError):

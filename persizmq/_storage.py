@@ -23,9 +23,13 @@ Files in the storage directory
     with a single entry.
 
 ``producer.lock``, ``consumer.lock``
-    ``flock`` locks of the two roles. An in-process :class:`PersistentStorage` holds both; a
-    second opener, in this or another process, gets :class:`LockedError`. The kernel drops a
-    lock when its holder dies, so a crash never leaves a stale lock behind.
+    ``flock`` locks of the two roles. A :class:`PersistentStorage` with ``role="both"`` (the
+    default) holds both; ``role="producer"`` (adds only, e.g. ``persizmq record``) and
+    ``role="consumer"`` (front/pop only) hold one each, so a recorder process and a consumer
+    process can share a directory; ``role="reader"`` holds none and changes nothing (``persizmq
+    stats`` and ``peek``). A second holder of a role, in this or another process, gets
+    :class:`LockedError`. The kernel drops a lock when its holder dies, so a crash never leaves
+    a stale lock behind.
 
 ``quarantine/``
     The bytes of damaged records, one file per damaged region, named after the segment and
@@ -45,6 +49,20 @@ Record format
 payload, started from a value derived from ``length`` and ``kind``, so a damaged header fails
 the check as surely as a damaged payload; and a run of zero bytes (what a power cut can leave
 in a file whose size was updated before its data) is never a valid record.
+
+Two processes
+-------------
+
+Only the producer appends, and only it cuts a torn tail (on open). Only the consumer writes the
+position and deletes segments. A consumer without the producer in its process learns of new
+records by looking: when it runs out, it reads what the last segment gained since it last looked
+(complete records with a good CRC only — a record still being written is left for later) and
+whether the next segment exists. It checks for the next segment *before* it reads the tail of
+the current one: the producer finishes writing a segment before it creates the next, so once
+the next exists, the tail read afterwards is complete. The seal may be written after the next
+segment appears; the consumer needs it only as a hint. ``front(block=True)`` in such a consumer
+polls, from 1 ms up to 50 ms apart. A producer without the consumer in its process reads the
+position log when it needs the pending count (``len``, ``stats``, a bound).
 
 Recovery rules
 --------------
@@ -98,11 +116,12 @@ from persizmq._errors import (
     MessageTooLargeError,
     MessageTypeError,
     QueueFullError,
+    RoleError,
     StorageWriteError,
 )
 from persizmq._message import Message, decode_multipart, encode_payload
 
-__all__ = ["OVERFLOW_POLICIES", "PersistentStorage", "StorageStats"]
+__all__ = ["OVERFLOW_POLICIES", "ROLES", "PersistentStorage", "StorageStats"]
 
 _LOGGER = logging.getLogger("persizmq")
 
@@ -135,6 +154,10 @@ _SEGMENT_TMP_RE = re.compile(r"^\d{20}\.seg\.tmp$")
 
 #: The accepted values of ``overflow``.
 OVERFLOW_POLICIES = ("raise", "drop_oldest", "drop_newest")
+#: The accepted values of ``role``.
+ROLES = ("both", "producer", "consumer", "reader")
+_POLL_MIN = 0.001
+_POLL_MAX = 0.05
 
 
 _pack_header = _HEADER.pack
@@ -326,6 +349,9 @@ class PersistentStorage:
         its frames); larger messages raise :class:`MessageTooLargeError`. At most 2 GiB - 1
         (also the default).
     :param segment_size: a segment is closed once it holds this many bytes (default 4 MiB).
+    :param role: ``"both"`` (default: add and consume, as in 1.0.x), ``"producer"`` (add only),
+        ``"consumer"`` (front/pop only) or ``"reader"`` (front and iteration, changes nothing,
+        takes no lock). A producer and a consumer may be two processes on one directory.
 
     :raises MessageTypeError: an argument has the wrong type.
     :raises InvalidArgumentError: an argument has an impossible value.
@@ -344,6 +370,7 @@ class PersistentStorage:
         overflow: str = "raise",
         max_message_size: Optional[int] = None,
         segment_size: int = 4 << 20,
+        role: str = "both",
     ) -> None:
         self._closed = True  # until fully opened, so that __del__ of a failed open is quiet
         self._sync = _fs.check_sync_mode(sync)
@@ -366,6 +393,18 @@ class PersistentStorage:
         checked_segment_size = _check_optional_int("segment_size", segment_size, 1)
         assert checked_segment_size is not None
         self._segment_size = checked_segment_size
+        if not isinstance(role, str) or role not in ROLES:
+            raise InvalidArgumentError(
+                f"expected role to be one of {', '.join(map(repr, ROLES))}, got {role!r}"
+            )
+        self._role = role
+        self._producing = role in ("both", "producer")
+        self._consuming = role in ("both", "consumer")
+        if role == "producer" and overflow == "drop_oldest" and self._bounded:
+            raise InvalidArgumentError(
+                'expected overflow "raise" or "drop_newest" with role="producer": only the '
+                'consumer may drop the oldest messages, got overflow="drop_oldest"'
+            )
 
         self._dir = _fs.open_directory(persistent_dir)
         self._lock = threading.Lock()
@@ -384,8 +423,10 @@ class PersistentStorage:
 
         self._sync_key: Optional[int] = None
         try:
-            self._fds.append(_fs.acquire_lock(self._dir / PRODUCER_LOCK, "producer"))
-            self._fds.append(_fs.acquire_lock(self._dir / CONSUMER_LOCK, "consumer"))
+            if self._producing:
+                self._fds.append(_fs.acquire_lock(self._dir / PRODUCER_LOCK, "producer"))
+            if self._consuming:
+                self._fds.append(_fs.acquire_lock(self._dir / CONSUMER_LOCK, "consumer"))
             self._open()
         except BaseException:
             self._close_fds()
@@ -404,12 +445,17 @@ class PersistentStorage:
             pos_seg, pos_off, pos_consumed = position
         else:
             pos_seg, pos_off, pos_consumed = (segments[0] if segments else 1), 0, 0
-        # Remove fully consumed segments left by a crash between moving on and deleting.
+        # Fully consumed segments left by a crash between moving on and deleting them.
         while segments and segments[0] < pos_seg:
-            self._unlink_segment(segments.pop(0))
+            consumed_segment = segments.pop(0)
+            if self._consuming:
+                self._unlink_segment(consumed_segment)
         if segments and segments[0] > pos_seg:
             pos_seg, pos_off, pos_consumed = segments[0], 0, 0
-        self._open_producer(segments, pos_seg, pos_off)
+        if self._producing:
+            self._open_producer(segments, pos_seg, pos_off)
+        else:
+            self._open_view(segments, pos_seg)
         if not segments:
             pos_seg, pos_off, pos_consumed = self._wseg, 0, 0
         self._open_consumer(pos_seg, pos_off, pos_consumed)
@@ -418,7 +464,9 @@ class PersistentStorage:
         """Find the 1.0.x message files (delivered first); remove leftover temporary files."""
         legacy: List[Tuple[int, str]] = []
         for name in os.listdir(self._dir):
-            if _LEGACY_TMP_RE.match(name) or _SEGMENT_TMP_RE.match(name):
+            if (_LEGACY_TMP_RE.match(name) and self._consuming) or (
+                _SEGMENT_TMP_RE.match(name) and self._producing
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._dir / name)
                 continue
@@ -426,6 +474,8 @@ class PersistentStorage:
             if match:
                 legacy.append((int(match.group(1)), name))
         legacy.sort()
+        if self._role == "producer":
+            legacy = []  # the consumer delivers and counts them
         self._legacy: Deque[pathlib.Path] = collections.deque(self._dir / n for _, n in legacy)
         self._legacy_bytes = sum(p.stat().st_size for p in self._legacy)
         self._legacy_front: Optional[bytes] = None
@@ -470,6 +520,85 @@ class PersistentStorage:
         self._synced_end = self._wend
         self._dirty = False
 
+    def _open_view(self, segments: List[int], pos_seg: int) -> None:
+        """Count the segments without changing them (a consumer or reader without producer)."""
+        self._counts = {}
+        self._sizes = {}
+        self._wfd = -1
+        self._wseg = segments[-1] if segments else pos_seg
+        self._wcount = 0
+        self._wend = len(SEGMENT_MAGIC)
+        self._synced_end = 0
+        self._dirty = False
+        for index in segments[:-1]:
+            path = self._dir / segment_name(index)
+            sealed = read_seal(path)
+            self._counts[index] = (
+                scan_segment(path.read_bytes()).count if sealed is None else sealed
+            )
+            self._sizes[index] = path.stat().st_size
+        if segments:
+            data = (self._dir / segment_name(self._wseg)).read_bytes()
+            scan = scan_segment(data)
+            self._wcount, self._wend = scan.count, scan.good_end
+
+    def _refresh(self) -> bool:
+        """Without an in-process producer: learn what the producer appended since the last look.
+
+        Returns whether anything new was found (lock held).
+        """
+        if self._producing or self._closed:
+            return False
+        found = False
+        while True:
+            next_exists = os.path.exists(self._dir / segment_name(self._wseg + 1))
+            try:
+                with open(self._dir / segment_name(self._wseg), "rb") as file:
+                    file.seek(self._wend)
+                    tail = file.read()
+            except FileNotFoundError:
+                tail = b""
+            if tail:
+                scan = scan_segment(tail, 0)
+                if scan.count or scan.good_end:
+                    found = found or scan.count > 0
+                    self._wcount += scan.count
+                    self._segment_pending += scan.count
+                    self._pending_bytes += scan.good_end
+                    self._wend += scan.good_end
+            if not next_exists:
+                return found
+            # The producer moved on: this segment is complete.
+            self._counts[self._wseg] = self._wcount
+            self._sizes[self._wseg] = self._wend
+            self._wseg += 1
+            self._wcount = 0
+            self._wend = len(SEGMENT_MAGIC)
+            found = True
+
+    def _refresh_consumed(self) -> None:
+        """Without an in-process consumer: recount the pending messages from the position log."""
+        if self._consuming or self._role == "reader":
+            return
+        position = read_position(self._dir)
+        if position is None:
+            return
+        pos_seg, pos_off, consumed = position
+        for index in [i for i in self._counts if i < pos_seg]:
+            del self._counts[index]
+            del self._sizes[index]
+        magic = len(SEGMENT_MAGIC)
+        counts = sum(c for i, c in self._counts.items() if i >= pos_seg) + self._wcount
+        in_position = self._wcount if pos_seg == self._wseg else self._counts.get(pos_seg, 0)
+        self._segment_pending = max(0, counts - min(consumed, in_position))
+        self._pending_bytes = max(
+            0,
+            sum(self._sizes.values())
+            + self._wend
+            - magic * (len(self._sizes) + 1)
+            - max(0, pos_off - magic),
+        )
+
     def _cut_torn_tail(self, path: pathlib.Path, size: int, good_end: int) -> None:
         torn = size - good_end
         _LOGGER.warning(
@@ -498,14 +627,17 @@ class PersistentStorage:
         self._rdurable = 0
         self._front_cache: Optional[Tuple[Message, int]] = None
         self._open_reader()
-        self._pfd = os.open(
-            self._dir / POSITION_FILE,
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-            _fs.FILE_MODE,
-        )
-        self._fds.append(self._pfd)
-        self._pos_size = os.fstat(self._pfd).st_size
+        self._pfd = -1
+        self._pos_size = 0
         self._pos_dirty = False
+        if self._consuming:
+            self._pfd = os.open(
+                self._dir / POSITION_FILE,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                _fs.FILE_MODE,
+            )
+            self._fds.append(self._pfd)
+            self._pos_size = os.fstat(self._pfd).st_size
         in_position = self._wcount if pos_seg == self._wseg else self._counts.get(pos_seg, 0)
         consumed = min(pos_consumed, in_position)
         self._segment_pending = sum(self._counts.values()) + self._wcount - consumed
@@ -619,8 +751,8 @@ class PersistentStorage:
             multipart, payload = encoded
             record = self._make_record(payload, KIND_MULTIPART if multipart else KIND_SINGLE)
         with self._lock:
-            if self._closed:
-                raise ClosedError(f"cannot add to {self!r}: it is closed")
+            if self._closed or not self._producing:
+                raise self._refuse("add to")
             if self._bounded and not self._make_room(len(record)):
                 return
             wend = self._wend
@@ -663,8 +795,8 @@ class PersistentStorage:
         if not records:
             return 0
         with self._lock:
-            if self._closed:
-                raise ClosedError(f"cannot add to {self!r}: it is closed")
+            if self._closed or not self._producing:
+                raise self._refuse("add to")
             stored = 0
             batch: List[bytes] = []
             batch_size = 0
@@ -689,6 +821,17 @@ class PersistentStorage:
         if self._sync == "always":
             self._fdatasync_writer(start)
         return len(batch)
+
+    def _refuse(self, what: str) -> Exception:
+        """The exception for a call that the state or the role of the storage does not allow."""
+        if self._closed:
+            return ClosedError(f"cannot {what} {self!r}: it is closed")
+        allowed = {
+            "add to": 'role="both" or role="producer"',
+            "pop from": 'role="both" or role="consumer"',
+            "read from": 'role="both", "consumer" or "reader"',
+        }[what]
+        return RoleError(f"cannot {what} {self!r}: that needs {allowed}, not role={self._role!r}")
 
     def _make_record(self, payload: bytes, kind: int) -> bytes:
         size = len(payload)
@@ -718,6 +861,10 @@ class PersistentStorage:
 
         if not over():
             return True
+        if not self._consuming:
+            self._refresh_consumed()  # the consumer in another process may have made room
+            if not over():
+                return True
         if self._overflow == "raise":
             raise QueueFullError(
                 f"the storage is full: {self._segment_pending + len(self._legacy)} messages "
@@ -801,18 +948,21 @@ class PersistentStorage:
             msg = self._front_locked()
             if msg is not None or not block:
                 return msg
-            if timeout is not None:
-                deadline = time.monotonic() + timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+            # Woken by add_message in this process; a producer in another one is polled for.
+            poll = None if self._producing else _POLL_MIN
             self._waiters += 1
             try:
                 while msg is None:
-                    if timeout is None:
-                        self._cond.wait()
-                    else:
+                    wait = poll
+                    if deadline is not None:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             return None
-                        self._cond.wait(remaining)
+                        wait = remaining if wait is None else min(wait, remaining)
+                    self._cond.wait(wait)
+                    if poll is not None:
+                        poll = min(poll * 2, _POLL_MAX)
                     msg = self._front_locked()
             finally:
                 self._waiters -= 1
@@ -828,7 +978,12 @@ class PersistentStorage:
         """
         with self._lock:
             cached = self._front_cache
-            if cached is None or self._sync == "always" or self._pos_size >= _POS_COMPACT_AT:
+            if (
+                cached is None
+                or self._sync == "always"
+                or self._pos_size >= _POS_COMPACT_AT
+                or not self._consuming
+            ):
                 return self._pop_locked()
             # The common case, kept lean: the message front() returned, one write(2).
             end = cached[1]
@@ -848,8 +1003,8 @@ class PersistentStorage:
             return True
 
     def _front_locked(self) -> Optional[Message]:
-        if self._closed:
-            raise ClosedError(f"cannot read from {self!r}: it is closed")
+        if self._closed or self._role == "producer":
+            raise self._refuse("read from")
         if self._legacy:
             if self._legacy_front is None:
                 self._legacy_front = self._legacy[0].read_bytes()
@@ -865,15 +1020,21 @@ class PersistentStorage:
             stop = at + HEADER_SIZE + length
             if kind == KIND_SINGLE and stop <= len(buf):
                 payload = buf[at + HEADER_SIZE : stop]
-                if _crc32(payload, ((length ^ _SEED_MIX) + _SINGLE_MUL) & 0xFFFFFFFF) == crc:
-                    end = self._roff + HEADER_SIZE + length
+                end = self._roff + HEADER_SIZE + length
+                if (end <= self._wend or self._rseg != self._wseg) and _crc32(
+                    payload, ((length ^ _SEED_MIX) + _SINGLE_MUL) & 0xFFFFFFFF
+                ) == crc:
                     if self._sync == "periodic" and end > self._rdurable:
                         self._make_durable(end)
                     self._front_cache = (payload, end)
                     return payload
         found = self._read_record()
         if found is None:
-            return None
+            if not self._refresh():
+                return None
+            found = self._read_record()
+            if found is None:
+                return None
         msg, end = found
         if self._sync == "periodic" and end > self._rdurable:
             self._make_durable(end)
@@ -892,8 +1053,8 @@ class PersistentStorage:
             self._synced_end = max(self._synced_end, size)
 
     def _pop_locked(self) -> bool:
-        if self._closed:
-            raise ClosedError(f"cannot pop from {self!r}: it is closed")
+        if self._closed or not self._consuming:
+            raise self._refuse("pop from")
         if self._legacy:
             path = self._legacy.popleft()
             self._legacy_front = None
@@ -909,6 +1070,8 @@ class PersistentStorage:
         cached = self._front_cache
         if cached is None:
             found = self._read_record()
+            if found is None and self._refresh():
+                found = self._read_record()
             if found is None:
                 return False
             end = found[1]
@@ -960,11 +1123,15 @@ class PersistentStorage:
         """
         while True:
             if self._rfd < 0:
-                if self._rseg >= self._wseg:
-                    return None
-                self._advance_segment()
-                continue
+                self._open_reader()  # the segment may have appeared since
+                if self._rfd < 0:
+                    if self._rseg >= self._wseg:
+                        return None
+                    self._advance_segment()
+                    continue
             pos = self._roff
+            if self._rseg >= self._wseg and pos >= self._wend:
+                return None  # caught up with the producer (as far as we know it)
             header = self._buffered(pos, HEADER_SIZE)
             if header is not None:
                 length, crc, kind = _HEADER.unpack_from(header[0], header[1])
@@ -983,10 +1150,7 @@ class PersistentStorage:
                             self._advance_segment()
                             continue
             # No good record at the position.
-            if self._rseg >= self._wseg:
-                if pos >= self._wend:
-                    return None  # caught up with the producer
-            elif not os.pread(self._rfd, 1, pos):
+            if self._rseg < self._wseg and not os.pread(self._rfd, 1, pos):
                 self._advance_segment()  # the clean end of a segment that lost its seal
                 continue
             self._skip_damage()
@@ -1022,8 +1186,9 @@ class PersistentStorage:
         self._rconsumed = 0
         self._front_cache = None
         self._open_reader()
-        self._write_position()
-        self._unlink_segment(done)
+        if self._consuming:
+            self._write_position()
+            self._unlink_segment(done)
 
     def _unlink_segment(self, index: int) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -1086,7 +1251,16 @@ class PersistentStorage:
     def __len__(self) -> int:
         """Return the number of pending messages."""
         with self._lock:
+            self._refresh_counts()
             return self._segment_pending + len(self._legacy)
+
+    def _refresh_counts(self) -> None:
+        if self._closed:
+            return
+        if not self._producing:
+            self._refresh()
+        elif not self._consuming:
+            self._refresh_consumed()
 
     def __bool__(self) -> bool:
         """A storage object is always true, even when empty (unlike ``len() == 0``)."""
@@ -1102,6 +1276,7 @@ class PersistentStorage:
         with self._lock:
             if self._closed:
                 raise ClosedError(f"cannot iterate over {self!r}: it is closed")
+            self._refresh()
             legacy = list(self._legacy)
             first_seg, first_off = self._rseg, self._roff
         for path in legacy:
@@ -1129,6 +1304,7 @@ class PersistentStorage:
     def stats(self) -> StorageStats:
         """Return a snapshot of counts and sizes; see :class:`StorageStats`."""
         with self._lock:
+            self._refresh_counts()
             disk = 0
             for name in os.listdir(self._dir):
                 if _SEGMENT_RE.match(name) or _LEGACY_RE.match(name) or name == POSITION_FILE:
@@ -1167,7 +1343,13 @@ class PersistentStorage:
     def __repr__(self) -> str:
         """Show the directory, the mode and (while open) the pending count."""
         state = "closed" if self._closed else f"pending={self._segment_pending + len(self._legacy)}"
-        return f"PersistentStorage({str(self._dir)!r}, sync={self._sync!r}, {state})"
+        role = "" if self._role == "both" else f", role={self._role!r}"
+        return f"PersistentStorage({str(self._dir)!r}, sync={self._sync!r}{role}, {state})"
+
+    @property
+    def role(self) -> str:
+        """``"both"``, ``"producer"``, ``"consumer"`` or ``"reader"``; see the constructor."""
+        return self._role
 
     # ------------------------------------------------------------------ syncing and closing
 
