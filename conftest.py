@@ -1,4 +1,4 @@
-"""Project-wide pytest options: ``--run-slow`` switches the crash and soak tests to their long form."""
+"""Project-wide pytest options: ``--run-slow`` runs the long forms of the crash and soak tests."""
 
 import pytest
 

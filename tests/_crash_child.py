@@ -12,7 +12,7 @@ import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import persizmq  # noqa: E402 (after the path set-up above)
+import persizmq
 
 
 def payload(i: int) -> bytes:
@@ -23,7 +23,7 @@ def payload(i: int) -> bytes:
 
 def number(msg: bytes) -> int:
     """Return the number of a message made by :func:`payload`, checking all its bytes."""
-    head, _, rest = msg.partition(b":")
+    head, _, _ = msg.partition(b":")
     i = int(head)
     if msg != payload(i):
         raise AssertionError(f"message {i} has damaged bytes: {msg[:60]!r}")

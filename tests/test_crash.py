@@ -56,8 +56,9 @@ def run_trials(base: pathlib.Path, sync: str, trials: int, rng: random.Random) -
         try:
             # Let it run a random while: from "barely started" to thousands of messages.
             size_before = adds_log.stat().st_size if adds_log.exists() else 0
-            wait_for_growth(adds_log, size_before + rng.choice([1, 50, 500, 5000, 20000]),
-                            time.monotonic() + 20)
+            wait_for_growth(
+                adds_log, size_before + rng.choice([1, 50, 500, 5000, 20000]), time.monotonic() + 20
+            )
             time.sleep(rng.random() * 0.05)  # a random moment to kill at (not a wait)
         finally:
             child.send_signal(signal.SIGKILL)
@@ -82,7 +83,9 @@ def run_trials(base: pathlib.Path, sync: str, trials: int, rng: random.Random) -
         assert not back, f"trial {trial} ({sync}): popped messages came back: {sorted(back)[:10]}"
         missing = acked_adds - acked_pops - set(pending) - delivered
         # A pop that completed but was killed before its acknowledgement: at most one message.
-        assert len(missing) <= 1, f"trial {trial} ({sync}): acknowledged adds lost: {sorted(missing)[:10]}"
+        assert len(missing) <= 1, (
+            f"trial {trial} ({sync}): acknowledged adds lost: {sorted(missing)[:10]}"
+        )
         if missing:
             (lost,) = missing
             assert lost > max(acked_pops | delivered, default=-1), (

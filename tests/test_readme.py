@@ -25,10 +25,8 @@ LEGACY_README = ROOT.parent / "shared" / "seeds" / "000_d59095ead4e305ed.txt"
 def readme_examples() -> List[str]:
     """Return the ``.. code-block:: python`` blocks of README.rst, dedented."""
     text = README.read_text(encoding="utf-8")
-    blocks = []
-    for match in re.finditer(r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text, re.M):
-        blocks.append(textwrap.dedent(match.group(1)))
-    return blocks
+    pattern = r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)"
+    return [textwrap.dedent(m.group(1)) for m in re.finditer(pattern, text, re.M)]
 
 
 def legacy_examples() -> List[str]:
@@ -78,7 +76,7 @@ def run_example(code: str, endpoint: str, directory: pathlib.Path) -> str:
     namespace: Dict[str, Any] = {"__name__": "__example__"}
     out = io.StringIO()
     with publishing(endpoint), contextlib.redirect_stdout(out):
-        exec(compile(code, "<README example>", "exec"), namespace)  # noqa: S102 (our README)
+        exec(compile(code, "<README example>", "exec"), namespace)  # our own README's code
     for value in list(namespace.values()):  # the 1.0.x examples leave their socket open
         if isinstance(value, zmq.Socket) and not value.closed:
             value.close(linger=0)
