@@ -137,6 +137,7 @@ _SEED_MIX = 0x5E6D1C3B
 _KIND_MUL = 0x9E3779B1
 _POS = struct.Struct("<QQQ")
 _POS_ENTRY_SIZE = _POS.size + 4  # 28
+_SEAL_RECORD_SIZE = HEADER_SIZE + _SEAL_PAYLOAD.size
 _POS_COMPACT_AT = 1 << 20
 _MAX_PAYLOAD = (1 << 31) - 1
 _READ_CHUNK = 1 << 18
@@ -390,6 +391,8 @@ class PersistentStorage:
                 f"expected max_message_size to be at most {_MAX_PAYLOAD} bytes, got {limit}"
             )
         self._max_message_size = _MAX_PAYLOAD if limit is None else limit
+        if segment_size is None:
+            raise MessageTypeError("expected segment_size to be an int, got None")
         checked_segment_size = _check_optional_int("segment_size", segment_size, 1)
         assert checked_segment_size is not None
         self._segment_size = checked_segment_size
@@ -488,16 +491,12 @@ class PersistentStorage:
         self._sizes: Dict[int, int] = {}
         self._wfd = -1
         self._wseg = -1
+        self._wseal = 0
         if not segments:
             self._create_segment(pos_seg)
             return
         for index in segments[:-1]:
-            path = self._dir / segment_name(index)
-            sealed = read_seal(path)
-            self._counts[index] = (
-                scan_segment(path.read_bytes()).count if sealed is None else sealed
-            )
-            self._sizes[index] = path.stat().st_size
+            self._count_closed_segment(index)
         last = segments[-1]
         path = self._dir / segment_name(last)
         data = path.read_bytes()
@@ -511,6 +510,7 @@ class PersistentStorage:
         self._wseg = last
         self._wcount = scan.count
         self._wend = scan.good_end
+        self._wseal = _SEAL_RECORD_SIZE if scan.sealed is not None else 0
         if scan.sealed is not None or (pos_seg == last and pos_off > scan.good_end):
             # Never append where the consumer may already have been.
             self._create_segment(last + 1)
@@ -528,19 +528,29 @@ class PersistentStorage:
         self._wseg = segments[-1] if segments else pos_seg
         self._wcount = 0
         self._wend = len(SEGMENT_MAGIC)
+        self._wseal = 0  # bytes of a seal at the end of the last segment
         self._synced_end = 0
         self._dirty = False
         for index in segments[:-1]:
-            path = self._dir / segment_name(index)
-            sealed = read_seal(path)
-            self._counts[index] = (
-                scan_segment(path.read_bytes()).count if sealed is None else sealed
-            )
-            self._sizes[index] = path.stat().st_size
+            self._count_closed_segment(index)
         if segments:
             data = (self._dir / segment_name(self._wseg)).read_bytes()
             scan = scan_segment(data)
             self._wcount, self._wend = scan.count, scan.good_end
+            if scan.sealed is not None:
+                self._wseal = _SEAL_RECORD_SIZE
+
+    def _count_closed_segment(self, index: int) -> None:
+        """Record the count and record bytes of a segment before the last: O(1) if sealed."""
+        path = self._dir / segment_name(index)
+        sealed = read_seal(path)
+        if sealed is not None:
+            self._counts[index] = sealed
+            self._sizes[index] = path.stat().st_size - len(SEGMENT_MAGIC) - _SEAL_RECORD_SIZE
+        else:
+            scan = scan_segment(path.read_bytes())
+            self._counts[index] = scan.count
+            self._sizes[index] = scan.payload_bytes + HEADER_SIZE * scan.count
 
     def _refresh(self) -> bool:
         """Without an in-process producer: learn what the producer appended since the last look.
@@ -564,16 +574,19 @@ class PersistentStorage:
                     found = found or scan.count > 0
                     self._wcount += scan.count
                     self._segment_pending += scan.count
-                    self._pending_bytes += scan.good_end
+                    self._pending_bytes += scan.payload_bytes + HEADER_SIZE * scan.count
                     self._wend += scan.good_end
+                    if scan.sealed is not None:
+                        self._wseal = _SEAL_RECORD_SIZE
             if not next_exists:
                 return found
             # The producer moved on: this segment is complete.
             self._counts[self._wseg] = self._wcount
-            self._sizes[self._wseg] = self._wend
+            self._sizes[self._wseg] = self._wend - len(SEGMENT_MAGIC) - self._wseal
             self._wseg += 1
             self._wcount = 0
             self._wend = len(SEGMENT_MAGIC)
+            self._wseal = 0
             found = True
 
     def _refresh_consumed(self) -> None:
@@ -593,10 +606,7 @@ class PersistentStorage:
         self._segment_pending = max(0, counts - min(consumed, in_position))
         self._pending_bytes = max(
             0,
-            sum(self._sizes.values())
-            + self._wend
-            - magic * (len(self._sizes) + 1)
-            - max(0, pos_off - magic),
+            sum(self._sizes.values()) + self._wend - self._wseal - magic - max(0, pos_off - magic),
         )
 
     def _cut_torn_tail(self, path: pathlib.Path, size: int, good_end: int) -> None:
@@ -644,10 +654,7 @@ class PersistentStorage:
         magic = len(SEGMENT_MAGIC)
         self._pending_bytes = max(
             0,
-            sum(self._sizes.values())
-            + self._wend
-            - magic * (len(self._sizes) + 1)
-            - max(0, pos_off - magic),
+            sum(self._sizes.values()) + self._wend - self._wseal - magic - max(0, pos_off - magic),
         )
 
     def _create_segment(self, index: int) -> int:
@@ -684,15 +691,13 @@ class PersistentStorage:
             ) from err
         if self._wseg >= 0:
             self._counts[self._wseg] = self._wcount
-            self._sizes[self._wseg] = self._wend
+            self._sizes[self._wseg] = self._wend - len(SEGMENT_MAGIC) - self._wseal
         old_fd = self._wfd
         if old_fd >= 0:
             # Seal the full segment: its count makes the next open O(segments).
             seal = encode_record(_SEAL_PAYLOAD.pack(self._wcount), KIND_SEAL)
             try:
                 _write_all(old_fd, seal)
-                self._sizes[self._wseg] += len(seal)
-                self._pending_bytes += len(seal)
                 if self._sync != "never":
                     os.fdatasync(old_fd)
             except OSError as err:
@@ -703,6 +708,7 @@ class PersistentStorage:
         self._fds.append(fd)
         self._wfd = fd
         self._wcount = 0
+        self._wseal = 0
         self._wseg = index
         self._wend = len(SEGMENT_MAGIC)
         self._synced_end = self._wend
@@ -753,10 +759,10 @@ class PersistentStorage:
         with self._lock:
             if self._closed or not self._producing:
                 raise self._refuse("add to")
-            if self._bounded and not self._make_room(len(record)):
+            if self._bounded and not self._admit([record])[0]:
                 return
             wend = self._wend
-            if wend < self._segment_size:
+            if wend + len(record) <= self._segment_size or not self._wcount:
                 size = len(record)
                 try:
                     written = os.write(self._wfd, record)
@@ -780,8 +786,10 @@ class PersistentStorage:
     def add_messages(self, msgs: Iterable[Optional[Message]]) -> int:
         """Append several messages with one write and (in ``"always"`` mode) one fsync.
 
-        ``None`` entries are skipped. Returns the number of messages stored. Either every
-        message of the batch is stored or, when an error is raised, none of it.
+        ``None`` entries are skipped. The batch goes into one segment, so either all of it is
+        stored or, when an error is raised, none of it. With a bound, the batch is treated as
+        that many :meth:`add_message` calls would be. Returns the number of messages accepted
+        (those refused by ``overflow="drop_newest"`` not counted).
 
         :raises: as :meth:`add_message`.
         """
@@ -797,30 +805,17 @@ class PersistentStorage:
         with self._lock:
             if self._closed or not self._producing:
                 raise self._refuse("add to")
-            stored = 0
-            batch: List[bytes] = []
-            batch_size = 0
-            for record in records:
-                if not self._make_room(len(record) + batch_size, len(batch) + 1):
-                    continue
-                batch.append(record)
-                batch_size += len(record)
-                if self._wend + batch_size >= self._segment_size:
-                    # Write what fills this segment; the rest goes to the next one.
-                    stored += self._append_batch(batch, batch_size)
-                    batch, batch_size = [], 0
-            if batch:
-                stored += self._append_batch(batch, batch_size)
-            if self._waiters:
-                self._cond.notify_all()
-            return stored
-
-    def _append_batch(self, batch: List[bytes], size: int) -> int:
-        start = self._wend
-        self._append(b"".join(batch), len(batch), size)
-        if self._sync == "always":
-            self._fdatasync_writer(start)
-        return len(batch)
+            accepted = len(records)
+            if self._bounded:
+                records, accepted = self._admit(records)
+            if records:
+                start = self._wend
+                self._append(b"".join(records), len(records))
+                if self._sync == "always":
+                    self._fdatasync_writer(start)
+                if self._waiters:
+                    self._cond.notify_all()
+            return accepted
 
     def _refuse(self, what: str) -> Exception:
         """The exception for a call that the state or the role of the storage does not allow."""
@@ -844,54 +839,83 @@ class PersistentStorage:
             )
         return encode_record(payload, kind)
 
-    def _make_room(self, size: int, count: int = 1) -> bool:
-        """Apply the bounds before adding ``count`` records of ``size`` bytes (lock held).
+    def _admit(self, records: List[bytes]) -> Tuple[List[bytes], int]:
+        """Apply the bounds to records about to be added (lock held).
 
-        Returns False when the new message is to be dropped.
+        Returns the records to write and how many messages count as accepted: as many
+        :meth:`add_message` calls would, a record that alone exceeds ``max_bytes`` is refused
+        (counted in ``dropped_newest``) and never empties the queue to make room.
         """
-        max_messages, max_bytes = self._max_messages, self._max_bytes
-        if max_messages is None and max_bytes is None:
-            return True
+        max_messages = self._max_messages if self._max_messages is not None else 1 << 62
+        max_bytes = self._max_bytes if self._max_bytes is not None else 1 << 62
+        fitting = [r for r in records if len(r) <= max_bytes]
+        if len(fitting) < len(records) and self._overflow == "raise":
+            raise QueueFullError(
+                f"expected messages of at most max_bytes={max_bytes} bytes with their "
+                f"{HEADER_SIZE}-byte header, got {max(map(len, records))} bytes; nothing stored"
+            )
+        refused = len(records) - len(fitting)
+        size = sum(map(len, fitting))
 
-        def over() -> bool:
+        def room() -> Tuple[int, int]:
             pending = self._segment_pending + len(self._legacy)
-            if max_messages is not None and pending + count > max_messages:
-                return True
-            return max_bytes is not None and self._pending_bytes + size > max_bytes
+            return max_messages - pending, max_bytes - self._pending_bytes
 
-        if not over():
-            return True
-        if not self._consuming:
+        free_count, free_bytes = room()
+        if (len(fitting) > free_count or size > free_bytes) and not self._consuming:
             self._refresh_consumed()  # the consumer in another process may have made room
-            if not over():
-                return True
+            free_count, free_bytes = room()
+        if len(fitting) <= free_count and size <= free_bytes:
+            self._dropped_newest += refused
+            return fitting, len(fitting)
         if self._overflow == "raise":
             raise QueueFullError(
-                f"the storage is full: {self._segment_pending + len(self._legacy)} messages "
-                f"({self._pending_bytes} bytes) pending, bounds max_messages={max_messages}, "
-                f"max_bytes={max_bytes}; the message was not stored"
+                f"the storage is full: {max_messages - free_count} messages "
+                f"({max_bytes - free_bytes} bytes) pending, {len(fitting)} more "
+                f"({size} bytes) do not fit in max_messages={self._max_messages}, "
+                f"max_bytes={self._max_bytes}; nothing stored"
             )
         if self._overflow == "drop_newest":
-            self._dropped_newest += 1
-            return False
-        while over() and self._pop_locked():
+            kept = []
+            for record in fitting:
+                if free_count < 1 or len(record) > free_bytes:
+                    break
+                kept.append(record)
+                free_count -= 1
+                free_bytes -= len(record)
+            self._dropped_newest += len(records) - len(kept)
+            return kept, len(kept)
+        # drop_oldest: the newest records that fit on their own, then room for them.
+        kept = []
+        kept_bytes = 0
+        for record in reversed(fitting):
+            if len(kept) + 1 > max_messages or kept_bytes + len(record) > max_bytes:
+                break
+            kept.append(record)
+            kept_bytes += len(record)
+        kept.reverse()
+        self._dropped_oldest += len(fitting) - len(kept)
+        while (len(kept) > free_count or kept_bytes > free_bytes) and self._pop_locked():
             self._dropped_oldest += 1
             self._popped -= 1
-        if over():  # even an empty queue cannot hold it
-            self._dropped_newest += 1
-            return False
-        return True
+            free_count, free_bytes = room()
+        self._dropped_newest += refused
+        return kept, len(fitting)
 
-    def _append(self, data: bytes, count: int, size: Optional[int] = None) -> None:
-        """Write records to the write segment (lock held); roll over first if it is full."""
-        if self._wend >= self._segment_size and self._wcount > 0:
+    def _append(self, data: bytes, count: int) -> None:
+        """Write records to the write segment (lock held); roll over first if they do not fit.
+
+        A segment is never left empty, so one record (or batch) larger than ``segment_size``
+        makes a segment of its own.
+        """
+        if self._wend + len(data) > self._segment_size and self._wcount > 0:
             self._create_segment(self._wseg + 1)
         start = self._wend
         try:
             _write_all(self._wfd, data)
         except OSError as err:
             raise self._write_failed(err, start) from err
-        length = len(data) if size is None else size
+        length = len(data)
         self._wend = start + length
         self._wcount += count
         self._segment_pending += count
@@ -1011,7 +1035,8 @@ class PersistentStorage:
             return self._legacy_front
         cached = self._front_cache
         if cached is not None:
-            return cached[0]
+            msg = cached[0]
+            return list(msg) if msg.__class__ is list else msg  # the caller may change a list
         # The common case, kept lean: a single-frame record already in the read buffer.
         buf = self._rbuf
         at = self._roff - self._rbuf_off
@@ -1039,7 +1064,7 @@ class PersistentStorage:
         if self._sync == "periodic" and end > self._rdurable:
             self._make_durable(end)
         self._front_cache = (msg, end)
-        return msg
+        return list(msg) if msg.__class__ is list else msg
 
     def _make_durable(self, end: int) -> None:
         """Fsync the read segment so the record ending at ``end`` survives a power cut."""
@@ -1178,7 +1203,7 @@ class PersistentStorage:
         size = self._sizes.pop(done, 0)
         # Records the consumer did not deliver (set aside as damaged) leave the count here.
         self._segment_pending -= max(0, counted - self._rconsumed)
-        self._pending_bytes -= max(0, size - self._roff)
+        self._pending_bytes -= max(0, size - (self._roff - len(SEGMENT_MAGIC)))
         self._rseg = done + 1
         while self._rseg < self._wseg and self._rseg not in self._counts:
             self._rseg += 1
