@@ -57,12 +57,17 @@ def check_sync_mode(sync: object) -> str:
     return sync
 
 
-def open_directory(path: object, what: str = "persistent_dir") -> pathlib.Path:
+def open_directory(
+    path: object, what: str = "persistent_dir", *, writable: bool = True
+) -> pathlib.Path:
     """Validate ``path``, create the directory (with parents) if needed and return it.
+
+    With ``writable=False`` (a reader) the directory must exist already, and only needs to be
+    readable.
 
     :raises MessageTypeError: ``path`` is not a ``str`` or path-like object.
     :raises DirectoryError: the path exists but is not a directory, cannot be created, or is not
-        writable.
+        writable (readable, if ``writable`` is False).
     """
     if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
         raise MessageTypeError(
@@ -71,8 +76,13 @@ def open_directory(path: object, what: str = "persistent_dir") -> pathlib.Path:
     directory = pathlib.Path(path)
     if str(path) == "":
         raise InvalidArgumentError(f"expected {what} to name a directory, got an empty string")
+    if not writable and not directory.exists():
+        raise DirectoryError(
+            errno.ENOENT, f"expected the directory {what} {str(directory)!r} to exist"
+        )
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        if writable:
+            directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     except FileExistsError as err:
         raise DirectoryError(
             errno.ENOTDIR,
@@ -86,10 +96,11 @@ def open_directory(path: object, what: str = "persistent_dir") -> pathlib.Path:
         raise DirectoryError(
             errno.ENOTDIR, f"expected {what} {str(directory)!r} to be a directory, but it is not"
         )
-    if not os.access(directory, os.W_OK | os.X_OK):
+    needed, adjective = (os.W_OK | os.X_OK, "writable") if writable else (os.R_OK, "readable")
+    if not os.access(directory, needed | os.X_OK):
         raise DirectoryError(
             errno.EACCES,
-            f"expected the directory {what} {str(directory)!r} to be writable, but it is not",
+            f"expected the directory {what} {str(directory)!r} to be {adjective}, but it is not",
         )
     return directory
 

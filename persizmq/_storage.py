@@ -409,22 +409,18 @@ class PersistentStorage:
                 'consumer may drop the oldest messages, got overflow="drop_oldest"'
             )
 
-        self._dir = _fs.open_directory(persistent_dir)
+        self._dir = _fs.open_directory(persistent_dir, writable=role != "reader")
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiters = 0
         self._fds: List[int] = []  # every descriptor this object owns, closed by close()
 
-        # statistics
-        self._added = 0
-        self._popped = 0
-        self._dropped_oldest = 0
-        self._dropped_newest = 0
-        self._corrupt_regions = 0
-        self._quarantined_bytes = 0
-        self._torn_tail_bytes = 0
+        self._added = self._popped = 0  # statistics, see StorageStats
+        self._dropped_oldest = self._dropped_newest = 0
+        self._corrupt_regions = self._quarantined_bytes = self._torn_tail_bytes = 0
 
         self._sync_key: Optional[int] = None
+        self._front_cache: Optional[Tuple[Message, int]] = None  # (front message, its end)
         try:
             if self._producing:
                 self._fds.append(_fs.acquire_lock(self._dir / PRODUCER_LOCK, "producer"))
@@ -635,7 +631,7 @@ class PersistentStorage:
         self._rbuf = b""
         self._rbuf_off = 0
         self._rdurable = 0
-        self._front_cache: Optional[Tuple[Message, int]] = None
+        self._front_cache = None
         self._open_reader()
         self._pfd = -1
         self._pos_size = 0
@@ -730,6 +726,37 @@ class PersistentStorage:
         except FileNotFoundError:
             return
         self._fds.append(self._rfd)
+
+    def _follow_consumer(self) -> None:
+        """A reader: move past what the consumer has popped since the reader last looked."""
+        position = read_position(self._dir)
+        if position is None:
+            return
+        pos_seg, pos_off, consumed = position
+        if (pos_seg, pos_off) <= (self._rseg, self._roff):
+            return
+        if self._legacy:  # the consumer delivers these first: they are gone
+            self._legacy.clear()
+            self._legacy_bytes = 0
+            self._legacy_front = None
+        self._front_cache = None
+        if pos_seg != self._rseg:
+            for index in [i for i in self._counts if i < pos_seg]:
+                del self._counts[index]
+                del self._sizes[index]
+            self._rseg = pos_seg
+            self._roff = max(pos_off, len(SEGMENT_MAGIC))
+            self._open_reader()
+        self._roff = max(pos_off, len(SEGMENT_MAGIC))
+        self._rconsumed = consumed
+        magic = len(SEGMENT_MAGIC)
+        counts = sum(self._counts.values()) + self._wcount
+        in_position = self._wcount if pos_seg == self._wseg else self._counts.get(pos_seg, 0)
+        self._segment_pending = max(0, counts - min(consumed, in_position))
+        self._pending_bytes = max(
+            0,
+            sum(self._sizes.values()) + self._wend - self._wseal - magic - max(0, pos_off - magic),
+        )
 
     # ------------------------------------------------------------------ producing
 
@@ -1029,10 +1056,10 @@ class PersistentStorage:
     def _front_locked(self) -> Optional[Message]:
         if self._closed or self._role == "producer":
             raise self._refuse("read from")
+        if self._role == "reader":
+            self._follow_consumer()
         if self._legacy:
-            if self._legacy_front is None:
-                self._legacy_front = self._legacy[0].read_bytes()
-            return self._legacy_front
+            return self._legacy_message()
         cached = self._front_cache
         if cached is not None:
             msg = cached[0]
@@ -1065,6 +1092,12 @@ class PersistentStorage:
             self._make_durable(end)
         self._front_cache = (msg, end)
         return list(msg) if msg.__class__ is list else msg
+
+    def _legacy_message(self) -> bytes:
+        """The first pending 1.0.x message file's content (delivered before the segments)."""
+        if self._legacy_front is None:
+            self._legacy_front = self._legacy[0].read_bytes()
+        return self._legacy_front
 
     def _make_durable(self, end: int) -> None:
         """Fsync the read segment so the record ending at ``end`` survives a power cut."""
@@ -1282,6 +1315,8 @@ class PersistentStorage:
     def _refresh_counts(self) -> None:
         if self._closed:
             return
+        if self._role == "reader":
+            self._follow_consumer()
         if not self._producing:
             self._refresh()
         elif not self._consuming:
@@ -1301,7 +1336,7 @@ class PersistentStorage:
         with self._lock:
             if self._closed:
                 raise ClosedError(f"cannot iterate over {self!r}: it is closed")
-            self._refresh()
+            self._refresh_counts()
             legacy = list(self._legacy)
             first_seg, first_off = self._rseg, self._roff
         for path in legacy:
