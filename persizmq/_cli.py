@@ -107,7 +107,7 @@ import zmq
 
 import persizmq
 import persizmq.filter
-from persizmq import _latest, _storage
+from persizmq import _latest, _position, _storage
 from persizmq._errors import CorruptionError, PersizmqError
 from persizmq._message import Message
 
@@ -147,7 +147,7 @@ _PROG = "persizmq"
 _SEGMENT_NAME_RE = re.compile(r"^\d{20}\.seg$")
 _LEGACY_NAME_RE = re.compile(r"^\d+\.bin$")
 _LATEST_NAMES = frozenset((*_latest.SLOT_FILES, _latest.LOCK_FILE, _latest.LEGACY_FILE))
-_QUEUE_NAMES = frozenset((_storage.POSITION_FILE, _storage.PRODUCER_LOCK, _storage.CONSUMER_LOCK))
+_QUEUE_NAMES = frozenset((_position.POSITION_FILE, _storage.PRODUCER_LOCK, _storage.CONSUMER_LOCK))
 #: Sub-directory of the storage directory where ``record --min-period`` keeps its timestamp.
 MIN_PERIOD_DIR = "min-period"
 #: Receive high-water mark of the recorder's SUB socket: a burst buffer in front of the disk.

@@ -15,12 +15,11 @@ Files in the storage directory
     full one with a seal record that holds its record count. Records never span two segments.
 
 ``consumer.pos``
-    The consumer's position: an append-only log of fixed 28-byte entries
-    ``<u64 segment><u64 offset><u64 consumed><u32 crc32>``. ``offset`` is where the next
+    The consumer's position ``(segment, offset, consumed)``: ``offset`` is where the next
     record to deliver starts inside ``segment``, ``consumed`` how many records of that segment
-    are behind it. Every ``pop_front`` appends one entry (one small ``write(2)``, no rename);
-    the last entry with a good CRC wins. When the log passes 1 MiB it is rewritten atomically
-    with a single entry.
+    are behind it. A circular log of checksummed, numbered entries in a preallocated, memory-
+    mapped 4 KiB file (see ``_position``): every ``pop_front`` appends one entry with a store
+    into the page cache — no system call, no rename — and popping never needs new disk space.
 
 ``producer.lock``, ``consumer.lock``
     ``flock`` locks of the two roles. A :class:`PersistentStorage` with ``role="both"`` (the
@@ -120,6 +119,7 @@ from persizmq._errors import (
     StorageWriteError,
 )
 from persizmq._message import Message, decode_multipart, encode_payload
+from persizmq._position import POSITION_FILE, PositionLog, read_position
 
 __all__ = ["OVERFLOW_POLICIES", "ROLES", "PersistentStorage", "StorageStats"]
 
@@ -135,16 +135,12 @@ _KINDS = frozenset((KIND_SINGLE, KIND_MULTIPART, KIND_SEAL))
 _SEAL_PAYLOAD = struct.Struct("<Q")
 _SEED_MIX = 0x5E6D1C3B
 _KIND_MUL = 0x9E3779B1
-_POS = struct.Struct("<QQQ")
-_POS_ENTRY_SIZE = _POS.size + 4  # 28
 _SEAL_RECORD_SIZE = HEADER_SIZE + _SEAL_PAYLOAD.size
-_POS_COMPACT_AT = 1 << 20
 _MAX_PAYLOAD = (1 << 31) - 1
 _READ_CHUNK = 1 << 18
 
 SEGMENT_SUFFIX = ".seg"
 SEGMENT_TMP_SUFFIX = ".tmp"
-POSITION_FILE = "consumer.pos"
 PRODUCER_LOCK = "producer.lock"
 CONSUMER_LOCK = "consumer.lock"
 QUARANTINE_DIR = "quarantine"
@@ -162,7 +158,6 @@ _POLL_MAX = 0.05
 
 
 _pack_header = _HEADER.pack
-_pack_pos = _POS.pack
 _unpack_header = _HEADER.unpack_from
 _crc32 = zlib.crc32
 _SINGLE_MUL = KIND_SINGLE * _KIND_MUL
@@ -183,35 +178,6 @@ def encode_record(payload: bytes, kind: int) -> bytes:
 def segment_name(index: int) -> str:
     """Return the file name of segment ``index``."""
     return f"{index:020d}{SEGMENT_SUFFIX}"
-
-
-def _pos_entry(segment: int, offset: int, consumed: int) -> bytes:
-    body = _POS.pack(segment, offset, consumed)
-    return body + zlib.crc32(body).to_bytes(4, "little")
-
-
-def read_position(directory: pathlib.Path) -> Optional[Tuple[int, int, int]]:
-    """Return the last valid ``(segment, offset, consumed)`` entry of the position log, if any."""
-    try:
-        data = (directory / POSITION_FILE).read_bytes()
-    except FileNotFoundError:
-        return None
-    best: Optional[Tuple[int, int, int]] = None
-    bad = 0
-    for start in range(0, len(data) - _POS_ENTRY_SIZE + 1, _POS_ENTRY_SIZE):
-        body = data[start : start + _POS.size]
-        (crc,) = struct.unpack_from("<I", data, start + _POS.size)
-        if zlib.crc32(body) == crc:
-            best = _POS.unpack(body)
-        else:
-            bad += 1
-    if bad:
-        _LOGGER.warning(
-            "persizmq: %d damaged entries in %s were skipped; the last good one is used",
-            bad,
-            directory / POSITION_FILE,
-        )
-    return best
 
 
 def list_segments(directory: pathlib.Path) -> List[int]:
@@ -421,6 +387,7 @@ class PersistentStorage:
 
         self._sync_key: Optional[int] = None
         self._front_cache: Optional[Tuple[Message, int]] = None  # (front message, its end)
+        self._plog: Optional[PositionLog] = None
         try:
             if self._producing:
                 self._fds.append(_fs.acquire_lock(self._dir / PRODUCER_LOCK, "producer"))
@@ -633,17 +600,9 @@ class PersistentStorage:
         self._rdurable = 0
         self._front_cache = None
         self._open_reader()
-        self._pfd = -1
-        self._pos_size = 0
         self._pos_dirty = False
         if self._consuming:
-            self._pfd = os.open(
-                self._dir / POSITION_FILE,
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                _fs.FILE_MODE,
-            )
-            self._fds.append(self._pfd)
-            self._pos_size = os.fstat(self._pfd).st_size
+            self._plog = PositionLog(self._dir, self._sync)
         in_position = self._wcount if pos_seg == self._wseg else self._counts.get(pos_seg, 0)
         consumed = min(pos_consumed, in_position)
         self._segment_pending = sum(self._counts.values()) + self._wcount - consumed
@@ -1029,27 +988,18 @@ class PersistentStorage:
         """
         with self._lock:
             cached = self._front_cache
-            if (
-                cached is None
-                or self._sync == "always"
-                or self._pos_size >= _POS_COMPACT_AT
-                or not self._consuming
-            ):
+            plog = self._plog
+            if cached is None or plog is None or self._sync == "always":
                 return self._pop_locked()
-            # The common case, kept lean: the message front() returned, one write(2).
+            # The common case, kept lean: the message front() returned; one store.
             end = cached[1]
+            plog.write(self._rseg, end, self._rconsumed + 1)
             self._front_cache = None
             self._pending_bytes -= end - self._roff
             self._roff = end
             self._rconsumed += 1
             self._segment_pending -= 1
             self._popped += 1
-            body = _pack_pos(self._rseg, end, self._rconsumed)
-            try:
-                _write_all(self._pfd, body + _crc32(body).to_bytes(4, "little"))
-            except OSError as err:
-                raise self._position_write_failed(err) from err
-            self._pos_size += _POS_ENTRY_SIZE
             self._pos_dirty = True
             return True
 
@@ -1135,44 +1085,30 @@ class PersistentStorage:
             end = found[1]
         else:
             end = cached[1]
+        # The position first: if recording it fails, the message stays in front.
+        self._write_position(self._rseg, end, self._rconsumed + 1)
         self._front_cache = None
         self._pending_bytes -= end - self._roff
         self._roff = end
         self._rconsumed += 1
         self._segment_pending -= 1
         self._popped += 1
-        self._write_position()
         return True
 
-    def _write_position(self) -> None:
-        body = _pack_pos(self._rseg, self._roff, self._rconsumed)
-        entry = body + _crc32(body).to_bytes(4, "little")
-        if self._pos_size >= _POS_COMPACT_AT:
-            _fs.write_atomically(self._dir / POSITION_FILE, entry, sync=self._sync)
-            self._fds.remove(self._pfd)
-            os.close(self._pfd)
-            self._pfd = os.open(self._dir / POSITION_FILE, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            self._fds.append(self._pfd)
-            self._pos_size = len(entry)
-            self._pos_dirty = False
-            return
-        try:
-            _write_all(self._pfd, entry)
-        except OSError as err:
-            raise self._position_write_failed(err) from err
-        self._pos_size += len(entry)
+    def _write_position(self, segment: int, offset: int, consumed: int) -> None:
+        assert self._plog is not None
+        self._plog.write(segment, offset, consumed)
         if self._sync == "always":
-            os.fdatasync(self._pfd)
+            try:
+                self._plog.fdatasync()
+            except OSError as err:
+                raise StorageWriteError(
+                    err.errno,
+                    f"fdatasync of {str(self._dir / POSITION_FILE)!r} failed: {err.strerror}; "
+                    "the message was removed but may come back after a power cut",
+                ) from err
         else:
             self._pos_dirty = True
-
-    def _position_write_failed(self, err: OSError) -> StorageWriteError:
-        return StorageWriteError(
-            err.errno,
-            f"cannot record the consumer position in {str(self._dir / POSITION_FILE)!r}: "
-            f"{err.strerror}; the message was removed here but may be delivered again after "
-            "a restart",
-        )
 
     def _read_record(self) -> Optional[Tuple[Message, int]]:
         """Read the record at the consumer position (lock held), moving across segments.
@@ -1245,8 +1181,10 @@ class PersistentStorage:
         self._front_cache = None
         self._open_reader()
         if self._consuming:
-            self._write_position()
+            # Deleting first is safe (a position in a missing segment moves to the next one on
+            # open) and frees space before anything else is written.
             self._unlink_segment(done)
+            self._write_position(self._rseg, self._roff, 0)
 
     def _unlink_segment(self, index: int) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -1425,8 +1363,8 @@ class PersistentStorage:
             os.fdatasync(self._wfd)
             self._synced_end = self._wend
             self._dirty = False
-        if self._pos_dirty:
-            os.fdatasync(self._pfd)
+        if self._pos_dirty and self._plog is not None:
+            self._plog.fdatasync()
             self._pos_dirty = False
 
     def periodic_sync(self) -> Optional[Callable[[], None]]:
@@ -1440,8 +1378,8 @@ class PersistentStorage:
             fds = []
             if self._dirty:
                 fds.append(os.dup(self._wfd))
-            if self._pos_dirty:
-                fds.append(os.dup(self._pfd))
+            if self._pos_dirty and self._plog is not None:
+                fds.append(self._plog.dup())
             write_seg, write_end = self._wseg, self._wend
             self._dirty = False
             self._pos_dirty = False
@@ -1489,6 +1427,8 @@ class PersistentStorage:
             self._sync_key = None
 
     def _close_fds(self) -> None:
+        if self._plog is not None:
+            self._plog.close()
         fds, self._fds = self._fds, []
         for fd in fds:
             with contextlib.suppress(OSError):
