@@ -164,9 +164,9 @@ class PositionLog:
         """Make the entries written so far survive a power cut."""
         os.fdatasync(self._fd)
 
-    def dup(self) -> int:
-        """Return a duplicate of the log's descriptor (for an fsync outside the storage's lock)."""
-        return os.dup(self._fd)
+    def fileno(self) -> int:
+        """Return the log's descriptor (for the periodic syncer, which duplicates it)."""
+        return self._fd
 
     def close(self) -> None:
         """Unmap and close the log; idempotent."""

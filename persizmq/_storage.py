@@ -103,7 +103,6 @@ import re
 import struct
 import threading
 import time
-import weakref
 import zlib
 from types import TracebackType
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Type
@@ -266,6 +265,106 @@ def read_seal(path: pathlib.Path) -> Optional[int]:
     return count
 
 
+class _SyncState:
+    """What the periodic syncer needs of a storage, kept apart from the storage itself.
+
+    The syncer holds a weak reference to this object and a strong one only while it runs; it
+    never refers to the :class:`PersistentStorage`, so dropping the last reference to a storage
+    closes it (and releases its directory) at once even while an fsync is under way. Every
+    field is guarded by ``lock``, the storage's own lock.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "closed",
+        "dir_dirty",
+        "directory",
+        "dirty",
+        "lock",
+        "pos_dirty",
+        "pos_fd",
+        "rolled",
+        "synced_end",
+        "synced_seg",
+        "write_fd",
+        "write_seg",
+    )
+
+    def __init__(self, lock: threading.Lock, directory: pathlib.Path) -> None:
+        self.lock = lock
+        self.directory = directory
+        self.closed = False
+        self.dirty = False  # the write segment has unsynced records
+        self.pos_dirty = False  # the position log has unsynced entries
+        self.dir_dirty = False  # a segment was created or renamed since the last sync
+        self.write_fd = -1
+        self.write_seg = -1
+        self.pos_fd = -1
+        self.rolled: List[int] = []  # descriptors of full segments still to fsync and close
+        self.synced_seg = -1  # (segment, offset) up to which the write segment is durable
+        self.synced_end = 0
+
+    def sync_locked(self) -> None:
+        """Fsync everything that is dirty, here and now (lock held)."""
+        rolled, self.rolled = self.rolled, []
+        try:
+            for fd in rolled:
+                os.fdatasync(fd)
+        finally:
+            for fd in rolled:
+                os.close(fd)
+        if self.dirty:
+            os.fdatasync(self.write_fd)
+            self.synced_seg, self.synced_end = self.write_seg, os.fstat(self.write_fd).st_size
+            self.dirty = False
+        if self.dir_dirty:
+            _fs.fsync_directory(self.directory)
+            self.dir_dirty = False
+        if self.pos_dirty:
+            os.fdatasync(self.pos_fd)
+            self.pos_dirty = False
+
+    def periodic_sync(self) -> Optional[Callable[[], None]]:
+        """For the syncer: return a callable that fsyncs what is dirty, or None if nothing is.
+
+        The callable works on duplicated descriptors, outside the lock, so adds and pops go on
+        meanwhile.
+        """
+        with self.lock:
+            if self.closed or not (self.dirty or self.pos_dirty or self.dir_dirty or self.rolled):
+                return None
+            fds, self.rolled = self.rolled, []
+            write_fd, write_seg, write_end = -1, self.write_seg, 0
+            if self.dirty:
+                write_fd = os.dup(self.write_fd)
+                write_end = os.fstat(write_fd).st_size
+                fds.append(write_fd)
+            if self.pos_dirty:
+                fds.append(os.dup(self.pos_fd))
+            sync_dir = self.dir_dirty
+            self.dirty = self.pos_dirty = self.dir_dirty = False
+
+        def finish() -> None:
+            try:
+                for fd in fds:
+                    os.fdatasync(fd)
+                if sync_dir:
+                    _fs.fsync_directory(self.directory)
+            except OSError:
+                with self.lock:  # try again next time
+                    self.dirty = self.pos_dirty = self.dir_dirty = True
+                raise
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if write_fd >= 0:
+                with self.lock:
+                    if self.synced_seg != write_seg or self.synced_end < write_end:
+                        self.synced_seg, self.synced_end = write_seg, write_end
+
+        return finish
+
+
 @dataclasses.dataclass(frozen=True)
 class StorageStats:
     """A snapshot of a storage's state, from :meth:`PersistentStorage.stats`."""
@@ -388,6 +487,7 @@ class PersistentStorage:
         self._sync_key: Optional[int] = None
         self._front_cache: Optional[Tuple[Message, int]] = None  # (front message, its end)
         self._plog: Optional[PositionLog] = None
+        self._ss = _SyncState(self._lock, self._dir)
         try:
             if self._producing:
                 self._fds.append(_fs.acquire_lock(self._dir / PRODUCER_LOCK, "producer"))
@@ -399,7 +499,7 @@ class PersistentStorage:
             raise
         self._closed = False
         if self._sync == "periodic":
-            self._sync_key = _syncer.register(self, self._sync_interval)
+            self._sync_key = _syncer.register(self._ss, self._sync_interval)
 
     # ------------------------------------------------------------------ opening
 
@@ -480,8 +580,9 @@ class PersistentStorage:
             return
         self._wfd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._fds.append(self._wfd)
-        self._synced_end = self._wend
-        self._dirty = False
+        ss = self._ss
+        ss.write_fd, ss.write_seg = self._wfd, last
+        ss.synced_seg, ss.synced_end = last, self._wend
 
     def _open_view(self, segments: List[int], pos_seg: int) -> None:
         """Count the segments without changing them (a consumer or reader without producer)."""
@@ -492,8 +593,6 @@ class PersistentStorage:
         self._wcount = 0
         self._wend = len(SEGMENT_MAGIC)
         self._wseal = 0  # bytes of a seal at the end of the last segment
-        self._synced_end = 0
-        self._dirty = False
         for index in segments[:-1]:
             self._count_closed_segment(index)
         if segments:
@@ -510,10 +609,9 @@ class PersistentStorage:
         if sealed is not None:
             self._counts[index] = sealed
             self._sizes[index] = path.stat().st_size - len(SEGMENT_MAGIC) - _SEAL_RECORD_SIZE
-        else:
-            scan = scan_segment(path.read_bytes())
-            self._counts[index] = scan.count
-            self._sizes[index] = scan.payload_bytes + HEADER_SIZE * scan.count
+        else:  # damaged bytes count too, until the consumer sets them aside
+            self._counts[index] = scan_segment(path.read_bytes()).count
+            self._sizes[index] = max(0, path.stat().st_size - len(SEGMENT_MAGIC))
 
     def _refresh(self) -> bool:
         """Without an in-process producer: learn what the producer appended since the last look.
@@ -537,10 +635,10 @@ class PersistentStorage:
                     found = found or scan.count > 0
                     self._wcount += scan.count
                     self._segment_pending += scan.count
-                    self._pending_bytes += scan.payload_bytes + HEADER_SIZE * scan.count
+                    seal = _SEAL_RECORD_SIZE if scan.sealed is not None else 0
+                    self._pending_bytes += scan.good_end - seal  # damaged regions too
                     self._wend += scan.good_end
-                    if scan.sealed is not None:
-                        self._wseal = _SEAL_RECORD_SIZE
+                    self._wseal = seal
             if not next_exists:
                 return found
             # The producer moved on: this segment is complete.
@@ -600,9 +698,9 @@ class PersistentStorage:
         self._rdurable = 0
         self._front_cache = None
         self._open_reader()
-        self._pos_dirty = False
         if self._consuming:
             self._plog = PositionLog(self._dir, self._sync)
+            self._ss.pos_fd = self._plog.fileno()
         in_position = self._wcount if pos_seg == self._wseg else self._counts.get(pos_seg, 0)
         consumed = min(pos_consumed, in_position)
         self._segment_pending = sum(self._counts.values()) + self._wcount - consumed
@@ -632,10 +730,10 @@ class PersistentStorage:
             ) from err
         try:
             _write_all(fd, SEGMENT_MAGIC)
-            if self._sync != "never":
+            if self._sync == "always":
                 os.fdatasync(fd)
             os.rename(tmp, path)
-            if self._sync != "never":
+            if self._sync == "always":
                 _fs.fsync_directory(self._dir)
         except OSError as err:
             os.close(fd)
@@ -649,26 +747,39 @@ class PersistentStorage:
             self._sizes[self._wseg] = self._wend - len(SEGMENT_MAGIC) - self._wseal
         old_fd = self._wfd
         if old_fd >= 0:
-            # Seal the full segment: its count makes the next open O(segments).
-            seal = encode_record(_SEAL_PAYLOAD.pack(self._wcount), KIND_SEAL)
-            try:
-                _write_all(old_fd, seal)
-                if self._sync != "never":
-                    os.fdatasync(old_fd)
-            except OSError as err:
-                # Without its seal the segment is counted by a scan on the next open.
-                _LOGGER.warning("persizmq: could not seal segment %d: %s", self._wseg, err)
+            self._seal(old_fd)
             self._fds.remove(old_fd)
-            os.close(old_fd)
+            if self._sync == "periodic":
+                self._ss.rolled.append(old_fd)  # the syncer fsyncs and closes it
+            else:
+                os.close(old_fd)
         self._fds.append(fd)
         self._wfd = fd
         self._wcount = 0
         self._wseal = 0
         self._wseg = index
         self._wend = len(SEGMENT_MAGIC)
-        self._synced_end = self._wend
-        self._dirty = False
+        ss = self._ss
+        ss.write_fd, ss.write_seg = fd, index
+        if self._sync == "always":
+            ss.synced_seg, ss.synced_end = index, self._wend
+        else:
+            ss.dirty = ss.dir_dirty = True
         return index
+
+    def _seal(self, fd: int) -> None:
+        """Close the full write segment with a seal: its count makes the next open O(segments)."""
+        seal = encode_record(_SEAL_PAYLOAD.pack(self._wcount), KIND_SEAL)
+        try:
+            _write_all(fd, seal)
+            if self._sync == "always":
+                os.fdatasync(fd)
+        except OSError as err:
+            # Without its seal the segment is counted by a scan on the next open; a seal cut
+            # short by a full disk must not stay behind to be taken for damage.
+            _LOGGER.warning("persizmq: could not seal segment %d: %s", self._wseg, err)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._wend)
 
     def _open_reader(self) -> None:
         """Open the segment the consumer is in (``_rseg``) for reading."""
@@ -761,7 +872,7 @@ class PersistentStorage:
                 self._segment_pending += 1
                 self._pending_bytes += size
                 self._added += 1
-                self._dirty = True
+                self._ss.dirty = True
             else:
                 self._append(record, 1)  # rolls over to a new segment first
             if self._sync == "always":
@@ -845,7 +956,7 @@ class PersistentStorage:
 
         def room() -> Tuple[int, int]:
             pending = self._segment_pending + len(self._legacy)
-            return max_messages - pending, max_bytes - self._pending_bytes
+            return max_messages - pending, max_bytes - self._pending_bytes - self._legacy_bytes
 
         free_count, free_bytes = room()
         if (len(fitting) > free_count or size > free_bytes) and not self._consuming:
@@ -862,16 +973,17 @@ class PersistentStorage:
                 f"max_bytes={self._max_bytes}; nothing stored"
             )
         if self._overflow == "drop_newest":
+            # As add_message calls: each message that still fits is stored, the others dropped.
             kept = []
             for record in fitting:
-                if free_count < 1 or len(record) > free_bytes:
-                    break
-                kept.append(record)
-                free_count -= 1
-                free_bytes -= len(record)
+                if free_count >= 1 and len(record) <= free_bytes:
+                    kept.append(record)
+                    free_count -= 1
+                    free_bytes -= len(record)
             self._dropped_newest += len(records) - len(kept)
             return kept, len(kept)
-        # drop_oldest: the newest records that fit on their own, then room for them.
+        # drop_oldest, as add_message calls: what survives is the longest run of the newest
+        # messages (pending ones, then the batch) that fits the bounds.
         kept = []
         kept_bytes = 0
         for record in reversed(fitting):
@@ -881,10 +993,13 @@ class PersistentStorage:
             kept_bytes += len(record)
         kept.reverse()
         self._dropped_oldest += len(fitting) - len(kept)
+        if len(kept) < len(fitting):
+            free_count, free_bytes = -1, -1  # a batch message was dropped: no older one stays
         while (len(kept) > free_count or kept_bytes > free_bytes) and self._pop_locked():
             self._dropped_oldest += 1
             self._popped -= 1
-            free_count, free_bytes = room()
+            if free_count >= 0:
+                free_count, free_bytes = room()
         self._dropped_newest += refused
         return kept, len(fitting)
 
@@ -907,7 +1022,7 @@ class PersistentStorage:
         self._segment_pending += count
         self._pending_bytes += length
         self._added += count
-        self._dirty = True
+        self._ss.dirty = True
 
     def _write_failed(self, err: OSError, start: int) -> StorageWriteError:
         """Cut what a failed append wrote and return the exception to raise."""
@@ -938,8 +1053,9 @@ class PersistentStorage:
                 f"fdatasync of {str(self._dir / segment_name(self._wseg))!r} failed: "
                 f"{err.strerror}; the message from offset {start} on may not be durable",
             ) from err
-        self._synced_end = self._wend
-        self._dirty = False
+        ss = self._ss
+        ss.synced_seg, ss.synced_end = self._wseg, self._wend
+        ss.dirty = False
 
     # ------------------------------------------------------------------ consuming
 
@@ -1000,7 +1116,7 @@ class PersistentStorage:
             self._rconsumed += 1
             self._segment_pending -= 1
             self._popped += 1
-            self._pos_dirty = True
+            self._ss.pos_dirty = True
             return True
 
     def _front_locked(self) -> Optional[Message]:
@@ -1051,14 +1167,18 @@ class PersistentStorage:
 
     def _make_durable(self, end: int) -> None:
         """Fsync the read segment so the record ending at ``end`` survives a power cut."""
-        if self._rseg == self._wseg and end <= self._synced_end:
-            self._rdurable = self._synced_end
+        ss = self._ss
+        if ss.synced_seg == self._rseg and end <= ss.synced_end and not ss.dir_dirty:
+            self._rdurable = ss.synced_end
             return
         size = os.fstat(self._rfd).st_size
         os.fdatasync(self._rfd)
+        if ss.dir_dirty:  # the segment's name must survive too
+            _fs.fsync_directory(self._dir)
+            ss.dir_dirty = False
         self._rdurable = size
-        if self._rseg == self._wseg:
-            self._synced_end = max(self._synced_end, size)
+        if ss.synced_seg != self._rseg or ss.synced_end < size:
+            ss.synced_seg, ss.synced_end = self._rseg, size
 
     def _pop_locked(self) -> bool:
         if self._closed or not self._consuming:
@@ -1108,7 +1228,7 @@ class PersistentStorage:
                     "the message was removed but may come back after a power cut",
                 ) from err
         else:
-            self._pos_dirty = True
+            self._ss.pos_dirty = True
 
     def _read_record(self) -> Optional[Tuple[Message, int]]:
         """Read the record at the consumer position (lock held), moving across segments.
@@ -1359,52 +1479,7 @@ class PersistentStorage:
             self._sync_locked()
 
     def _sync_locked(self) -> None:
-        if self._dirty:
-            os.fdatasync(self._wfd)
-            self._synced_end = self._wend
-            self._dirty = False
-        if self._pos_dirty and self._plog is not None:
-            self._plog.fdatasync()
-            self._pos_dirty = False
-
-    def periodic_sync(self) -> Optional[Callable[[], None]]:
-        """For the periodic syncer: return a callable that fsyncs what was written since the
-        last call, or None if nothing was. The callable works on duplicated descriptors and
-        holds no reference to the storage, so adds and pops go on meanwhile and ``del`` of the
-        storage still releases the directory at once."""
-        with self._lock:
-            if self._closed or not (self._dirty or self._pos_dirty):
-                return None
-            fds = []
-            if self._dirty:
-                fds.append(os.dup(self._wfd))
-            if self._pos_dirty and self._plog is not None:
-                fds.append(self._plog.dup())
-            write_seg, write_end = self._wseg, self._wend
-            self._dirty = False
-            self._pos_dirty = False
-        ref = weakref.ref(self)
-
-        def finish() -> None:
-            try:
-                for fd in fds:
-                    os.fdatasync(fd)
-            except OSError:
-                storage = ref()
-                if storage is not None:  # try again next time
-                    with storage._lock:
-                        storage._dirty = storage._pos_dirty = True
-                raise
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            storage = ref()
-            if storage is not None:
-                with storage._lock:
-                    if storage._wseg == write_seg:
-                        storage._synced_end = max(storage._synced_end, write_end)
-
-        return finish
+        self._ss.sync_locked()
 
     def close(self) -> None:
         """Fsync (unless ``sync="never"``), close the files and release the directory.
@@ -1419,6 +1494,7 @@ class PersistentStorage:
                     self._sync_locked()
             finally:
                 self._closed = True
+                self._ss.closed = True
                 self._front_cache = None
                 self._close_fds()
                 self._cond.notify_all()
@@ -1427,6 +1503,10 @@ class PersistentStorage:
             self._sync_key = None
 
     def _close_fds(self) -> None:
+        rolled, self._ss.rolled = self._ss.rolled, []
+        for fd in rolled:  # fsynced by close() before, unless sync="never" or it failed
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if self._plog is not None:
             self._plog.close()
         fds, self._fds = self._fds, []
