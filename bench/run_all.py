@@ -1,0 +1,113 @@
+"""Run every benchmark of persizmq 2 side by side with its peers and print one report.
+
+The report starts with the machine (CPU, cores, memory, kernel, Python, the file system the
+queues are written to, the load average), then the storage table, the end-to-end loss table and
+the scale tables, and ends with the SPEC section 7 targets, each marked met or NOT MET, and the
+load average again (other work on a shared machine shows up in the figures).
+
+Run from the repository root: ``python3 bench/run_all.py [--quick] [--dir DIR] [--no-anchors]``
+(a few minutes; ``--quick`` about a minute). The first run creates ``bench/.venv-anchors/``
+with persizmq 1.0.3 and the peer queues from PyPI.
+"""
+
+import argparse
+import datetime
+import pathlib
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script: make ``bench`` and the repo's persizmq importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench import _common, end_to_end, scale, storage
+
+__all__ = ["main"]
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _header(
+    args: argparse.Namespace, profile: _common.Profile, argv: Optional[Sequence[str]]
+) -> Tuple[List[str], Optional[str], Dict[str, float]]:
+    """The machine description, the anchors' interpreter (if any) and the fsync latency."""
+    report: List[str] = [
+        f"persizmq 2 benchmarks ({profile.name} run, "
+        f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')})",
+        "command: python3 bench/run_all.py"
+        + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
+        *_common.machine_description(args.dir),
+    ]
+    anchors: Optional[str] = None
+    if args.no_anchors:
+        report.append("anchors:     skipped (--no-anchors)")
+    else:
+        from bench import _anchors
+
+        try:
+            anchors = _anchors.anchors_python(_progress)
+            versions = _anchors.anchor_versions()
+            shown = ", ".join(f"{k} {v}" for k, v in versions.items())
+            report.append(f"anchors:     {shown} (in {_anchors.VENV_DIR})")
+        except RuntimeError as err:
+            report.append(f"anchors:     unavailable, persizmq 2 only ({err})")
+    with _common.scratch_dir(args.dir, "bench-fsync-") as probe:
+        fsync = _common.fsync_latency(probe)
+    report.append(
+        f"fsync:       fdatasync after a 100-byte append: median {fsync['median_ms']:.3f} ms, "
+        f"p90 {fsync['p90_ms']:.3f} ms"
+    )
+    return report, anchors, fsync
+
+
+def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = print) -> int:
+    """Run the benchmarks; print the report with ``out`` and the progress on stderr.
+
+    Returns 0 (the targets are reported, not asserted: the figures depend on the machine).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _common.add_arguments(parser)
+    parser.add_argument(
+        "--only",
+        choices=("storage", "end_to_end", "scale"),
+        action="append",
+        help="run only these parts (repeatable); default: all three",
+    )
+    args = parser.parse_args(argv)
+    profile = _common.PROFILES[args.profile]
+    parts = args.only or ["storage", "end_to_end", "scale"]
+    started = time.monotonic()
+    report, anchors, fsync = _header(args, profile, argv)
+    out("\n".join(report))
+    out("")
+
+    targets: List[_common.Target] = []
+    for part in parts:
+        _progress(f"{part} ... ({time.monotonic() - started:.0f} s)")
+        load = _common.load_average()
+        if part == "storage":
+            result = storage.run(profile, args.dir, anchors, _progress)
+            lines = storage.render(result, fsync, profile.batch)
+            targets += storage.targets(result, fsync)
+        elif part == "end_to_end":
+            e2e = end_to_end.run(profile, args.dir, anchors, _progress)
+            lines = end_to_end.render(e2e)
+            targets += end_to_end.targets(e2e)
+        else:
+            sc = scale.run(profile, args.dir, anchors, _progress)
+            lines = scale.render(sc)
+            targets += scale.targets(sc)
+        out("\n".join(lines))
+        out(f"load before: {load}; after: {_common.load_average()}")
+        out("")
+
+    out("\n".join(_common.target_lines(_common.for_profile(targets, profile))))
+    out("")
+    out(f"load at the end: {_common.load_average()}; total {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

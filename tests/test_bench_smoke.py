@@ -1,0 +1,78 @@
+"""Smoke test of bench/: the persizmq 2 parts of every benchmark run at a tiny size.
+
+No anchors' virtualenv is created and nothing is timed or compared: this only keeps the
+benchmark scripts from rotting as the library changes.
+"""
+
+import pathlib
+from typing import List
+
+from bench import _common, end_to_end, run_all, scale, storage
+
+
+def test_storage_cases_in_process(tmp_path: pathlib.Path) -> None:
+    for case in storage.P2_CASES:
+        directory = tmp_path / case
+        rates = storage.measure_case(case, 100, 40, 20, directory)
+        assert rates["add"] is not None
+        assert rates["add"] > 0
+        assert (rates["consume"] is None) == (case == "p2-batch")
+
+
+def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
+    lines: List[str] = []
+    code = run_all.main(["--smoke", "--no-anchors", "--dir", str(tmp_path)], out=lines.append)
+    assert code == 0
+    report = "\n".join(lines)
+    for expected in (
+        "CPU:",
+        "fdatasync",
+        'persizmq 2 sync="periodic"',
+        'persizmq 2 "always" add_messages',
+        "highest lossless rate, bare pyzmq loop",
+        "highest lossless rate, persizmq 2",
+        "persizmq 2, 3,000 pending",
+        "VmRSS",
+        "SPEC 7 target",
+        "end to end lossless",
+    ):
+        assert expected in report, expected
+    assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
+    # Every scratch directory was removed again.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_end_to_end_counts_everything_at_a_low_rate(tmp_path: pathlib.Path) -> None:
+    got = end_to_end.trial("p2", 2000, 200, str(tmp_path))
+    assert got["n"] == 200
+    # Whatever arrived was persisted (no timing assertion: the machine may be busy).
+    assert got["persisted"] == got["received"] <= 200
+    assert got["errors"] == 0
+
+
+def test_highest_lossless_and_targets() -> None:
+    result: end_to_end.E2EResult = {
+        "bare": {1000: [{"loss": 0.0}], 2000: [{"loss": 0.0}], 3000: [{"loss": 1.0}]},
+        "p2": {1000: [{"loss": 0.0}], 2000: [{"loss": 0.5}], 3000: [{"loss": 0.0}]},
+    }
+    assert end_to_end.highest_lossless(result["bare"]) == 2000
+    assert end_to_end.highest_lossless(result["p2"]) == 1000
+    (target,) = end_to_end.targets(result)
+    assert target.met is False
+
+
+def test_scale_helpers(tmp_path: pathlib.Path) -> None:
+    scale.build_p2(tmp_path / "q", 500, 100)
+    opened = scale.time_opens("p2", tmp_path / "q", 1)
+    assert opened["pending"] == 500
+    scale.build_v1(tmp_path / "v1", 5)
+    assert scale.disk_use(tmp_path / "v1")["files"] == 5
+    rss = scale.record_rss(tmp_path / "rss", 300, [100, 300])
+    assert [count for count, _ in rss["samples"]] == [0, 100, 300]
+
+
+def test_machine_description_and_tables() -> None:
+    lines = _common.machine_description(None)
+    assert any(line.startswith("CPU:") for line in lines)
+    table = _common.render_table(["a", "b"], [["1", "22"]], "lr")
+    assert table == ["a   b", "-  --", "1  22"]
