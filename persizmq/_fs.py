@@ -82,7 +82,11 @@ def open_directory(
         )
     try:
         if writable:
-            directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            # One by one, so that missing parents get DIR_MODE too (mkdir(parents=True) gives
+            # them 0o777 less the umask).
+            for ancestor in [*reversed(directory.parents), directory]:
+                if not ancestor.is_dir():
+                    ancestor.mkdir(mode=DIR_MODE, exist_ok=True)
     except FileExistsError as err:
         raise DirectoryError(
             errno.ENOTDIR,

@@ -40,8 +40,6 @@ exists it is read, converted to a slot (fsynced) and then removed; a leftover 1.
 import contextlib
 import errno
 import logging
-import math
-import numbers
 import os
 import pathlib
 import struct
@@ -52,6 +50,7 @@ from types import TracebackType
 from typing import List, Optional, Tuple, Type
 
 from persizmq import _fs, _syncer
+from persizmq._checks import check_seconds
 from persizmq._errors import (
     ClosedError,
     CorruptionError,
@@ -188,20 +187,6 @@ def _parse_slot(data: bytes) -> Tuple[int, Message]:
     return sequence, message
 
 
-def _check_sync_interval(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise MessageTypeError(
-            f"expected sync_interval to be a number of seconds (int or float), got a "
-            f"{type(value).__name__}: {value!r}"
-        )
-    interval = float(value)
-    if not math.isfinite(interval) or interval <= 0:
-        raise InvalidArgumentError(
-            f"expected sync_interval to be a finite number of seconds > 0, got {value!r}"
-        )
-    return interval
-
-
 def _check_max_message_size(value: object) -> Optional[int]:
     if value is None:
         return None
@@ -263,7 +248,7 @@ class PersistentLatestStorage:
         :raises CorruptionError: the stored message was written by a newer persizmq.
         """
         self._sync = _fs.check_sync_mode(sync)
-        self._sync_interval = _check_sync_interval(sync_interval)
+        self._sync_interval = check_seconds("sync_interval", sync_interval, allow_zero=False)
         self._max_message_size = _check_max_message_size(max_message_size)
         self._dir = _fs.open_directory(persistent_dir, "persistent_dir")
         self._lock = threading.Lock()

@@ -21,12 +21,18 @@ __all__ = [
     "KIND_MULTIPART",
     "KIND_SINGLE",
     "Message",
+    "MessageLike",
     "decode_body",
     "encode_body",
 ]
 
 #: A stored message: one frame, or the frames of a multipart message.
 Message = Union[bytes, List[bytes]]
+
+_Frame = Union[bytes, bytearray, memoryview]
+#: What ``add_message`` accepts: a bytes-like frame, or a sequence of them (multipart). Any
+#: other object with the buffer protocol (``zmq.Frame``) is accepted at run time too.
+MessageLike = Union[_Frame, Sequence[_Frame]]
 
 KIND_SINGLE = 0
 KIND_MULTIPART = 1

@@ -92,6 +92,7 @@ fsynced before the next one is started. ``"never"``: no fsync at all.
 """
 
 import collections
+import collections.abc
 import contextlib
 import dataclasses
 import errno
@@ -108,6 +109,7 @@ from types import TracebackType
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
 from persizmq import _fs, _syncer
+from persizmq._checks import check_optional_int, check_seconds
 from persizmq._errors import (
     ClosedError,
     InvalidArgumentError,
@@ -117,7 +119,7 @@ from persizmq._errors import (
     RoleError,
     StorageWriteError,
 )
-from persizmq._message import Message, decode_multipart, encode_payload
+from persizmq._message import Message, MessageLike, decode_multipart, encode_payload
 from persizmq._position import POSITION_FILE, PositionLog, read_position
 
 __all__ = ["OVERFLOW_POLICIES", "ROLES", "PersistentStorage", "StorageStats"]
@@ -440,17 +442,13 @@ class PersistentStorage:
     ) -> None:
         self._closed = True  # until fully opened, so that __del__ of a failed open is quiet
         self._sync = _fs.check_sync_mode(sync)
-        self._sync_interval = _check_positive_number("sync_interval", sync_interval)
-        self._max_messages = _check_optional_int("max_messages", max_messages, 1)
-        self._max_bytes = _check_optional_int("max_bytes", max_bytes, 1)
-        if not isinstance(overflow, str) or overflow not in OVERFLOW_POLICIES:
-            raise InvalidArgumentError(
-                f"expected overflow to be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, "
-                f"got {overflow!r}"
-            )
+        self._sync_interval = check_seconds("sync_interval", sync_interval, allow_zero=False)
+        self._max_messages = check_optional_int("max_messages", max_messages, 1)
+        self._max_bytes = check_optional_int("max_bytes", max_bytes, 1)
+        _check_choice("overflow", overflow, OVERFLOW_POLICIES)
         self._overflow = overflow
         self._bounded = max_messages is not None or max_bytes is not None
-        limit = _check_optional_int("max_message_size", max_message_size, 0)
+        limit = check_optional_int("max_message_size", max_message_size, 0)
         if limit is not None and limit > _MAX_PAYLOAD:
             raise InvalidArgumentError(
                 f"expected max_message_size to be at most {_MAX_PAYLOAD} bytes, got {limit}"
@@ -458,13 +456,10 @@ class PersistentStorage:
         self._max_message_size = _MAX_PAYLOAD if limit is None else limit
         if segment_size is None:
             raise MessageTypeError("expected segment_size to be an int, got None")
-        checked_segment_size = _check_optional_int("segment_size", segment_size, 1)
+        checked_segment_size = check_optional_int("segment_size", segment_size, 1)
         assert checked_segment_size is not None
         self._segment_size = checked_segment_size
-        if not isinstance(role, str) or role not in ROLES:
-            raise InvalidArgumentError(
-                f"expected role to be one of {', '.join(map(repr, ROLES))}, got {role!r}"
-            )
+        _check_choice("role", role, ROLES)
         self._role = role
         self._producing = role in ("both", "producer")
         self._consuming = role in ("both", "consumer")
@@ -563,6 +558,16 @@ class PersistentStorage:
         last = segments[-1]
         path = self._dir / segment_name(last)
         data = path.read_bytes()
+        if len(data) < len(SEGMENT_MAGIC):
+            # Created just before a crash or power cut: its magic never (fully) reached the disk.
+            if not SEGMENT_MAGIC.startswith(data):
+                self._quarantine(last, 0, data, "damaged segment header")
+            with open(path, "r+b") as file:
+                file.truncate(0)
+                file.write(SEGMENT_MAGIC)
+                if self._sync != "never":
+                    os.fsync(file.fileno())
+            data = SEGMENT_MAGIC
         if data[: len(SEGMENT_MAGIC)] == SEGMENT_MAGIC:
             scan = scan_segment(data)
         else:
@@ -830,7 +835,7 @@ class PersistentStorage:
 
     # ------------------------------------------------------------------ producing
 
-    def add_message(self, msg: Optional[Message]) -> None:
+    def add_message(self, msg: Optional[MessageLike]) -> None:
         """Append ``msg`` to the queue; ``None`` is ignored (a filter dropped the message).
 
         Returns once the message is as durable as the ``sync`` mode promises.
@@ -880,7 +885,7 @@ class PersistentStorage:
             if self._waiters:
                 self._cond.notify()
 
-    def add_messages(self, msgs: Iterable[Optional[Message]]) -> int:
+    def add_messages(self, msgs: Iterable[Optional[MessageLike]]) -> int:
         """Append several messages with one write and (in ``"always"`` mode) one fsync.
 
         ``None`` entries are skipped. The batch goes into one segment, so either all of it is
@@ -890,6 +895,11 @@ class PersistentStorage:
 
         :raises: as :meth:`add_message`.
         """
+        if isinstance(msgs, (bytes, str)) or not isinstance(msgs, collections.abc.Iterable):
+            raise MessageTypeError(
+                f"expected an iterable of messages (for example a list of bytes), got a "
+                f"{type(msgs).__name__}; use add_message for a single message"
+            )
         records: List[bytes] = []
         for msg in msgs:
             encoded = encode_payload(msg)
@@ -1068,8 +1078,10 @@ class PersistentStorage:
 
         :raises ClosedError: the storage was closed.
         """
-        if timeout is not None and not (timeout >= 0):
-            raise InvalidArgumentError(f"expected timeout to be None or >= 0, got {timeout!r}")
+        if timeout is not None:
+            timeout = (
+                check_seconds("timeout", timeout, allow_zero=True) if timeout != math.inf else None
+            )
         with self._lock:
             msg = self._front_locked()
             if msg is not None or not block:
@@ -1124,8 +1136,8 @@ class PersistentStorage:
             raise self._refuse("read from")
         if self._role == "reader":
             self._follow_consumer()
-        if self._legacy:
-            return self._legacy_message()
+        if self._legacy and self._legacy_message() is not None:
+            return self._legacy_front
         cached = self._front_cache
         if cached is not None:
             msg = cached[0]
@@ -1159,10 +1171,16 @@ class PersistentStorage:
         self._front_cache = (msg, end)
         return list(msg) if msg.__class__ is list else msg
 
-    def _legacy_message(self) -> bytes:
+    def _legacy_message(self) -> Optional[bytes]:
         """The first pending 1.0.x message file's content (delivered before the segments)."""
-        if self._legacy_front is None:
-            self._legacy_front = self._legacy[0].read_bytes()
+        while self._legacy_front is None and self._legacy:
+            try:
+                self._legacy_front = self._legacy[0].read_bytes()
+            except FileNotFoundError:
+                _LOGGER.warning(
+                    "persizmq: the 1.0.x message file %s vanished before it was delivered",
+                    self._legacy.popleft(),
+                )
         return self._legacy_front
 
     def _make_durable(self, end: int) -> None:
@@ -1347,7 +1365,7 @@ class PersistentStorage:
         name = f"{segment_name(index)}@{offset}-{offset + len(region)}.bin"
         try:
             directory.mkdir(mode=_fs.DIR_MODE, exist_ok=True)
-            (directory / name).write_bytes(region)
+            _fs.write_atomically(directory / name, region, sync="never")
             kept = f"kept in {directory / name}"
         except OSError as err:
             kept = f"could not be kept ({err})"
@@ -1367,6 +1385,8 @@ class PersistentStorage:
     def __len__(self) -> int:
         """Return the number of pending messages."""
         with self._lock:
+            if self._closed:
+                raise ClosedError(f"cannot count the messages of {self!r}: it is closed")
             self._refresh_counts()
             return self._segment_pending + len(self._legacy)
 
@@ -1422,6 +1442,8 @@ class PersistentStorage:
     def stats(self) -> StorageStats:
         """Return a snapshot of counts and sizes; see :class:`StorageStats`."""
         with self._lock:
+            if self._closed:
+                raise ClosedError(f"cannot take the stats of {self!r}: it is closed")
             self._refresh_counts()
             disk = 0
             for name in os.listdir(self._dir):
@@ -1567,19 +1589,9 @@ def _write_all(fd: int, data: "bytes | memoryview") -> None:
             view = view[written:]
 
 
-def _check_positive_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MessageTypeError(f"expected {name} to be a number, got a {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
-        raise InvalidArgumentError(f"expected {name} to be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_optional_int(name: str, value: object, minimum: int) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise MessageTypeError(f"expected {name} to be an int or None, got {value!r}")
-    if value < minimum:
-        raise InvalidArgumentError(f"expected {name} to be >= {minimum}, got {value}")
-    return value
+def _check_choice(name: str, value: object, choices: Tuple[str, ...]) -> None:
+    expected = f"expected {name} to be one of {', '.join(map(repr, choices))}"
+    if not isinstance(value, str):
+        raise MessageTypeError(f"{expected}, got a {type(value).__name__}: {value!r}")
+    if value not in choices:
+        raise InvalidArgumentError(f"{expected}, got {value!r}")

@@ -31,7 +31,6 @@ Both filters are safe to call from several threads.
 
 import logging
 import math
-import numbers
 import os
 import pathlib
 import threading
@@ -39,6 +38,7 @@ import time
 from typing import Optional, TypeVar
 
 from persizmq import _fs
+from persizmq._checks import check_seconds
 from persizmq._errors import InvalidArgumentError, MessageTypeError, StorageWriteError
 
 __all__ = ["MaxSize", "MinPeriod"]
@@ -96,20 +96,6 @@ def _check_max_size(max_size: object) -> int:
             f"expected max_size to be a number of bytes >= 0, got {max_size!r}"
         )
     return max_size
-
-
-def _check_min_period(min_period: object) -> float:
-    if isinstance(min_period, bool) or not isinstance(min_period, numbers.Real):
-        raise MessageTypeError(
-            f"expected min_period to be a number of seconds (int or float), got a "
-            f"{type(min_period).__name__}: {min_period!r}"
-        )
-    value = float(min_period)
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgumentError(
-            f"expected min_period to be a finite number of seconds >= 0, got {min_period!r}"
-        )
-    return value
 
 
 class MaxSize:
@@ -189,7 +175,7 @@ class MinPeriod:
         :raises DirectoryError: ``persistent_dir`` cannot be created or is not a writable
             directory.
         """
-        self._min_period = _check_min_period(min_period)
+        self._min_period = check_seconds("min_period", min_period, allow_zero=True)
         self._lock = threading.Lock()
         # Last accepted message of *this* instance on the monotonic clock: immune to clock jumps.
         self._last_monotonic: Optional[float] = None
@@ -209,7 +195,7 @@ class MinPeriod:
 
     @min_period.setter
     def min_period(self, value: float) -> None:
-        self._min_period = _check_min_period(value)
+        self._min_period = check_seconds("min_period", value, allow_zero=True)
 
     @property
     def persistent_dir(self) -> Optional[pathlib.Path]:

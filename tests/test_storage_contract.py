@@ -994,7 +994,7 @@ class TestBadInput:
             ({"sync_interval": "1"}, persizmq.MessageTypeError, ["sync_interval", "str"]),
             ({"sync_interval": True}, persizmq.MessageTypeError, ["sync_interval", "bool"]),
             ({"overflow": "drop"}, persizmq.InvalidArgumentError, ["drop_oldest", "'drop'"]),
-            ({"overflow": None}, persizmq.InvalidArgumentError, ["raise", "None"]),
+            ({"overflow": None}, persizmq.MessageTypeError, ["raise", "None"]),
             ({"max_messages": -1}, persizmq.InvalidArgumentError, ["max_messages", "-1"]),
             ({"max_messages": 0}, persizmq.InvalidArgumentError, ["max_messages", "0"]),
             ({"max_messages": 2.5}, persizmq.MessageTypeError, ["max_messages", "2.5"]),
