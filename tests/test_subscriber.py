@@ -8,6 +8,7 @@ deadline (:func:`wait_until`), and shutdowns run under a deadline (:func:`within
 
 import logging
 import os
+import pathlib
 import signal
 import sys
 import threading
@@ -673,3 +674,68 @@ def test_argument_count_and_duplicates(sockets: SocketTracker) -> None:
         new(sub, good_callback, callback=good_callback)
     with pytest.raises(TypeError, match=r"multiple values for argument 'subscriber'"):
         new(good_callback, sub, subscriber=sub)
+
+
+def test_storage_callback_stores_each_drained_batch_with_one_add_messages(
+    sockets: SocketTracker, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pub, sub = pub_sub(sockets)
+    expected: List[object] = [str(i).encode() for i in range(300)]
+    expected[150] = [b"topic", b"multipart body"]
+    for msg in expected:
+        if isinstance(msg, list):
+            pub.send_multipart(msg)
+        else:
+            assert isinstance(msg, bytes)
+            pub.send(msg)
+    batches: List[int] = []
+    original = persizmq.PersistentStorage.add_messages
+
+    def counting_add_messages(self: persizmq.PersistentStorage, msgs: Any) -> int:
+        batches.append(len(msgs))
+        return original(self, msgs)
+
+    monkeypatch.setattr(persizmq.PersistentStorage, "add_messages", counting_add_messages)
+    with persizmq.PersistentStorage(tmp_path / "q") as storage:
+        with ThreadedSubscriber(storage.add_message, subscriber=sub, batch_size=64) as ts:
+            wait_until(lambda: ts.received == len(expected))
+        assert list(storage) == expected
+    assert sum(batches) == len(expected)
+    assert max(batches) > 1  # messages that were ready together went in one write
+
+
+def test_storage_callback_that_refuses_part_of_a_batch_refuses_message_by_message(
+    sockets: SocketTracker, tmp_path: pathlib.Path
+) -> None:
+    pub, sub = pub_sub(sockets)
+    for i in range(10):
+        pub.send(b"%d" % i)  # ready together: one batch, of which only 4 fit
+    refused: List[Exception] = []
+    with persizmq.PersistentStorage(tmp_path / "q", max_messages=4) as storage:
+        with ThreadedSubscriber(
+            storage.add_message, subscriber=sub, on_exception=refused.append
+        ) as ts:
+            wait_until(lambda: ts.received == 10)
+        assert list(storage) == [b"0", b"1", b"2", b"3"]  # as ten add_message calls give
+    assert ts.errors == 6
+    assert len(refused) == 6
+    assert all(isinstance(exc, persizmq.QueueFullError) for exc in refused)
+
+
+def test_reassigning_a_storage_callback_takes_effect_for_the_next_message(
+    sockets: SocketTracker, tmp_path: pathlib.Path
+) -> None:
+    pub, sub = pub_sub(sockets)
+    collector = Collector()
+    with persizmq.PersistentStorage(tmp_path / "q") as storage:
+        with ThreadedSubscriber(storage.add_message, subscriber=sub) as ts:
+            pub.send(b"stored")
+            wait_until(lambda: ts.received == 1)
+            ts.callback = collector
+            pub.send(b"collected")
+            wait_until(lambda: ts.received == 2)
+            ts.callback = storage.add_message
+            pub.send(b"stored again")
+            wait_until(lambda: ts.received == 3)
+        assert list(storage) == [b"stored", b"stored again"]
+    assert collector.messages == [b"collected"]
