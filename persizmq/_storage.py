@@ -282,6 +282,8 @@ class _SyncState:
         "dir_dirty",
         "directory",
         "dirty",
+        "done",
+        "inflight",
         "lock",
         "pos_dirty",
         "pos_fd",
@@ -305,9 +307,17 @@ class _SyncState:
         self.rolled: List[int] = []  # descriptors of full segments still to fsync and close
         self.synced_seg = -1  # (segment, offset) up to which the write segment is durable
         self.synced_end = 0
+        self.inflight = 0  # fsyncs of the syncer under way, outside the lock
+        self.done = threading.Condition(lock)  # notified when one of them ends
 
     def sync_locked(self) -> None:
-        """Fsync everything that is dirty, here and now (lock held)."""
+        """Fsync everything that is dirty, here and now (lock held).
+
+        First waits for the syncer's fsyncs under way: they cleared the dirty flags when they
+        started, so without the wait this could return before what they cover is durable.
+        """
+        while self.inflight:
+            self.done.wait()
         rolled, self.rolled = self.rolled, []
         try:
             for fd in rolled:
@@ -345,24 +355,28 @@ class _SyncState:
                 fds.append(os.dup(self.pos_fd))
             sync_dir = self.dir_dirty
             self.dirty = self.pos_dirty = self.dir_dirty = False
+            self.inflight += 1
 
         def finish() -> None:
+            failed = True
             try:
                 for fd in fds:
                     os.fdatasync(fd)
                 if sync_dir:
                     _fs.fsync_directory(self.directory)
-            except OSError:
-                with self.lock:  # try again next time
-                    self.dirty = self.pos_dirty = self.dir_dirty = True
-                raise
+                failed = False
             finally:
                 for fd in fds:
                     os.close(fd)
-            if write_fd >= 0:
                 with self.lock:
-                    if self.synced_seg != write_seg or self.synced_end < write_end:
+                    if failed:  # try again next time
+                        self.dirty = self.pos_dirty = self.dir_dirty = True
+                    elif write_fd >= 0 and (
+                        self.synced_seg != write_seg or self.synced_end < write_end
+                    ):
                         self.synced_seg, self.synced_end = write_seg, write_end
+                    self.inflight -= 1
+                    self.done.notify_all()
 
         return finish
 
