@@ -20,7 +20,7 @@ from persizmq._errors import (
     StorageWriteError,
 )
 from persizmq._latest import PersistentLatestStorage
-from persizmq._message import Message
+from persizmq._message import Message, MessageLike
 from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
 from persizmq._subscriber import ThreadedSubscriber
 
@@ -35,6 +35,7 @@ __all__ = [
     "InvalidArgumentError",
     "LockedError",
     "Message",
+    "MessageLike",
     "MessageTooLargeError",
     "MessageTypeError",
     "PersistentLatestStorage",

@@ -27,7 +27,7 @@ from hypothesis.stateful import (
 )
 
 import persizmq
-from persizmq import Message, PersistentStorage
+from persizmq import Message, MessageLike, PersistentStorage
 
 SYNC_MODES = ("always", "periodic", "never")
 
@@ -413,7 +413,7 @@ def test_add_messages_is_like_add_message_calls_drop_newest(
 class _ForgetfulStorage(PersistentStorage):
     """A broken storage: add_messages loses the last message of every batch."""
 
-    def add_messages(self, msgs: Iterable[Optional[Message]]) -> int:
+    def add_messages(self, msgs: Iterable[Optional[MessageLike]]) -> int:
         batch = [msg for msg in msgs if msg is not None]
         return super().add_messages(batch[:-1]) + (1 if batch else 0)
 
