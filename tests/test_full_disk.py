@@ -1,0 +1,353 @@
+"""A full disk and a file-size limit: a clear error, nothing stored is lost, and recovery.
+
+The disk is a small tmpfs (``mount -t tmpfs -o size=512k``; skipped where mounting is not
+permitted). The file-size limit is ``RLIMIT_FSIZE`` in a child process (Python ignores
+``SIGXFSZ``, so the write fails with ``EFBIG``).
+"""
+
+import errno
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from typing import Iterator, List
+
+import pytest
+
+import persizmq
+import persizmq.filter
+from persizmq import Message
+from tests._reliab_util import deadline, drain, mounted, tmpfs_unavailable
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PAGE = 4096
+
+
+def msg(i: int, size: int = 1000) -> bytes:
+    """Message ``i``: its number, then filler up to ``size`` bytes."""
+    head = b"%07d:" % i
+    return head + bytes([65 + i % 26]) * (size - len(head))
+
+
+@pytest.fixture
+def tmpfs(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 512 KiB tmpfs, unmounted at the end."""
+    reason = tmpfs_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    target = tmp_path / "tmpfs"
+    with mounted(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(target)], target):
+        yield target
+
+
+def free_pages(path: pathlib.Path) -> int:
+    return os.statvfs(path).f_bavail
+
+
+def fill_up(path: pathlib.Path, leave_pages: int = 0) -> pathlib.Path:
+    """Write a filler file that leaves exactly ``leave_pages`` free pages; return its path."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        pages = free_pages(path) - leave_pages
+        if pages > 0:
+            os.write(fd, b"f" * (pages * PAGE))
+    finally:
+        os.close(fd)
+    assert free_pages(path) == leave_pages
+    return filler
+
+
+def check_error(err: persizmq.StorageWriteError, code: int) -> None:
+    """The error of a refused write: a StorageWriteError, an OSError with the right errno,
+    and a message that names the file and what happened."""
+    assert isinstance(err, OSError)
+    assert isinstance(err, persizmq.PersizmqError)
+    assert err.errno == code, err
+    assert os.strerror(code) in str(err), str(err)
+    assert ".seg" in str(err), str(err)
+
+
+def fill_with_adds(storage: persizmq.PersistentStorage, first: int) -> int:
+    """Add messages from number ``first`` until the disk refuses one; return the next number."""
+    for i in range(first, first + 10_000):
+        try:
+            storage.add_message(msg(i))
+        except persizmq.StorageWriteError as err:
+            check_error(err, errno.ENOSPC)
+            return i
+    raise AssertionError("the disk never filled up")
+
+
+def numbers(messages: List[Message]) -> List[int]:
+    out = []
+    for m in messages:
+        assert isinstance(m, bytes)
+        i = int(m[:7])
+        assert m == msg(i, len(m)), f"damaged bytes: {m[:40]!r}"
+        out.append(i)
+    return out
+
+
+@pytest.mark.parametrize("sync", ["always", "periodic", "never"])
+def test_add_message_until_full_then_consume_and_add_again(tmpfs: pathlib.Path, sync: str) -> None:
+    directory = tmpfs / "queue"
+    storage = persizmq.PersistentStorage(directory, sync=sync, segment_size=16 * 1024)
+    try:
+        storage.add_message(msg(0))
+        assert storage.front() == msg(0)
+        assert storage.pop_front()
+        end = fill_with_adds(storage, 1)
+        assert end > 300, "the tmpfs held fewer messages than expected"
+        assert len(storage) == end - 1
+        assert numbers(list(storage)) == list(range(1, end))
+        # Refused again while nothing is freed, and still nothing half-stored.
+        with pytest.raises(persizmq.StorageWriteError):
+            storage.add_message(msg(end))
+        assert len(storage) == end - 1
+    finally:
+        storage.close()
+
+    with deadline(10, "reopen on a full disk"):
+        storage = persizmq.PersistentStorage(directory, sync=sync, segment_size=16 * 1024)
+    try:
+        assert numbers(list(storage)) == list(range(1, end))
+        assert storage.stats().torn_tail_bytes == 0
+        # Consume three segments' worth: their files are deleted and the space comes back.
+        consumed = []
+        for _ in range(60):
+            front = storage.front()
+            assert front is not None
+            consumed.append(front)
+            assert storage.pop_front()
+        assert numbers(consumed) == list(range(1, 61))
+        assert free_pages(tmpfs) >= 8
+        storage.add_message(msg(end))
+        storage.add_messages([msg(end + 1), msg(end + 2)])
+        rest = numbers(drain(storage))
+        assert rest == list(range(61, end + 3))
+        stats = storage.stats()
+        assert stats.corrupt_regions == 0
+        assert stats.pending == 0
+    finally:
+        storage.close()
+
+
+def test_consuming_frees_space_when_the_disk_filled_before_any_pop(tmpfs: pathlib.Path) -> None:
+    """The disk filled before the position log got a block (no pop yet): popping still works
+    and frees the space (it used to fail with ENOSPC for good, leaving the queue full)."""
+    directory = tmpfs / "queue"
+    with persizmq.PersistentStorage(directory, sync="always", segment_size=16 * 1024) as storage:
+        end = fill_with_adds(storage, 0)
+        for i in range(60):
+            assert storage.front() == msg(i)
+            assert storage.pop_front()  # raises StorageWriteError today
+        storage.add_message(msg(end))
+    with persizmq.PersistentStorage(directory) as storage:
+        assert numbers(drain(storage)) == [*range(60, end), end]
+
+
+def test_add_messages_within_one_segment_is_all_or_nothing(tmpfs: pathlib.Path) -> None:
+    directory = tmpfs / "queue"
+    with persizmq.PersistentStorage(directory, sync="always", segment_size=1 << 30) as storage:
+        storage.add_messages([msg(i) for i in range(10)])
+        assert storage.front() == msg(0)
+        assert storage.pop_front()
+        filler = fill_up(tmpfs, leave_pages=3)
+        with pytest.raises(persizmq.StorageWriteError) as caught:
+            storage.add_messages([msg(i) for i in range(10, 30)])  # 20 KB > 3 pages
+        check_error(caught.value, errno.ENOSPC)
+        assert len(storage) == 9
+        assert numbers(list(storage)) == list(range(1, 10))
+        os.unlink(filler)
+        assert storage.add_messages([msg(i) for i in range(10, 30)]) == 20
+        assert numbers(drain(storage)) == list(range(1, 30))
+
+
+def test_add_messages_across_segments_is_all_or_nothing(tmpfs: pathlib.Path) -> None:
+    """A batch larger than what is left of the segment (and of the disk): nothing stored."""
+    directory = tmpfs / "queue"
+    with persizmq.PersistentStorage(directory, sync="periodic", segment_size=16 * 1024) as s:
+        s.add_messages([msg(i) for i in range(10)])
+        assert s.front() == msg(0)
+        assert s.pop_front()
+        filler = fill_up(tmpfs, leave_pages=10)
+        with pytest.raises(persizmq.StorageWriteError) as caught:
+            s.add_messages([msg(i) for i in range(10, 110)])  # 100 KB > 10 pages
+        check_error(caught.value, errno.ENOSPC)
+        assert len(s) == 9
+        assert numbers(list(s)) == list(range(1, 10))
+        os.unlink(filler)
+        assert s.add_messages([msg(i) for i in range(10, 110)]) == 100
+        assert numbers(drain(s)) == list(range(1, 110))
+    with persizmq.PersistentStorage(directory) as s:
+        assert s.stats().corrupt_regions == 0
+        assert len(s) == 0
+
+
+def rollover_ready(directory: pathlib.Path, sync: str) -> persizmq.PersistentStorage:
+    """A storage whose write segment is exactly full (8187 bytes, 5 short of two pages), so
+    the next add creates a segment and seals this one."""
+    storage = persizmq.PersistentStorage(directory, sync=sync, segment_size=2 * PAGE - 5)
+    for i in range(8):
+        storage.add_message(msg(i))  # 8 records of 1009 bytes after the 8-byte magic
+    storage.add_message(msg(8, 98))  # 107 bytes: 8 + 8 * 1009 + 107 = 8187
+    assert storage.front() == msg(0)
+    assert storage.pop_front()  # the position log gets its page
+    assert os.path.getsize(directory / f"{1:020d}.seg") == 2 * PAGE - 5
+    return storage
+
+
+@pytest.mark.parametrize("sync", ["always", "never"])
+def test_segment_rollover_on_a_full_disk(tmpfs: pathlib.Path, sync: str) -> None:
+    """No page for the new segment: the add is refused, no temporary file is left, the
+    stored messages are intact, and once space is freed the roll-over happens."""
+    directory = tmpfs / "queue"
+    storage = rollover_ready(directory, sync)
+    try:
+        filler = fill_up(tmpfs, leave_pages=0)
+        with pytest.raises(persizmq.StorageWriteError) as caught:
+            storage.add_message(msg(9))
+        assert caught.value.errno == errno.ENOSPC
+        assert "segment" in str(caught.value)
+        assert sorted(p for p in os.listdir(directory) if ".seg" in p) == [f"{1:020d}.seg"]
+        assert len(storage) == 8
+        os.unlink(filler)
+        storage.add_message(msg(9))
+        assert len(storage) == 9
+    finally:
+        storage.close()
+    with persizmq.PersistentStorage(directory, sync=sync) as storage:
+        assert numbers(drain(storage)) == list(range(1, 10))
+        assert storage.stats().corrupt_regions == 0
+
+
+def test_seal_cut_short_by_a_full_disk_is_not_reported_as_corruption(
+    tmpfs: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk fills during a roll-over, after the new segment was created: the full
+    segment's seal cannot be written whole, and that is no corruption (a partial seal used to
+    be quarantined and counted, and pending_bytes went negative)."""
+    directory = tmpfs / "queue"
+    with rollover_ready(directory, "always") as storage:
+        fill_up(tmpfs, leave_pages=1)  # the new segment's first page, nothing for the seal
+        with caplog.at_level(logging.WARNING, logger="persizmq"):
+            storage.add_message(msg(9))
+        assert "could not seal segment 1" in caplog.text
+        assert numbers(drain(storage)) == list(range(1, 10))
+        stats = storage.stats()
+    assert not (directory / "quarantine").exists()
+    assert stats.corrupt_regions == 0
+    assert stats.pending_bytes >= 0
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    sys.path.insert(0, sys.argv[3])
+    import persizmq
+    from tests.test_full_disk import msg
+
+    directory, sync = sys.argv[1], sys.argv[2]
+    storage = persizmq.PersistentStorage(directory, sync=sync, segment_size=1 << 30)
+    storage.add_message(msg(0))
+    storage.front()
+    storage.pop_front()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+    report = {}
+    i = 1
+    try:
+        while i < 10000:
+            storage.add_message(msg(i))
+            i += 1
+    except persizmq.StorageWriteError as err:
+        report["single"] = [type(err).__name__, err.errno, str(err), len(storage)]
+    try:
+        storage.add_messages([msg(j) for j in range(i, i + 5)])
+    except persizmq.StorageWriteError as err:
+        report["batch"] = [type(err).__name__, err.errno, str(err), len(storage)]
+    report["next"] = i
+    storage.close()
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.parametrize("sync", ["always", "periodic", "never"])
+def test_file_size_limit(tmp_path: pathlib.Path, sync: str) -> None:
+    """RLIMIT_FSIZE: StorageWriteError with EFBIG, nothing stored is lost, and without the
+    limit everything is there and adding works."""
+    directory = tmp_path / "queue"
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(directory), sync, str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    end = report["next"]
+    assert end > 50
+    for key in ("single", "batch"):
+        name, code, text, pending = report[key]
+        assert name == "StorageWriteError", report
+        assert code == errno.EFBIG, report
+        assert os.strerror(errno.EFBIG) in text, text
+        assert pending == end - 1, report  # the refused message (or batch) left no trace
+    size = os.path.getsize(directory / f"{1:020d}.seg")
+    assert size <= 64 * 1024
+    with persizmq.PersistentStorage(directory, sync=sync) as storage:
+        assert storage.stats().torn_tail_bytes == 0
+        assert numbers(list(storage)) == list(range(1, end))
+        storage.add_messages([msg(end), msg(end + 1)])
+        assert numbers(drain(storage)) == list(range(1, end + 2))
+
+
+def test_a_failed_pop_leaves_the_message_in_front(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pop whose position cannot be made durable (fdatasync fails with EIO in "always"
+    mode) raises StorageWriteError and leaves the message in front, so a caller that retries
+    the pop removes that message, not the next one (it used to be gone already)."""
+    with persizmq.PersistentStorage(tmp_path, sync="always") as storage:
+        storage.add_messages([msg(0), msg(1)])
+        assert storage.front() == msg(0)
+        real = os.fdatasync
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "fdatasync", failing)
+        with pytest.raises(persizmq.StorageWriteError) as caught:
+            storage.pop_front()
+        assert caught.value.errno == errno.EIO
+        monkeypatch.setattr(os, "fdatasync", real)
+        assert storage.front() == msg(0)
+        assert storage.pop_front()  # the retry
+        assert storage.front() == msg(1)
+    with persizmq.PersistentStorage(tmp_path) as storage:
+        assert numbers(drain(storage)) == [1]
+
+
+def test_latest_storage_and_min_period_on_a_full_disk(tmpfs: pathlib.Path) -> None:
+    """PersistentLatestStorage keeps the previous message; MinPeriod lets messages through."""
+    latest_dir = tmpfs / "latest"
+    with persizmq.PersistentLatestStorage(latest_dir, sync="always") as latest:
+        latest.add_message(b"previous")
+        filler = fill_up(tmpfs, leave_pages=0)
+        with pytest.raises(persizmq.StorageWriteError) as caught:
+            latest.add_message(b"x" * 10_000)
+        assert caught.value.errno == errno.ENOSPC
+        assert "previous message is kept" in str(caught.value)
+        assert latest.message() == b"previous"
+        flt = persizmq.filter.MinPeriod(0.0, tmpfs / "period-made-before")
+        os.unlink(filler)
+        fill_up(tmpfs, leave_pages=0)
+        assert flt(b"a") == b"a"  # the timestamp cannot be stored: the message passes
+        assert flt(b"b") == b"b"
+    with persizmq.PersistentLatestStorage(latest_dir) as latest:
+        assert latest.message() == b"previous"
