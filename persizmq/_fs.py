@@ -87,6 +87,7 @@ def open_directory(
             for ancestor in [*reversed(directory.parents), directory]:
                 if not ancestor.is_dir():
                     ancestor.mkdir(mode=DIR_MODE, exist_ok=True)
+                    fsync_directory(ancestor.parent)  # the new entry survives a power cut
     except FileExistsError as err:
         raise DirectoryError(
             errno.ENOTDIR,
@@ -128,7 +129,7 @@ def acquire_lock(lock_path: pathlib.Path, holder: str) -> int:
     :raises LockedError: another holder has the lock.
     """
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
     except OSError as err:
         raise DirectoryError(
             err.errno, f"cannot open the lock file {str(lock_path)!r}: {err.strerror}"
@@ -163,7 +164,9 @@ def write_atomically(path: pathlib.Path, data: bytes, *, sync: str) -> None:
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
+        )
         try:
             view = memoryview(data)
             while view:

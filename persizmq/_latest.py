@@ -88,7 +88,7 @@ _CRC = struct.Struct("<I")
 _HEADER_SIZE = _PREFIX.size + _CRC.size  # 32
 _U32 = struct.Struct("<I")
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 
 

@@ -128,7 +128,11 @@ class PositionLog:
         """Write a fresh, fully allocated log (holding ``position``) and rename it into place."""
         tmp = directory / (POSITION_FILE + ".tmp")
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _fs.FILE_MODE)
+            fd = os.open(
+                tmp,
+                os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                _fs.FILE_MODE,
+            )
             try:
                 os.posix_fallocate(fd, 0, LOG_SIZE)
                 if position is not None:

@@ -740,7 +740,7 @@ class PersistentStorage:
         try:
             fd = os.open(
                 tmp,
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
                 _fs.FILE_MODE,
             )
         except OSError as err:
