@@ -490,6 +490,8 @@ class PersistentStorage:
         self._fds: List[int] = []  # every descriptor this object owns, closed by close()
 
         self._added = self._popped = 0  # statistics, see StorageStats
+        self._added_base = 0  # records in the write segment that were there before opening
+        self._plain_add = False
         self._dropped_oldest = self._dropped_newest = 0
         self._corrupt_regions = self._quarantined_bytes = self._torn_tail_bytes = 0
 
@@ -507,6 +509,8 @@ class PersistentStorage:
             self._close_fds()
             raise
         self._closed = False
+        # The lean path of add_message: open, producing, unbounded and not fsyncing every add.
+        self._plain_add = self._producing and not self._bounded and self._sync != "always"
         if self._sync == "periodic":
             self._sync_key = _syncer.register(self._ss, self._sync_interval)
 
@@ -590,7 +594,7 @@ class PersistentStorage:
         if scan.good_end < len(data):
             self._cut_torn_tail(path, len(data), scan.good_end)
         self._wseg = last
-        self._wcount = scan.count
+        self._wcount = self._added_base = scan.count
         self._wend = scan.good_end
         self._wseal = _SEAL_RECORD_SIZE if scan.sealed is not None else 0
         if scan.sealed is not None or (pos_seg == last and pos_off > scan.good_end):
@@ -762,6 +766,8 @@ class PersistentStorage:
                 err.errno, f"cannot start the segment {str(path)!r}: {err.strerror}"
             ) from err
         if self._wseg >= 0:
+            self._added += self._wcount - self._added_base  # records added to the full segment
+            self._added_base = 0
             self._counts[self._wseg] = self._wcount
             self._sizes[self._wseg] = self._wend - len(SEGMENT_MAGIC) - self._wseal
         old_fd = self._wfd
@@ -873,13 +879,10 @@ class PersistentStorage:
             multipart, payload = encoded
             record = self._make_record(payload, KIND_MULTIPART if multipart else KIND_SINGLE)
         with self._lock:
-            if self._closed or not self._producing:
-                raise self._refuse("add to")
-            if self._bounded and not self._admit([record])[0]:
-                return
             wend = self._wend
-            if wend + len(record) <= self._segment_size or not self._wcount:
-                size = len(record)
+            size = len(record)
+            if self._plain_add and wend + size <= self._segment_size:
+                # Open, unbounded, not "always", and the record fits the write segment.
                 try:
                     written = os.write(self._wfd, record)
                     if written != size:
@@ -890,12 +893,15 @@ class PersistentStorage:
                 self._wcount += 1
                 self._segment_pending += 1
                 self._pending_bytes += size
-                self._added += 1
                 self._ss.dirty = True
             else:
-                self._append(record, 1)  # rolls over to a new segment first
-            if self._sync == "always":
-                self._fdatasync_writer(wend)
+                if self._closed or not self._producing:
+                    raise self._refuse("add to")
+                if self._bounded and not self._admit([record])[0]:
+                    return
+                self._append(record, 1)  # rolls over to a new segment first if needed
+                if self._sync == "always":
+                    self._fdatasync_writer(wend)
             if self._waiters:
                 self._cond.notify()
 
@@ -1045,7 +1051,6 @@ class PersistentStorage:
         self._wcount += count
         self._segment_pending += count
         self._pending_bytes += length
-        self._added += count
         self._ss.dirty = True
 
     def _write_failed(self, err: OSError, start: int) -> StorageWriteError:
@@ -1470,7 +1475,7 @@ class PersistentStorage:
                 disk_bytes=disk,
                 segments=len(self._sizes) + 1,
                 legacy_pending=len(self._legacy),
-                added=self._added,
+                added=self._added + self._wcount - self._added_base if self._producing else 0,
                 popped=self._popped,
                 dropped_oldest=self._dropped_oldest,
                 dropped_newest=self._dropped_newest,
@@ -1530,6 +1535,7 @@ class PersistentStorage:
                     self._sync_locked()
             finally:
                 self._closed = True
+                self._plain_add = False
                 self._ss.closed = True
                 self._front_cache = None
                 self._close_fds()
