@@ -662,6 +662,11 @@ class PersistentStorage:
                     self._pending_bytes += scan.good_end - seal  # damaged regions too
                     self._wend += scan.good_end
                     self._wseal = seal
+                    # What the read buffer holds of this range may predate the write.
+                    self._rbuf = b""
+                    self._rbuf_off = self._roff
+                if scan.sealed is not None:
+                    next_exists = True  # the seal is written after the next segment exists
             if not next_exists:
                 return found
             # The producer moved on: this segment is complete.
@@ -1273,16 +1278,14 @@ class PersistentStorage:
         Returns ``(message, end offset)`` or None when no message is pending.
         """
         while True:
+            pos = self._roff
+            if self._rseg > self._wseg or (self._rseg == self._wseg and pos >= self._wend):
+                return None  # caught up with the producer (as far as we know it)
             if self._rfd < 0:
                 self._open_reader()  # the segment may have appeared since
-                if self._rfd < 0:
-                    if self._rseg >= self._wseg:
-                        return None
+                if self._rfd < 0:  # gone (consumed by another, or lost): the next one
                     self._advance_segment()
                     continue
-            pos = self._roff
-            if self._rseg >= self._wseg and pos >= self._wend:
-                return None  # caught up with the producer (as far as we know it)
             header = self._buffered(pos, HEADER_SIZE)
             if header is not None:
                 length, crc, kind = _HEADER.unpack_from(header[0], header[1])
@@ -1304,7 +1307,8 @@ class PersistentStorage:
             if self._rseg < self._wseg and not os.pread(self._rfd, 1, pos):
                 self._advance_segment()  # the clean end of a segment that lost its seal
                 continue
-            self._skip_damage()
+            if not self._skip_damage():
+                return None
 
     def _decode_multipart(self, payload: bytes, end: int) -> Message:
         where = f"{self._dir / segment_name(self._rseg)} at offset {self._roff}"
@@ -1347,10 +1351,19 @@ class PersistentStorage:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._dir / segment_name(index))
 
-    def _skip_damage(self) -> None:
-        """Set aside the damaged bytes at the consumer position and move past them."""
+    def _skip_damage(self) -> bool:
+        """Set aside the damaged bytes at the consumer position and move past them.
+
+        Returns False if there was nothing to set aside after all.
+        """
         data = self._read_segment_from(self._roff)
-        following = find_next_record(data, 1)
+        if not data:
+            return False
+        following = find_next_record(data, 0)
+        if following == 0:  # the read buffer was stale: the record is good on disk
+            self._rbuf = b""
+            self._rbuf_off = self._roff
+            return True
         if following is None and self._rseg >= self._wseg:
             # The damage runs to the producer's end: set it all aside; appends follow it.
             following = len(data)
@@ -1361,10 +1374,11 @@ class PersistentStorage:
         if following is None:
             self._roff += len(region)
             self._advance_segment()
-            return
+            return True
         self._roff += following
         self._rbuf = b""
         self._rbuf_off = self._roff
+        return True
 
     def _read_segment_from(self, offset: int) -> bytes:
         chunks = []

@@ -1,5 +1,6 @@
 """A producer and a consumer on one directory: in one process, and in two processes for real."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -147,3 +148,41 @@ def test_two_processes_exactly_once_in_order(tmp_path: pathlib.Path) -> None:
         sorted(p.name for p in directory.glob("*.seg"))
         == sorted(p.name for p in directory.glob("*.seg"))[-1:]
     )
+
+
+def test_consumer_that_sees_a_seal_before_the_next_segment_exists(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The producer creates the next segment, then seals the full one; a consumer that looks
+    in between finds the seal but not yet the next segment (found in CI as an endless loop that
+    quarantined empty regions). The seal alone must tell it that the producer moved on."""
+    from persizmq._storage import segment_name
+    from tests._reliab_util import deadline
+
+    producer, consumer = open_pair(tmp_path / "q", segment_size=64)
+    with producer, consumer:
+        producer.add_messages([b"a" * 20, b"a" * 20])  # fills segment 1
+        producer.add_message(b"b")  # segment 2 is created, then segment 1 sealed
+        real_exists = os.path.exists
+        hidden = [str(tmp_path / "q" / segment_name(2))]
+
+        def late_exists(path: "os.PathLike[str] | str") -> bool:
+            if hidden and str(path) == hidden[0]:
+                hidden.clear()  # not there at the first look, there afterwards
+                return False
+            return real_exists(path)
+
+        monkeypatch.setattr(os.path, "exists", late_exists)
+        got: List[object] = []
+        with deadline(5, "consuming across the seal"):
+            while (msg := consumer.front()) is not None:
+                got.append(msg)
+                consumer.pop_front()
+            producer.add_message(b"c")
+            while (msg := consumer.front()) is not None:
+                got.append(msg)
+                consumer.pop_front()
+        assert not hidden, "the consumer never looked for the next segment"
+        assert got == [b"a" * 20, b"a" * 20, b"b", b"c"]
+        assert consumer.stats().corrupt_regions == 0
+        assert len(consumer) == 0
