@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = [
     "BENCH_DIR",
@@ -336,6 +336,29 @@ def machine_description(scratch: Optional[str]) -> List[str]:
         f"files in:    {directory} -> {_filesystem_of(directory)}",
         f"load:        {load_average()}",
     ]
+
+
+def parse_standalone(
+    doc: str, argv: Optional[Sequence[str]]
+) -> "Tuple[Profile, Optional[str], Optional[str]]":
+    """For a benchmark script run alone: parse its options, set up the anchors unless
+    ``--no-anchors``; return the profile, the directory and the anchors' interpreter."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n", maxsplit=1)[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    anchors = None
+    if not args.no_anchors:
+        from bench import _anchors
+
+        anchors = _anchors.anchors_python()
+    return PROFILES[args.profile], args.dir, anchors
+
+
+def print_report(table: List[str], found: "List[Target]", profile: "Profile") -> None:
+    """Print a benchmark's table, then its SPEC targets (as the profile allows verdicts)."""
+    print("\n".join(table))
+    print()
+    print("\n".join(target_lines(for_profile(found, profile))))
 
 
 def add_arguments(parser: "argparse.ArgumentParser") -> None:

@@ -23,7 +23,6 @@ shut down; loss = 1 - persisted / N (``bare``: 1 - received / N).
 Run: ``python3 bench/end_to_end.py [--quick] [--dir DIR] [--no-anchors]``.
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -457,19 +456,9 @@ def targets(result: E2EResult) -> List[Target]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the end-to-end benchmark alone and print its table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_arguments(parser)
-    args = parser.parse_args(argv)
-    profile = _common.PROFILES[args.profile]
-    anchors = None
-    if not args.no_anchors:
-        from bench import _anchors
-
-        anchors = _anchors.anchors_python()
-    result = run(profile, args.dir, anchors)
-    print("\n".join(render(result)))
-    print()
-    print("\n".join(_common.target_lines(_common.for_profile(targets(result), profile))))
+    profile, directory, anchors = _common.parse_standalone(__doc__, argv)
+    result = run(profile, directory, anchors)
+    _common.print_report(render(result), targets(result), profile)
     return 0
 
 

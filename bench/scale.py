@@ -15,7 +15,6 @@
 Run: ``python3 bench/scale.py [--quick] [--dir DIR] [--no-anchors]``.
 """
 
-import argparse
 import os
 import pathlib
 import sys
@@ -293,19 +292,9 @@ def targets(result: ScaleResult) -> List[Target]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the scale benchmark alone and print its tables."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_arguments(parser)
-    args = parser.parse_args(argv)
-    profile = _common.PROFILES[args.profile]
-    anchors = None
-    if not args.no_anchors:
-        from bench import _anchors
-
-        anchors = _anchors.anchors_python()
-    result = run(profile, args.dir, anchors)
-    print("\n".join(render(result)))
-    print()
-    print("\n".join(_common.target_lines(_common.for_profile(targets(result), profile))))
+    profile, directory, anchors = _common.parse_standalone(__doc__, argv)
+    result = run(profile, directory, anchors)
+    _common.print_report(render(result), targets(result), profile)
     return 0
 
 

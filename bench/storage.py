@@ -18,7 +18,6 @@ the anchors in a child of the anchors' virtualenv (:mod:`bench._anchors`).
 Run: ``python3 bench/storage.py [--quick] [--dir DIR] [--no-anchors]``.
 """
 
-import argparse
 import pathlib
 import sys
 import time
@@ -387,21 +386,11 @@ def targets(result: StorageResult, fsync: Optional[Dict[str, float]] = None) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the storage benchmark alone and print its table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_arguments(parser)
-    args = parser.parse_args(argv)
-    profile = _common.PROFILES[args.profile]
-    anchors = None
-    if not args.no_anchors:
-        from bench import _anchors
-
-        anchors = _anchors.anchors_python()
-    with _common.scratch_dir(args.dir, "bench-fsync-") as probe:
+    profile, directory, anchors = _common.parse_standalone(__doc__, argv)
+    with _common.scratch_dir(directory, "bench-fsync-") as probe:
         fsync = _common.fsync_latency(probe)
-    result = run(profile, args.dir, anchors)
-    print("\n".join(render(result, fsync, profile.batch)))
-    print()
-    print("\n".join(_common.target_lines(_common.for_profile(targets(result, fsync), profile))))
+    result = run(profile, directory, anchors)
+    _common.print_report(render(result, fsync, profile.batch), targets(result, fsync), profile)
     return 0
 
 

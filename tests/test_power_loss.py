@@ -161,7 +161,9 @@ def run_child(
         kill_at = time.monotonic() + run_for
         # The kernel's write-back at random moments, then the power cut at a random moment.
         for flush_at in sorted(rng.uniform(0, run_for) for _ in range(rng.randint(0, 3))):
-            time.sleep(max(0.0, kill_at - run_for + flush_at - time.monotonic()))
+            time.sleep(
+                max(0.0, kill_at - run_for + flush_at - time.monotonic())
+            )  # next write-back moment
             syncfs(mount_point)
         time.sleep(max(0.0, kill_at - time.monotonic()))  # the random moment (not a wait)
     finally:
