@@ -7,11 +7,11 @@ expected and what was found.
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Sequence
 
 from persizmq._errors import InvalidArgumentError, MessageTypeError
 
-__all__ = ["check_optional_int", "check_seconds"]
+__all__ = ["check_choice", "check_optional_int", "check_seconds"]
 
 
 def check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
@@ -44,4 +44,14 @@ def check_optional_int(name: str, value: object, minimum: int) -> Optional[int]:
         )
     if value < minimum:
         raise InvalidArgumentError(f"expected {name} to be >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of the strings ``choices``."""
+    expected = f"expected {name} to be one of {', '.join(map(repr, choices))}"
+    if not isinstance(value, str):
+        raise MessageTypeError(f"{expected}, got a {type(value).__name__}: {value!r}")
+    if value not in choices:
+        raise InvalidArgumentError(f"{expected}, got {value!r}")
     return value

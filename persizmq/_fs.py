@@ -11,6 +11,7 @@ import os
 import pathlib
 from typing import Union
 
+from persizmq._checks import check_choice
 from persizmq._errors import (
     DirectoryError,
     InvalidArgumentError,
@@ -45,16 +46,7 @@ FILE_MODE = 0o644
 
 def check_sync_mode(sync: object) -> str:
     """Return ``sync`` if it is one of :data:`SYNC_MODES`, otherwise raise a clear error."""
-    if not isinstance(sync, str):
-        raise MessageTypeError(
-            f"expected sync to be one of {', '.join(map(repr, SYNC_MODES))}, "
-            f"got a {type(sync).__name__}: {sync!r}"
-        )
-    if sync not in SYNC_MODES:
-        raise InvalidArgumentError(
-            f"expected sync to be one of {', '.join(map(repr, SYNC_MODES))}, got {sync!r}"
-        )
-    return sync
+    return check_choice("sync", sync, SYNC_MODES)
 
 
 def open_directory(

@@ -50,13 +50,11 @@ from types import TracebackType
 from typing import List, Optional, Tuple, Type
 
 from persizmq import _fs, _syncer
-from persizmq._checks import check_seconds
+from persizmq._checks import check_optional_int, check_seconds
 from persizmq._errors import (
     ClosedError,
     CorruptionError,
-    InvalidArgumentError,
     MessageTooLargeError,
-    MessageTypeError,
     StorageWriteError,
 )
 from persizmq._message import KIND_SINGLE, Message, decode_body, encode_body
@@ -187,21 +185,6 @@ def _parse_slot(data: bytes) -> Tuple[int, Message]:
     return sequence, message
 
 
-def _check_max_message_size(value: object) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise MessageTypeError(
-            f"expected max_message_size to be None or an int (bytes), got a "
-            f"{type(value).__name__}: {value!r}"
-        )
-    if value < 1:
-        raise InvalidArgumentError(
-            f"expected max_message_size to be None or a number of bytes >= 1, got {value!r}"
-        )
-    return value
-
-
 class PersistentLatestStorage:
     """Keep only the newest message, crash-safe on disk.
 
@@ -249,7 +232,7 @@ class PersistentLatestStorage:
         """
         self._sync = _fs.check_sync_mode(sync)
         self._sync_interval = check_seconds("sync_interval", sync_interval, allow_zero=False)
-        self._max_message_size = _check_max_message_size(max_message_size)
+        self._max_message_size = check_optional_int("max_message_size", max_message_size, 1)
         self._dir = _fs.open_directory(persistent_dir, "persistent_dir")
         self._lock = threading.Lock()
         self._closed = False

@@ -109,7 +109,7 @@ from types import TracebackType
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
 from persizmq import _fs, _syncer
-from persizmq._checks import check_optional_int, check_seconds
+from persizmq._checks import check_choice, check_optional_int, check_seconds
 from persizmq._errors import (
     ClosedError,
     InvalidArgumentError,
@@ -459,7 +459,7 @@ class PersistentStorage:
         self._sync_interval = check_seconds("sync_interval", sync_interval, allow_zero=False)
         self._max_messages = check_optional_int("max_messages", max_messages, 1)
         self._max_bytes = check_optional_int("max_bytes", max_bytes, 1)
-        _check_choice("overflow", overflow, OVERFLOW_POLICIES)
+        check_choice("overflow", overflow, OVERFLOW_POLICIES)
         self._overflow = overflow
         self._bounded = max_messages is not None or max_bytes is not None
         limit = check_optional_int("max_message_size", max_message_size, 0)
@@ -473,7 +473,7 @@ class PersistentStorage:
         checked_segment_size = check_optional_int("segment_size", segment_size, 1)
         assert checked_segment_size is not None
         self._segment_size = checked_segment_size
-        _check_choice("role", role, ROLES)
+        check_choice("role", role, ROLES)
         self._role = role
         self._producing = role in ("both", "producer")
         self._consuming = role in ("both", "consumer")
@@ -685,12 +685,16 @@ class PersistentStorage:
         position = read_position(self._dir)
         if position is None:
             return
-        pos_seg, pos_off, consumed = position
+        self._count_from(*position)
+
+    def _count_from(self, pos_seg: int, pos_off: int, consumed: int) -> None:
+        """Set the pending count and bytes from a consumer position (lock held); forget the
+        segments below it, which the consumer has finished."""
         for index in [i for i in self._counts if i < pos_seg]:
             del self._counts[index]
             del self._sizes[index]
         magic = len(SEGMENT_MAGIC)
-        counts = sum(c for i, c in self._counts.items() if i >= pos_seg) + self._wcount
+        counts = sum(self._counts.values()) + self._wcount
         in_position = self._wcount if pos_seg == self._wseg else self._counts.get(pos_seg, 0)
         self._segment_pending = max(0, counts - min(consumed, in_position))
         self._pending_bytes = max(
@@ -729,14 +733,7 @@ class PersistentStorage:
         if self._consuming:
             self._plog = PositionLog(self._dir, self._sync)
             self._ss.pos_fd = self._plog.fileno()
-        in_position = self._wcount if pos_seg == self._wseg else self._counts.get(pos_seg, 0)
-        consumed = min(pos_consumed, in_position)
-        self._segment_pending = sum(self._counts.values()) + self._wcount - consumed
-        magic = len(SEGMENT_MAGIC)
-        self._pending_bytes = max(
-            0,
-            sum(self._sizes.values()) + self._wend - self._wseal - magic - max(0, pos_off - magic),
-        )
+        self._count_from(pos_seg, pos_off, pos_consumed)
 
     def _create_segment(self, index: int) -> int:
         """Create segment ``index``, make it the write segment, seal the previous one.
@@ -840,23 +837,12 @@ class PersistentStorage:
             self._legacy_bytes = 0
             self._legacy_front = None
         self._front_cache = None
-        if pos_seg != self._rseg:
-            for index in [i for i in self._counts if i < pos_seg]:
-                del self._counts[index]
-                del self._sizes[index]
-            self._rseg = pos_seg
-            self._roff = max(pos_off, len(SEGMENT_MAGIC))
-            self._open_reader()
         self._roff = max(pos_off, len(SEGMENT_MAGIC))
         self._rconsumed = consumed
-        magic = len(SEGMENT_MAGIC)
-        counts = sum(self._counts.values()) + self._wcount
-        in_position = self._wcount if pos_seg == self._wseg else self._counts.get(pos_seg, 0)
-        self._segment_pending = max(0, counts - min(consumed, in_position))
-        self._pending_bytes = max(
-            0,
-            sum(self._sizes.values()) + self._wend - self._wseal - magic - max(0, pos_off - magic),
-        )
+        if pos_seg != self._rseg:
+            self._rseg = pos_seg
+            self._open_reader()
+        self._count_from(pos_seg, pos_off, consumed)
 
     # ------------------------------------------------------------------ producing
 
@@ -1621,11 +1607,3 @@ def _write_all(fd: int, data: "bytes | memoryview") -> None:
             if written == 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             view = view[written:]
-
-
-def _check_choice(name: str, value: object, choices: Tuple[str, ...]) -> None:
-    expected = f"expected {name} to be one of {', '.join(map(repr, choices))}"
-    if not isinstance(value, str):
-        raise MessageTypeError(f"{expected}, got a {type(value).__name__}: {value!r}")
-    if value not in choices:
-        raise InvalidArgumentError(f"{expected}, got {value!r}")
