@@ -1346,32 +1346,35 @@ class _Demo:
 
     def wait_persisted(self, consumer: _DemoConsumer, count: int) -> int:
         """Wait until ``count`` messages are on disk (consumed or pending); return the count."""
-        deadline = time.monotonic() + _DEMO_DEADLINE
-        while True:
-            persisted = consumer.consumed + len(consumer.storage)
-            if persisted >= count:
-                return persisted
-            if consumer.failure is not None:
-                raise CliError(f"demo: the consumer failed: {_describe(consumer.failure)}")
-            if time.monotonic() > deadline:
-                raise CliError(
-                    f"demo: only {persisted} of {count} messages reached the disk within "
-                    f"{_DEMO_DEADLINE:g} s"
-                )
-            time.sleep(0.005)  # polling the queue, with the deadline above
+
+        def persisted() -> int:
+            return consumer.consumed + len(consumer.storage)
+
+        self._wait(
+            consumer,
+            lambda: persisted() >= count,
+            lambda: f"only {persisted()} of {count} messages reached the disk",
+        )
+        return persisted()
 
     def wait_consumed(self, consumer: _DemoConsumer, count: int) -> None:
         """Wait until the consumer popped ``count`` messages."""
+        self._wait(
+            consumer,
+            lambda: consumer.consumed >= count,
+            lambda: f"the consumer got {consumer.consumed} of {count} messages",
+        )
+
+    @staticmethod
+    def _wait(consumer: _DemoConsumer, done: Callable[[], bool], short: Callable[[], str]) -> None:
+        """Poll ``done`` until it holds; fail on a consumer error or after the deadline."""
         deadline = time.monotonic() + _DEMO_DEADLINE
-        while consumer.consumed < count:
+        while not done():
             if consumer.failure is not None:
                 raise CliError(f"demo: the consumer failed: {_describe(consumer.failure)}")
             if time.monotonic() > deadline:
-                raise CliError(
-                    f"demo: the consumer got {consumer.consumed} of {count} messages within "
-                    f"{_DEMO_DEADLINE:g} s"
-                )
-            time.sleep(0.005)  # polling the consumer, with the deadline above
+                raise CliError(f"demo: {short()} within {_DEMO_DEADLINE:g} s")
+            time.sleep(0.005)  # polling, with the deadline above
 
     def run(self) -> int:
         """Tell the story; return the exit status (0 only if nothing was lost)."""
