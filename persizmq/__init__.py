@@ -21,6 +21,7 @@ from persizmq._errors import (
 )
 from persizmq._latest import PersistentLatestStorage
 from persizmq._message import Message, MessageLike
+from persizmq._protocol import Notifying, StatsLike, Storage
 from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
 from persizmq._subscriber import ThreadedSubscriber
 
@@ -38,11 +39,14 @@ __all__ = [
     "MessageLike",
     "MessageTooLargeError",
     "MessageTypeError",
+    "Notifying",
     "PersistentLatestStorage",
     "PersistentStorage",
     "PersizmqError",
     "QueueFullError",
     "RoleError",
+    "StatsLike",
+    "Storage",
     "StorageStats",
     "StorageWriteError",
     "ThreadedSubscriber",

@@ -59,7 +59,7 @@ from typing import Any, Callable, List, Optional, Set, Tuple, Type, overload
 import zmq
 
 from persizmq._errors import InvalidArgumentError, MessageTypeError
-from persizmq._storage import PersistentStorage
+from persizmq._protocol import Storage, is_storage_add, nothing_stored
 
 __all__ = ["ThreadedSubscriber"]
 
@@ -366,10 +366,9 @@ class ThreadedSubscriber:
         multipart = self._multipart
         noblock = zmq.NOBLOCK
         again = zmq.Again
-        storage_add = PersistentStorage.add_message
         last_callback: Callback = self.callback
-        batching = getattr(last_callback, "__func__", None) is storage_add
-        stored: List[Any] = []  # messages for PersistentStorage.add_messages, in order
+        batching = is_storage_add(last_callback)
+        stored: List[Any] = []  # messages for the storage's add_messages, in order
         msg: object
         while not self._stop_requested:
             # A socket closed under us has a NULL handle, which zmq_poll would take for fd 0.
@@ -399,7 +398,7 @@ class ThreadedSubscriber:
                         if stored:
                             self._store(last_callback, stored)
                         last_callback = callback
-                        batching = getattr(callback, "__func__", None) is storage_add
+                        batching = is_storage_add(callback)
                     if batching:
                         stored.append(msg)
                     else:
@@ -418,19 +417,31 @@ class ThreadedSubscriber:
         self._received += 1
 
     def _store(self, callback: Callback, stored: List[Any]) -> None:
-        """The callback is ``PersistentStorage.add_message``: store the drained messages with one
+        """The callback is a storage's ``add_message``: store the drained messages with one
         ``add_messages`` call (one write, one fsync), then empty ``stored``.
 
-        ``add_messages`` stores all or nothing; if it raises, the messages go through
-        ``add_message`` one by one, so each gets exactly what a call of its own would get.
+        If the storage refused the batch with nothing stored (a bound, a message too large or of
+        the wrong type; see :mod:`persizmq._protocol`), the messages go through ``add_message``
+        one by one, so each gets exactly what a call of its own would get. Any other failure
+        leaves the outcome unknown (an fsync failed after the write, say): the batch is reported
+        once and never stored again, so nothing is stored twice.
         """
+        storage: Storage = getattr(callback, "__self__")  # noqa: B009 (typed)
         try:
-            storage: PersistentStorage = getattr(callback, "__self__")  # noqa: B009 (typed)
             storage.add_messages(stored)
             self._received += len(stored)
-        except Exception:  # noqa: BLE001 (replayed message by message below)
-            for msg in stored:
-                self._deliver(callback, msg)
+        except Exception as exc:  # noqa: BLE001 (replayed or reported below)
+            if nothing_stored(exc):
+                for msg in stored:
+                    self._deliver(callback, msg)
+            else:
+                self._errors += len(stored)
+                self._received += len(stored)
+                self._report(
+                    exc,
+                    f"persizmq: storing a batch of {len(stored)} messages failed and its outcome "
+                    f"is unknown (it is not stored again); still listening:",
+                )
         stored.clear()
 
     @property

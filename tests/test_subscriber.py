@@ -739,3 +739,87 @@ def test_reassigning_a_storage_callback_takes_effect_for_the_next_message(
             wait_until(lambda: ts.received == 3)
         assert list(storage) == [b"stored", b"stored again"]
     assert collector.messages == [b"collected"]
+
+
+class ListStorage:
+    """A storage of the user's own, in memory: it follows ``persizmq.Storage`` by its methods."""
+
+    def __init__(self, fail_with: "Exception | None" = None) -> None:
+        """Start empty; with ``fail_with``, ``add_messages`` raises it after storing the batch."""
+        self.messages: List[object] = []
+        self.batches: List[int] = []
+        self.single_adds = 0
+        self.fail_with = fail_with
+
+    def add_message(self, msg: object) -> None:
+        """Store one message."""
+        self.single_adds += 1
+        if msg is not None:
+            self.messages.append(msg)
+
+    def add_messages(self, msgs: Any) -> int:
+        """Store a batch; raise ``fail_with`` afterwards if set (an fsync that failed)."""
+        batch = [m for m in msgs if m is not None]
+        self.batches.append(len(batch))
+        self.messages.extend(batch)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return len(batch)
+
+    def front(self, block: bool = False, timeout: "float | None" = None) -> object:
+        """The oldest message, or None."""
+        return self.messages[0] if self.messages else None
+
+    def pop_front(self) -> bool:
+        """Remove the oldest message."""
+        return bool(self.messages) and self.messages.pop(0) is not None
+
+    def __len__(self) -> int:
+        """Pending messages."""
+        return len(self.messages)
+
+    def stats(self) -> Any:
+        """Not used here."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self) -> "ListStorage":
+        """The storage itself."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close."""
+
+
+def test_any_storage_callback_is_batched_through_add_messages(sockets: SocketTracker) -> None:
+    pub, sub = pub_sub(sockets)
+    for i in range(200):
+        pub.send(b"%d" % i)
+    storage = ListStorage()
+    assert isinstance(storage, persizmq.Storage)
+    with ThreadedSubscriber(storage.add_message, subscriber=sub, batch_size=64) as ts:
+        wait_until(lambda: ts.received == 200)
+    assert storage.messages == [b"%d" % i for i in range(200)]
+    assert storage.single_adds == 0
+    assert max(storage.batches) > 1
+
+
+def test_a_batch_whose_outcome_is_unknown_is_never_stored_again(sockets: SocketTracker) -> None:
+    # An "always" add whose fsync failed has written the batch: replaying it message by message
+    # would store every message twice (issue 8, point 7).
+    pub, sub = pub_sub(sockets)
+    for i in range(5):
+        pub.send(b"%d" % i)
+    storage = ListStorage(fail_with=persizmq.StorageWriteError(5, "fdatasync failed"))
+    reported: List[Exception] = []
+    with ThreadedSubscriber(
+        storage.add_message, subscriber=sub, on_exception=reported.append
+    ) as ts:
+        wait_until(lambda: ts.received == 5)
+    assert storage.messages == [b"%d" % i for i in range(5)]  # once each, not twice
+    assert storage.single_adds == 0
+    assert ts.errors == 5
+    assert len(reported) >= 1
+    assert all(isinstance(exc, persizmq.StorageWriteError) for exc in reported)
