@@ -77,15 +77,33 @@ def package_root() -> pathlib.Path:
 
 
 def open_endpoint(sock: "zmq.Socket[Any]", endpoint: str, bind: bool) -> None:
-    """``bind`` or ``connect`` ``sock``; a bad endpoint is a :class:`CliError`."""
+    """``bind`` or ``connect`` ``sock``; a bad endpoint is a :class:`CliError`.
+
+    An endpoint that is not UTF-8 (argv arrives decoded with surrogate escapes) is passed as
+    the bytes the user typed, so an ``ipc://`` path names the file it names on disk.
+    """
+    verb = "bind to" if bind else "connect to"
+    address: Any = endpoint
+    if not _is_utf8(endpoint):
+        address = os.fsencode(endpoint)
     try:
         if bind:
-            sock.bind(endpoint)
+            sock.bind(address)
         else:
-            sock.connect(endpoint)
+            sock.connect(address)
     except zmq.ZMQError as err:
-        verb = "bind to" if bind else "connect to"
         raise CliError(f"cannot {verb} {endpoint!r}: {err.strerror}") from err
+    except (TypeError, UnicodeError) as err:  # a pyzmq that takes only UTF-8 endpoints
+        raise CliError(f"cannot {verb} {endpoint!r}: it is not UTF-8 ({err})") from err
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` has no surrogate escapes (it encodes as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- the parser

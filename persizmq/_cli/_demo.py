@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, List, Optional, TextIO, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import zmq
 
@@ -41,6 +41,7 @@ from persizmq._cli._base import (
     package_root,
     positive,
 )
+from persizmq._cli._output import Sink, notice
 from persizmq._cli._record import STATUS_INTERVAL_ENV
 from persizmq._message import Message
 
@@ -107,7 +108,7 @@ class _DemoConsumer(threading.Thread):
 class _Demo:
     """Publisher, recorder child processes and consumer of ``persizmq demo``."""
 
-    def __init__(self, workdir: pathlib.Path, total: int, rate: float, out: TextIO) -> None:
+    def __init__(self, workdir: pathlib.Path, total: int, rate: float, out: Sink) -> None:
         """Work in ``workdir``; publish ``total`` messages at ``rate`` per second."""
         self.workdir = workdir
         self.queue_dir = workdir / "queue"
@@ -124,7 +125,6 @@ class _Demo:
     def say(self, text: str) -> None:
         """Print a step of the story with the time since the start."""
         self.out.write(f"[{time.monotonic() - self.started:5.2f}s] {text}\n")
-        self.out.flush()
 
     def log_tail(self, number: int) -> str:
         """The end of recorder ``number``'s log, for an error message."""
@@ -325,24 +325,23 @@ class _Demo:
             problems.append(f"recorder 2 exited with {exit_code} after SIGTERM (expected 0)")
         if problems:
             self.out.write(f"FAILED: {'; '.join(problems)}\n")
-            self.out.flush()
             return EXIT_FAILURE
         self.out.write(
             "OK: every message sent while a recorder was subscribed was persisted and consumed "
             "exactly once, in order, across a SIGKILL of the recorder.\n"
         )
-        self.out.flush()
         return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``persizmq demo``: publish, record in a child process, SIGKILL it, restart, consume."""
+    out = Sink.stdout()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="persizmq-demo-"))
     try:
-        return _Demo(workdir, args.messages, args.rate, sys.stdout).run()
+        return _Demo(workdir, args.messages, args.rate, out).run()
     finally:
         if args.keep_dir:
-            print(f"{PROG} demo: kept {workdir}", file=sys.stderr)
+            notice(f"{PROG} demo: kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 

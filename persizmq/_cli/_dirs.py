@@ -9,7 +9,7 @@ says enough. A few questions it does not answer, and they are answered here from
 
 * which kind of storage a directory holds (``"queue"``, ``"latest"`` or none) -- every command
   but ``record`` refuses a directory that does not exist or holds no persizmq files, rather than
-  creating or littering it;
+  creating or littering it, and ``record`` refuses a directory that holds the other kind;
 * the numbers of ``stats`` beyond ``PersistentStorage.stats()``: segment count, the times of the
   oldest and newest file, bytes set aside as damaged;
 * the newest message of a latest-message directory *without its lock* (the recorder holds it):
@@ -25,7 +25,7 @@ import dataclasses
 import os
 import pathlib
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Set, Tuple
 
 import persizmq
 from persizmq import _latest, _position, _storage
@@ -37,6 +37,7 @@ from persizmq._message import Message
 __all__ = [
     "LatestFound",
     "existing_storage",
+    "kinds_present",
     "latest_disk_bytes",
     "latest_stats",
     "queue_stats",
@@ -68,15 +69,26 @@ def _size(path: pathlib.Path) -> int:
         return 0
 
 
+def kinds_present(directory: pathlib.Path) -> FrozenSet[str]:
+    """The kinds of storage whose files ``directory`` holds: ``"queue"``, ``"latest"``, both."""
+    kinds: Set[str] = set()
+    for name in os.listdir(directory):
+        if _SEGMENT_NAME_RE.match(name) or _LEGACY_NAME_RE.match(name) or name in _QUEUE_NAMES:
+            kinds.add("queue")
+        elif name in _LATEST_NAMES:
+            kinds.add("latest")
+    return frozenset(kinds)
+
+
 def storage_kind(directory: pathlib.Path) -> Optional[str]:
-    """Return ``"queue"``, ``"latest"`` or None for a directory without persizmq files."""
-    names = os.listdir(directory)
-    if any(
-        _SEGMENT_NAME_RE.match(name) or _LEGACY_NAME_RE.match(name) or name in _QUEUE_NAMES
-        for name in names
-    ):
+    """Return ``"queue"``, ``"latest"`` or None for a directory without persizmq files.
+
+    A directory with the files of both (which ``record`` refuses to make) counts as a queue.
+    """
+    kinds = kinds_present(directory)
+    if "queue" in kinds:
         return "queue"
-    if any(name in _LATEST_NAMES for name in names):
+    if "latest" in kinds:
         return "latest"
     return None
 

@@ -8,19 +8,21 @@ latest-message directory read directly, see ``_dirs``): they take no lock and ch
 so they work whoever holds the roles -- a recorder writing, an application consuming.
 
 ``pop`` and ``drain`` are the *consumer*, so a recorder can keep appending meanwhile. Delivery
-is at-least-once: they write (and flush, and fsync when the output is a regular file) a batch
-of lines before they remove those messages, so a crash or a power cut can repeat lines, never
-lose them. A stop signal ends the run between two batches.
+is at-least-once: they write (and fsync when the output is a regular file) a batch of lines
+before they remove those messages, so a crash or a power cut can repeat lines, never lose them.
+Every line goes through ``_output.Sink``: an output that cannot take all of a batch (closed,
+its reader gone, a full disk) stops the command before that batch is removed, with one line
+that says how many messages were written and removed before. A stop signal ends the run
+between two batches.
 """
 
 import argparse
 import contextlib
 import itertools
 import json
-import os
 import sys
 import time
-from typing import Callable, List, Optional, TextIO, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import persizmq
 from persizmq._cli._base import EXIT_INTERRUPTED, EXIT_OK, PROG, CliError, add_command, count
@@ -33,12 +35,14 @@ from persizmq._cli._dirs import (
 )
 from persizmq._cli._output import (
     FORMATS,
+    OutputError,
     Progress,
     Rate,
+    Sink,
     format_message,
     human_bytes,
-    is_regular_file,
     isatty,
+    notice,
 )
 from persizmq._cli._signals import StopSignals
 from persizmq._message import Message
@@ -52,11 +56,10 @@ _TAKE_BATCH_BYTES = 8 << 20
 def cmd_stats(args: argparse.Namespace) -> int:
     """``persizmq stats DIR [--json]``: counts and sizes; reads without taking any lock."""
     directory, kind = existing_storage(args.dir)
+    out = Sink.stdout()
     info = queue_stats(directory) if kind == "queue" else latest_stats(directory)
-    out = sys.stdout
     if args.json:
         out.write(json.dumps(info, indent=2) + "\n")
-        out.flush()
         return EXIT_OK
     rows: List[Tuple[str, str]] = [("directory", f"{info['directory']} ({kind})")]
     if kind == "queue":
@@ -85,25 +88,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
             rows.append(("latest", "no message"))
         rows.append(("on disk", human_bytes(info["disk_bytes"])))
         rows.append(("written", info["newest"] or "-"))
-    for key, value in rows:
-        out.write(f"{key:<12} {value}\n")
-    out.flush()
+    out.write("".join(f"{key:<12} {value}\n" for key, value in rows))
     return EXIT_OK
 
 
 def cmd_peek(args: argparse.Namespace) -> int:
     """``persizmq peek DIR [-n N] [--format F]``: print the first N messages, remove nothing."""
     directory, kind = existing_storage(args.dir)
-    out = sys.stdout
+    out = Sink.stdout()
     if kind == "latest":
         found = read_latest(directory)
         if found is not None and args.n >= 1:
             out.write(format_message(found.message, args.format) + "\n")
     else:
         with persizmq.PersistentStorage(directory, role="reader", sync="never") as reader:
-            for msg in itertools.islice(reader, args.n):
-                out.write(format_message(msg, args.format) + "\n")
-    out.flush()
+            messages = itertools.islice(reader, args.n)
+            while True:  # a thousand lines a write: neither a write per line nor all at once
+                chunk = [
+                    format_message(m, args.format) + "\n" for m in itertools.islice(messages, 1000)
+                ]
+                if not chunk:
+                    break
+                out.write("".join(chunk))
     return EXIT_OK
 
 
@@ -122,7 +128,7 @@ def _batch(storage: persizmq.PersistentStorage, limit: int) -> List[Message]:
 
 def _take(
     storage: persizmq.PersistentStorage,
-    out: TextIO,
+    out: Sink,
     fmt: str,
     *,
     limit: Optional[int],
@@ -131,21 +137,26 @@ def _take(
 ) -> int:
     """Write pending messages to ``out`` and remove them: at-least-once, batch by batch.
 
-    A batch is written, flushed and -- if ``out`` is a regular file -- fsynced before any of
+    A batch is written in full and -- if ``out`` is a regular file -- fsynced before any of
     its messages is removed, so a crash or a power cut can repeat lines, never lose them.
     Returns how many messages were taken; stops early when a stop is requested.
+
+    :raises OutputError: ``out`` could not take a batch (that batch was not removed).
     """
-    durable = is_regular_file(out)
     taken = 0
     while (limit is None or taken < limit) and not stop.requested:
         want = _TAKE_BATCH_MESSAGES if limit is None else min(_TAKE_BATCH_MESSAGES, limit - taken)
         batch = _batch(storage, want)
         if not batch:
             break
-        out.write("".join(format_message(msg, fmt) + "\n" for msg in batch))
-        out.flush()
-        if durable:
-            os.fsync(out.fileno())
+        try:
+            out.write("".join(format_message(msg, fmt) + "\n" for msg in batch))
+            out.sync()
+        except OutputError as err:
+            raise OutputError(
+                f"{err.message}; {taken:,} messages were written and removed before, the rest "
+                f"is still pending"
+            ) from err
         for msg in batch:
             # front() names the message that pop_front() removes: check it is the one written.
             if storage.front() != msg:
@@ -163,10 +174,9 @@ def cmd_pop(args: argparse.Namespace) -> int:
     """``persizmq pop DIR [-n N] [--format F]``: print the first N messages and remove them."""
     directory, kind = existing_storage(args.dir)
     require_queue(directory, kind, "pop")
+    out = Sink.stdout()
     with persizmq.PersistentStorage(directory, role="consumer") as storage, StopSignals() as stop:
-        taken = _take(
-            storage, sys.stdout, args.format, limit=args.n, stop=stop, on_batch=lambda _: None
-        )
+        taken = _take(storage, out, args.format, limit=args.n, stop=stop, on_batch=lambda _: None)
     if stop.requested:
         raise CliError(f"interrupted by {stop.name} after {taken} messages", EXIT_INTERRUPTED)
     return EXIT_OK
@@ -177,9 +187,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
     directory, kind = existing_storage(args.dir)
     require_queue(directory, kind, "drain")
     with contextlib.ExitStack() as stack:
-        out: TextIO = sys.stdout
-        if args.output is not None:
-            out = stack.enter_context(open(args.output, "a", encoding="ascii", newline="\n"))
+        if args.output is None:
+            out = Sink.stdout()
+        else:  # unbuffered: Sink writes every byte itself (and the lines are ASCII)
+            out = Sink(stack.enter_context(open(args.output, "ab", buffering=0)), repr(args.output))
         storage = stack.enter_context(persizmq.PersistentStorage(directory, role="consumer"))
         stop = stack.enter_context(StopSignals())
         progress = Progress(sys.stderr, isatty(sys.stderr))
@@ -199,10 +210,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
         remaining = len(storage)
     if isatty(sys.stderr) or args.output is not None:
         where = f" to {args.output}" if args.output is not None else ""
-        print(
+        notice(
             f"{PROG} drain: {taken:,} messages{where} in {time.monotonic() - started:.1f} s; "
-            f"{remaining:,} pending",
-            file=sys.stderr,
+            f"{remaining:,} pending"
         )
     if stop.requested:
         raise CliError(

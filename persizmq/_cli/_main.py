@@ -12,6 +12,12 @@ module plus one line in that tuple.
 line on stderr (``persizmq: error: ...``) and an exit status: 2 for a usage mistake (argparse's
 own), 1 for a runtime failure (a missing or locked directory, a bad endpoint, a full disk), 130
 when Ctrl-C cut a run short. Unexpected exceptions (bugs) still show their traceback.
+
+A process started with standard input, output or error closed (``>&-``, ``2>&-``) would hand
+that descriptor number to the first file it opens -- a segment of the queue could become
+"stderr" and take libzmq's or the interpreter's messages. So :func:`main` first opens
+``/dev/null`` on any of the three that is closed; ``sys.stdout`` stays None then, and a command
+that writes its output refuses with one line (``_output.Sink.stdout``).
 """
 
 import argparse
@@ -67,8 +73,18 @@ def _exit_status(code: object) -> int:
     return EXIT_FAILURE
 
 
+def _fill_standard_descriptors() -> None:
+    """Open ``/dev/null`` on whichever of the descriptors 0, 1 and 2 is closed."""
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)  # the lowest free number
+        if fd > 2:
+            os.close(fd)
+            return
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    _fill_standard_descriptors()
     parser = build_parser()
     try:
         args = parser.parse_args(None if argv is None else list(argv))
@@ -88,11 +104,14 @@ def _dispatch(handler: Handler, args: argparse.Namespace) -> int:
     except CliError as err:
         print_error(err.message)
         status = err.code
-    except BrokenPipeError:
-        # The reader of our output went away (``persizmq peek -n 100 | head -1``): stop quietly.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (PersizmqError, zmq.ZMQError, OSError) as err:
+        if isinstance(err, BrokenPipeError) and sys.stdout is not None:
+            # What is left in stdout's buffer would fail again, with a traceback, at exit.
+            with contextlib.suppress(OSError, ValueError):
+                target = sys.stdout.fileno()
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, target)
+                os.close(null)
         print_error(describe(err))
     except KeyboardInterrupt:
         print_error("interrupted")

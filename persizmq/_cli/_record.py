@@ -57,8 +57,8 @@ from persizmq._cli._base import (
     seconds,
     size_bytes,
 )
-from persizmq._cli._dirs import latest_disk_bytes
-from persizmq._cli._output import Progress, Rate, human_bytes, isatty
+from persizmq._cli._dirs import kinds_present, latest_disk_bytes
+from persizmq._cli._output import Progress, Rate, human_bytes, isatty, notice
 from persizmq._cli._signals import StopSignals
 from persizmq._message import Message
 
@@ -135,6 +135,7 @@ class _Recorder:
                 "--max-messages and --max-bytes bound a queue; --latest keeps one message",
                 EXIT_USAGE,
             )
+        self._check_kind()
         self.tty = isatty(sys.stderr)
         self.interval = _status_interval(args, self.tty)
         self.counters = _RecordCounters()
@@ -146,6 +147,23 @@ class _Recorder:
         self.rate = Rate()
         self.progress = Progress(sys.stderr, self.tty)
         self.errors_shown = 0
+
+    def _check_kind(self) -> None:
+        """Refuse a directory that holds the other kind of storage (a queue for ``--latest``)."""
+        if not self.directory.is_dir():
+            return  # created by the storage (a file there is the storage's error)
+        kinds = kinds_present(self.directory)
+        shown = repr(str(self.directory))
+        if self.args.latest and "queue" in kinds:
+            raise CliError(
+                f"{shown} holds a queue ('persizmq record' without --latest); a latest-message "
+                f"storage needs a directory of its own: drop --latest or choose another directory"
+            )
+        if not self.args.latest and "latest" in kinds:
+            raise CliError(
+                f"{shown} holds a latest-message storage ('persizmq record --latest'); a queue "
+                f"needs a directory of its own: add --latest or choose another directory"
+            )
 
     def _not_open(self, msg: Message) -> None:
         raise AssertionError("the storage is opened before the subscriber starts")
@@ -231,7 +249,7 @@ class _Recorder:
         else:
             stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             fields = " ".join(f"{key}={value}" for key, value in numbers.items())
-            print(f"{PROG} record: {stamp} rate={rate:.1f}/s {fields}", file=sys.stderr, flush=True)
+            notice(f"{PROG} record: {stamp} rate={rate:.1f}/s {fields}")
 
     def show_new_errors(self) -> None:
         """Print the latest callback error once, when the error count grew."""
@@ -244,7 +262,7 @@ class _Recorder:
         more = f" (and {new - 1} more)" if new > 1 else ""
         err = self.counters.last_error
         text = describe(err) if err is not None else "unknown error"
-        print(f"{PROG} record: storing a message failed{more}: {text}", file=sys.stderr)
+        notice(f"{PROG} record: storing a message failed{more}: {text}")
 
     def drain_leftovers(self, sock: "zmq.Socket[Any]") -> None:
         """After the subscriber thread stopped: store what the socket had already queued."""
@@ -271,7 +289,8 @@ class _Recorder:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.RCVHWM, _RECORD_RCVHWM)
                 for topic in args.topic or [""]:
-                    sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+                    # The bytes as typed: argv arrives decoded with surrogate escapes.
+                    sock.setsockopt(zmq.SUBSCRIBE, os.fsencode(topic))
                 for endpoint in self.endpoints:
                     open_endpoint(sock, endpoint, args.bind)
                 # After the endpoints, so that a typo in one does not create the directory.
@@ -307,11 +326,9 @@ class _Recorder:
         args = self.args
         verb = "bound to" if args.bind else "connected to"
         kind = "latest message" if args.latest else "queue"
-        print(
+        notice(
             f"{PROG} record: {verb} {', '.join(self.endpoints)}; recording into "
-            f"{self.directory} ({kind}, sync={args.sync}); stop with Ctrl-C or SIGTERM",
-            file=sys.stderr,
-            flush=True,
+            f"{self.directory} ({kind}, sync={args.sync}); stop with Ctrl-C or SIGTERM"
         )
         interval = self.interval
         tick = min(interval, 0.5) if interval > 0 else 0.5
@@ -337,11 +354,9 @@ class _Recorder:
             if self.queue is not None
             else ("the latest message" if numbers["pending"] else "no message")
         )
-        print(
+        notice(
             f"{PROG} record: {why}; received {received:,}, stored {numbers['stored']:,}, "
-            f"filtered {numbers['filtered']:,}{dropped}{errors}; {pending} in {self.directory}",
-            file=sys.stderr,
-            flush=True,
+            f"filtered {numbers['filtered']:,}{dropped}{errors}; {pending} in {self.directory}"
         )
 
 
@@ -371,7 +386,8 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "--topic",
         action="append",
         metavar="PREFIX",
-        help="subscribe to this topic prefix (UTF-8; repeatable; default: everything)",
+        help="subscribe to this topic prefix: the bytes as typed, any encoding (repeatable; "
+        "default: everything)",
     )
     record.add_argument(
         "--multipart", action="store_true", help="store every message as a list of frames"

@@ -30,7 +30,7 @@ from persizmq._cli._base import (
     seconds,
 )
 from persizmq._cli._dirs import existing_storage, require_queue
-from persizmq._cli._output import Progress, Rate, first_frame, format_message, isatty
+from persizmq._cli._output import Progress, Rate, first_frame, format_message, isatty, notice
 from persizmq._cli._signals import StopSignals
 from persizmq._message import Message
 
@@ -182,7 +182,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     with storage, StopSignals() as stop:
         total = len(storage)
         if total == 0:
-            print(f"{PROG} replay: nothing pending in {directory}", file=sys.stderr)
+            notice(f"{PROG} replay: nothing pending in {directory}")
             return EXIT_OK
         replayer = _Replayer(args, storage, stop)
         context: zmq.Context[Any] = zmq.Context()
@@ -204,10 +204,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         remaining = len(storage)
     verb = "sent (kept)" if args.keep else "sent and removed"
     skipped = f", {replayer.skipped:,} matched no subscription" if replayer.skipped else ""
-    print(
+    notice(
         f"{PROG} replay: {replayer.sent:,} messages {verb}{skipped}; "
-        f"{remaining:,} pending in {directory}",
-        file=sys.stderr,
+        f"{remaining:,} pending in {directory}"
     )
     if stop.requested:
         raise CliError(

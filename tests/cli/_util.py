@@ -35,6 +35,7 @@ __all__ = [
     "numbered",
     "pending",
     "run_cli",
+    "run_cli_closed",
 ]
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
@@ -52,6 +53,21 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
+    )
+
+
+def run_cli_closed(
+    redirect: str, *args: str, env: Optional[Dict[str, str]] = None
+) -> "subprocess.CompletedProcess[str]":
+    """Run ``python -m persizmq ARGS`` through ``sh`` with ``redirect`` (``">&-"``, ...)."""
+    return subprocess.run(
+        ["sh", "-c", f'exec "$0" -m persizmq "$@" {redirect}', sys.executable, *args],
+        cwd=REPO,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=60.0,
         check=False,
     )
 

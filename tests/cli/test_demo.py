@@ -4,7 +4,9 @@ import pathlib
 import re
 
 from tests.cli._util import (
+    assert_one_error_line,
     run_cli,
+    run_cli_closed,
 )
 
 
@@ -21,3 +23,10 @@ def test_demo(tmp_path: pathlib.Path) -> None:
     assert "SIGKILL" in result.stdout
     assert "OK:" in result.stdout
     assert list(tmp_path.iterdir()) == []  # the demo removed its temporary directory
+
+
+def test_demo_with_stdout_closed_is_one_line(tmp_path: pathlib.Path) -> None:
+    result = run_cli_closed(">&-", "demo", env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, "standard output is closed")
+    assert list(tmp_path.iterdir()) == []

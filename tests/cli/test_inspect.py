@@ -8,6 +8,7 @@ import os
 import pathlib
 import pty
 import re
+import resource
 import select
 import subprocess
 import sys
@@ -23,12 +24,14 @@ from tests.cli._util import (
     REPO,
     Publisher,
     Recorder,
+    assert_one_error_line,
     child_env,
     contents,
     fill,
     numbered,
     pending,
     run_cli,
+    run_cli_closed,
 )
 
 
@@ -231,3 +234,135 @@ def test_a_long_lived_reader_follows_the_consumer(tmp_path: pathlib.Path) -> Non
             assert len(reader) == 1
             assert reader.front() == b"c"
             assert list(reader) == [b"c"]
+
+
+# --------------------------------------------------------------------------- output failures
+
+
+@pytest.mark.parametrize(
+    "argv", [["pop", "-n", "2"], ["peek", "-n", "2"], ["drain"], ["stats"], ["stats", "--json"]]
+)
+def test_stdout_closed_at_start_is_one_line_and_removes_nothing(
+    tmp_path: pathlib.Path, argv: List[str]
+) -> None:
+    """``persizmq pop DIR >&-``: one line, exit 1, nothing popped (issue 8 point 17)."""
+    directory = tmp_path / "q"
+    fill(directory, numbered(3))
+    result = run_cli_closed(">&-", argv[0], str(directory), *argv[1:])
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, "standard output is closed")
+    assert contents(directory) == numbered(3)
+
+
+@pytest.mark.parametrize(
+    "argv", [["pop", "-n", "2"], ["peek", "-n", "2"], ["drain"], ["stats"], ["stats", "--json"]]
+)
+def test_stdout_reader_gone_is_one_line_and_removes_nothing(
+    tmp_path: pathlib.Path, argv: List[str]
+) -> None:
+    """A pipe whose reader has gone (EPIPE): one line, exit 1, nothing popped."""
+    directory = tmp_path / "q"
+    fill(directory, numbered(3))
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "persizmq", argv[0], str(directory), *argv[1:]],
+            cwd=REPO,
+            env=child_env(),
+            stdout=write_fd,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
+    finally:
+        os.close(write_fd)
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, "cannot write to standard output: Broken pipe")
+    assert contents(directory) == numbered(3)
+
+
+@pytest.mark.parametrize("command", ["pop", "drain"])
+def test_stdout_reader_leaving_mid_run_removes_only_what_it_was_given(
+    tmp_path: pathlib.Path, command: str
+) -> None:
+    """The reader takes 12,000 lines and leaves: the first batch (10,000) was written in full
+    and removed; the second was not taken in full (a pipe holds 64 KiB), so it stays."""
+    directory = tmp_path / "q"
+    total = 25_000
+    fill(directory, numbered(total), segment_size=1 << 20)
+    argv = ["pop", "-n", str(total)] if command == "pop" else ["drain"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "persizmq", argv[0], str(directory), *argv[1:]],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(12_000)]
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert lines == [repr(msg).encode() + b"\n" for msg in numbered(12_000)]
+    assert proc.returncode == 1, err
+    assert_one_error_line(err.decode(), "Broken pipe", "10,000 messages were written and removed")
+    assert contents(directory) == numbered(total)[10_000:]
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (250_000, 250_000))
+
+
+@pytest.mark.parametrize("command", ["pop", "drain"])
+def test_a_full_output_removes_only_what_was_written(tmp_path: pathlib.Path, command: str) -> None:
+    """A full disk (a file-size limit: EFBIG) under ``PYTHONUNBUFFERED=1``, where Python's
+    unbuffered stdout used to drop the unwritten part of a short write: ``pop`` removed 15,000
+    messages, wrote 13,888 lines and exited 0. Now what was removed was written in full."""
+    directory = tmp_path / "q"
+    output = tmp_path / "out.txt"
+    total = 15_000  # 270,000 bytes of lines, the limit is 250,000
+    fill(directory, numbered(total), segment_size=1 << 20)
+    with open(output, "wb") as stream:
+        result = subprocess.run(
+            [sys.executable, "-m", "persizmq", command, str(directory)]
+            + (["-n", str(total)] if command == "pop" else ["-o", str(output)]),
+            cwd=REPO,
+            env=child_env({"PYTHONUNBUFFERED": "1"}),
+            stdout=stream if command == "pop" else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+            preexec_fn=_limit_file_size,
+        )
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, "File too large", "the rest is still pending")
+    left = contents(directory)
+    removed = total - len(left)
+    assert removed == 10_000  # the first batch fit; the second did not
+    assert left == numbered(total)[removed:]
+    written = output.read_bytes().split(b"\n")
+    assert written[:removed] == [repr(msg).encode() for msg in numbered(removed)]
+
+
+def test_stats_of_a_directory_whose_name_is_not_utf8(tmp_path: pathlib.Path) -> None:
+    """Under a strict UTF-8 stdout the name was a UnicodeEncodeError traceback."""
+    directory = os.fsencode(tmp_path) + b"/q\xff"
+    fill(pathlib.Path(os.fsdecode(directory)), numbered(2))
+    result = subprocess.run(
+        [sys.executable, "-m", "persizmq", "stats", directory],
+        cwd=REPO,
+        env=child_env({"PYTHONIOENCODING": "utf-8:strict"}),
+        capture_output=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert b"directory    " + directory + b" (queue)\n" in result.stdout
+    assert re.search(rb"^pending\s+2 messages", result.stdout, re.MULTILINE)

@@ -302,3 +302,130 @@ def test_record_status_line_on_a_terminal(tmp_path: pathlib.Path, sockets: Socke
     assert "pending 10" in text
     assert "filtered 0" in text
     assert "Traceback" not in text
+
+
+# --------------------------------------------------------------------------- issue 8 point 17
+
+
+def test_record_a_topic_that_is_not_utf8_is_the_bytes_typed(
+    tmp_path: pathlib.Path, sockets: SocketTracker
+) -> None:
+    """argv arrives decoded with surrogate escapes: ``--topic $'t\\xff'`` subscribes to
+    ``b"t\\xff"`` (it used to be a UnicodeEncodeError traceback)."""
+    directory = tmp_path / "q"
+    publisher = Publisher(sockets)
+    topic = os.fsdecode(b"t\xff")  # what sys.argv holds; Popen passes the bytes back
+    with Recorder(
+        tmp_path / "rec.log", publisher.endpoint, str(directory), "--topic", topic
+    ) as rec:
+        assert publisher.wait_subscribed() == [b"t\xff"]
+        publisher.send([b"t\xffkept", b"t-other", b"\xff"])
+        wait_until(lambda: pending(directory) == 1, DEADLINE, "the matching message persisted")
+        assert rec.stop() == 0, rec.output()
+    assert "Traceback" not in rec.output()
+    assert contents(directory) == [b"t\xffkept"]
+
+
+def test_record_an_endpoint_that_is_not_utf8_is_one_line(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "q"
+    assert main(["record", "tcp://" + os.fsdecode(b"\xff"), str(directory)]) == 1
+    assert_one_error_line(capsys.readouterr().err, "cannot connect to")
+    assert not directory.exists()
+
+
+@pytest.mark.parametrize(
+    ("latest", "fragment"),
+    [
+        (True, "holds a queue ('persizmq record' without --latest)"),
+        (False, "holds a latest-message storage ('persizmq record --latest')"),
+    ],
+)
+def test_record_refuses_a_directory_of_the_other_kind(
+    tmp_path: pathlib.Path, latest: bool, fragment: str
+) -> None:
+    """``record --latest`` into a queue directory (or a queue into a latest one) used to be
+    accepted, mixing the two storages' files in one directory."""
+    directory = tmp_path / "d"
+    if latest:
+        with persizmq.PersistentStorage(directory) as queue:
+            queue.add_message(b"queued")
+    else:
+        with persizmq.PersistentLatestStorage(directory) as newest:
+            newest.add_message(b"newest")
+    before = sorted(p.name for p in directory.iterdir())
+    argv = ["record", "tcp://127.0.0.1:1", str(directory), *(["--latest"] if latest else [])]
+    result = run_cli(*argv, timeout=DEADLINE)
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, repr(str(directory)), fragment)
+    assert sorted(p.name for p in directory.iterdir()) == before
+
+
+def test_record_keeps_recording_when_its_stderr_reader_goes_away(
+    tmp_path: pathlib.Path, sockets: SocketTracker
+) -> None:
+    """Status lines into a pipe whose reader has gone (EPIPE) are dropped; the recorder went
+    on recording (it used to exit 1 at its first status line, silently)."""
+    directory = tmp_path / "q"
+    publisher = Publisher(sockets)
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "persizmq", "record", publisher.endpoint, str(directory)],
+            cwd=REPO,
+            env=child_env({_cli.STATUS_INTERVAL_ENV: "0.05"}),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_fd,
+        )
+    finally:
+        os.close(write_fd)
+    try:
+        publisher.wait_subscribed()
+        publisher.send(numbered(100))
+        wait_until(lambda: pending(directory) == 100, DEADLINE, "100 messages persisted")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert contents(directory) == numbered(100)
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_record_started_with_closed_descriptors_keeps_its_files_off_them(
+    tmp_path: pathlib.Path, sockets: SocketTracker
+) -> None:
+    """Started with stdin and stderr closed, the first files opened would have been numbers 0
+    and 2 -- a segment as "stderr". They are /dev/null instead."""
+    directory = tmp_path / "q"
+    publisher = Publisher(sockets)
+    proc = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            'exec "$0" -m persizmq record "$@" <&- 2>&-',
+            sys.executable,
+            publisher.endpoint,
+            str(directory),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        publisher.wait_subscribed()
+        publisher.send(numbered(5))
+        wait_until(lambda: pending(directory) == 5, DEADLINE, "5 messages persisted")
+        for fd in (0, 2):
+            assert os.readlink(f"/proc/{proc.pid}/fd/{fd}") == os.devnull
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert contents(directory) == numbered(5)

@@ -1,5 +1,6 @@
 """``persizmq replay`` (``persizmq._cli._replay``): in process and as a process."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -154,3 +155,15 @@ def test_replay_keep_bind_and_rate(tmp_path: pathlib.Path, sockets: SocketTracke
     assert last - first >= (len(messages) - 1) / rate * 0.9  # paced, not a burst
     assert "40 messages sent (kept); 40 pending" in err
     assert contents(directory) == messages
+
+
+def test_replay_binds_an_ipc_path_that_is_not_utf8(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The endpoint is the bytes typed (it used to be a UnicodeEncodeError traceback)."""
+    directory = tmp_path / "q"
+    fill(directory, [b"a"])
+    endpoint = "ipc://" + os.fsdecode(os.fsencode(tmp_path) + b"/\xff.ipc")
+    assert main(["replay", str(directory), endpoint, "--bind", "--wait", "0.2"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "no subscriber joined")  # bound, then waited
+    assert contents(directory) == [b"a"]
