@@ -32,6 +32,13 @@ leaves each slot either old or new, never half-written. Which slot is replaced:
   :meth:`PersistentLatestStorage.message` returned -- is never overwritten before a newer one is
   durable, and survives a power cut.
 
+Every object opened on the same directory in this process shares one open store (see
+``_engine._registry``): adds from any of them replace the one newest message, and each object
+has its own :attr:`~PersistentLatestStorage.new_message` flag (``True`` when the store holds a
+message newer than the last one that object's ``message()`` returned; a new object over a store
+that holds a message starts with it ``True``, as after a restart). The lock file goes with the
+last object closed; another process gets :class:`LockedError`.
+
 persizmq 1.0.x kept the message as the raw content of ``persistent_message.bin``; when no slot
 exists it is read, converted to a slot (fsynced) and then removed; a leftover 1.0.x
 ``persistent_message.tmp`` is removed.
@@ -43,14 +50,17 @@ import logging
 import os
 import pathlib
 import struct
+import sys
 import threading
-import weakref
 import zlib
 from types import TracebackType
-from typing import List, Optional, Tuple, Type
+from typing import List, NamedTuple, Optional, Tuple, Type
 
-from persizmq import _fs, _syncer
+from persizmq import _fs
 from persizmq._checks import check_optional_int, check_seconds
+from persizmq._engine import _registry
+from persizmq._engine._durability import Durability, SyncWork
+from persizmq._engine._registry import lock_wait
 from persizmq._errors import (
     ClosedError,
     CorruptionError,
@@ -94,42 +104,11 @@ class _DamagedError(Exception):
     """A slot file failed its checks; the argument says how."""
 
 
-class _Handles:
-    """The operating-system resources of a storage, released by its finalizer.
+class _Options(NamedTuple):
+    """The options that belong to the open store (two objects must agree on them)."""
 
-    Kept apart from the storage so that the finalizer does not reference (and keep alive) the
-    storage itself.
-    """
-
-    __slots__ = ("dir_fd", "lock_fd", "pending_sync", "syncer_key")
-
-    def __init__(self, lock_fd: int) -> None:
-        self.lock_fd = lock_fd
-        self.dir_fd = -1
-        self.syncer_key: Optional[int] = None
-        # Name of a slot written but not yet fsynced (periodic mode), synced on release.
-        self.pending_sync: Optional[str] = None
-
-
-def _release(handles: _Handles) -> None:
-    """Release what ``handles`` holds: a last fsync if one is pending, then the lock.
-
-    This is the finalizer, so it may run in whatever thread drops the last reference -- even
-    the syncer's own thread while it holds its registry lock. It therefore leaves the syncer
-    registration alone: the syncer forgets an entry whose weak reference died by itself.
-    """
-    if handles.dir_fd >= 0:
-        if handles.pending_sync is not None:
-            try:
-                _fsync_slot(handles.dir_fd, handles.pending_sync)
-            except OSError:
-                _LOGGER.exception("persizmq: the final fsync of the latest message failed")
-            handles.pending_sync = None
-        os.close(handles.dir_fd)
-        handles.dir_fd = -1
-    if handles.lock_fd >= 0:
-        _fs.release_lock(handles.lock_fd)
-        handles.lock_fd = -1
+    sync: str
+    sync_interval: float
 
 
 def _fsync_slot(dir_fd: int, name: str) -> None:
@@ -185,79 +164,54 @@ def _parse_slot(data: bytes) -> Tuple[int, Message]:
     return sequence, message
 
 
-class PersistentLatestStorage:
-    """Keep only the newest message, crash-safe on disk.
+class _LatestStore:
+    """The open latest-message store of one directory, shared by the objects opened on it."""
 
-    Use :meth:`add_message` as a :class:`ThreadedSubscriber` callback and read the newest
-    message with :meth:`message`; :attr:`new_message` tells whether one arrived since the last
-    :meth:`message` call (and is ``True`` after a restart that found a stored message).
+    def __init__(self, directory: pathlib.Path, options: _Options) -> None:
+        """Take the directory's lock and load the newest message.
 
-    ``sync`` chooses the durability (see the table in README.rst):
-
-    * ``"always"``: ``add_message`` returns once the message and its directory entry are fsynced;
-    * ``"periodic"`` (default): ``add_message`` returns once the file is renamed into place; a
-      background thread fsyncs within ``sync_interval`` seconds, and :meth:`message` fsyncs
-      before it returns a message that is not durable yet;
-    * ``"never"``: no fsync; the operating system writes when it likes.
-
-    In every mode a killed process loses nothing that ``add_message`` accepted, and damage on
-    disk is never returned: a damaged newest slot falls back to the previous good message.
-
-    The storage is thread-safe. It holds a lock on the directory until :meth:`close` (or the
-    end of a ``with`` block, or the object is garbage-collected), so a second opener -- in this
-    or another process -- gets :class:`LockedError`.
-    """
-
-    def __init__(
-        self,
-        persistent_dir: _fs.PathLike,
-        *,
-        sync: str = "periodic",
-        sync_interval: float = 1.0,
-        max_message_size: Optional[int] = None,
-    ) -> None:
-        """Open (creating it if needed) the storage in ``persistent_dir``.
-
-        :param persistent_dir: the directory (``str`` or path-like); other entries in it are
-            left alone.
-        :param sync: ``"always"``, ``"periodic"`` or ``"never"``, see the class documentation.
-        :param sync_interval: seconds between two background fsyncs with ``sync="periodic"``.
-        :param max_message_size: ``None``, or the largest message in bytes (the sum of the
-            frames of a multipart message) that :meth:`add_message` accepts.
-        :raises MessageTypeError: an argument has the wrong type.
-        :raises InvalidArgumentError: an argument has an impossible value.
-        :raises DirectoryError: ``persistent_dir`` is not a usable directory.
-        :raises LockedError: another storage object holds the directory.
+        :raises LockedError: another process holds the directory.
         :raises CorruptionError: the stored message was written by a newer persizmq.
         """
-        self._sync = _fs.check_sync_mode(sync)
-        self._sync_interval = check_seconds("sync_interval", sync_interval, allow_zero=False)
-        self._max_message_size = check_optional_int("max_message_size", max_message_size, 1)
-        self._dir = _fs.open_directory(persistent_dir, "persistent_dir")
-        self._lock = threading.Lock()
-        self._closed = False
+        self.directory = self._dir = directory
+        self._options = options
+        self._sync = options.sync
+        self.lock = threading.Lock()
+        self._closed_cond = threading.Condition(self.lock)
+        self.closed = False
+        self.closing = False
+        self.users = 0
         self._message: Optional[Message] = None
-        self._new_message = False
         self._sequence = 0  # of the newest stored message; 0 when none
         self._newest_slot: Optional[int] = None
         self._newest_synced = True
-
-        handles = _Handles(_fs.acquire_lock(self._dir / LOCK_FILE, "PersistentLatestStorage"))
-        self._handles = handles
+        self._pending_sync: Optional[str] = None  # a slot written but not yet fsynced
+        self._dir_fd = -1
+        self._lock_fd = _fs.acquire_lock(directory / LOCK_FILE, "PersistentLatestStorage")
+        self.durability = Durability(self.lock, directory, options.sync, options.sync_interval)
+        self.durability.participants.append(self)
         try:
-            handles.dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self._load()
         except BaseException:
-            _release(handles)
+            self._release()
             raise
-        self._finalizer = weakref.finalize(self, _release, handles)
-        if self._sync == "periodic":
-            handles.syncer_key = _syncer.register(self, self._sync_interval)
+        self.durability.start()
+
+    @property
+    def options(self) -> _Options:
+        """The options two objects must agree on."""
+        return self._options
+
+    @property
+    def sequence(self) -> int:
+        """The sequence number of the newest stored message (0: none)."""
+        return self._sequence
 
     # ------------------------------------------------------------------ opening
 
     def _load(self) -> None:
-        dir_fd = self._handles.dir_fd
+        dir_fd = self._dir_fd
         for name in (TMP_FILE, LEGACY_TMP_FILE):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=dir_fd)
@@ -268,7 +222,6 @@ class PersistentLatestStorage:
             self._sequence = sequence
             self._newest_slot = slot
             self._message = message
-            self._new_message = True
             for name, reason in damaged:
                 _LOGGER.warning(
                     "persizmq: the latest-message file %s is damaged (%s); using the valid "
@@ -321,7 +274,7 @@ class PersistentLatestStorage:
         return present, valid, damaged
 
     def _read(self, name: str) -> bytes:
-        fd = os.open(name, _READ_FLAGS, dir_fd=self._handles.dir_fd)
+        fd = os.open(name, _READ_FLAGS, dir_fd=self._dir_fd)
         try:
             size = os.fstat(fd).st_size
             chunks = []
@@ -336,7 +289,7 @@ class PersistentLatestStorage:
 
     def _quarantine(self, name: str) -> None:
         """Move a damaged slot aside (``<name>.corrupt``, ``.corrupt.1``, ...) for inspection."""
-        dir_fd = self._handles.dir_fd
+        dir_fd = self._dir_fd
         target = f"{name}.corrupt"
         counter = 0
         while True:
@@ -352,7 +305,7 @@ class PersistentLatestStorage:
         )
 
     def _migrate_legacy(self) -> None:
-        dir_fd = self._handles.dir_fd
+        dir_fd = self._dir_fd
         try:
             data = self._read(LEGACY_FILE)
         except FileNotFoundError:
@@ -363,7 +316,6 @@ class PersistentLatestStorage:
         self._write(body, data, durable=True)
         os.unlink(LEGACY_FILE, dir_fd=dir_fd)
         os.fsync(dir_fd)
-        self._new_message = True
         _LOGGER.info(
             "persizmq: converted the persizmq 1.0.x message %s (%d bytes) to %s",
             self._dir / LEGACY_FILE,
@@ -371,131 +323,125 @@ class PersistentLatestStorage:
             SLOT_FILES[self._newest_slot or 0],
         )
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ used by the objects
 
-    @property
-    def persistent_dir(self) -> pathlib.Path:
-        """The storage directory."""
-        return self._dir
-
-    @property
-    def sync(self) -> str:
-        """The durability mode: ``"always"``, ``"periodic"`` or ``"never"``."""
-        return self._sync
-
-    @property
-    def closed(self) -> bool:
-        """``True`` once :meth:`close` was called."""
-        return self._closed
-
-    @property
-    def new_message(self) -> bool:
-        """``True`` if a message arrived (or was found on opening) since the last message()."""
-        return self._new_message
-
-    @new_message.setter
-    def new_message(self, value: bool) -> None:
-        self._new_message = bool(value)
-
-    def add_message(self, msg: object) -> None:
-        """Replace the stored message with ``msg``; ``None`` is ignored.
-
-        :param msg: ``bytes``, a list of ``bytes`` (a multipart message, kept whole), or
-            another object with the buffer protocol (stored as ``bytes``).
-        :raises MessageTypeError: ``msg`` is a ``str`` or not bytes-like.
-        :raises MessageTooLargeError: ``msg`` is larger than ``max_message_size``.
-        :raises StorageWriteError: writing failed (for example a full disk); the previous
-            message is kept.
-        :raises ClosedError: the storage is closed.
-        """
-        body = encode_body(msg)
-        if body is None:
-            return
-        if self._max_message_size is not None:
-            size = _payload_size(body)
-            if size > self._max_message_size:
-                raise MessageTooLargeError(
-                    f"expected a message of at most max_message_size={self._max_message_size} "
-                    f"bytes, got {size} bytes; it was not stored"
-                )
-        if isinstance(msg, bytes):
-            message: Message = msg
-        else:
-            message = decode_body(body, "message")
-        with self._lock:
-            if self._closed:
+    def add(self, body: bytes, message: Message) -> None:
+        """Store ``body`` (the encoded ``message``) as the newest message."""
+        with self.lock:
+            if self.closed:
                 raise ClosedError("cannot add a message: the PersistentLatestStorage is closed")
+            self.durability.check()
             self._write(body, message, durable=self._sync == "always")
 
-    def message(self) -> Optional[Message]:
-        """Return the newest message (``None`` if there is none) and clear :attr:`new_message`.
-
-        With ``sync="periodic"`` a message that is not yet fsynced is fsynced first, so what
-        this returns survives a power cut.
-
-        :raises ClosedError: the storage is closed.
-        :raises StorageWriteError: the fsync failed.
-        """
-        with self._lock:
-            if self._closed:
+    def newest(self) -> Tuple[Optional[Message], int]:
+        """``(message, sequence)`` of the newest message, fsynced first if it is not yet."""
+        with self.lock:
+            if self.closed:
                 raise ClosedError("cannot read the message: the PersistentLatestStorage is closed")
             if not self._newest_synced:
+                self.durability.check()
                 self._sync_newest()
-            self._new_message = False
-            message = self._message
-        if isinstance(message, list):
-            return list(message)
-        return message
+            return self._message, self._sequence
+
+    def sync_work(self) -> Optional[SyncWork]:
+        """For a fsync round of the background thread: the newest slot, if not yet synced."""
+        name = self._pending_sync
+        if self.closed or name is None or self._newest_synced:
+            return None
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            return None
+        sequence = self._sequence
+
+        def done() -> None:
+            if self._sequence == sequence:
+                self._newest_synced = True
+                self._pending_sync = None
+
+        return SyncWork([fd], True, done, str(self._dir / name))
 
     def periodic_sync(self) -> None:
-        """Fsync the newest message if it was written since the last sync (for the syncer)."""
-        with self._lock:
-            if self._closed or self._newest_synced:
+        """Fsync the newest message if it was written since the last sync."""
+        with self.lock:
+            if self.closed or self._newest_synced:
                 return
             self._sync_newest()
 
-    def close(self) -> None:
-        """Fsync what is pending (unless ``sync="never"``) and release the directory.
+    def attach(self) -> bool:
+        """One more object uses the store; False if it was closed meanwhile."""
+        with self.lock:
+            while self.closing and not self.closed:  # its last object is closing it
+                self._closed_cond.wait()
+            if self.closed:
+                return False
+            self.users += 1
+            return True
 
-        Idempotent; afterwards :meth:`add_message` and :meth:`message` raise
-        :class:`ClosedError`.
-        """
-        with self._lock:
-            if self._closed:
+    def detach(self, blocking: bool = True) -> Optional[bool]:
+        """One object fewer; the last one closes the store. None if ``blocking`` is False and
+        the lock was busy (nothing changed)."""
+        if not self.lock.acquire(timeout=lock_wait(blocking)):
+            return None
+        try:
+            self.users -= 1
+            if self.users > 0:
+                return False
+            self.closing = True
+            try:
+                self.durability.wait_round(None)
+            finally:
+                self.closed = True
+                self.durability.stop_nowait()
+                self._release()
+                self._closed_cond.notify_all()
+        finally:
+            self.lock.release()
+        self.durability.stop()
+        return True
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Fsync what is pending (unless ``sync="never"``) and release the directory."""
+        if self.closed:
+            return
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            _LOGGER.warning("persizmq: could not close %s: it stayed busy", self._dir)
+            return
+        try:
+            if self.closed:
                 return
-            self._closed = True
-            if self._handles.syncer_key is not None:
-                _syncer.unregister(self._handles.syncer_key)
-                self._handles.syncer_key = None
-            self._finalizer()
+            self.closing = True
+            try:
+                self.durability.wait_round(None)
+            finally:
+                self.closed = True
+                self.durability.stop_nowait()
+                self._release()
+                self._closed_cond.notify_all()
+        finally:
+            self.lock.release()
+        self.durability.stop()
 
-    def __enter__(self) -> "PersistentLatestStorage":
-        """Return the storage itself."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc_val: Optional[BaseException],
-        exc_tb: Optional[TracebackType],
-    ) -> None:
-        """Close the storage."""
-        self.close()
-
-    def __repr__(self) -> str:
-        """Return a description with the directory, the mode and the state."""
-        state = "closed" if self._closed else f"sequence={self._sequence}"
-        return (
-            f"<{type(self).__name__} persistent_dir={str(self._dir)!r} sync={self._sync!r} "
-            f"{state} new_message={self._new_message}>"
-        )
+    def _release(self) -> None:
+        """A last fsync if one is pending, then the directory and its lock."""
+        if self._dir_fd >= 0:
+            if self._pending_sync is not None and self.durability.failed is None:
+                try:
+                    _fsync_slot(self._dir_fd, self._pending_sync)
+                except OSError:
+                    _LOGGER.exception("persizmq: the final fsync of the latest message failed")
+                self._pending_sync = None
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+        if self._lock_fd >= 0:
+            _fs.release_lock(self._lock_fd)
+            self._lock_fd = -1
 
     # ------------------------------------------------------------------ writing
 
     def _write(self, body: bytes, message: Message, *, durable: bool) -> None:
         """Store ``body`` as the next sequence number; the caller holds the lock."""
-        handles = self._handles
-        dir_fd = handles.dir_fd
+        dir_fd = self._dir_fd
         newest = self._newest_slot
         if newest is None:
             slot = 0
@@ -530,23 +476,22 @@ class PersistentLatestStorage:
         self._sequence = sequence
         self._newest_slot = slot
         self._message = message
-        self._new_message = True
         if durable:
             try:
                 os.fsync(dir_fd)
             except OSError as err:
                 self._newest_synced = False
-                handles.pending_sync = name
+                self._pending_sync = name
                 raise StorageWriteError(
                     err.errno if err.errno is not None else errno.EIO,
                     f"stored the latest message in {str(self._dir / name)!r}, but the fsync of "
                     f"the directory failed: {err.strerror}; it may not survive a power cut",
                 ) from err
             self._newest_synced = True
-            handles.pending_sync = None
+            self._pending_sync = None
         elif self._sync == "periodic":
             self._newest_synced = False
-            handles.pending_sync = name
+            self._pending_sync = name
         else:
             self._newest_synced = True  # "never": nothing will ever be fsynced
 
@@ -555,14 +500,207 @@ class PersistentLatestStorage:
         assert self._newest_slot is not None
         name = SLOT_FILES[self._newest_slot]
         try:
-            _fsync_slot(self._handles.dir_fd, name)
+            _fsync_slot(self._dir_fd, name)
         except OSError as err:
             raise StorageWriteError(
                 err.errno if err.errno is not None else errno.EIO,
                 f"cannot fsync the latest message {str(self._dir / name)!r}: {err.strerror}",
             ) from err
         self._newest_synced = True
-        self._handles.pending_sync = None
+        self._pending_sync = None
+
+
+class PersistentLatestStorage:
+    """Keep only the newest message, crash-safe on disk.
+
+    Use :meth:`add_message` as a :class:`ThreadedSubscriber` callback and read the newest
+    message with :meth:`message`; :attr:`new_message` tells whether one arrived since the last
+    :meth:`message` call (and is ``True`` after a restart that found a stored message).
+
+    ``sync`` chooses the durability (see the table in README.rst):
+
+    * ``"always"``: ``add_message`` returns once the message and its directory entry are fsynced;
+    * ``"periodic"`` (default): ``add_message`` returns once the file is renamed into place; a
+      background thread fsyncs within ``sync_interval`` seconds, and :meth:`message` fsyncs
+      before it returns a message that is not durable yet;
+    * ``"never"``: no fsync; the operating system writes when it likes.
+
+    In every mode a killed process loses nothing that ``add_message`` accepted, and damage on
+    disk is never returned: a damaged newest slot falls back to the previous good message.
+
+    The storage is thread-safe. It holds a lock on the directory until :meth:`close` (or the
+    end of a ``with`` block, or the object is garbage-collected), so a second opener -- in this
+    or another process -- gets :class:`LockedError`.
+    """
+
+    def __init__(
+        self,
+        persistent_dir: _fs.PathLike,
+        *,
+        sync: str = "periodic",
+        sync_interval: float = 1.0,
+        max_message_size: Optional[int] = None,
+    ) -> None:
+        """Open (creating it if needed) the storage in ``persistent_dir``.
+
+        :param persistent_dir: the directory (``str`` or path-like); other entries in it are
+            left alone.
+        :param sync: ``"always"``, ``"periodic"`` or ``"never"``, see the class documentation.
+        :param sync_interval: seconds between two background fsyncs with ``sync="periodic"``.
+        :param max_message_size: ``None``, or the largest message in bytes (the sum of the
+            frames of a multipart message) that :meth:`add_message` accepts.
+        :raises MessageTypeError: an argument has the wrong type.
+        :raises InvalidArgumentError: an argument has an impossible value.
+        :raises DirectoryError: ``persistent_dir`` is not a usable directory.
+        :raises LockedError: another process holds the directory.
+        :raises CorruptionError: the stored message was written by a newer persizmq.
+        """
+        self._closed = True  # until opened, so that __del__ of a failed open is quiet
+        sync = _fs.check_sync_mode(sync)
+        interval = check_seconds("sync_interval", sync_interval, allow_zero=False)
+        self._max_message_size = check_optional_int("max_message_size", max_message_size, 1)
+        self._dir = _fs.open_directory(persistent_dir, "persistent_dir")
+        options = _Options(sync, interval)
+        self._store: _LatestStore = _registry.open_shared(
+            "latest",
+            self._dir,
+            options=options,
+            create=lambda: _LatestStore(self._dir, options),
+            attach=lambda store: store.attach(),
+            stale=lambda store: store.durability.failed is not None,
+        )
+        self._sync = sync
+        # new_message: the store holds a message newer than the last one message() returned.
+        self._seen = self._store.sequence - 1 if self._store.sequence else 0
+        self._closed = False
+
+    @property
+    def persistent_dir(self) -> pathlib.Path:
+        """The storage directory."""
+        return self._dir
+
+    @property
+    def sync(self) -> str:
+        """The durability mode: ``"always"``, ``"periodic"`` or ``"never"``."""
+        return self._sync
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def new_message(self) -> bool:
+        """``True`` if a message arrived (or was found on opening) since this object's last
+        :meth:`message` call."""
+        return self._store.sequence != self._seen
+
+    @new_message.setter
+    def new_message(self, value: bool) -> None:
+        sequence = self._store.sequence
+        self._seen = sequence - 1 if value and sequence else sequence
+
+    def add_message(self, msg: object) -> None:
+        """Replace the stored message with ``msg``; ``None`` is ignored.
+
+        :param msg: ``bytes``, a list of ``bytes`` (a multipart message, kept whole), or
+            another object with the buffer protocol (stored as ``bytes``).
+        :raises MessageTypeError: ``msg`` is a ``str`` or not bytes-like.
+        :raises MessageTooLargeError: ``msg`` is larger than ``max_message_size``.
+        :raises StorageWriteError: writing failed (for example a full disk); the previous
+            message is kept.
+        :raises ClosedError: the storage is closed.
+        """
+        body = encode_body(msg)
+        if body is None:
+            return
+        if self._max_message_size is not None:
+            size = _payload_size(body)
+            if size > self._max_message_size:
+                raise MessageTooLargeError(
+                    f"expected a message of at most max_message_size={self._max_message_size} "
+                    f"bytes, got {size} bytes; it was not stored"
+                )
+        if isinstance(msg, bytes):
+            message: Message = msg
+        else:
+            message = decode_body(body, "message")
+        if self._closed:
+            raise ClosedError("cannot add a message: the PersistentLatestStorage is closed")
+        self._store.add(body, message)
+
+    def message(self) -> Optional[Message]:
+        """Return the newest message (``None`` if there is none) and clear :attr:`new_message`.
+
+        With ``sync="periodic"`` a message that is not yet fsynced is fsynced first, so what
+        this returns survives a power cut.
+
+        :raises ClosedError: the storage is closed.
+        :raises StorageWriteError: the fsync failed.
+        """
+        if self._closed:
+            raise ClosedError("cannot read the message: the PersistentLatestStorage is closed")
+        message, sequence = self._store.newest()
+        self._seen = sequence
+        if isinstance(message, list):
+            return list(message)
+        return message
+
+    def periodic_sync(self) -> None:
+        """Fsync the newest message if it was written since the last sync (a no-op once
+        closed)."""
+        if not self._closed:
+            self._store.periodic_sync()
+
+    def close(self) -> None:
+        """Fsync what is pending (unless ``sync="never"``) and release the directory once the
+        last object on it in this process is closed.
+
+        Idempotent; afterwards :meth:`add_message` and :meth:`message` raise
+        :class:`ClosedError`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        store = self._store
+        _registry.release_shared(store, store.detach)
+
+    @staticmethod
+    def _release(store: _LatestStore, blocking: bool) -> bool:
+        return _registry.release_shared(store, store.detach, blocking)
+
+    def __enter__(self) -> "PersistentLatestStorage":
+        """Return the storage itself."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_val: Optional[BaseException],
+        exc_tb: Optional[TracebackType],
+    ) -> None:
+        """Close the storage."""
+        self.close()
+
+    def __del__(self) -> None:
+        """Release the directory when the last reference goes (as ``del`` did in 1.0.x)."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        if sys.is_finalizing() or _registry.exiting():
+            return
+        store = self._store
+        with contextlib.suppress(Exception):  # never wait for a lock here: see PersistentStorage
+            if not self._release(store, blocking=False):
+                _registry.close_later(lambda: self._release(store, blocking=True))
+
+    def __repr__(self) -> str:
+        """Return a description with the directory, the mode and the state."""
+        state = "closed" if self._closed else f"sequence={self._store.sequence}"
+        return (
+            f"<{type(self).__name__} persistent_dir={str(self._dir)!r} sync={self._sync!r} "
+            f"{state} new_message={self.new_message}>"
+        )
 
 
 def _write_rest(fd: int, data: bytes, done: int) -> None:

@@ -24,21 +24,29 @@ example above, a message that is too large never counts as the "previous accepte
   previous message it let through. With a ``persistent_dir`` the time of that message is kept
   on disk (``last_timestamp.txt``, a decimal number of seconds since the epoch) so that a new
   instance over the same directory -- after a restart, or even a new instance per message --
-  continues where the previous one stopped.
+  continues where the previous one stopped. Within one process, every ``MinPeriod`` over one
+  directory shares that state (the second of two filters built on it sees what the first let
+  through); the directory is locked (``min_period.lock``) while one is alive, so a filter in
+  another process gets :class:`~persizmq.LockedError`.
 
 Both filters are safe to call from several threads.
 """
 
+import contextlib
 import logging
 import math
 import os
 import pathlib
+import sys
 import threading
 import time
-from typing import Optional, TypeVar
+from types import TracebackType
+from typing import NamedTuple, Optional, Type, TypeVar
 
 from persizmq import _fs
 from persizmq._checks import check_seconds
+from persizmq._engine import _registry
+from persizmq._engine._registry import lock_wait
 from persizmq._errors import InvalidArgumentError, MessageTypeError, StorageWriteError
 
 __all__ = ["MaxSize", "MinPeriod"]
@@ -49,6 +57,8 @@ T = TypeVar("T")
 
 #: Name of the file in which :class:`MinPeriod` keeps the time of the last accepted message.
 TIMESTAMP_FILE = "last_timestamp.txt"
+#: The lock file of a :class:`MinPeriod` directory.
+LOCK_FILE = "min_period.lock"
 
 #: persizmq 1.0.x pickled a ``datetime`` into this file. It is never read: unpickling a file
 #: that anyone with write access to the directory could have replaced runs arbitrary code.
@@ -139,6 +149,65 @@ class MaxSize:
         return f"{type(self).__name__}(max_size={self._max_size!r})"
 
 
+class _NoOptions(NamedTuple):
+    """A MinPeriod directory has no option that two filters must agree on."""
+
+
+class _PeriodState:
+    """The time of the last accepted message of one directory, shared in this process."""
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        """Lock the directory and read the stored timestamp."""
+        self.directory = directory
+        self.closed = False
+        self.users = 0
+        self.lock = threading.Lock()
+        self.file = directory / TIMESTAMP_FILE
+        self._lock_fd = _fs.acquire_lock(directory / LOCK_FILE, "MinPeriod")
+        # Last accepted message in this process on the monotonic clock: immune to clock jumps.
+        self.last_monotonic: Optional[float] = None
+        # Wall-clock time of the last accepted message, as stored (possibly by another run).
+        self.last_wall = _read_timestamp(self.file)
+
+    @property
+    def options(self) -> _NoOptions:
+        """Nothing to agree on."""
+        return _NoOptions()
+
+    def attach(self) -> bool:
+        """One more filter uses the state; False if it was released meanwhile."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.users += 1
+            return True
+
+    def detach(self, blocking: bool = True) -> Optional[bool]:
+        """One filter fewer; the last one releases the directory. None if ``blocking`` is
+        False and the lock was busy (nothing changed)."""
+        if not self.lock.acquire(timeout=lock_wait(blocking)):
+            return None
+        try:
+            self.users -= 1
+            if self.users == 0 and not self.closed:
+                self.closed = True
+                _fs.release_lock(self._lock_fd)
+        finally:
+            self.lock.release()
+        return self.closed
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Release the directory's lock; idempotent."""
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return
+        try:
+            if not self.closed:
+                self.closed = True
+                _fs.release_lock(self._lock_fd)
+        finally:
+            self.lock.release()
+
+
 class MinPeriod:
     """Let a message through only if the previous accepted one is at least ``min_period`` s old.
 
@@ -149,16 +218,17 @@ class MinPeriod:
 
         lambda msg: storage.add_message(persizmq.filter.MinPeriod(1.0, dir)(msg))
 
-    Within one instance the time since the last accepted message is measured with the monotonic
-    clock, so a wall clock that is set back or forward does not matter. Across instances only
-    the stored wall-clock time is available: if it lies in the future (the clock was set back
-    since), the message passes and the current time is recorded, instead of blocking messages
-    for as long as the clock jumped.
+    Filters over one directory in this process share the time of the last accepted message,
+    measured with the monotonic clock, so a wall clock that is set back or forward does not
+    matter. Across restarts only the stored wall-clock time is available: if it lies in the
+    future (the clock was set back since), the message passes and the current time is
+    recorded, instead of blocking messages for as long as the clock jumped.
 
     The filter errs on the side of passing a message: a damaged timestamp file counts as no
     timestamp (with a warning) and is overwritten by the next accepted message, and a timestamp
     that cannot be written is logged while the message still passes -- dropping messages is
-    worse than storing one extra.
+    worse than storing one extra. :meth:`close` (or the end of a ``with`` block, or dropping the
+    last reference) releases the directory.
     """
 
     def __init__(self, min_period: float, persistent_dir: Optional[_fs.PathLike] = None) -> None:
@@ -174,19 +244,28 @@ class MinPeriod:
         :raises InvalidArgumentError: ``min_period`` is negative, NaN or infinite.
         :raises DirectoryError: ``persistent_dir`` cannot be created or is not a writable
             directory.
+        :raises LockedError: a filter in another process uses ``persistent_dir``.
         """
+        self._closed = True
         self._min_period = check_seconds("min_period", min_period, allow_zero=True)
-        self._lock = threading.Lock()
-        # Last accepted message of *this* instance on the monotonic clock: immune to clock jumps.
-        self._last_monotonic: Optional[float] = None
-        # Wall-clock time of the last accepted message, as stored (possibly by another instance).
-        self._last_wall: Optional[float] = None
         self._dir: Optional[pathlib.Path] = None
-        self._file: Optional[pathlib.Path] = None
-        if persistent_dir is not None:
-            self._dir = _fs.open_directory(persistent_dir, "persistent_dir")
-            self._file = self._dir / TIMESTAMP_FILE
-            self._last_wall = _read_timestamp(self._file)
+        if persistent_dir is None:
+            self._state = _PeriodState.__new__(_PeriodState)  # in memory only
+            self._state.lock = threading.Lock()
+            self._state.last_monotonic = None
+            self._state.last_wall = None
+            self._state.file = None  # type: ignore[assignment]
+        else:
+            directory = _fs.open_directory(persistent_dir, "persistent_dir")
+            self._dir = directory
+            self._state = _registry.open_shared(
+                "min_period",
+                directory,
+                options=_NoOptions(),
+                create=lambda: _PeriodState(directory),
+                attach=lambda state: state.attach(),
+            )
+        self._closed = False
 
     @property
     def min_period(self) -> float:
@@ -210,18 +289,19 @@ class MinPeriod:
         """
         if msg is None:
             return None
-        with self._lock:
+        state = self._state
+        with state.lock:
             now_wall = time.time()
             now_monotonic = time.monotonic()
-            if self._last_monotonic is not None:
-                elapsed: Optional[float] = now_monotonic - self._last_monotonic
-            elif self._last_wall is not None:
-                elapsed = now_wall - self._last_wall
+            if state.last_monotonic is not None:
+                elapsed: Optional[float] = now_monotonic - state.last_monotonic
+            elif state.last_wall is not None:
+                elapsed = now_wall - state.last_wall
                 if elapsed < 0:
                     _LOGGER.debug(
                         "persizmq: the last accepted message of %s is stamped %.3f s in the "
                         "future; the clock was set back, so this message passes",
-                        self._file,
+                        state.file,
                         -elapsed,
                     )
                     elapsed = None
@@ -229,31 +309,65 @@ class MinPeriod:
                 elapsed = None
             if elapsed is not None and elapsed < self._min_period:
                 return None
-            self._last_monotonic = now_monotonic
-            self._last_wall = now_wall
-            if self._file is not None:
-                self._store(now_wall)
+            state.last_monotonic = now_monotonic
+            state.last_wall = now_wall
+            if state.file is not None:
+                _store(state.file, now_wall)
         return msg
 
-    def _store(self, timestamp: float) -> None:
-        assert self._file is not None
-        # sync="never": the timestamp is only a rate-limiting hint. If a power cut loses it, or
-        # leaves an empty file behind, the next message passes one period early -- the safe side
-        # -- whereas an fsync per accepted message would cost milliseconds in the receive path.
-        # The write is still atomic, so a crashed process never leaves a half-written number.
-        try:
-            _fs.write_atomically(self._file, f"{timestamp!r}\n".encode("ascii"), sync="never")
-        except StorageWriteError as err:
-            _LOGGER.warning(
-                "persizmq: MinPeriod could not store its timestamp, the message passes anyway: %s",
-                err,
-            )
+    def close(self) -> None:
+        """Release the directory (once the last filter over it in this process is closed)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._dir is not None:
+            state = self._state
+            _registry.release_shared(state, state.detach)
+
+    def __enter__(self) -> "MinPeriod":
+        """Return the filter itself."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_val: Optional[BaseException],
+        exc_tb: Optional[TracebackType],
+    ) -> None:
+        """Close the filter."""
+        self.close()
+
+    def __del__(self) -> None:
+        """Release the directory when the last reference goes (never waiting for a lock)."""
+        if getattr(self, "_closed", True) or sys.is_finalizing() or _registry.exiting():
+            return
+        self._closed = True
+        if self._dir is None:
+            return
+        state = self._state
+        with contextlib.suppress(Exception):
+            if not _registry.release_shared(state, state.detach, blocking=False):
+                _registry.close_later(lambda: _registry.release_shared(state, state.detach))
 
     def __repr__(self) -> str:
         """Return the constructor call that builds a filter over the same state."""
         directory = None if self._dir is None else str(self._dir)
         return (
             f"{type(self).__name__}(min_period={self._min_period!r}, persistent_dir={directory!r})"
+        )
+
+
+def _store(file: pathlib.Path, timestamp: float) -> None:
+    # sync="never": the timestamp is only a rate-limiting hint. If a power cut loses it, or
+    # leaves an empty file behind, the next message passes one period early -- the safe side
+    # -- whereas an fsync per accepted message would cost milliseconds in the receive path.
+    # The write is still atomic, so a crashed process never leaves a half-written number.
+    try:
+        _fs.write_atomically(file, f"{timestamp!r}\n".encode("ascii"), sync="never")
+    except StorageWriteError as err:
+        _LOGGER.warning(
+            "persizmq: MinPeriod could not store its timestamp, the message passes anyway: %s",
+            err,
         )
 
 

@@ -5,6 +5,8 @@ import os
 import pathlib
 import pickle
 import pickletools
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, List, Optional, Tuple
@@ -173,7 +175,7 @@ def test_min_period_persists_as_text(tmp_path: pathlib.Path, clock: FakeClock) -
     assert flt(b"x") == b"x"
     assert stored_timestamp(directory) == clock.wall
     assert (directory / "last_timestamp.txt").read_text() == repr(clock.wall) + "\n"
-    assert sorted(os.listdir(directory)) == ["last_timestamp.txt"]
+    assert sorted(os.listdir(directory)) == ["last_timestamp.txt", "min_period.lock"]
 
 
 def test_min_period_new_instance_continues(tmp_path: pathlib.Path, clock: FakeClock) -> None:
@@ -241,6 +243,7 @@ def test_min_period_stored_timestamp_in_the_future(
 ) -> None:
     flt = persizmq.filter.MinPeriod(1.0, tmp_path)
     assert flt(b"a") == b"a"
+    flt.close()  # the process ends
     # The wall clock is set back by an hour before the next process starts.
     clock.wall -= 3600.0
     clock.monotonic += 0.1
@@ -412,3 +415,49 @@ def test_filters_chain(tmp_path: pathlib.Path, clock: FakeClock) -> None:
     clock.advance(0.5)
     callback(b"late")
     assert stored == [b"ok", b"late"]
+
+
+def test_min_period_filters_over_one_directory_share_their_state(
+    tmp_path: pathlib.Path, clock: FakeClock
+) -> None:
+    first = persizmq.filter.MinPeriod(1.0, tmp_path)
+    second = persizmq.filter.MinPeriod(1.0, str(tmp_path) + "/.")
+    assert first(b"a") == b"a"
+    assert second(b"b") is None  # the first one let "a" through just now
+    clock.advance(1.0)
+    assert second(b"c") == b"c"
+    assert first(b"d") is None
+    first.close()
+    second.close()
+    with persizmq.filter.MinPeriod(1.0, tmp_path) as third:
+        assert third(b"e") is None  # continues from the stored time
+
+
+def test_min_period_directory_is_locked_against_another_process(tmp_path: pathlib.Path) -> None:
+    code = (
+        "import sys, persizmq.filter\n"
+        "try:\n"
+        "    persizmq.filter.MinPeriod(1.0, sys.argv[1])\n"
+        "except persizmq.LockedError as err:\n"
+        "    print('locked', err)\n"
+    )
+    with persizmq.filter.MinPeriod(1.0, tmp_path):
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=pathlib.Path(persizmq.__file__).resolve().parent.parent,
+        )
+        assert done.stdout.startswith("locked"), done.stderr
+        assert "min_period.lock" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=pathlib.Path(persizmq.__file__).resolve().parent.parent,
+    )
+    assert done.stdout == "", done.stdout

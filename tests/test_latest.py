@@ -20,7 +20,6 @@ from persizmq._errors import (
     CorruptionError,
     DirectoryError,
     InvalidArgumentError,
-    LockedError,
     MessageTooLargeError,
     MessageTypeError,
 )
@@ -46,15 +45,20 @@ def parse_slot(path: pathlib.Path) -> Tuple[int, bytes]:
 
 @pytest.fixture
 def fsyncs(monkeypatch: pytest.MonkeyPatch) -> List[int]:
-    """Count the fsync calls (of this and every thread) during a test."""
+    """Count the fsync and fdatasync calls (of this and every thread) during a test."""
     calls: List[int] = []
-    real_fsync = os.fsync
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
 
     def counting_fsync(fd: Any) -> None:
         calls.append(fd)
         real_fsync(fd)
 
+    def counting_fdatasync(fd: Any) -> None:
+        calls.append(fd)
+        real_fdatasync(fd)
+
     monkeypatch.setattr(os, "fsync", counting_fsync)
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
     return calls
 
 
@@ -330,7 +334,7 @@ def test_sync_periodic_background_thread(tmp_path: pathlib.Path, fsyncs: List[in
         fsyncs.clear()
         storage.add_message(b"a")
         wait_until(lambda: len(fsyncs) >= 2, message="the periodic fsync")
-        wait_until(lambda: storage._newest_synced, message="the storage to be synced")
+        wait_until(lambda: storage._store._newest_synced, message="the storage to be synced")
 
 
 def test_sync_periodic_fsyncs_pending_on_close(tmp_path: pathlib.Path, fsyncs: List[int]) -> None:
@@ -503,14 +507,27 @@ def test_newer_format_version_is_a_clear_error(tmp_path: pathlib.Path) -> None:
 # ---------------------------------------------------------------------------------- lifecycle
 
 
-def test_second_opener_is_refused(tmp_path: pathlib.Path) -> None:
-    storage = PersistentLatestStorage(tmp_path)
-    with pytest.raises(LockedError, match=r"expected to be the only PersistentLatestStorage"):
-        PersistentLatestStorage(tmp_path)
-    with pytest.raises(OSError, match=r"latest\.lock"):
-        PersistentLatestStorage(str(tmp_path))
-    storage.close()
-    PersistentLatestStorage(tmp_path).close()
+def test_second_opener_shares_the_store(tmp_path: pathlib.Path) -> None:
+    # persizmq 1.0.x's restart idiom: a new object while the old one is still referenced.
+    first = PersistentLatestStorage(tmp_path)
+    first.add_message(b"one")
+    second = PersistentLatestStorage(str(tmp_path))
+    assert second.new_message  # a restart that found a message
+    assert second.message() == b"one"
+    assert not second.new_message
+    assert first.new_message  # its own flag: first never read "one"
+    first.add_message(b"two")  # one store: the other object sees it, flagged as new
+    assert second.new_message
+    assert second.message() == b"two"
+    assert first.message() == b"two"
+    with pytest.raises(InvalidArgumentError, match=r"sync='periodic'.*sync='never'"):
+        PersistentLatestStorage(tmp_path, sync="never")
+    first.close()
+    assert second.message() == b"two"  # the store stays open for the other object
+    second.close()
+    with PersistentLatestStorage(tmp_path) as third:
+        assert third.new_message
+        assert third.message() == b"two"
 
 
 def test_second_opener_in_another_process_is_refused(tmp_path: pathlib.Path) -> None:

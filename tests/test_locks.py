@@ -7,6 +7,7 @@ and ``del`` release the directory at once.
 """
 
 import errno
+import fcntl
 import gc
 import os
 import pathlib
@@ -55,34 +56,77 @@ def check_locked(err: persizmq.LockedError, directory: pathlib.Path) -> None:
     assert ".lock" in text, text
 
 
+LOCK_FILES = {"storage": ("producer.lock", "consumer.lock"), "latest": ("latest.lock",)}
+
+
+def lock_held(path: pathlib.Path) -> bool:
+    """Whether someone holds the flock on ``path`` (tried on a new open file description)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the flock if we got it
+    return False
+
+
+def held(directory: pathlib.Path, kind: str) -> bool:
+    states = {lock_held(directory / name) for name in LOCK_FILES[kind]}
+    assert len(states) == 1, "the roles of a directory are held or released together here"
+    return states.pop()
+
+
 @pytest.mark.parametrize("kind", OPENERS)
-def test_second_opener_in_this_process_is_refused(tmp_path: pathlib.Path, kind: str) -> None:
+def test_second_opener_in_this_process_shares_the_directory(
+    tmp_path: pathlib.Path, kind: str
+) -> None:
+    # The persizmq 1.0.x way to simulate a restart: a second object on the same directory while
+    # the first is still referenced. Both share one open queue; the lock goes with the last one.
     opener = OPENERS[kind]
     first = opener(tmp_path)
-    try:
-        for _ in range(3):  # refused every time, and a refused open leaks nothing
-            with pytest.raises(persizmq.LockedError) as caught:
-                opener(tmp_path)
-            check_locked(caught.value, tmp_path)
-        # The same directory through another spelling of its path is the same lock.
-        with pytest.raises(persizmq.LockedError):
-            opener(tmp_path / "." / "")
-        with pytest.raises(persizmq.LockedError):
-            opener(pathlib.Path(str(tmp_path) + "/../" + tmp_path.name))
-    finally:
-        close(first)
+    others = [
+        opener(tmp_path),
+        opener(tmp_path / "." / ""),
+        opener(pathlib.Path(str(tmp_path) + "/../" + tmp_path.name)),
+    ]
+    assert held(tmp_path, kind)
+    for other in others:
+        close(other)
+        assert held(tmp_path, kind)  # the first one still has it
+    close(first)
+    assert not held(tmp_path, kind)
     close(opener(tmp_path))
 
 
-def test_roles_lock_separately(tmp_path: pathlib.Path) -> None:
-    """A producer and a consumer may share a directory; a second of either role may not."""
+def test_roles_share_in_process_and_lock_out_other_processes(tmp_path: pathlib.Path) -> None:
+    """A producer and a consumer may share a directory; another process may take neither role
+    while they hold it."""
     producer = persizmq.PersistentStorage(tmp_path, role="producer")
     consumer = persizmq.PersistentStorage(tmp_path, role="consumer")
     try:
         for role in ("producer", "consumer", "both"):
-            with pytest.raises(persizmq.LockedError) as caught:
-                persizmq.PersistentStorage(tmp_path, role=role)
-            check_locked(caught.value, tmp_path)
+            code = textwrap.dedent(
+                f"""
+                import sys
+                sys.path.insert(0, {str(REPO)!r})
+                import persizmq
+                try:
+                    persizmq.PersistentStorage({str(tmp_path)!r}, role={role!r})
+                except persizmq.LockedError as err:
+                    print("locked", err)
+                """
+            )
+            done = subprocess.run(
+                [sys.executable, "-c", code],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.stdout.startswith("locked"), (role, done.stdout, done.stderr)
+            assert str(tmp_path) in done.stdout
+            assert "another opener" in done.stdout
         producer.add_message(b"shared")
         with deadline(10, "the consumer waiting for the producer's message"):
             assert consumer.front(block=True, timeout=5) == b"shared"
@@ -209,12 +253,13 @@ def test_close_and_del_release_at_once(tmp_path: pathlib.Path, kind: str, sync: 
     for _ in range(20):
         first = opener(tmp_path)
         close(first)
-        close(opener(tmp_path))  # close(): at once
+        assert not held(tmp_path, kind)  # close(): at once
         second = opener(tmp_path)
+        assert held(tmp_path, kind)
         del second  # del: the refcount drops to zero, the directory is released
+        assert not held(tmp_path, kind)
         third = opener(tmp_path)
-        with pytest.raises(persizmq.LockedError):
-            opener(tmp_path)
+        assert held(tmp_path, kind)
         close(third)
     gc.collect()
     close(opener(tmp_path))
@@ -230,15 +275,15 @@ def test_failed_open_leaks_no_lock(tmp_path: pathlib.Path) -> None:
     (latest_dir / "latest.0.msg").write_bytes(prefix + crc + body)  # a newer format version
     queue_dir = tmp_path / "queue"
     queue_dir.mkdir()
-    (queue_dir / f"{1:020d}.seg").mkdir()  # a segment that cannot be read
+    (queue_dir / f"{1:020d}.log").mkdir()  # a segment that cannot be read
     fds_before = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
         with pytest.raises(persizmq.CorruptionError):
             persizmq.PersistentLatestStorage(latest_dir)
-        with pytest.raises(OSError, match=f"{1:020d}.seg"):
+        with pytest.raises(OSError, match=f"{1:020d}.log"):
             persizmq.PersistentStorage(queue_dir)
     assert len(os.listdir("/proc/self/fd")) == fds_before
     os.unlink(latest_dir / "latest.0.msg")
     close(persizmq.PersistentLatestStorage(latest_dir))
-    os.rmdir(queue_dir / f"{1:020d}.seg")
+    os.rmdir(queue_dir / f"{1:020d}.log")
     close(persizmq.PersistentStorage(queue_dir))

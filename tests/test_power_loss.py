@@ -326,7 +326,7 @@ def test_sync_now_and_close_wait_for_an_fsync_in_flight(
             real(fd)  # another storage's file: not part of this test
             return
         name = threading.current_thread().name
-        if name == "persizmq-periodic-sync":
+        if name.startswith("persizmq-sync"):
             in_syncer.set()
             release.wait(30)
         real(fd)

@@ -120,10 +120,10 @@ UMASK_CHILD = textwrap.dedent(
         s.front()
         s.pop_front()
     # Damage a record in the middle of a segment so that the consumer quarantines it.
-    seg = sorted(n for n in os.listdir(base + "/a/b/queue") if n.endswith(".seg"))[1]
+    seg = sorted(n for n in os.listdir(base + "/a/b/queue") if n.endswith(".log"))[1]
     path = base + "/a/b/queue/" + seg
     data = bytearray(open(path, "rb").read())
-    data[8 + 9 + 2] ^= 0xFF
+    data[64 + 16 + 2] ^= 0xFF  # a payload byte of the segment's first record
     open(path, "wb").write(bytes(data))
     os.chmod(path, 0o644)
     with persizmq.PersistentStorage(base + "/a/b/queue", segment_size=64) as s:
@@ -180,17 +180,17 @@ HOSTILE: List[bytes] = [
     b"quarantine/../../escaped",
     b"escaped\0hidden",
     b"latest.msg.tmp",
-    b"00000000000000000099.seg",
-    b"consumer.pos",
+    b"00000000000000000099.log",
+    b"consumer.offset",
     b"C:\\..\\escaped",
     b"%2e%2e%2fescaped",
     "../../\u00e9scaped".encode(),
 ]
 
 DOCUMENTED = re.compile(
-    r"^(\d{20}\.seg|consumer\.pos|producer\.lock|consumer\.lock|quarantine|"
-    r"\d{20}\.seg@\d+-\d+\.bin|latest\.lock|latest\.[01]\.msg|latest\.[01]\.msg\.corrupt|"
-    r"last_timestamp\.txt|queue|latest|period)$"
+    r"^(\d{20}\.log|consumer\.offset|producer\.offset|producer\.lock|consumer\.lock|"
+    r"quarantine|\d{20}\.log@\d+-\d+\.bin|latest\.lock|latest\.[01]\.msg|"
+    r"latest\.[01]\.msg\.corrupt|last_timestamp\.txt|min_period\.lock|queue|latest|period)$"
 )
 
 
@@ -209,9 +209,9 @@ def test_message_content_never_becomes_a_path(tmp_path: pathlib.Path) -> None:
         storage.add_messages(HOSTILE)
     # Damage a record in the middle: the quarantine file is named after the segment and the
     # offsets, never after the content.
-    segment = sorted(p for p in queue.iterdir() if p.suffix == ".seg")[2]
+    segment = sorted(p for p in queue.iterdir() if p.suffix == ".log")[2]
     data = bytearray(segment.read_bytes())
-    data[8 + 9] ^= 0x01
+    data[64 + 16] ^= 0x01  # the first payload byte of the segment's first record
     segment.write_bytes(bytes(data))
     with persizmq.PersistentStorage(queue, segment_size=64) as storage:
         out = drain(storage)

@@ -77,7 +77,7 @@ def drain(storage: PersistentStorage) -> List[persizmq.Message]:
 
 def segment_files(directory: pathlib.Path) -> List[str]:
     """The names of the segment files in ``directory``."""
-    return sorted(name for name in os.listdir(directory) if name.endswith(".seg"))
+    return sorted(name for name in os.listdir(directory) if name.endswith(".log"))
 
 
 def blocked_in_wait(thread_id: Optional[int]) -> bool:
@@ -668,12 +668,10 @@ def test_front_block_times_out(tmp_path: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize("sync", ["periodic", "never"])
-def test_position_log_is_compacted_and_keeps_the_position(
-    tmp_path: pathlib.Path, sync: str
-) -> None:
-    """Every pop appends to consumer.pos; past 1 MiB it is rewritten with a single entry."""
+def test_position_log_keeps_its_size_and_the_position(tmp_path: pathlib.Path, sync: str) -> None:
+    """Every pop stores an entry in consumer.offset, wrapping around: it never grows."""
     directory = tmp_path / "q"
-    count = 40_000  # 40,000 entries of 28 bytes: more than 1 MiB
+    count = 40_000
     s = PersistentStorage(directory, sync=sync, segment_size=4096)
     try:
         for start in range(0, count, 100):
@@ -684,10 +682,10 @@ def test_position_log_is_compacted_and_keeps_the_position(
                 s = PersistentStorage(directory, sync=sync, segment_size=4096)
             assert s.front() == b"%06d" % i
             assert s.pop_front()
-        assert os.path.getsize(directory / "consumer.pos") < (count // 2) * 28
+        assert os.path.getsize(directory / "consumer.offset") == 4096
     finally:
         s.close()
-    with PersistentStorage(directory, sync=sync) as t:
+    with PersistentStorage(directory, sync=sync, segment_size=4096) as t:
         assert len(t) == 3
         assert drain(t) == [b"%06d" % i for i in range(count - 3, count)]
 
@@ -1061,19 +1059,33 @@ class TestDirectory:
         s.close()
         check_foreign()
 
-    def test_second_opener_in_this_process_is_locked_out(self, opener: Opener) -> None:
+    def test_second_opener_in_this_process_shares_the_open_queue(self, opener: Opener) -> None:
+        # persizmq 1.0.x simulated a restart with a second PersistentStorage(d) while the first
+        # was still referenced: both objects are handles on one open queue.
         s = opener()
         s.add_message(b"mine")
-        with pytest.raises(persizmq.LockedError, match="close it first") as info:
-            opener()
-        assert isinstance(info.value, OSError)
-        assert str(s.persistent_dir) in str(info.value)
-        # The first opener is unharmed.
-        s.add_message(b"still mine")
-        assert list(s) == [b"mine", b"still mine"]
-        s.close()
-        t = opener()
-        assert drain(t) == [b"mine", b"still mine"]
+        t = opener(directory=pathlib.Path(str(s.persistent_dir) + "/."))  # spelled otherwise
+        t.add_message(b"theirs")
+        assert list(s) == list(t) == [b"mine", b"theirs"]
+        assert len(s) == len(t) == 2
+        assert s.front() == b"mine"
+        assert t.pop_front()
+        assert s.front() == b"theirs"
+        s.close()  # the queue stays open for the other handle
+        t.add_message(b"after")
+        assert drain(t) == [b"theirs", b"after"]
+        t.close()
+        u = opener()  # released once the last handle closed: opens afresh
+        assert drain(u) == []
+
+    def test_second_opener_with_other_options_is_refused(self, opener: Opener) -> None:
+        s = opener(sync="always")
+        with pytest.raises(persizmq.InvalidArgumentError, match=r"sync='always'.*sync='never'"):
+            opener(sync="never")
+        with pytest.raises(persizmq.InvalidArgumentError, match="max_messages"):
+            opener(sync="always", max_messages=5)
+        s.add_message(b"unharmed")
+        assert list(s) == [b"unharmed"]
 
 
 class TestLockAcrossProcesses:
@@ -1245,15 +1257,18 @@ def test_pending_bytes_stay_right_after_a_damaged_seal(tmp_path: pathlib.Path) -
     with PersistentStorage(directory, segment_size=1) as s:
         for i in range(3):
             s.add_message(b"m%d" % i)
+        expected = s.stats().pending_bytes
     first = directory / segment_files(directory)[0]
     data = bytearray(first.read_bytes())
-    data[-1] ^= 0xFF  # a bit flip in the seal's record count
+    data[40] ^= 0xFF  # a bit flip in the seal's data end (bytes 32..51 of the header)
     first.write_bytes(bytes(data))
     with PersistentStorage(directory, segment_size=1) as s:
+        assert s.stats().pending_bytes == expected
         assert drain(s) == [b"m0", b"m1", b"m2"]  # no message was damaged
         stats = s.stats()
         assert stats.pending == 0
         assert stats.pending_bytes == 0
+        assert stats.corrupt_regions == 0
 
 
 def test_del_releases_the_directory_while_the_syncer_is_busy(
@@ -1262,21 +1277,21 @@ def test_del_releases_the_directory_while_the_syncer_is_busy(
     directory = tmp_path / "q"
     entered = threading.Event()
     release = threading.Event()
-    # Make the periodic syncer slow (a slow disk, a busy lock) while it works for the storage.
-    original = persizmq._storage._SyncState.periodic_sync
+    real_fdatasync = os.fdatasync
 
-    def slow_periodic_sync(state: Any) -> Optional[Callable[[], None]]:
-        entered.set()
-        release.wait(10)
-        return original(state)
+    # Make the background fsync slow (a slow disk) while it works for the storage.
+    def slow_fdatasync(fd: int) -> None:
+        if threading.current_thread().name.startswith("persizmq-sync"):
+            entered.set()
+            release.wait(10)
+        real_fdatasync(fd)
 
-    monkeypatch.setattr(persizmq._storage._SyncState, "periodic_sync", slow_periodic_sync)
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
     s = PersistentStorage(directory, sync="periodic", sync_interval=0.01)
     s.add_message(b"x")
-    try:
-        assert entered.wait(5), "the periodic syncer never ran"
-        del s  # while the syncer is busy for it
-        with PersistentStorage(directory, sync="never") as t:
-            assert list(t) == [b"x"]
-    finally:
-        release.set()
+    assert entered.wait(5), "the periodic syncer never ran"
+    threading.Timer(0.2, release.set).start()
+    del s  # while the background fsync is under way: waits for it (it is durable), no longer
+    with PersistentStorage(directory, sync="never") as t:
+        assert list(t) == [b"x"]
+    assert release.is_set()

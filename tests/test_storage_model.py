@@ -13,7 +13,7 @@ import contextlib
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Deque, Dict, Iterable, List, Optional
+from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional
 
 import hypothesis.strategies as st
 import pytest
@@ -41,11 +41,12 @@ sync_modes = st.sampled_from(SYNC_MODES)
 
 
 def record_size(msg: Message) -> int:
-    """Bytes of a message's record: a 9-byte header (u32 length, u32 crc, u8 kind), then the
+    """Bytes of a message's record: a 16-byte header (u32 salt, u32 kind and index, u32 length,
+    u32 crc), then the
     payload (a multipart message's: u32 frame count, then u32 length and bytes per frame)."""
     if isinstance(msg, bytes):
-        return 9 + len(msg)
-    return 9 + 4 + sum(4 + len(frame) for frame in msg)
+        return 16 + len(msg)
+    return 16 + 4 + sum(4 + len(frame) for frame in msg)
 
 
 class StorageModel(RuleBasedStateMachine):
@@ -413,9 +414,14 @@ def test_add_messages_is_like_add_message_calls_drop_newest(
 class _ForgetfulStorage(PersistentStorage):
     """A broken storage: add_messages loses the last message of every batch."""
 
-    def add_messages(self, msgs: Iterable[Optional[MessageLike]]) -> int:
+    def add_messages(
+        self,
+        msgs: Iterable[Optional[MessageLike]],
+        *,
+        meta: Optional[Mapping[bytes, bytes]] = None,
+    ) -> int:
         batch = [msg for msg in msgs if msg is not None]
-        return super().add_messages(batch[:-1]) + (1 if batch else 0)
+        return super().add_messages(batch[:-1], meta=meta) + (1 if batch else 0)
 
 
 class _ForgetfulModel(StorageModel):

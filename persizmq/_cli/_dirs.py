@@ -28,9 +28,10 @@ import re
 from typing import Any, Dict, FrozenSet, Optional, Set, Tuple
 
 import persizmq
-from persizmq import _latest, _position, _storage
+from persizmq import _latest
 from persizmq._cli._base import CliError
 from persizmq._cli._output import iso
+from persizmq._engine import _consumer, _position, _segment, _v2_position, _writer
 from persizmq._errors import CorruptionError
 from persizmq._message import Message
 
@@ -46,10 +47,19 @@ __all__ = [
     "storage_kind",
 ]
 
-_SEGMENT_NAME_RE = re.compile(r"^\d{20}\.seg$")
-_LEGACY_NAME_RE = re.compile(r"^\d+\.bin$")
+# Segment files of format 3 (``NNN.log``, named by base offset) and of persizmq 2.0.0 (``NNN.seg``).
+_SEGMENT_NAME_RE = re.compile(r"^\d{20}\.(log|seg)$")
+_LEGACY_NAME_RE = re.compile(r"^\d{30}\.bin$")
 _LATEST_NAMES = frozenset((*_latest.SLOT_FILES, _latest.LOCK_FILE, _latest.LEGACY_FILE))
-_QUEUE_NAMES = frozenset((_position.POSITION_FILE, _storage.PRODUCER_LOCK, _storage.CONSUMER_LOCK))
+_QUEUE_NAMES = frozenset(
+    (
+        _position.POSITION_FILE,
+        _position.RESERVATION_FILE,
+        _v2_position.POSITION_FILE,
+        _writer.PRODUCER_LOCK,
+        _consumer.CONSUMER_LOCK,
+    )
+)
 _LATEST_DATA_FILES = (*_latest.SLOT_FILES, _latest.LEGACY_FILE)
 
 
@@ -106,7 +116,7 @@ def existing_storage(path: str) -> Tuple[pathlib.Path, str]:
     kind = storage_kind(directory)
     if kind is None:
         raise CliError(
-            f"{path!r} holds no persizmq storage (no *.seg segments, 1.0.x *.bin messages or "
+            f"{path!r} holds no persizmq storage (no *.log segments, 1.0.x *.bin messages or "
             f"latest.*.msg files): is it the directory that 'persizmq record' writes?"
         )
     return directory, kind
@@ -162,8 +172,12 @@ def queue_stats(directory: pathlib.Path) -> Dict[str, Any]:
     """The ``stats`` of a queue directory (the keys of ``persizmq stats --json``)."""
     with persizmq.PersistentStorage(directory, role="reader", sync="never") as reader:
         stats = reader.stats()
-    segments = sorted(directory.glob("*.seg"))
-    segments = [p for p in segments if _SEGMENT_NAME_RE.match(p.name)]
+    # 2.0.0 segments (delivered first) sort before format-3 ones: ".log" < ".seg" is not the
+    # order, so sort by kind, then by number.
+    segments = sorted(
+        (p for p in directory.iterdir() if _SEGMENT_NAME_RE.match(p.name)),
+        key=lambda p: (p.suffix == ".log", int(p.name[:20])),
+    )
     legacy = sorted(
         (p for p in directory.iterdir() if _LEGACY_NAME_RE.match(p.name)),
         key=lambda p: int(p.name[:-4]),
@@ -174,7 +188,7 @@ def queue_stats(directory: pathlib.Path) -> Dict[str, Any]:
         last = segments[-1] if segments else (legacy[-1] if legacy else None)
         oldest = _mtime(first) if first is not None else None
         newest = _mtime(last) if last is not None else None
-    quarantine = directory / _storage.QUARANTINE_DIR
+    quarantine = directory / _segment.QUARANTINE_DIR
     quarantined = (
         sum(_size(p) for p in quarantine.iterdir() if p.is_file()) if quarantine.is_dir() else 0
     )

@@ -93,7 +93,7 @@ def contents(directory: pathlib.Path) -> List[persizmq.Message]:
 
 def pending(directory: pathlib.Path) -> int:
     """The pending count as a fresh reader sees it (0 while the directory has no segment)."""
-    if not any(directory.glob("*.seg")):
+    if not any(directory.glob("*.log")):
         return 0
     with persizmq.PersistentStorage(directory, role="reader", sync="never") as reader:
         return len(reader)

@@ -152,7 +152,7 @@ def test_drain_many_messages_across_segments_to_stdout(
     lines = capsys.readouterr().out.splitlines()
     assert lines == [repr(msg) for msg in numbered(total)]
     assert contents(directory) == []
-    assert len(list(directory.glob("*.seg"))) == 1  # consumed segments were deleted
+    assert len(list(directory.glob("*.log"))) == 1  # consumed segments were deleted
 
 
 def test_drain_progress_on_a_terminal(tmp_path: pathlib.Path) -> None:

@@ -1,6 +1,8 @@
 """The parser and the dispatch (``persizmq._cli._main``): help, usage errors, one-line errors."""
 
 import pathlib
+import subprocess
+import sys
 from typing import List
 
 import pytest
@@ -72,17 +74,50 @@ def test_python_m_persizmq_help() -> None:
     assert_one_error_line(result.stderr, "no such directory")
 
 
+def hold_role(directory: pathlib.Path, role: str) -> "subprocess.Popen[str]":
+    """A child process that holds ``role`` of ``directory`` until its stdin closes (a second
+    object in this process would share the open queue instead of being locked out)."""
+    code = (
+        "import sys, persizmq\n"
+        f"s = persizmq.PersistentStorage({str(directory)!r}, role={role!r})\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=pathlib.Path(persizmq.__file__).resolve().parent.parent,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "ready\n"
+    return child
+
+
+def release(child: "subprocess.Popen[str]") -> None:
+    assert child.stdin is not None
+    child.stdin.close()
+    assert child.wait(timeout=30) == 0
+
+
 def test_locked_directory(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], sockets: SocketTracker
 ) -> None:
     directory = tmp_path / "q"
     fill(directory, [b"x"])
-    with persizmq.PersistentStorage(directory, role="consumer"):
+    holder = hold_role(directory, "consumer")
+    try:
         for command in ("pop", "drain"):
             assert main([command, str(directory)]) == 1
             assert_one_error_line(capsys.readouterr().err, "consumer", "consumer.lock")
+    finally:
+        release(holder)
     publisher = Publisher(sockets)
-    with persizmq.PersistentStorage(directory, role="producer"):
+    holder = hold_role(directory, "producer")
+    try:
         assert main(["record", publisher.endpoint, str(directory)]) == 1
         assert_one_error_line(capsys.readouterr().err, "producer", "producer.lock")
+    finally:
+        release(holder)
     assert contents(directory) == [b"x"]

@@ -1,0 +1,377 @@
+"""The consumer role (and the read-only reader): front, pop, damage, finished segments.
+
+Theory of operation
+===================
+
+Order of delivery: the 1.0.x message files first, then the pending messages of a 2.0.0 log,
+then the segment log (see ``_legacy``). The consumer alone writes the position
+(``consumer.offset``, see ``_position``), sets damaged bytes aside in ``quarantine/`` and
+deletes segments: a segment is deleted when the cursor has moved on to a later one, after the
+position naming the later one was stored — and at open, the segments before the position's (a
+crash between the two steps) are deleted.
+
+``front()`` decodes the message at the cursor and caches it, so the following ``pop_front()``
+costs one store into the position log. *Holding*: ``front()`` notes how many pops had happened
+when it returned; if something else popped since (``overflow="drop_oldest"`` making room, or
+another thread), ``pop_front()`` knows the message it was asked to remove is already gone and
+removes nothing else — a message is never popped unseen because another was dropped.
+
+Durability of what ``front()`` returns (``"periodic"`` and ``"always"``): with the producer in
+this process, its watermark of completed fsyncs says; without it, the consumer fsyncs the
+segment it reads (and, once per segment, the directory) itself, in the queue's fsync rounds.
+
+A reader (``readonly``) takes no lock and writes nothing, ever: it follows the consumer's
+position from its file, skips damage without setting it aside, and deletes nothing.
+"""
+
+import contextlib
+import logging
+import os
+import pathlib
+from typing import Optional, Tuple
+
+from persizmq import _fs
+from persizmq._engine import _format
+from persizmq._engine._cursor import Cursor, WriterEnd
+from persizmq._engine._durability import Durability, SyncWork
+from persizmq._engine._ledger import Ledger
+from persizmq._engine._legacy import LegacyFiles, V2Log, remove_legacy_tmp
+from persizmq._engine._position import PositionLog, read_position
+from persizmq._engine._segment import Segment, list_bases, quarantine
+from persizmq._errors import CorruptionError, StorageWriteError
+from persizmq._message import Message, decode_multipart
+
+__all__ = ["CONSUMER_LOCK", "Consumer"]
+
+_LOGGER = logging.getLogger("persizmq")
+
+CONSUMER_LOCK = "consumer.lock"
+_HEADER = _format.SEGMENT_HEADER_SIZE
+
+#: Where the message :meth:`Consumer.front` returned comes from, to pop it.
+_FILES, _V2, _LOG = 0, 1, 2
+
+
+class Consumer:
+    """The consumer (or a reader) of one directory in this process.
+
+    Every method runs with the queue's lock held.
+    """
+
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        sync: str,
+        durability: Durability,
+        ledger: Ledger,
+        *,
+        readonly: bool,
+        in_process_producer: bool,
+        follow: bool = True,
+    ) -> None:
+        """Take the consumer lock (unless ``readonly``) and find the position.
+
+        :raises LockedError: another consumer holds the directory.
+        """
+        self.directory = directory
+        self.sync = sync
+        self.durability = durability
+        self.ledger = ledger
+        self.readonly = readonly
+        self.following = readonly and follow
+        self.lock_fd = -1 if readonly else _fs.acquire_lock(directory / CONSUMER_LOCK, "consumer")
+        self.plog: Optional[PositionLog] = None
+        self.v2: Optional[V2Log] = None
+        self.cursor = Cursor(directory, self._on_damage, self._on_leave)
+        self.corrupt_regions = 0
+        self.quarantined_bytes = 0
+        self.popped = 0
+        #: Pops (of any kind) so far: see "Holding" in the module docstring.
+        self.pops = 0
+        self.held: Optional[int] = None
+        self._cache: Optional[Tuple[Message, int, int, int]] = None  # msg, source, end, offset
+        self.pos_dirty = False
+        self.durable: Tuple[int, int] = (-1, 0)  # without the producer: fsynced by us
+        self._want: Tuple[int, int] = (-1, 0)
+        self._dir_synced = -1
+        try:
+            if not readonly:
+                remove_legacy_tmp(directory)
+            self.files = LegacyFiles(directory)
+            self.v2 = V2Log(directory, sync, readonly)
+            self._seek_position(in_process_producer)
+            if not readonly:
+                self.plog = PositionLog(directory, sync)
+        except BaseException:
+            self.close()
+            raise
+
+    def _seek_position(self, in_process_producer: bool) -> None:
+        position = read_position(self.directory)
+        bases = list_bases(self.directory)
+        if position is None:
+            first = bases[0] if bases else 0
+            position = (first, first, _HEADER)
+        offset, base, pos = position
+        if not self.readonly:
+            for old in bases:
+                if old >= base:
+                    break
+                self._unlink(old)
+        self.cursor.seek(offset, base, pos)
+        if not in_process_producer:
+            self.ledger.load([b for b in list_bases(self.directory) if b >= self.cursor.base])
+        self.ledger.drop_below(self.cursor.base)
+
+    # ------------------------------------------------------------------ counting
+
+    def pending(self, writer: WriterEnd) -> Tuple[int, int]:
+        """``(messages, bytes)`` pending, legacy ones included."""
+        if self.following:
+            self.follow()
+        if writer is None:
+            self.ledger.discover_tail()
+        live = None if writer is None else (writer[0], writer[1], writer[2])
+        messages, nbytes = self.ledger.totals(live)
+        cursor = self.cursor
+        tail = live if live is not None else self.ledger.tail
+        if cursor.base in self.ledger.closed or (tail is not None and tail[0] == cursor.base):
+            messages -= cursor.index
+            nbytes -= cursor.pos - _HEADER
+        legacy = len(self.files) + (0 if self.v2 is None else len(self.v2))
+        legacy_bytes = self.files.bytes + (0 if self.v2 is None else self.v2.bytes)
+        return max(0, messages) + legacy, max(0, nbytes) + legacy_bytes
+
+    # ------------------------------------------------------------------ front and pop
+
+    def front(self, writer: WriterEnd) -> Optional[Tuple[Message, int, int]]:
+        """``(message, segment base, end)`` of the oldest pending message, or None.
+
+        For a legacy message, the base is -1 (nothing to make durable).
+        """
+        if self.following:
+            self.follow()
+        cached = self._cache
+        if cached is not None:
+            held, source, end, offset = cached
+            if source != _LOG or offset == self.cursor.offset:
+                return held, (self.cursor.base if source == _LOG else -1), end
+        if len(self.files):
+            found = self.files.front()
+            if found is not None:
+                self._cache = (found, _FILES, 0, -1)
+                return found, -1, 0
+        if self.v2 is not None and len(self.v2):
+            got = self.v2.front(self._on_v2_damage)
+            if got is not None:
+                self._cache = (got[0], _V2, got[1], -1)
+                return got[0], -1, got[1]
+        while True:
+            peeked = self.cursor.peek(writer)
+            if peeked is None:
+                return None
+            kind, payload, end = peeked
+            if kind == _format.KIND_SINGLE:
+                msg: Message = payload
+                break
+            try:
+                msg = decode_multipart(payload, f"{self.cursor.seg and self.cursor.seg.path}")
+                break
+            except CorruptionError:  # a good CRC but an impossible frame table
+                seg = self.cursor.seg
+                assert seg is not None
+                self._on_damage(seg, self.cursor.pos, end)
+                self.cursor.pos, self.cursor.index = end, self.cursor.index + 1
+        self._cache = (msg, _LOG, end, self.cursor.offset)
+        return msg, self.cursor.base, end
+
+    def pop(self, writer: WriterEnd, dropping: bool = False) -> bool:
+        """Remove the oldest pending message; False if there is none (see "Holding").
+
+        ``dropping``: an overflow making room, which pops whatever is oldest.
+        """
+        if not dropping:
+            if self.held is not None and self.held != self.pops:
+                self.held = None
+                return True  # the message front() returned was popped meanwhile
+            self.held = None
+        self.durability.check()  # fail-stop: a pop is a write of the position
+        found = self.front(writer)
+        if found is None:
+            return False
+        cached = self._cache
+        assert cached is not None
+        self._cache = None
+        source, end = cached[1], cached[2]
+        if self.readonly:  # iterating: step over it, change nothing
+            if source == _FILES:
+                self.files.paths.popleft()
+                self.files._front = None
+            elif source == _V2:
+                assert self.v2 is not None
+                self.v2.off, self.v2.pending = end, self.v2.pending - 1
+            else:
+                self.cursor.pos, self.cursor.index = end, self.cursor.index + 1
+            return True
+        if source == _FILES:
+            self.files.pop(self._fsync_directory_if_always)
+        elif source == _V2:
+            assert self.v2 is not None
+            self.v2.pop(end)
+            self.pos_dirty = True
+        else:
+            cursor = self.cursor
+            before = cursor.pos, cursor.index
+            cursor.pos, cursor.index = end, cursor.index + 1
+            try:
+                self._store_position()
+            except StorageWriteError:
+                cursor.pos, cursor.index = before  # not popped: the message stays in front
+                self._cache = cached
+                if self.plog is not None:
+                    self.plog.undo()
+                raise
+        self.pops += 1
+        self.popped += 1
+        return True
+
+    def hold(self) -> None:
+        """Note that :meth:`front` handed the current message out."""
+        self.held = self.pops
+
+    def _store_position(self) -> None:
+        plog = self.plog
+        if plog is None:
+            return
+        cursor = self.cursor
+        plog.write(cursor.offset, cursor.base, cursor.pos)
+        if self.sync == "always":
+            self.durability.fdatasync(plog.fileno(), str(plog.path))
+        else:
+            self.pos_dirty = True
+
+    def _fsync_directory_if_always(self) -> None:
+        if self.sync == "always":
+            self.durability.fsync_directory()
+
+    # ------------------------------------------------------------------ cursor callbacks
+
+    def _on_leave(self, base: int) -> None:
+        self._cache = None
+        self.ledger.drop(base)
+        if self.readonly:
+            return
+        self._store_position()
+        self._unlink(base)
+
+    def _unlink(self, base: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / _format.segment_name(base))
+
+    def _on_damage(self, seg: Segment, start: int, stop: int) -> None:
+        self._cache = None
+        region = b"" if seg.map is None else seg.map[start:stop]
+        self._report_damage(seg.name, start, region)
+
+    def _on_v2_damage(self, name: str, start: int, region: bytes) -> None:
+        self._report_damage(name, start, region)
+
+    def _report_damage(self, name: str, start: int, region: bytes) -> None:
+        if self.readonly:
+            _LOGGER.warning(
+                "persizmq: a reader skipped %d damaged bytes in %s at offset %d",
+                len(region),
+                self.directory / name,
+                start,
+            )
+            return
+        kept = quarantine(self.directory, name, start, region)
+        self.corrupt_regions += 1
+        self.quarantined_bytes += len(region)
+        _LOGGER.error(
+            "persizmq: damaged record in %s at offset %d: %d bytes set aside and never delivered "
+            "(%s); the messages after it are still delivered",
+            self.directory / name,
+            start,
+            len(region),
+            kept,
+        )
+
+    # ------------------------------------------------------------------ durability
+
+    def want_durable(self, base: int, end: int) -> bool:
+        """Without the producer in this process: whether ``(base, end)`` needs an fsync round
+        of our own before it may be returned (the round then makes it durable)."""
+        if (base, end) <= self.durable:
+            return False
+        # Group commit: the fsync covers every record complete before it starts, so claim as
+        # far as the records known complete now reach (the seal's end, or the live tail).
+        extent = end
+        if self.cursor.base == base:
+            if self.cursor.seal is not None:
+                extent = max(extent, self.cursor.seal[1])
+            else:
+                self.ledger.discover_tail()
+                tail = self.ledger.tail
+                if tail is not None and tail[0] == base:
+                    extent = max(extent, tail[1])
+                closed = self.ledger.closed.get(base)
+                if closed is not None:
+                    extent = max(extent, closed[1])
+        self._want = max(self._want, (base, extent))
+        return True
+
+    def sync_work(self) -> Optional[SyncWork]:
+        """For a round: the position log(s), and what ``front()`` needs made durable."""
+        fds = []
+        if self.pos_dirty:
+            if self.plog is not None:
+                fds.append(os.dup(self.plog.fileno()))
+            if self.v2 is not None and self.v2.fileno() >= 0:
+                fds.append(os.dup(self.v2.fileno()))
+        self.pos_dirty = False
+        want = self._want
+        directory = False
+        seg = self.cursor.seg
+        if want > self.durable and seg is not None and seg.base == want[0]:
+            fds.append(os.dup(seg.fd))
+            directory = self._dir_synced != want[0]
+        if not fds:
+            return None
+
+        def done() -> None:
+            self.durable = max(self.durable, want)
+            if directory:
+                self._dir_synced = want[0]
+
+        return SyncWork(fds, directory, done, f"the consumer files of {str(self.directory)!r}")
+
+    # ------------------------------------------------------------------ reader
+
+    def follow(self) -> None:
+        """A reader: move past what the consumer popped since the reader last looked."""
+        position = read_position(self.directory)
+        if len(self.files):  # the consumer deletes them as it pops them
+            self.files = LegacyFiles(self.directory)
+        if position is None:
+            return
+        offset, base, pos = position
+        if offset > self.cursor.offset or base > self.cursor.base:
+            if self.v2 is not None and len(self.v2):
+                self.v2 = V2Log(self.directory, self.sync, readonly=True)
+            self.files.forget()
+            self._cache = None
+            self.cursor.seek(offset, base, pos)
+            self.ledger.drop_below(self.cursor.base)
+
+    def close(self) -> None:
+        """Release every descriptor, mapping and the lock; idempotent."""
+        self.cursor.close()
+        if self.plog is not None:
+            self.plog.close()
+            self.plog = None
+        if self.v2 is not None:
+            self.v2.close()
+        if self.lock_fd >= 0:
+            _fs.release_lock(self.lock_fd)
+            self.lock_fd = -1

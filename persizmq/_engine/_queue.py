@@ -1,0 +1,470 @@
+"""The open queue of one directory in this process: its parts, bounds, waits and counts.
+
+Theory of operation
+===================
+
+Every :class:`~persizmq.PersistentStorage` object opened on a directory in this process is a
+handle on one :class:`Queue` (``_registry`` finds it by the directory's device and inode, so
+two spellings of one path share it). The queue holds the *producer* part (``_writer``) while
+some handle adds, the *consumer* part (``_consumer``) while some handle consumes — each with
+its role's lock on the directory, so another process that wants the same role gets
+:class:`LockedError` — one lock (``self.lock``) that every call takes, the fsync rounds of
+``_durability`` and the counts of ``_ledger``. Adds from any handle go into one log, fronts and
+pops of any handle see one position; the directory is released when the last handle closes.
+
+Waiting: ``front(block=True)`` waits on a condition of the queue's lock; adds in this process
+wake it; a producer in another process is polled for, 1 ms up to 50 ms apart. The time-out
+holds whatever the wait meets (damage, fsync rounds): every step checks the deadline.
+
+Bounds (``max_messages``, ``max_bytes``) are checked before anything is written, and a batch
+is admitted as that many single adds would be. ``"drop_oldest"`` makes room by popping through
+the consumer, so a message a reader holds from ``front()`` is counted as dropped and the next
+``pop_front()`` removes nothing else (``_consumer``, "Holding").
+"""
+
+import logging
+import pathlib
+import threading
+import time
+from typing import Callable, List, Mapping, NamedTuple, Optional, Tuple
+
+from persizmq._engine._consumer import Consumer
+from persizmq._engine._cursor import WriterEnd
+from persizmq._engine._durability import Durability
+from persizmq._engine._format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from persizmq._engine._ledger import Ledger
+from persizmq._engine._position import read_position
+from persizmq._engine._registry import check_same, lock_wait
+from persizmq._engine._writer import Writer
+from persizmq._errors import ClosedError, QueueFullError, StorageWriteError
+from persizmq._message import Message
+
+__all__ = ["Options", "Queue"]
+
+_LOGGER = logging.getLogger("persizmq")
+_POLL_MIN = 0.001
+_POLL_MAX = 0.05
+
+#: One record to append: ``(payload, kind)``.
+Record = Tuple[bytes, int]
+
+
+_BOUNDS = ("max_messages", "max_bytes", "overflow")
+
+
+class Options(NamedTuple):
+    """The options that belong to the queue (two handles must agree on them)."""
+
+    sync: str
+    sync_interval: float
+    segment_size: int
+    max_messages: Optional[int]
+    max_bytes: Optional[int]
+    overflow: str
+
+
+class Queue:
+    """The open queue of one directory (see the module docstring)."""
+
+    def __init__(self, directory: pathlib.Path, options: Options, readonly: bool = False) -> None:
+        """Prepare an open queue with no part yet (see :meth:`attach`)."""
+        self.directory = directory
+        self._options = options
+        self.sync = options.sync
+        self.readonly = readonly
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.durability = Durability(self.lock, directory, options.sync, options.sync_interval)
+        self.ledger = Ledger(directory)
+        self.writer: Optional[Writer] = None
+        self.consumer: Optional[Consumer] = None
+        self.producers = 0
+        self.consumers = 0
+        self.closed = False
+        self.closing = False  # close under way (its fsync rounds release the lock)
+        self.waiters = 0
+        self.listeners: List[Callable[[], None]] = []
+        self.added = 0
+        self.dropped_oldest = 0
+        self.dropped_newest = 0
+        self.bounded = options.max_messages is not None or options.max_bytes is not None
+
+    @property
+    def options(self) -> Options:
+        """The options two handles must agree on."""
+        return self._options
+
+    def check_compatible(self, options: Options, produce: bool) -> None:
+        """Raise if a handle with ``options`` cannot share this queue (registry lock held).
+
+        The bounds belong to the producers: a handle that only consumes does not constrain
+        them, and the first producing handle sets them.
+        """
+        fields = ("sync", "sync_interval", "segment_size")
+        check_same(self.directory, self._options, options, fields)
+        if produce and self.producers > 0:
+            check_same(self.directory, self._options, options, _BOUNDS)
+        elif produce:
+            self._options = self._options._replace(
+                **{name: getattr(options, name) for name in _BOUNDS}
+            )
+            self.bounded = options.max_messages is not None or options.max_bytes is not None
+
+    # ------------------------------------------------------------------ parts
+
+    def attach(self, produce: bool, consume: bool) -> bool:
+        """Add a handle's role: open the parts it needs (lock NOT held by the caller). False
+        if the queue was closed meanwhile (the registry then opens a new one).
+
+        :raises LockedError: another process holds a role this handle needs.
+        """
+        with self.lock:
+            while self.closing and not self.closed:  # its last handle is closing it
+                self.cond.wait()
+            if self.closed:
+                return False
+            if consume and self.consumer is None:
+                self.consumer = Consumer(
+                    self.directory,
+                    self.sync,
+                    self.durability,
+                    self.ledger,
+                    readonly=self.readonly,
+                    in_process_producer=self.writer is not None,
+                )
+                self.durability.participants.append(self.consumer)
+            if produce and self.writer is None:
+                self.ledger.tail = None
+                self.ledger.close()
+                try:
+                    self.writer = Writer(
+                        self.directory,
+                        self.sync,
+                        self._options.segment_size,
+                        self.durability,
+                        self.ledger,
+                    )
+                except BaseException:
+                    if consume and self.consumers == 0 and self.consumer is not None:
+                        self._drop_consumer()
+                    raise
+                self.durability.participants.insert(0, self.writer)
+                if self.consumer is not None:
+                    self.ledger.drop_below(self.consumer.cursor.base)
+            self.producers += produce
+            self.consumers += consume
+        if not self.readonly:
+            self.durability.start()
+        return True
+
+    def detach(self, produce: bool, consume: bool, blocking: bool = True) -> Optional[bool]:
+        """Remove a handle's role; close the parts nobody needs any more (fsynced unless
+        ``"never"``). Returns whether the queue is now closed, or None if ``blocking`` is
+        False and the lock was busy (nothing changed then).
+
+        :raises StorageWriteError: the last sync failed (everything is released anyway).
+        """
+        if self.closed:
+            return True
+        if not self.lock.acquire(timeout=lock_wait(blocking)):
+            return None
+        closing = False
+        try:
+            if self.closed:
+                return True
+            self.producers -= produce
+            self.consumers -= consume
+            if self.producers > 0 or self.consumers > 0:
+                if self.producers == 0 and self.writer is not None:
+                    self._drop_writer()
+                if self.consumers == 0 and self.consumer is not None:
+                    self._drop_consumer()
+                if self.sync != "never" and self.durability.failed is None:
+                    self.durability.sync_round()
+                return False
+            closing = True
+            self._close_locked()
+            return True
+        finally:
+            self.lock.release()
+            if closing:
+                self.durability.stop()
+
+    def _drop_writer(self) -> None:
+        writer = self.writer
+        assert writer is not None
+        try:
+            writer.seal_for_close()
+            if self.sync != "never":
+                self.durability.sync_round()
+        finally:
+            if writer.seg is not None:
+                end_base, end_pos, end_index = writer.end()
+                self.ledger.add(end_base, end_base + end_index, end_pos)
+            if self.consumer is not None:
+                self.consumer.durable = writer.durable
+            self.durability.participants.remove(writer)
+            writer.close_files()
+            self.writer = None
+
+    def _drop_consumer(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        try:
+            if self.sync != "never":
+                self.durability.sync_round()
+        finally:
+            self.durability.participants.remove(consumer)
+            consumer.close()
+            self.consumer = None
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Close every part (fsynced unless ``"never"``); idempotent. With ``timeout``, give up
+        (leaving the queue open) if the lock cannot be had in time (at exit).
+
+        :raises StorageWriteError: a sync failed, now or before (everything is released anyway).
+        """
+        if self.closed:
+            return
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            _LOGGER.warning("persizmq: could not close %s: it stayed busy", self.directory)
+            return
+        try:
+            if not self.closed:
+                self._close_locked()
+        finally:
+            self.lock.release()
+            self.durability.stop()
+
+    def _close_locked(self) -> None:
+        self.closing = True
+        self.durability.wait_round(None)
+        try:
+            if self.writer is not None:
+                self.writer.seal_for_close()
+            if self.sync != "never" or self.durability.failed is not None:
+                self.durability.sync_round()
+        finally:
+            self.closed = True
+            if self.writer is not None:
+                self.writer.close_files()
+            if self.consumer is not None:
+                self.consumer.close()
+            self.ledger.close()
+            self.cond.notify_all()
+            self.durability.stop_nowait()
+
+    def writer_end(self) -> WriterEnd:
+        """The producer's end if it is in this process (lock held)."""
+        writer = self.writer
+        if writer is None or writer.seg is None:
+            return None
+        return writer.base, writer.pos, writer.index
+
+    def check_open(self, what: str) -> None:
+        """Raise ClosedError if the queue is closed (lock held)."""
+        if self.closed:
+            raise ClosedError(f"cannot {what} {str(self.directory)!r}: the storage is closed")
+
+    # ------------------------------------------------------------------ adding
+
+    def add(self, records: List[Record], meta: Optional[Mapping[bytes, bytes]]) -> int:
+        """Append records (lock NOT held); return how many messages were accepted."""
+        with self.lock:
+            self.check_open("add to")
+            self.durability.check()
+            writer = self.writer
+            assert writer is not None
+            accepted = len(records)
+            if self.bounded:
+                records, accepted = self._admit(records)
+            if records:
+                if len(records) == 1 and meta is None:
+                    writer.append(*records[0])
+                else:
+                    writer.append_batch(records, meta)
+                if self.sync == "always":
+                    self._fdatasync_adds(writer)
+                self.added += len(records)
+                if self.waiters:
+                    self.cond.notify_all()
+            listeners = self.listeners
+        if listeners and records:
+            self.notify(listeners)
+        return accepted
+
+    def _fdatasync_adds(self, writer: Writer) -> None:
+        try:
+            writer.fdatasync_now()
+        except StorageWriteError as err:
+            raise StorageWriteError(
+                err.errno,
+                f"{err}; the message(s) of this call were written but may not be durable: do "
+                f"not add them again",
+            ) from err
+
+    @staticmethod
+    def notify(listeners: List[Callable[[], None]]) -> None:
+        """Call the listeners (outside the lock); what they raise is logged."""
+        for listener in list(listeners):
+            try:
+                listener()
+            except Exception:  # a listener must not break an add
+                _LOGGER.exception("persizmq: a storage listener raised")
+
+    def _admit(self, records: List[Record]) -> Tuple[List[Record], int]:
+        """Apply the bounds as that many single adds would (lock held); see the module
+        docstring. Returns the records to write and how many count as accepted."""
+        opts = self._options
+        max_messages = opts.max_messages if opts.max_messages is not None else 1 << 62
+        max_bytes = opts.max_bytes if opts.max_bytes is not None else 1 << 62
+        sizes = [RECORD_HEADER_SIZE + len(payload) for payload, _kind in records]
+        fitting = [r for r, size in zip(records, sizes) if size <= max_bytes]
+        if len(fitting) < len(records) and opts.overflow == "raise":
+            raise QueueFullError(
+                f"expected messages of at most max_bytes={max_bytes} bytes with their "
+                f"{RECORD_HEADER_SIZE}-byte header, got {max(sizes)} bytes; nothing stored"
+            )
+        refused = len(records) - len(fitting)
+        fit_sizes = [RECORD_HEADER_SIZE + len(p) for p, _k in fitting]
+        total = sum(fit_sizes)
+
+        def room() -> Tuple[int, int]:
+            count, nbytes = self.pending()
+            return max_messages - count, max_bytes - nbytes
+
+        free_count, free_bytes = room()
+        if len(fitting) <= free_count and total <= free_bytes:
+            self.dropped_newest += refused
+            return fitting, len(fitting)
+        if opts.overflow == "raise":
+            raise QueueFullError(
+                f"the storage is full: {max_messages - free_count} messages "
+                f"({max_bytes - free_bytes} bytes) pending, {len(fitting)} more ({total} bytes) "
+                f"do not fit in max_messages={opts.max_messages}, max_bytes={opts.max_bytes}; "
+                f"nothing stored"
+            )
+        if opts.overflow == "drop_newest":
+            kept = []
+            for record, size in zip(fitting, fit_sizes):
+                if free_count >= 1 and size <= free_bytes:
+                    kept.append(record)
+                    free_count -= 1
+                    free_bytes -= size
+            self.dropped_newest += len(records) - len(kept)
+            return kept, len(kept)
+        # drop_oldest, as single adds would: the longest run of the newest messages (pending,
+        # then the batch) that fits the bounds survives.
+        kept, kept_bytes = [], 0
+        for record, size in zip(reversed(fitting), reversed(fit_sizes)):
+            if len(kept) + 1 > max_messages or kept_bytes + size > max_bytes:
+                break
+            kept.append(record)
+            kept_bytes += size
+        kept.reverse()
+        self.dropped_oldest += len(fitting) - len(kept)
+        consumer = self.consumer
+        assert consumer is not None
+        writer_end = self.writer_end()
+        if len(kept) < len(fitting):
+            free_count = free_bytes = -1  # a batch message was dropped: no older one stays
+        while free_count < 0 or len(kept) > free_count or kept_bytes > free_bytes:
+            if not consumer.pop(writer_end, dropping=True):
+                break
+            consumer.popped -= 1
+            self.dropped_oldest += 1
+            if free_count >= 0:
+                free_count, free_bytes = room()
+        self.dropped_newest += refused
+        return kept, len(fitting)
+
+    # ------------------------------------------------------------------ consuming
+
+    def front(self, block: bool, timeout: Optional[float]) -> Optional[Message]:
+        """The oldest pending message (lock NOT held); see the module docstring."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll = _POLL_MIN
+        with self.lock:
+            while True:
+                self.check_open("read from")
+                consumer = self.consumer
+                assert consumer is not None
+                found = consumer.front(self.writer_end())
+                if found is not None:
+                    msg, base, end = found
+                    if base < 0 or self.sync == "never" or not self._needs_sync(base, end):
+                        consumer.hold()
+                        return list(msg) if msg.__class__ is list else msg
+                    self.durability.sync_round()  # releases the lock meanwhile
+                    continue
+                if not block:
+                    return None
+                wait = None if self.writer is not None else poll
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    wait = remaining if wait is None else min(wait, remaining)
+                self.waiters += 1
+                try:
+                    self.cond.wait(wait)
+                finally:
+                    self.waiters -= 1
+                if self.writer is None:
+                    poll = min(poll * 2, _POLL_MAX)
+
+    def _needs_sync(self, base: int, end: int) -> bool:
+        writer = self.writer
+        if writer is not None:
+            return not writer.is_durable(base, end)
+        consumer = self.consumer
+        assert consumer is not None
+        return consumer.want_durable(base, end)
+
+    def try_front(self) -> Tuple[bool, Optional[Message]]:
+        """``(True, message or None)`` if answering needs no fsync, else ``(False, None)``."""
+        with self.lock:
+            self.check_open("read from")
+            consumer = self.consumer
+            assert consumer is not None
+            found = consumer.front(self.writer_end())
+            if found is None:
+                return True, None
+            msg, base, end = found
+            if base >= 0 and self.sync != "never" and self._needs_sync(base, end):
+                return False, None
+            consumer.hold()
+            return True, (list(msg) if msg.__class__ is list else msg)
+
+    def pop(self) -> bool:
+        """Remove the oldest pending message (lock NOT held)."""
+        with self.lock:
+            self.check_open("pop from")
+            consumer = self.consumer
+            assert consumer is not None
+            return consumer.pop(self.writer_end())
+
+    # ------------------------------------------------------------------ counting
+
+    def pending(self) -> Tuple[int, int]:
+        """``(messages, bytes)`` pending (lock held)."""
+        if self.consumer is not None:
+            return self.consumer.pending(self.writer_end())
+        writer = self.writer
+        assert writer is not None
+        position = read_position(self.directory)
+        live = self.writer_end()
+        if position is not None:
+            offset, base, pos = position
+            self.ledger.drop_below(base)
+        messages, nbytes = self.ledger.totals(live)
+        if position is not None and (base in self.ledger.closed or base == writer.base):
+            messages -= offset - base
+            nbytes -= pos - SEGMENT_HEADER_SIZE
+        return max(0, messages), max(0, nbytes)
+
+    def sync_now(self) -> None:
+        """Fsync everything written so far, whatever the mode (lock NOT held)."""
+        with self.lock:
+            self.check_open("sync")
+            self.durability.sync_round()

@@ -1,0 +1,488 @@
+"""The producer role: appending records to the segment log, rolling over, recovery on open.
+
+Theory of operation
+===================
+
+Appending. The producer writes into the newest segment through a shared memory map: a record
+is a store into the page cache (no system call), which survives the death of the process. The
+file's space is reserved ahead (``posix_fallocate``, growing by doubling up to the segment
+size), so a full disk is refused before anything is written — an add either stores all of its
+messages or none. A segment holds at most ``segment_size`` bytes of records, except that a
+record or batch larger than that gets a segment of its own.
+
+Offsets and the reservation. The producer stores (and, unless ``sync="never"``, fsyncs) a
+reservation in ``producer.offset`` before it writes a message whose offset reaches the stored
+one. Every producer that opens starts a new segment at the reservation, so no offset — and no
+segment name — is ever used twice, even when a power cut lost a segment that had used it.
+
+Rolling over. The full segment is sealed (end offset and data end in its header, and its
+checkpoint set to its end) before the next one is created, so a consumer in another process
+that sees the next segment knows where this one ends. In ``"periodic"`` mode the full segment
+is fsynced by the next round (at most :data:`MAX_ROLLED` wait for it; beyond that the oldest is
+fsynced at once, so descriptors never pile up); in ``"always"`` mode it was already durable.
+
+Recovery, when the producer opens:
+
+* segment files left under their temporary name are removed; trailing segments that hold no
+  message are removed;
+* every segment that is unsealed, or whose checkpoint is below its seal's data end (it was not
+  known to be complete when last written), is walked from its checkpoint: the valid records
+  there are kept, and from the first invalid one — or from a batch record whose messages are
+  not all valid — on, the rest is a **torn tail**: it is zeroed (never cut off: another process
+  may have the file mapped), reported in ``stats().torn_tail_bytes`` and the segment is sealed
+  at its good end. Below the checkpoint nothing is changed: damage there is bit rot, which the
+  consumer sets aside while it still delivers what follows;
+* a segment whose header is damaged is left to the consumer (which sets it aside whole);
+* a new segment is started at the reservation.
+
+Metadata of atomic batches (``add_messages(..., meta=...)``) is kept in memory; each new
+segment starts with a batch record of no messages holding all of it, so opening needs to read
+only the last segment's batch records to know it.
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import pathlib
+import zlib
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from persizmq import _fs
+from persizmq._engine import _format
+from persizmq._engine._durability import Durability, SyncWork
+from persizmq._engine._ledger import Ledger
+from persizmq._engine._position import Reservation, read_position
+from persizmq._engine._segment import Segment, list_bases, remove_tmp
+from persizmq._errors import StorageWriteError
+
+__all__ = ["MAX_ROLLED", "PRODUCER_LOCK", "Writer"]
+
+_LOGGER = logging.getLogger("persizmq")
+
+PRODUCER_LOCK = "producer.lock"
+#: Full segments that may wait for the next fsync round before one is fsynced at once.
+MAX_ROLLED = 2
+_HEADER = _format.SEGMENT_HEADER_SIZE
+_RECORD = _format.RECORD_HEADER_SIZE
+_INITIAL = 1 << 16
+
+#: What one closed segment holds: ``(end offset, data end)``.
+Closed = Tuple[int, int]
+
+
+class Writer:
+    """The producer of one directory in this process (see the module docstring).
+
+    Every method runs with the queue's lock held, except :meth:`close` of a failed open.
+    """
+
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        sync: str,
+        segment_size: int,
+        durability: Durability,
+        ledger: Ledger,
+    ) -> None:
+        """Take the producer lock, recover the log and start a new segment.
+
+        :raises LockedError: another producer holds the directory.
+        :raises StorageWriteError: the disk refused a write needed to open.
+        """
+        self.directory = directory
+        self.sync = sync
+        self.segment_size = segment_size
+        self.durability = durability
+        self.ledger = ledger
+        self.lock_fd = _fs.acquire_lock(directory / PRODUCER_LOCK, "producer")
+        self.seg: Optional[Segment] = None
+        self.reservation: Optional[Reservation] = None
+        self.rolled: List[Segment] = []
+        self.meta: Dict[bytes, bytes] = {}
+        self.torn_tail_bytes = 0
+        self.dirty = False  # records written since the last fsync round snapshot
+        self.dir_dirty = False  # a segment was created since the last directory fsync
+        #: ``(base, position)`` up to which the records are durable (completed fsyncs).
+        self.durable: Tuple[int, int] = (-1, 0)
+        try:
+            self._open()
+        except BaseException:
+            self.close_files()
+            raise
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self) -> None:
+        remove_tmp(self.directory)
+        self.reservation = Reservation(self.directory, self.sync)
+        bases = list_bases(self.directory)
+        end = 0
+        for base in bases:
+            seg = Segment.open(self.directory, base, writable=True)
+            if seg is None:
+                continue
+            try:
+                closed = self._recover(seg, is_last=base == bases[-1])
+                if self.sync != "never":  # what a crashed run left in the page cache
+                    _fdatasync_at_open(seg)
+            finally:
+                seg.close()
+            if closed is not None:
+                self.ledger.add(base, *closed)
+                end = max(end, closed[0])
+        self._remove_empty_tail()
+        if self.sync != "never" and bases:
+            _fs.fsync_directory(self.directory)
+        position = read_position(self.directory)
+        start = max(self.reservation.value, end, 0 if position is None else position[0])
+        # The new segment is created with the first add, so that a full disk can be opened
+        # (and drained). Everything before it was fsynced above (or the mode promises nothing).
+        self.base, self.index, self.pos, self.cap = start, 0, _HEADER, 0
+        self.durable = (start, 0)
+
+    def _recover(self, seg: Segment, is_last: bool) -> Optional[Closed]:
+        """Verify one segment at open (see the module docstring); return what it holds."""
+        header = seg.header()
+        if header is None:
+            _LOGGER.error(
+                "persizmq: the header of %s is damaged; the consumer sets the file aside",
+                seg.path,
+            )
+            return None
+        seal, checkpoint = header.seal, header.checkpoint
+        if seal is not None and checkpoint is not None and checkpoint[1] >= seal[1]:
+            if is_last:
+                self._restore_meta(seg)
+            return seal
+        index, pos = (0, _HEADER) if checkpoint is None else checkpoint
+        assert seg.map is not None
+        limit = seg.size if seal is None else min(seg.size, seal[1])
+        while True:
+            found = _format.check_record(seg.map, pos, limit, seg.salt, index)
+            if found is None:
+                break
+            kind, length, end = found
+            if kind == _format.KIND_BATCH:
+                batch_end = self._complete_batch(seg, end, length, index, limit)
+                if batch_end is None:
+                    break  # a batch cut short: torn
+                pos, index = batch_end
+                continue
+            pos, index = end, index + 1
+        torn_end = limit if seal is not None else _nonzero_end(seg, pos)
+        if torn_end > pos:
+            _LOGGER.warning(
+                "persizmq: cut a torn tail of %d bytes off %s at offset %d (the normal trace of "
+                "a crash during a write)",
+                torn_end - pos,
+                seg.path,
+                pos,
+            )
+            self.torn_tail_bytes += torn_end - pos
+            seg.zero(pos, torn_end)
+        seg.write_seal(seg.base + index, pos)
+        seg.write_checkpoint(index, pos)
+        if is_last:
+            self._restore_meta(seg)
+        return seg.base + index, pos
+
+    def _complete_batch(
+        self, seg: Segment, start: int, length: int, index: int, limit: int
+    ) -> Optional[Tuple[int, int]]:
+        """``(end position, next index)`` after a batch whose messages are all valid, or None."""
+        assert seg.map is not None
+        decoded = _format.decode_batch(seg.map[start - length : start])
+        if decoded is None:
+            return None
+        pos = start
+        for _ in range(decoded[0]):
+            found = _format.check_record(seg.map, pos, limit, seg.salt, index)
+            if found is None or found[0] == _format.KIND_BATCH:
+                return None
+            pos, index = found[2], index + 1
+        return pos, index
+
+    def _restore_meta(self, seg: Segment) -> None:
+        """Fold the metadata of the complete batches of the last segment."""
+        assert seg.map is not None
+        header = seg.header()
+        if header is None:
+            return
+        limit = seg.size if header.seal is None else min(seg.size, header.seal[1])
+        pos, index = _HEADER, 0
+        meta: Dict[bytes, bytes] = {}
+        while True:
+            found = _format.check_record(seg.map, pos, limit, seg.salt, index)
+            if found is None:
+                break
+            kind, length, end = found
+            if kind == _format.KIND_BATCH:
+                decoded = _format.decode_batch(seg.map[end - length : end])
+                if decoded is not None:
+                    meta.update(decoded[1])
+                pos = end
+                continue
+            pos, index = end, index + 1
+        self.meta = meta
+
+    def _remove_empty_tail(self) -> None:
+        """Remove trailing segments that hold no message (and no metadata worth keeping)."""
+        removed = False
+        for base in sorted(self.ledger.closed, reverse=True):
+            end_offset, _data_end = self.ledger.closed[base]
+            if end_offset != base or self.meta:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / _format.segment_name(base))
+            self.ledger.drop(base)
+            removed = True
+        if removed and self.sync != "never":
+            _fs.fsync_directory(self.directory)
+
+    # ------------------------------------------------------------------ segments
+
+    def _new_segment(self, base: int, needed: int) -> Tuple[Segment, int, bytes]:
+        """Create segment ``base`` with room for ``needed`` bytes (and the metadata snapshot);
+        return it, its cap and the snapshot record. Changes nothing if it raises."""
+        if base > _format.MAX_OFFSET:
+            raise StorageWriteError(
+                errno.EOVERFLOW, f"the offsets of {str(self.directory)!r} are exhausted"
+            )
+        self._reserve(base + 1)  # the name is a use of the offset
+        snapshot = b""
+        if self.meta:
+            snapshot = _format.encode_batch(0, self.meta)
+            needed += _RECORD + len(snapshot)
+        cap = _HEADER + max(self.segment_size, needed)
+        size = min(cap, max(_HEADER + needed, _INITIAL))
+        if size > _format.MAX_SEGMENT_BYTES:
+            raise StorageWriteError(
+                errno.EFBIG, f"a segment of {size} bytes is larger than a segment may be"
+            )
+        seg = Segment.create(self.directory, base, size)
+        record = b""
+        if snapshot:
+            record = _format.encode_record(snapshot, _format.KIND_BATCH, seg.salt, 0)
+        return seg, cap, record
+
+    def _switch(self, seg: Segment, cap: int, snapshot: bytes) -> None:
+        """Make ``seg`` (just created) the write segment."""
+        self.seg = seg
+        self.base = seg.base
+        self.index = 0
+        self.pos = _HEADER
+        self.cap = cap
+        self.dir_dirty = True
+        if snapshot:
+            assert seg.map is not None
+            seg.map[_HEADER : _HEADER + len(snapshot)] = snapshot
+            self.pos += len(snapshot)
+            self.dirty = True
+        if self.sync == "always":
+            self.durability.fsync_directory()
+            self.dir_dirty = False
+
+    def _reserve(self, end: int) -> None:
+        """Make sure every offset below ``end`` is reserved (stored durably first)."""
+        reservation = self.reservation
+        assert reservation is not None
+        if end <= reservation.value:
+            return
+        try:
+            reservation.store(end + Reservation.STEP)
+        except OSError as err:
+            raise StorageWriteError(
+                err.errno or errno.EIO,
+                f"cannot write {str(reservation.path)!r}: {err.strerror}; nothing was stored",
+            ) from err
+        if self.sync != "never":
+            self.durability.fdatasync(reservation.fileno(), str(reservation.path))
+
+    def roll(self, needed: int) -> None:
+        """Start the next segment with room for ``needed`` bytes, then seal the full one.
+
+        The new segment is created first: if the disk refuses it, nothing changed. A view in
+        another process that sees the new segment knows the full one is complete (nobody
+        writes to a segment that has a successor), sealed or not yet.
+        """
+        old = self.seg
+        assert old is not None
+        end_offset = self.base + self.index
+        new, cap, snapshot = self._new_segment(end_offset, needed)
+        old.write_seal(end_offset, self.pos)
+        old.write_checkpoint(self.index, self.pos)
+        self.ledger.add(self.base, end_offset, self.pos)
+        if old.map is not None:
+            old.map.close()
+            old.map = None
+        self.seg = None
+        try:
+            if self.sync == "periodic":
+                self.rolled.append(old)
+                if len(self.rolled) > MAX_ROLLED:
+                    oldest = self.rolled.pop(0)
+                    try:
+                        self.durability.fdatasync(oldest.fd, str(oldest.path))
+                    finally:
+                        oldest.close()
+                self.durability.wake()
+            else:
+                try:
+                    if self.sync == "always":
+                        self.durability.fdatasync(old.fd, str(old.path))
+                finally:
+                    old.close()
+        finally:
+            self._switch(new, cap, snapshot)
+
+    def make_room(self, size: int, count: int) -> None:
+        """Before appending ``size`` bytes holding ``count`` messages: roll over or grow the
+        file as needed, and extend the reservation. Raises before anything is written."""
+        if self.seg is None:  # the first add since the producer opened
+            self._switch(*self._new_segment(self.base, size))
+        if self.pos + size > self.cap or self.index + count > _format.MAX_INDEX:
+            if self.index > 0 or self.pos > _HEADER:
+                self.roll(size)
+            elif self.pos + size > self.cap:  # an empty segment too small: one of its own
+                self.cap = self.pos + size
+        seg = self.seg
+        assert seg is not None
+        if self.pos + size > seg.size:
+            target = min(self.cap, max(self.pos + size, 2 * seg.size))
+            if target > _format.MAX_SEGMENT_BYTES:
+                raise StorageWriteError(
+                    errno.EFBIG, f"a segment of {target} bytes is larger than a segment may be"
+                )
+            seg.grow(target)
+        self._reserve(self.base + self.index + count)
+
+    # ------------------------------------------------------------------ appending
+
+    def append(self, payload: bytes, kind: int) -> None:
+        """Append one message record (room made first)."""
+        size = _RECORD + len(payload)
+        self.make_room(size, 1)
+        seg = self.seg
+        assert seg is not None
+        assert seg.map is not None
+        pos = self.pos
+        tag = kind << _format.KIND_SHIFT | self.index
+        length = len(payload)
+        crc = zlib.crc32(payload, _format.record_seed(seg.salt, tag, length))
+        _format.pack_record_header_into(seg.map, pos, seg.salt, tag, length, crc)
+        seg.map[pos + _RECORD : pos + size] = payload
+        self.pos = pos + size
+        self.index += 1
+        self.dirty = True
+
+    def append_batch(
+        self, records: List[Tuple[bytes, int]], meta: Optional[Mapping[bytes, bytes]]
+    ) -> int:
+        """Append several messages in one segment — an atomic batch when ``meta`` is given —
+        and return the bytes written."""
+        marker = b"" if meta is None else _format.encode_batch(len(records), meta)
+        size = sum(_RECORD + len(p) for p, _k in records) + (
+            _RECORD + len(marker) if meta is not None else 0
+        )
+        self.make_room(size, len(records))
+        seg = self.seg
+        assert seg is not None
+        assert seg.map is not None
+        salt, index = seg.salt, self.index
+        parts: List[bytes] = []
+        if meta is not None:
+            parts.append(_format.encode_record(marker, _format.KIND_BATCH, salt, index))
+        for payload, kind in records:
+            parts.append(_format.encode_record(payload, kind, salt, index))
+            index += 1
+        data = b"".join(parts)
+        pos = self.pos
+        seg.map[pos : pos + len(data)] = data
+        self.pos = pos + len(data)
+        self.index = index
+        self.dirty = True
+        if meta:
+            self.meta.update(meta)
+        return len(data)
+
+    def fdatasync_now(self) -> None:
+        """``"always"`` mode: make everything appended so far durable, inline."""
+        seg = self.seg
+        if seg is None:
+            return
+        self.durability.fdatasync(seg.fd, str(seg.path))
+        self.durable = (self.base, self.pos)
+        self.dirty = False
+        seg.write_checkpoint(self.index, self.pos)
+
+    # ------------------------------------------------------------------ durability
+
+    def sync_work(self) -> Optional[SyncWork]:
+        """For a round: the full segments, the write segment and the directory, if dirty."""
+        if not (self.dirty or self.dir_dirty or self.rolled):
+            return None
+        rolled, self.rolled = self.rolled, []
+        fds = [os.dup(s.fd) for s in rolled]
+        for s in rolled:
+            s.close()
+        seg = self.seg
+        if seg is not None:
+            fds.append(os.dup(seg.fd))
+        target = (self.base, self.pos, self.index)
+        directory = self.dir_dirty
+        self.dirty = self.dir_dirty = False
+
+        def done() -> None:
+            self.durable = max(self.durable, target[:2])
+            if seg is not None and self.seg is seg and seg.map is not None:
+                seg.write_checkpoint(target[2], target[1])
+
+        return SyncWork(fds, directory, done, f"the segments of {str(self.directory)!r}")
+
+    def is_durable(self, base: int, end: int) -> bool:
+        """Whether the record ending at ``end`` in segment ``base`` is durable."""
+        return (base, end) <= self.durable
+
+    def seal_for_close(self) -> None:
+        """Seal the write segment, before the last fsync round of a clean close."""
+        seg = self.seg
+        if seg is not None and seg.map is not None and self.durability.failed is None:
+            seg.write_seal(self.base + self.index, self.pos)
+            seg.write_checkpoint(self.index, self.pos)
+            self.dirty = True
+
+    def close_files(self) -> None:
+        """Close every descriptor and mapping and release the lock; idempotent."""
+        for seg in [*self.rolled, *([self.seg] if self.seg is not None else [])]:
+            seg.close()
+        self.rolled = []
+        self.seg = None
+        if self.reservation is not None:
+            self.reservation.close()
+            self.reservation = None
+        if self.lock_fd >= 0:
+            _fs.release_lock(self.lock_fd)
+            self.lock_fd = -1
+
+    # ------------------------------------------------------------------ inspection
+
+    def end(self) -> Tuple[int, int, int]:
+        """``(base, position, index)`` of the end of the log."""
+        return self.base, self.pos, self.index
+
+
+def _fdatasync_at_open(seg: Segment) -> None:
+    try:
+        os.fdatasync(seg.fd)
+    except OSError as err:
+        raise StorageWriteError(
+            err.errno or errno.EIO,
+            f"fdatasync of {str(seg.path)!r} failed while opening: {err.strerror}",
+        ) from err
+
+
+def _nonzero_end(seg: Segment, start: int) -> int:
+    """The position just past the last non-zero byte at or after ``start``."""
+    assert seg.map is not None
+    return start + len(seg.map[start : seg.size].rstrip(b"\0"))
