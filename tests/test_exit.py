@@ -1,0 +1,101 @@
+"""Scripts that never call close() (persizmq 1.0.x had none) exit promptly and cleanly.
+
+Each scenario runs in a fresh interpreter that keeps its storages in globals and simply ends
+(or calls ``sys.exit``): at interpreter exit the open storages are closed by persizmq's exit
+hook — fsynced by their mode's rule, their segment sealed — and no background thread may hold
+the exit up. Each scenario is repeated, since a hang depends on the interleaving.
+"""
+
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import persizmq
+from persizmq._engine import _format
+
+REPO = pathlib.Path(persizmq.__file__).resolve().parent.parent
+
+SCENARIOS = {
+    # A one-shot consumer: front() finds nothing, the script exits (issue 8, point 2).
+    "empty-front": """
+        storage = persizmq.PersistentStorage(directory, sync=sync)
+        assert storage.front() is None
+        sys.exit(0)
+    """,
+    "add-then-exit": """
+        storage = persizmq.PersistentStorage(directory, sync=sync)
+        for i in range(100):
+            storage.add_message(b"%d" % i)
+        latest = persizmq.PersistentLatestStorage(directory + "-latest", sync=sync)
+        latest.add_message(b"newest")
+        period = persizmq.filter.MinPeriod(1.0, directory + "-period")
+        period(b"x")
+    """,
+    # 1.0.x's restart idiom, both objects left open at exit.
+    "two-handles": """
+        first = persizmq.PersistentStorage(directory, sync=sync)
+        first.add_message(b"0")
+        second = persizmq.PersistentStorage(directory, sync=sync)
+        for i in range(1, 100):
+            second.add_message(b"%d" % i)
+    """,
+    # A daemon thread still adding while the main thread ends.
+    "busy-daemon": """
+        storage = persizmq.PersistentStorage(directory, sync=sync, sync_interval=0.001)
+        for i in range(100):
+            storage.add_message(b"%d" % i)
+        started = threading.Event()
+
+        def keep_adding():
+            started.set()
+            while True:
+                try:
+                    storage.front()
+                except persizmq.ClosedError:
+                    return
+
+        threading.Thread(target=keep_adding, daemon=True).start()
+        started.wait()
+    """,
+}
+
+PROLOGUE = """
+import sys, threading
+sys.path.insert(0, {repo!r})
+import persizmq, persizmq.filter
+directory, sync = sys.argv[1], sys.argv[2]
+"""
+
+
+@pytest.mark.parametrize("sync", ["always", "periodic", "never"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_a_script_that_never_closes_exits_promptly(
+    tmp_path: pathlib.Path, scenario: str, sync: str
+) -> None:
+    code = PROLOGUE.format(repo=str(REPO)) + textwrap.dedent(SCENARIOS[scenario])
+    for trial in range(4):
+        directory = tmp_path / f"q{trial}"
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(directory), sync],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,  # a hang fails here (it hung for ever in 8 of 8 runs before the fix)
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        assert "Exception ignored" not in done.stderr, done.stderr
+        # Closed by the exit hook: the last segment is sealed, and it all reads back.
+        bases = _format.list_segment_bases([p.name for p in directory.iterdir()])
+        if scenario != "empty-front":  # (an open that added nothing created no segment)
+            last = (directory / _format.segment_name(bases[-1])).read_bytes()
+            header = _format.parse_header(last, bases[-1])
+            assert header is not None
+            assert header.seal is not None, "the exit hook did not close it"
+        with persizmq.PersistentStorage(directory, sync=sync) as storage:
+            expected = 0 if scenario == "empty-front" else 100
+            assert len(storage) == expected
+            assert list(storage) == [b"%d" % i for i in range(expected)]
