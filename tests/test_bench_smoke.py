@@ -7,7 +7,7 @@ benchmark scripts from rotting as the library changes.
 import pathlib
 from typing import List
 
-from bench import _common, end_to_end, run_all, scale, storage
+from bench import _burst_child, _common, burst, end_to_end, receive_cost, run_all, scale, storage
 
 
 def test_storage_cases_in_process(tmp_path: pathlib.Path) -> None:
@@ -35,6 +35,9 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "VmRSS",
         "SPEC 7 target",
         "end to end lossless",
+        "Bursts:",
+        "burst capture, persizmq record",
+        "CPU per message of the receive paths",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
@@ -59,6 +62,45 @@ def test_highest_lossless_and_targets() -> None:
     assert end_to_end.highest_lossless(result["p2"]) == 1000
     (target,) = end_to_end.targets(result)
     assert target.met is False
+
+
+def test_burst_trials_count_what_arrived(tmp_path: pathlib.Path) -> None:
+    for kind in burst.KINDS:
+        got = burst.trial(kind, 2000, 500, 0.01, str(tmp_path))
+        assert got["n"] == 2000
+        assert 0 < got["captured"] <= 2000, (kind, got)  # no timing assertion: a busy machine
+        assert got["errors"] == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_burst_ratios_and_targets() -> None:
+    result = burst.BurstResult(
+        {
+            "bare": [{"captured": 100}, {"captured": 200}],
+            "record": [{"captured": 95}, {"captured": 100}],
+            "p2": [{"captured": 100}, {"captured": 220}],
+        }
+    )
+    assert burst.ratios(result, "record") == [0.95, 0.5]
+    record, p2 = burst.targets(result)
+    assert record.met is False  # median 0.725
+    assert p2.met is True  # median 1.05
+
+
+def test_burst_p2_sizes_its_socket_as_record_does() -> None:
+    from persizmq._cli import _record
+
+    assert (_burst_child.P2_RCVHWM, _burst_child.P2_RCVBUF) == (
+        _record.RECORD_RCVHWM_TCP,
+        _record.RECORD_RCVBUF,
+    )
+    assert _burst_child.P2_BIG_RCVHWM == _record.RECORD_RCVHWM
+
+
+def test_receive_costs() -> None:
+    costs = receive_cost.measure(500)
+    assert set(costs) == set(receive_cost.PATHS)
+    assert all(micros > 0 for micros in costs.values())
 
 
 def test_scale_helpers(tmp_path: pathlib.Path) -> None:

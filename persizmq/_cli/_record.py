@@ -8,13 +8,13 @@ Theory of operation
 (or a ``PersistentLatestStorage`` with ``--latest``). So an application, ``pop``, ``drain`` or
 ``replay`` can consume the same directory at the same time.
 
-It builds, in this order: the stop-signal handlers; a SUB socket (``LINGER`` 0, ``RCVHWM``
-100,000 -- a burst buffer in front of the disk, where the default of 1,000 would drop silently
-whenever the disk stalls -- the ``--topic`` subscriptions, then ``connect``/``bind`` of every
-endpoint, so a mistyped endpoint fails before the directory is created); the storage (a locked
-directory fails here); a :class:`~persizmq.ThreadedSubscriber` whose callback runs ``MaxSize``
--> ``MinPeriod`` (its timestamp in ``DIR/min-period``) -> ``add_message``, counting what each
-filter drops. Two decisions:
+It builds, in this order: the stop-signal handlers; a SUB socket (``LINGER`` 0, the burst
+buffers below, the ``--topic`` subscriptions, then ``connect``/``bind`` of every endpoint, so a
+mistyped endpoint fails before the directory is created); the storage (a locked directory fails
+here); a :class:`~persizmq.ThreadedSubscriber` whose callback runs ``MaxSize``
+-> ``MinPeriod`` (its timestamp in ``DIR/min-period``) -> the storage, counting what each filter
+drops; that chain has ``add_messages`` too, so the subscriber stores each batch it drained from
+the socket with one write (see ``_Chain``). Two decisions:
 
 * ``--max-size`` is the ``MaxSize`` filter only; ``ZMQ_MAXMSGSIZE`` is not set, because libzmq
   answers one oversize message by closing the connection, which would end the recording
@@ -23,6 +23,23 @@ filter drops. Two decisions:
   must neither die nor stall when its consumer falls behind, so new messages beyond the bound
   are dropped and counted (``dropped`` in the status). A producer may not drop the oldest: they
   belong to the consumer.
+
+Burst buffers. A publisher drops at its SNDHWM whenever messages do not leave it fast enough;
+what takes them from it is the kernel's socket buffer and libzmq's I/O thread, which decodes
+them into the socket's queue of RCVHWM messages, whatever the recorder's Python thread is doing.
+Where the buffer sits matters on a machine with few cores, where the receiver's CPU is taken
+from the publisher's I/O thread (``bench/burst.py``): a large RCVHWM makes libzmq decode a
+burst while it arrives, and captures fewer messages than the default of 1,000 (the rows ``p2``
+and ``p2-hwm`` of ``bench/burst.py``), while the kernel's buffer costs nothing extra (the
+sender's write copies into it). So, before
+``connect``/``bind`` (they apply to connections made after): ``RCVBUF`` 8 MiB -- the default
+starts at 128 KiB and TCP autotuning grows it only over several bursts; Linux caps the request
+at ``net.core.rmem_max`` and doubles it for its bookkeeping, 4 MiB -> 8 MiB here, also as root
+(libzmq uses ``SO_RCVBUF``, not ``SO_RCVBUFFORCE``) -- and ``RCVHWM`` 1,000 when every endpoint
+is ``tcp://``. Other transports have no such buffer on the receiving side (a Unix socket's is
+the sender's), so with any other endpoint ``RCVHWM`` is 100,000 (the burst buffer, and what a
+disk stall of a moment needs; some 20 MB for 100-byte messages). The chain stores each batch
+with one write (``_Chain``), for the same reason: less CPU per message.
 
 On SIGINT/SIGTERM the subscriber thread stops after the message in hand, the messages that the
 socket had already received are stored too (non-blocking, at most 1 s), and the storage is
@@ -39,7 +56,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import zmq
 
@@ -61,18 +78,39 @@ from persizmq._cli._dirs import kinds_present, latest_disk_bytes
 from persizmq._cli._output import Progress, Rate, human_bytes, isatty, notice
 from persizmq._cli._signals import StopSignals
 from persizmq._message import Message
+from persizmq._protocol import nothing_stored
 
-__all__ = ["MIN_PERIOD_DIR", "STATUS_INTERVAL_ENV", "cmd_record", "register"]
+__all__ = [
+    "MIN_PERIOD_DIR",
+    "RECORD_RCVBUF",
+    "RECORD_RCVHWM",
+    "RECORD_RCVHWM_TCP",
+    "STATUS_INTERVAL_ENV",
+    "cmd_record",
+    "receive_hwm",
+    "register",
+]
 
 #: Environment variable: the default of ``record --status-interval`` (seconds, 0 = off).
 STATUS_INTERVAL_ENV = "PERSIZMQ_STATUS_INTERVAL"
 #: Sub-directory of the storage directory where ``record --min-period`` keeps its timestamp.
 MIN_PERIOD_DIR = "min-period"
-#: Receive high-water mark of the recorder's SUB socket: a burst buffer in front of the disk.
-_RECORD_RCVHWM = 100_000
+#: Receive high-water mark of the recorder's SUB socket when every endpoint is TCP (the kernel's
+#: buffer takes the bursts) and otherwise (then it is the burst buffer); see the module docstring.
+RECORD_RCVHWM_TCP = 1_000
+RECORD_RCVHWM = 100_000
+#: Kernel receive buffer the recorder asks for (capped by the kernel: see the module docstring).
+RECORD_RCVBUF = 8 << 20
 _TTY_STATUS_INTERVAL = 0.25
 _PLAIN_STATUS_INTERVAL = 5.0
 _LEFTOVER_DRAIN_SECONDS = 1.0
+
+
+def receive_hwm(endpoints: List[str]) -> int:
+    """The recorder's RCVHWM for ``endpoints``: small if all are TCP, else a burst buffer."""
+    if all(endpoint.startswith("tcp://") for endpoint in endpoints):
+        return RECORD_RCVHWM_TCP
+    return RECORD_RCVHWM
 
 
 class _RecordCounters:
@@ -116,6 +154,86 @@ def _status_interval(args: argparse.Namespace, tty: bool) -> float:
     return _TTY_STATUS_INTERVAL if tty else _PLAIN_STATUS_INTERVAL
 
 
+class _Chain:
+    """The recorder's filters, then its storage -- shaped like a storage.
+
+    It has ``add_message`` and ``add_messages``, so a :class:`~persizmq.ThreadedSubscriber`
+    whose callback is its bound ``add_message`` hands it what it drained from the socket
+    together in one ``add_messages`` call (see ``persizmq._protocol``): the kept messages of a
+    batch go to the queue in one write instead of one write each, which leaves the CPU to the
+    I/O threads that carry a burst. A latest-message storage gets the newest kept message of
+    the batch. Runs in the subscriber thread.
+    """
+
+    def __init__(
+        self,
+        counters: _RecordCounters,
+        max_size: Optional[persizmq.filter.MaxSize],
+        min_period: Optional[persizmq.filter.MinPeriod],
+        queue: Optional[persizmq.PersistentStorage],
+        latest: Optional[persizmq.PersistentLatestStorage],
+    ) -> None:
+        """Filter with ``max_size`` then ``min_period``; store into ``queue`` or ``latest``."""
+        self._counters = counters
+        self._max_size = max_size
+        self._min_period = min_period
+        self._queue = queue
+        self._latest = latest
+
+    def _keep(self, msg: Message) -> bool:
+        """Run the filters (in order; ``MinPeriod`` remembers what it kept), count drops."""
+        if self._max_size is not None and self._max_size(msg) is None:
+            self._counters.filtered_size += 1
+            return False
+        if self._min_period is not None and self._min_period(msg) is None:
+            self._counters.filtered_period += 1
+            return False
+        return True
+
+    def add_message(self, msg: Message) -> None:
+        """Filter, then store one message."""
+        if not self._keep(msg):
+            return
+        if self._queue is not None:
+            self._queue.add_message(msg)
+        elif self._latest is not None:
+            self._latest.add_message(msg)
+        self._counters.stored += 1
+
+    def add_messages(self, msgs: Iterable[Message]) -> int:
+        """Filter each message, then store the kept ones with one call; return their count.
+
+        If the queue refuses the batch with nothing stored, the kept messages are stored one
+        by one here -- not handed back, since the filters must not see them twice.
+        """
+        kept = [msg for msg in msgs if self._keep(msg)]
+        if not kept:
+            return 0
+        if self._queue is not None:
+            try:
+                self._queue.add_messages(kept)
+            except Exception as exc:
+                if not nothing_stored(exc):
+                    raise
+                return self._one_by_one(self._queue, kept)
+        elif self._latest is not None:
+            self._latest.add_message(kept[-1])
+        self._counters.stored += len(kept)
+        return len(kept)
+
+    def _one_by_one(self, queue: persizmq.PersistentStorage, kept: List[Message]) -> int:
+        stored = 0
+        for msg in kept:
+            try:
+                queue.add_message(msg)
+            except Exception as exc:  # noqa: BLE001 (counted and reported like the thread's)
+                self._counters.on_exception(exc)
+                continue
+            stored += 1
+        self._counters.stored += stored
+        return stored
+
+
 class _Recorder:
     """The state of one ``persizmq record`` run."""
 
@@ -141,9 +259,7 @@ class _Recorder:
         self.counters = _RecordCounters()
         self.queue: Optional[persizmq.PersistentStorage] = None
         self.latest: Optional[persizmq.PersistentLatestStorage] = None
-        self._add: Callable[[Message], None] = self._not_open
-        self.max_size: Optional[persizmq.filter.MaxSize] = None
-        self.min_period: Optional[persizmq.filter.MinPeriod] = None
+        self.chain: Optional[_Chain] = None
         self.rate = Rate()
         self.progress = Progress(sys.stderr, self.tty)
         self.errors_shown = 0
@@ -165,15 +281,11 @@ class _Recorder:
                 f"needs a directory of its own: add --latest or choose another directory"
             )
 
-    def _not_open(self, msg: Message) -> None:
-        raise AssertionError("the storage is opened before the subscriber starts")
-
     def open_storage(self) -> None:
         """Open the storage (as the producer) and build the filter chain."""
         args = self.args
         if args.latest:
             self.latest = persizmq.PersistentLatestStorage(self.directory, sync=args.sync)
-            self._add = self.latest.add_message
         else:
             # A recorder must not die of a full queue: beyond a bound it drops and counts the
             # new messages (a producer may not drop the oldest; that is the consumer's queue).
@@ -185,25 +297,11 @@ class _Recorder:
                 max_bytes=args.max_bytes,
                 overflow="drop_newest",
             )
-            self._add = self.queue.add_message
-        if args.max_size is not None:
-            self.max_size = persizmq.filter.MaxSize(args.max_size)
+        max_size = None if args.max_size is None else persizmq.filter.MaxSize(args.max_size)
+        min_period = None
         if args.min_period is not None:
-            self.min_period = persizmq.filter.MinPeriod(
-                args.min_period, self.directory / MIN_PERIOD_DIR
-            )
-
-    def callback(self, msg: Message) -> None:
-        """Filter, then store (runs in the subscriber thread)."""
-        counters = self.counters
-        if self.max_size is not None and self.max_size(msg) is None:
-            counters.filtered_size += 1
-            return
-        if self.min_period is not None and self.min_period(msg) is None:
-            counters.filtered_period += 1
-            return
-        self._add(msg)
-        counters.stored += 1
+            min_period = persizmq.filter.MinPeriod(args.min_period, self.directory / MIN_PERIOD_DIR)
+        self.chain = _Chain(self.counters, max_size, min_period, self.queue, self.latest)
 
     def close_storage(self) -> None:
         """Close the storage: everything handed to it is then as durable as ``--sync`` says."""
@@ -274,8 +372,9 @@ class _Recorder:
                 return
             msg: Message = frames if (self.args.multipart or len(frames) > 1) else frames[0]
             self.counters.leftover += 1
+            assert self.chain is not None
             try:
-                self.callback(msg)
+                self.chain.add_message(msg)
             except Exception as exc:  # noqa: BLE001 (counted and reported like the thread's)
                 self.counters.on_exception(exc)
 
@@ -287,7 +386,8 @@ class _Recorder:
             sock: zmq.Socket[Any] = context.socket(zmq.SUB)
             try:
                 sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.RCVHWM, _RECORD_RCVHWM)
+                sock.setsockopt(zmq.RCVHWM, receive_hwm(self.endpoints))
+                sock.setsockopt(zmq.RCVBUF, RECORD_RCVBUF)
                 for topic in args.topic or [""]:
                     # The bytes as typed: argv arrives decoded with surrogate escapes.
                     sock.setsockopt(zmq.SUBSCRIBE, os.fsencode(topic))
@@ -295,8 +395,9 @@ class _Recorder:
                     open_endpoint(sock, endpoint, args.bind)
                 # After the endpoints, so that a typo in one does not create the directory.
                 self.open_storage()
+                assert self.chain is not None
                 subscriber = persizmq.ThreadedSubscriber(
-                    self.callback,
+                    self.chain.add_message,
                     subscriber=sock,
                     on_exception=self.counters.on_exception,
                     multipart=args.multipart,
