@@ -108,7 +108,11 @@ class Link:
         self.socket_timeout = pool.connection_kwargs.get("socket_timeout")
         self._pool = pool
         # redis-py's connection classes are only partly annotated: kept as Any on purpose.
-        self._conn: Any = pool.get_connection()
+        try:
+            self._conn: Any = pool.get_connection()  # redis-py connects here
+        except redis.exceptions.RedisError as err:
+            pool.disconnect()
+            raise translate(err, "connect", where) from err
 
     def call(self, what: str, *args: Arg) -> Any:  # noqa: ANN401 (a raw RESP2 reply)
         """Run one command and return its reply; ``what`` describes it for error messages."""
@@ -117,11 +121,23 @@ class Link:
             raise translate(reply, what, self.where) from reply
         return reply
 
+    def _preflight(self) -> None:
+        """Reconnect first if the server closed the connection since the last command (it
+        restarted, or dropped an idle client): that command's outcome is then known, and this
+        one is sent on a live connection instead of failing with an unknown outcome."""
+        conn = self._conn
+        try:
+            if conn.can_read(timeout=0):  # a reply nobody asked for: start afresh
+                conn.disconnect()
+        except redis.exceptions.ConnectionError:
+            conn.disconnect()  # closed by the server; the send below connects again
+
     def send_raw(self, what: str, packed: bytes) -> Any:  # noqa: ANN401 (a raw RESP2 reply)
         """Send one command already packed in the RESP protocol and return its reply (an
         error reply of the server is returned, as by :meth:`pipeline`)."""
         conn = self._conn
         try:
+            self._preflight()
             conn.send_packed_command([packed])
             try:
                 return conn.read_response()
@@ -138,6 +154,7 @@ class Link:
         before the blocking reply is waited for (so another connection can ``CLIENT UNBLOCK``)."""
         conn = self._conn
         try:
+            self._preflight()
             conn.send_packed_command(conn.pack_commands([("CLIENT", "ID"), command]))
             on_client_id(int(conn.read_response()))
             try:
@@ -156,6 +173,7 @@ class Link:
         """
         conn = self._conn
         try:
+            self._preflight()
             conn.send_packed_command(conn.pack_commands(commands))
             replies: List[Any] = []
             for _ in commands:

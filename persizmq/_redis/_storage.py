@@ -236,7 +236,7 @@ class RedisStreamStorage:
                 f"{shown}; choose another stream name"
             )
         if self._wait is not None:
-            self._check_wait(self._info.call("wait for the AOF", *self._wait))
+            self._check_wait(self._info.pipeline("wait for the AOF", [self._wait])[0])
         try:
             self._info.call(
                 "create the consumer group",
@@ -498,7 +498,10 @@ class RedisStreamStorage:
                     pass  # the blocked read ends with its chunk anyway
         try:
             reader.flush()
-            reader.release()
+            try:
+                reader.release()
+            except PersizmqError:  # they are claimed after claim_idle instead
+                _log.debug("cannot hand the read-ahead entries back", exc_info=True)
         finally:
             lock.release()
             self._close_links()
