@@ -7,7 +7,8 @@ benchmark scripts from rotting as the library changes.
 import pathlib
 from typing import List
 
-from bench import _common, end_to_end, run_all, scale, storage
+from bench import _common, end_to_end, redis_stream, run_all, scale, storage
+from tests._redis_server import Server
 
 
 def test_storage_cases_in_process(tmp_path: pathlib.Path) -> None:
@@ -35,6 +36,7 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "VmRSS",
         "SPEC 7 target",
         "end to end lossless",
+        "Redis Streams",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
@@ -76,3 +78,8 @@ def test_machine_description_and_tables() -> None:
     assert any(line.startswith("CPU:") for line in lines)
     table = _common.render_table(["a", "b"], [["1", "22"]], "lr")
     assert table == ["a   b", "-  --", "1  22"]
+
+
+def test_redis_stream_cases(redis_server: Server) -> None:
+    for case in redis_stream.CASES:
+        assert redis_stream.measure(case, redis_server.url, 100) > 0

@@ -46,6 +46,15 @@ def opener(redis_server: Server, stream_name: str) -> Iterator[Callable[..., Red
         storage.close()
 
 
+def drain(storage: RedisStreamStorage) -> List[persizmq.Message]:
+    """Pop everything; the last (empty) front() also sends the deletions that were due."""
+    got: List[persizmq.Message] = []
+    while (msg := storage.front()) is not None:
+        got.append(msg)
+        assert storage.pop_front()
+    return got
+
+
 def run_python(code: str) -> "subprocess.CompletedProcess[str]":
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -191,9 +200,10 @@ def test_entry_encoding_and_deletion_once_popped(
     ]
     assert s.front() == b"single"
     assert s.pop_front()
-    assert raw.xlen(stream_name) == 1  # acknowledged and deleted: XACK alone would keep it
+    assert raw.xpending(stream_name, "persizmq")["pending"] == 1  # acknowledged at once
     assert s.pop_front()
-    assert raw.xlen(stream_name) == 0
+    assert s.front() is None  # this round trip deletes what was acknowledged
+    assert raw.xlen(stream_name) == 0  # XACK alone would keep the entries for ever
     assert raw.xpending(stream_name, "persizmq")["pending"] == 0
 
 
@@ -217,17 +227,35 @@ def test_an_entry_is_deleted_only_once_every_group_acknowledged_it(
     b = opener(group="b")
     a.add_messages([b"1", b"2", b"3"])
     assert len(a) == len(b) == 3
-    assert a.pop_front()
-    assert a.pop_front()
+    assert drain(a) == [b"1", b"2", b"3"]
     assert raw.xlen(stream_name) == 3  # group b has not read them
     assert b.front() == b"1"
     assert b.pop_front()
-    assert raw.xlen(stream_name) == 2  # "1": both groups done
-    for storage in (a, b, b):
-        assert storage.pop_front()
+    b.close()  # sends what is due: "1" is deleted, both groups are done with it
+    assert raw.xlen(stream_name) == 2
+    b = opener(group="b")
+    assert drain(b) == [b"2", b"3"]
     assert raw.xlen(stream_name) == 0
     stats = a.stats()
     assert (stats.groups, stats.pending, stats.length) == (2, 0, 0)
+
+
+def test_entries_left_by_a_consumer_dead_before_deleting_are_swept(
+    opener: Callable[..., RedisStreamStorage], raw: "redis.Redis", stream_name: str
+) -> None:
+    dying = opener(consumer="dying")
+    dying.add_messages([b"1", b"2", b"3"])
+    assert dying.front() == b"1"
+    assert dying.pop_front()
+    assert dying.pop_front()
+    dying._close_links()  # acknowledged "1", "2", died before deleting them
+    assert raw.xlen(stream_name) == 3
+    other = opener(consumer="other", claim_idle=0.05)
+    assert len(other) == 1
+    assert other.front(block=True, timeout=5) == b"3"  # claimed from "dying"
+    assert other.pop_front()
+    assert other.front() is None  # its deletion of "3" also sweeps "1" and "2"
+    assert raw.xlen(stream_name) == 0
 
 
 def test_a_new_group_sees_what_is_still_in_the_stream(
@@ -368,7 +396,7 @@ def test_ack_batch_sends_acknowledgements_with_the_next_read_and_on_close(
     for i in range(5, 15):  # the read of the next ten sends the first ten acknowledgements
         assert s.front() == b"%d" % i
         assert s.pop_front()
-    assert raw.xlen(stream_name) == 15
+    assert raw.xlen(stream_name) == 15  # deleted with that read too
     s.close()
     assert raw.xlen(stream_name) == 10
     # 15..19 were read ahead: handed back to the group, claimable at once, not lost.

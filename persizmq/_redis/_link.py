@@ -90,14 +90,18 @@ def translate(err: Exception, what: str, where: str) -> PersizmqError:
 class Link:
     """One connection and the lock of the thread that uses it (see the module docstring)."""
 
-    def __init__(self, url: str, where: str, extra_timeout: float = 0.0) -> None:
-        """Make a connection to ``url`` (it connects when first used); ``where`` names the
-        server in error messages; see :func:`make_pool` for ``extra_timeout``.
+    def __init__(
+        self, url: str, where: str, extra_timeout: float = 0.0, *, preflight: bool = True
+    ) -> None:
+        """Make a connection to ``url``; ``where`` names the server in error messages; see
+        :func:`make_pool` for ``extra_timeout``; ``preflight``: see :meth:`_preflight` (a user
+        whose commands are idempotent may retry instead and save its system call).
 
         :raises InvalidArgumentError: redis-py cannot make sense of ``url``.
         """
         self.lock = threading.Lock()
         self.where = where
+        self._check_first = preflight
         try:
             pool = make_pool(url, extra_timeout)
         except (ValueError, TypeError) as err:
@@ -125,6 +129,8 @@ class Link:
         """Reconnect first if the server closed the connection since the last command (it
         restarted, or dropped an idle client): that command's outcome is then known, and this
         one is sent on a live connection instead of failing with an unknown outcome."""
+        if not self._check_first:
+            return
         conn = self._conn
         try:
             if conn.can_read(timeout=0):  # a reply nobody asked for: start afresh

@@ -8,10 +8,16 @@ entries the server has delivered to it, oldest first. ``front()`` returns the bu
 ``pop()`` acknowledges it. Every entry in the buffer is in this consumer's pending list on the
 server, so a crash loses nothing: what was delivered and not acknowledged is delivered again.
 
+``pop()`` sends ``XACK`` and returns once the server answered (``ack_batch`` > 1: it queues the
+ID and returns at once). The deletion of acknowledged entries, which no group needs any more
+(see the ``CLEANUP`` script), goes with the next round trip, so a pop costs one ``XACK``.
+
 Refilling the empty buffer is one pipelined round trip, in this order:
 
-1. the acknowledgements not sent yet (``ack_batch`` > 1), with the pending-list entries of
-   deleted messages found on the way (their ``XACK`` cleans the pending list);
+1. ``CLEANUP``: the acknowledgements not sent yet (``ack_batch`` > 1) and those of pending
+   entries whose message was deleted, found on the way; the deletion of what was acknowledged;
+   and a sweep of the stream's head (entries no group needs that a consumer which died between
+   its ``XACK`` and that deletion left behind);
 2. while ``history`` is set (after opening, after a lost connection, after a stale buffer):
    ``XREADGROUP ... <cursor>``, this consumer's own pending list, oldest first, so a consumer
    restarted under the same name resumes where it stopped; an empty answer ends the history;
@@ -31,8 +37,10 @@ returning such a head, the buffer is dropped and the pending list read again, wh
 entries' idle time and leaves out what another consumer took meanwhile.
 
 A lost connection empties the buffer and sets ``history``: what the lost replies delivered is in
-the pending list, so nothing is skipped. Acknowledgements are idempotent, so the unsent ones are
-simply sent again.
+the pending list, so nothing is skipped. Every command of the consumer is idempotent in effect
+(``XACK``; a read whose reply was lost is found again in the pending list), so a failed round
+trip is tried once more on a new connection (a server restarted between two calls goes
+unnoticed) before the error is raised.
 
 Entry encoding (see also README): one field per entry; ``m`` holds a single-frame message's
 bytes, ``M`` a multipart message as the frame table of :mod:`persizmq._message` (``u32``
@@ -48,7 +56,7 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 from persizmq._errors import CorruptionError, PersizmqError, ServerUnavailableError
 from persizmq._message import Message, decode_multipart
 from persizmq._redis._link import Arg, Link, evalsha
-from persizmq._redis._scripts import ACK
+from persizmq._redis._scripts import CLEANUP
 
 __all__ = ["Reader", "decode_entry"]
 
@@ -109,19 +117,11 @@ class Reader:
         #: Popped but not yet acknowledged (``ack_batch`` > 1), oldest first.
         self.unacked: List[bytes] = []
         self._ghosts: List[bytes] = []  # pending entries of deleted messages: to acknowledge
+        self._acked: List[bytes] = []  # acknowledged one by one: to delete with the next call
         #: The client ID of the connection while it blocks in XREADGROUP (for CLIENT UNBLOCK).
         self.blocked_id: Optional[int] = None
         self.popped = self.claimed = self.foreign = 0
-        self._ack_prefix = b"".join(
-            (
-                b"*%d\r\n" % (5 + 1),
-                _bulk(b"EVALSHA"),
-                _bulk(ACK.sha.encode("ascii")),
-                _bulk(b"1"),
-                _bulk(key),
-                _bulk(group),
-            )
-        )
+        self._ack_prefix = b"*4\r\n" + _bulk(b"XACK") + _bulk(key) + _bulk(group)
 
     # ------------------------------------------------------------------ reading
 
@@ -140,51 +140,89 @@ class Reader:
         self._cursor = b"0"
 
     def _refill(self) -> None:
+        retried = False
         while not self.buffer:
-            commands: List[List[Arg]] = []
-            counts = (len(self.unacked), len(self._ghosts))
-            acks = self.unacked + self._ghosts
-            if acks:
-                commands.append(evalsha(ACK, [self._key], [self._group, *acks]))
-            history = self._history
-            claim = not history and time.monotonic() >= self._claim_due
-            if history:
-                commands.append(self._read_command(self._cursor))
+            try:
+                was_history = self._refill_once()
+            except ServerUnavailableError:
+                # What the lost replies delivered is in the pending list: read it again, once
+                # on a new connection (the server may have restarted between two calls).
+                self._restart_history()
+                if retried:
+                    raise
+                retried = True
+                continue
+            if not was_history:
+                return  # nothing new (or something); a blocking front waits with wait()
+
+    def _refill_once(self) -> bool:
+        """One round trip; return whether it read the pending list (rather than new entries)."""
+        commands: List[List[Arg]] = []
+        cleanup = self._cleanup_args()
+        if cleanup is not None:
+            commands.append(evalsha(CLEANUP, [self._key], cleanup[0]))
+        history = self._history
+        claim = not history and time.monotonic() >= self._claim_due
+        if history:
+            commands.append(self._read_command(self._cursor))
+        else:
+            if claim:
+                commands.append(
+                    [
+                        "XAUTOCLAIM",
+                        self._key,
+                        self._group,
+                        self._consumer,
+                        self._claim_idle_ms,
+                        self._claim_cursor,
+                        "COUNT",
+                        self._prefetch,
+                    ]
+                )
+            commands.append(self._read_command(b">"))
+        replies = self.link.pipeline("read from the stream", commands)
+        cleanup_reply = replies.pop(0) if cleanup is not None else None
+        now = time.monotonic()
+        if history:
+            entries = _entries_of(replies[0], self.link.where, "reading the pending list")
+            if not entries:
+                self._history = False
             else:
-                if claim:
-                    commands.append(
-                        [
-                            "XAUTOCLAIM",
-                            self._key,
-                            self._group,
-                            self._consumer,
-                            self._claim_idle_ms,
-                            self._claim_cursor,
-                            "COUNT",
-                            self._prefetch,
-                        ]
-                    )
-                commands.append(self._read_command(b">"))
-            replies = self._pipeline("read from the stream", commands)
-            ack_reply = replies.pop(0) if acks else None  # checked once the reads are taken
-            now = time.monotonic()
-            if history:
-                entries = _entries_of(replies[0], self.link.where, "reading the pending list")
-                if not entries:
-                    self._history = False
-                else:
-                    self._cursor = entries[-1][0]
-                self._take(entries, now)
-            else:
-                if claim:
-                    self._take(self._claimed(replies.pop(0)), now)
-                self._take(_entries_of(replies[0], self.link.where, "reading new entries"), now)
-            if acks:
-                args: List[Arg] = [self._group, *acks]
-                self.link.check_script("acknowledge messages", ACK, [self._key], args, ack_reply)
-                self._acked(counts, acks)
-            if not history and not self.buffer:
-                return  # nothing new; a blocking front waits with wait()
+                self._cursor = entries[-1][0]
+            self._take(entries, now)
+        else:
+            if claim:
+                self._take(self._claimed(replies.pop(0)), now)
+            self._take(_entries_of(replies[0], self.link.where, "reading new entries"), now)
+        if cleanup is not None:  # checked once the reads are safe in the buffer
+            what = "acknowledge and delete messages"
+            self.link.check_script(what, CLEANUP, [self._key], cleanup[0], cleanup_reply)
+            self._cleaned(cleanup[1])
+        return history
+
+    def _cleanup_args(self) -> Optional[Tuple[List[Arg], Tuple[int, int, int]]]:
+        """The CLEANUP script's arguments for what is due, and the counts it covers."""
+        counts = (len(self.unacked), len(self._ghosts), len(self._acked))
+        if not any(counts):
+            return None
+        to_ack = counts[0] + counts[1]
+        args: List[Arg] = [self._group, to_ack, *self.unacked, *self._ghosts, *self._acked]
+        return args, counts
+
+    def _cleaned(self, counts: Tuple[int, int, int]) -> None:
+        """Forget the IDs that a CLEANUP call covered (``counts`` from :meth:`_cleanup_args`).
+
+        A pending-list read in the same round trip may have run before a reloaded script
+        acknowledged popped entries: those are dropped from the buffer.
+        """
+        done = set(self.unacked[: counts[0]]) if counts[0] and self.buffer else None
+        del self.unacked[: counts[0]]
+        del self._ghosts[: counts[1]]
+        del self._acked[: counts[2]]
+        if done:
+            kept = [entry for entry in self.buffer if entry[0] not in done]
+            if len(kept) != len(self.buffer):
+                self.buffer = collections.deque(kept)
 
     def _read_command(self, start: bytes) -> List[Arg]:
         return [
@@ -210,8 +248,8 @@ class Reader:
         try:
             reply = self.link.blocking("wait for new entries", command, remember)
         except ServerUnavailableError:
-            self._restart_history()
-            raise
+            self._restart_history()  # head() reads the pending list again (or raises)
+            return
         finally:
             self.blocked_id = None
         self._take(_entries_of(reply, self.link.where, "waiting for new entries"), time.monotonic())
@@ -255,57 +293,50 @@ class Reader:
                     _log.warning("cannot acknowledge popped messages yet", exc_info=True)
             return True
         try:
-            if self._wait_command is None:
-                packed = self._ack_prefix + _bulk(entry_id)
-                reply = self.link.send_raw("acknowledge a message", packed)
-                args: List[Arg] = [self._group, entry_id]
-                self.link.check_script("acknowledge a message", ACK, [self._key], args, reply)
-            else:
-                self._ack_and_wait([entry_id])
+            self._acknowledge(entry_id)
+        except ServerUnavailableError:
+            try:  # XACK is idempotent: once more, on a new connection
+                self._acknowledge(entry_id)
+            except PersizmqError:
+                self.popped -= 1
+                self._restart_history()  # it comes back from the pending list if not acked
+                raise
         except PersizmqError:
             self.popped -= 1
-            self._restart_history()  # the head comes back from the pending list if not acked
-            raise
-        return True
-
-    def flush(self) -> None:
-        """Send the acknowledgements not sent yet (and those of deleted pending entries)."""
-        counts = (len(self.unacked), len(self._ghosts))
-        acks = self.unacked + self._ghosts
-        if acks:
-            self._ack_and_wait(acks)
-            self._acked(counts, acks)
-
-    def _ack_and_wait(self, ids: List[bytes]) -> None:
-        args: List[Arg] = [self._group, *ids]
-        commands = [evalsha(ACK, [self._key], args)]
-        if self._wait_command is not None:
-            commands.append(self._wait_command)
-        replies = self._pipeline("acknowledge messages", commands)
-        self.link.check_script("acknowledge messages", ACK, [self._key], args, replies[0])
-        if self._wait_command is not None:
-            self._check_wait(replies[1])
-
-    def _acked(self, counts: Tuple[int, int], acks: List[bytes]) -> None:
-        """Forget the first ``counts`` unacked and ghost IDs: ``acks`` were acknowledged.
-
-        A pending-list read in the same round trip may have run before a reloaded script
-        acknowledged them: such entries are dropped from the buffer (already popped).
-        """
-        del self.unacked[: counts[0]]
-        del self._ghosts[: counts[1]]
-        if self.buffer and counts[0]:
-            done = set(acks)
-            kept = [entry for entry in self.buffer if entry[0] not in done]
-            if len(kept) != len(self.buffer):
-                self.buffer = collections.deque(kept)
-
-    def _pipeline(self, what: str, commands: List[List[Arg]]) -> List[Any]:
-        try:
-            return self.link.pipeline(what, commands)
-        except ServerUnavailableError:
             self._restart_history()
             raise
+        self._acked.append(entry_id)  # deleted with the next round trip
+        return True
+
+    def _acknowledge(self, entry_id: bytes) -> None:
+        what = "acknowledge a message"
+        if self._wait_command is None:
+            reply = self.link.send_raw(what, self._ack_prefix + _bulk(entry_id))
+        else:
+            replies = self.link.pipeline(
+                what, [["XACK", self._key, self._group, entry_id], self._wait_command]
+            )
+            reply = replies[0]
+            if not isinstance(reply, Exception):
+                self._check_wait(replies[1])
+        if isinstance(reply, Exception):
+            raise _error(reply, what, self.link.where)
+
+    def flush(self) -> None:
+        """Send what is due: acknowledgements not sent yet (``ack_batch``), those of deleted
+        pending entries, and the deletion of acknowledged entries no group needs."""
+        cleanup = self._cleanup_args()
+        if cleanup is None:
+            return
+        commands = [evalsha(CLEANUP, [self._key], cleanup[0])]
+        if self._wait_command is not None and cleanup[1][0]:
+            commands.append(self._wait_command)
+        what = "acknowledge and delete messages"
+        replies = self.link.pipeline(what, commands)
+        self.link.check_script(what, CLEANUP, [self._key], cleanup[0], replies[0])
+        if len(commands) > 1:
+            self._check_wait(replies[1])
+        self._cleaned(cleanup[1])
 
     def release(self) -> None:
         """Make the held, unpopped entries claimable by other consumers at once (on close)."""

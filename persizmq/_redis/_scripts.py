@@ -1,9 +1,11 @@
 """The Lua scripts of RedisStreamStorage: each runs atomically on the server.
 
 Why scripts: a bound must be checked and the batch added in one step, or two producers could
-both see room for the last message; an acknowledgement and the deletion of what no group needs
-any more must be one step, or a crash between them leaves entries that nobody deletes; and a
-batch of adds in one call costs one command on the client instead of one per message.
+both see room for the last message; deleting an entry must be checked against every group in
+the same step, or another group's consumer could read it in between; and a batch of adds in one
+call costs one command on the client instead of one per message. Entries that a consumer
+acknowledged and died before deleting are swept from the head by the next ``CLEANUP`` of any
+consumer (an exact ``XTRIM MINID`` below what every group still needs).
 
 Stream IDs are compared as ``(milliseconds, sequence)`` numbers: Lua's numbers are doubles,
 exact up to 2**53, which covers every ID that ``XADD *`` generates.
@@ -14,7 +16,7 @@ values; a nil becomes ``false`` in Lua.
 
 import hashlib
 
-__all__ = ["ACK", "ADD", "COUNT", "Script"]
+__all__ = ["ADD", "CLEANUP", "COUNT", "Script"]
 
 _HELPERS = """
 local function field(list, name)
@@ -34,6 +36,46 @@ local function id_after(a, b)
   local bm, bs = id_parts(b)
   if am ~= bm then return am > bm end
   return as > bs
+end
+
+local function id_next(id)
+  local ms, seq = id_parts(id)
+  return string.format('%d-%d', ms, seq + 1)
+end
+
+-- The entries a group still needs: its pending list plus those not yet delivered to it.
+local function needed_by_group(key, info)
+  local lag = field(info, 'lag')
+  if not lag then  -- the server cannot tell (deletions after its last delivered entry): count
+    lag = #redis.call('XRANGE', key, '(' .. field(info, 'last-delivered-id'), '+')
+  end
+  return field(info, 'pending') + lag
+end
+
+-- Whether some group other than `except` still needs entry `id`.
+local function needed(key, groups, id, except)
+  for _, info in ipairs(groups) do
+    local name = field(info, 'name')
+    if name ~= except and (id_after(id, field(info, 'last-delivered-id'))
+        or #redis.call('XPENDING', key, name, id, id, 1) > 0) then
+      return true
+    end
+  end
+  return false
+end
+
+-- Trim what no group needs from the head: below every group's oldest pending entry and at or
+-- before every group's last delivered one (exact MINID, never approximate).
+local function sweep(key, groups)
+  if #groups == 0 then return end
+  local safe = nil
+  for _, info in ipairs(groups) do
+    local limit = id_next(field(info, 'last-delivered-id'))
+    local oldest = redis.call('XPENDING', key, field(info, 'name'), '-', '+', 1)[1]
+    if oldest and id_after(limit, oldest[1]) then limit = oldest[1] end
+    if safe == nil or id_after(safe, limit) then safe = limit end
+  end
+  redis.call('XTRIM', key, 'MINID', '=', safe)
 end
 
 local function in_chunks(command, key, prefix, ids)
@@ -64,9 +106,10 @@ class Script:
 #: KEYS[1] the stream; ARGV[1] max_messages (0: unbounded), ARGV[2] the overflow policy, then a
 #: field name and a value per message. Returns ``{accepted, dropped_oldest, dropped_newest}``
 #: (with drop_oldest every message is accepted, the oldest of the batch maybe dropped at once), or
-#: ``{-1, length, max}`` when ``overflow="raise"`` refuses the batch (nothing was added).
-#: drop_oldest acknowledges what it drops in every group before deleting it, so no pending list
-#: keeps an entry of a deleted message.
+#: ``{-1, pending, max}`` when ``overflow="raise"`` refuses the batch (nothing was added).
+#: The bound counts the entries the most behind group still needs (acknowledged entries not yet
+#: deleted do not count). drop_oldest acknowledges what it drops in every group before deleting
+#: it, so no pending list keeps an entry of a deleted message.
 ADD = Script(
     "add",
     """
@@ -78,28 +121,42 @@ local n = (#ARGV - 2) / 2
 local accepted = n
 local dropped_old, dropped_new = 0, 0
 if max > 0 then
-  local len = redis.call('XLEN', key)
-  local excess = len + n - max
+  local groups = redis.call('XINFO', 'GROUPS', key)
+  local pending = 0
+  if #groups == 0 then pending = redis.call('XLEN', key) end
+  for _, info in ipairs(groups) do pending = math.max(pending, needed_by_group(key, info)) end
+  local excess = pending + n - max
   if excess > 0 then
-    if policy == 'raise' then return {-1, len, max} end
+    if policy == 'raise' then return {-1, pending, max} end
     if policy == 'drop_newest' then
-      local room = math.max(max - len, 0)
+      local room = math.max(max - pending, 0)
       dropped_new = n - room
       n = room
       accepted = room
     else
-      local from_stream = math.min(excess, len)
-      if from_stream > 0 then
-        local ids = {}
-        for i, entry in ipairs(redis.call('XRANGE', key, '-', '+', 'COUNT', from_stream)) do
-          ids[i] = entry[1]
+      sweep(key, groups)
+      local from_stream = math.min(excess, pending)
+      local doomed = {}
+      local start = '-'
+      while #doomed < from_stream do
+        local batch = redis.call('XRANGE', key, start, '+', 'COUNT', 100)
+        if #batch == 0 then break end
+        local garbage = {}
+        for _, entry in ipairs(batch) do
+          if #doomed < from_stream and needed(key, groups, entry[1], nil) then
+            doomed[#doomed + 1] = entry[1]
+          elseif #doomed < from_stream then
+            garbage[#garbage + 1] = entry[1]  -- acknowledged everywhere, not yet deleted
+          end
         end
-        for _, group in ipairs(redis.call('XINFO', 'GROUPS', key)) do
-          in_chunks('XACK', key, field(group, 'name'), ids)
-        end
-        in_chunks('XDEL', key, nil, ids)
+        if #garbage > 0 then in_chunks('XDEL', key, nil, garbage) end
+        start = '(' .. batch[#batch][1]
       end
-      local skip = excess - from_stream
+      if #doomed > 0 then
+        for _, info in ipairs(groups) do in_chunks('XACK', key, field(info, 'name'), doomed) end
+        in_chunks('XDEL', key, nil, doomed)
+      end
+      local skip = math.min(excess - #doomed, n)
       first = first + 2 * skip
       n = n - skip
       dropped_old = excess
@@ -113,45 +170,38 @@ return {accepted, dropped_old, dropped_new}
 """,
 )
 
-#: KEYS[1] the stream; ARGV[1] the group, ARGV[2...] entry IDs. Acknowledges the IDs in the
-#: group, then deletes those that no other group still needs (not yet delivered to it, or in
-#: its pending list). Returns how many were acknowledged.
-ACK = Script(
-    "ack",
+#: KEYS[1] the stream; ARGV[1] the group, ARGV[2] how many IDs follow to acknowledge, then
+#: those IDs, then IDs acknowledged already. Acknowledges the first ones in the group, deletes
+#: every one that no other group still needs (not yet delivered to it, or in its pending list),
+#: then sweeps the head (see ``sweep``: what a consumer that died between its acknowledgements
+#: and their deletion left). Returns how many were acknowledged.
+CLEANUP = Script(
+    "cleanup",
     """
 local key, group = KEYS[1], ARGV[1]
 if redis.call('EXISTS', key) == 0 then return 0 end
-local ids = {}
-for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-local acked = redis.call('XACK', key, group, unpack(ids))
-local others = {}
-for _, info in ipairs(redis.call('XINFO', 'GROUPS', key)) do
-  local name = field(info, 'name')
-  if name ~= group then
-    others[#others + 1] = {name, field(info, 'last-delivered-id')}
-  end
+local to_ack = tonumber(ARGV[2])
+local acks, ids = {}, {}
+for i = 3, #ARGV do
+  ids[#ids + 1] = ARGV[i]
+  if i < 3 + to_ack then acks[#acks + 1] = ARGV[i] end
 end
+local acked = 0
+if #acks > 0 then acked = redis.call('XACK', key, group, unpack(acks)) end
+local groups = redis.call('XINFO', 'GROUPS', key)
 local gone = {}
 for _, id in ipairs(ids) do
-  local needed = false
-  for _, other in ipairs(others) do
-    if id_after(id, other[2]) or #redis.call('XPENDING', key, other[1], id, id, 1) > 0 then
-      needed = true
-      break
-    end
-  end
-  if not needed then gone[#gone + 1] = id end
+  if not needed(key, groups, id, group) then gone[#gone + 1] = id end
 end
 if #gone > 0 then redis.call('XDEL', key, unpack(gone)) end
+sweep(key, groups)
 return acked
 """,
 )
 
 #: KEYS[1] the stream; ARGV[1] the group. Returns ``{length, group pending, lag, groups}``;
-#: ``{length, -1, -1, groups}`` if the group does not exist. With one group every entry is in
-#: its pending list or not yet delivered (acknowledged entries are deleted), so the lag is the
-#: length minus the pending count; with several the server's lag is used, or counted when the
-#: server cannot tell (deletions after the group's last delivered entry).
+#: ``{length, -1, -1, groups}`` if the group does not exist. The lag is the server's, or counted
+#: when the server cannot tell (deletions after the group's last delivered entry).
 COUNT = Script(
     "count",
     """
@@ -162,16 +212,7 @@ local groups = redis.call('XINFO', 'GROUPS', key)
 for _, info in ipairs(groups) do
   if field(info, 'name') == group then
     local pending = field(info, 'pending')
-    local lag
-    if #groups == 1 then
-      lag = math.max(length - pending, 0)
-    else
-      lag = field(info, 'lag')
-      if not lag then
-        lag = #redis.call('XRANGE', key, '(' .. field(info, 'last-delivered-id'), '+')
-      end
-    end
-    return {length, pending, lag, #groups}
+    return {length, pending, needed_by_group(key, info) - pending, #groups}
   end
 end
 return {length, -1, -1, #groups}

@@ -10,12 +10,14 @@ application's thread waits in ``front(block=True)`` and a third asks for ``len()
 
 * the producer's: ``add_message``/``add_messages`` run the ``ADD`` script of
   :mod:`persizmq._redis._scripts`, a batch per call, which checks ``max_messages`` and applies
-  the overflow policy atomically (the bound counts the stream's entries: every entry is one
-  that some group has not acknowledged, since acknowledged ones are deleted);
+  the overflow policy atomically (the bound counts the entries the most behind group still
+  needs: its pending list and its lag). Before a command it checks that the server did not
+  close the connection since the last one (a restart), so an add's outcome is unknown only if
+  the server fails during that very call;
 * the consumer's (:class:`~persizmq._redis._reader.Reader`): reads, claims, acknowledges
-  (``ACK``: ``XACK``, then ``XDEL`` of what no other group still needs, atomically, so a crash
-  never leaves acknowledged entries that nobody deletes, and no plain ``MAXLEN`` ever drops an
-  unread entry); its socket timeout is longer than the longest BLOCK it sends;
+  (``XACK`` per pop), and deletes what no group needs any more with its next round trip
+  (``CLEANUP``, atomically checking every group; never a plain ``MAXLEN``, which would drop
+  unread entries); its socket timeout is longer than the longest BLOCK it sends;
 * the informational one: ``len()``, ``stats()``, and ``CLIENT UNBLOCK`` of a blocked consumer
   when ``close()`` runs in another thread.
 
@@ -68,7 +70,8 @@ class RedisStreamStats:
 
     #: Messages the group has not acknowledged: its pending list plus its lag (``len()``).
     pending: int
-    #: Entries in the stream (``XLEN``): what some group has not acknowledged.
+    #: Entries in the stream (``XLEN``): what some group has not acknowledged, and the
+    #: acknowledged ones whose deletion goes with their consumer's next round trip.
     length: int
     #: Entries not yet delivered to any consumer of the group.
     lag: int
@@ -118,7 +121,8 @@ class RedisStreamStorage:
         A consumer that restarts under the same name resumes its own unacknowledged messages.
     :param claim_idle: seconds after which another consumer's unacknowledged entries are
         claimed; must exceed the time one message takes to process.
-    :param max_messages: bound on the stream's entries (None: unbounded).
+    :param max_messages: bound on the messages the most behind group has not acknowledged
+        (None: unbounded).
     :param overflow: ``"raise"`` (:class:`QueueFullError`), ``"drop_oldest"`` or
         ``"drop_newest"`` when an add goes beyond ``max_messages``.
     :param prefetch: entries read from the server at once.
@@ -194,7 +198,8 @@ class RedisStreamStorage:
         try:
             self.server = self._check_server()
             chunk_probe = min(5.0, max(0.02, claim / 2))
-            link = self._link(url, extra_timeout=chunk_probe + 1.0)
+            # The consumer's commands are idempotent: it retries once instead of a preflight.
+            link = self._link(url, extra_timeout=chunk_probe + 1.0, preflight=False)
             self._reader = Reader(
                 link,
                 key=self._key,
@@ -211,8 +216,8 @@ class RedisStreamStorage:
             raise
         self._closed = False
 
-    def _link(self, url: str, extra_timeout: float = 0.0) -> Link:
-        link = Link(url, self._where, extra_timeout)
+    def _link(self, url: str, extra_timeout: float = 0.0, *, preflight: bool = True) -> Link:
+        link = Link(url, self._where, extra_timeout, preflight=preflight)
         self._links.append(link)
         return link
 
@@ -380,8 +385,10 @@ class RedisStreamStorage:
                     return msg
 
     def pop_front(self) -> bool:
-        """Acknowledge the message :meth:`front` returns (and delete it once no group needs it);
-        return False if there was none.
+        """Acknowledge the message :meth:`front` returns; return False if there was none.
+
+        With the default ``ack_batch=1`` the acknowledgement is on the server when this returns;
+        the entry is deleted, once no group needs it, with this consumer's next round trip.
 
         :raises ClosedError: the storage was closed.
         """
