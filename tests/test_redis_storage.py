@@ -484,3 +484,31 @@ def test_repr_and_names(opener: Callable[..., RedisStreamStorage], stream_name: 
     s.close()
     assert "closed" in repr(s)
     wait_until(lambda: s.closed)
+
+
+def test_iteration_looks_without_consuming(
+    opener: Callable[..., RedisStreamStorage], raw: "redis.Redis", stream_name: str
+) -> None:
+    a = opener(consumer="a", prefetch=2)
+    a.add_messages([b"0", [b"t", b"1"], b"2", b"3"])
+    assert a.front() == b"0"  # "0" and "1" delivered to a, pending
+    assert a.pop_front()
+    b = opener(group="other")
+    b.add_message(b"4")
+    assert list(a) == [[b"t", b"1"], b"2", b"3", b"4"]  # pending and undelivered, in order
+    assert list(b) == [b"0", [b"t", b"1"], b"2", b"3", b"4"]
+    assert raw.xpending(stream_name, "persizmq")["pending"] == 1  # nothing delivered by looking
+    assert a.held_messages() == [[b"t", b"1"]]
+    assert a.front() == [b"t", b"1"]
+
+
+def test_create_false_refuses_a_missing_stream_or_group(
+    redis_server: Server, opener: Callable[..., RedisStreamStorage], stream_name: str
+) -> None:
+    with pytest.raises(persizmq.ServerError, match="to exist, found none"):
+        RedisStreamStorage(redis_server.url, stream_name, create=False)
+    opener(group="g")
+    with pytest.raises(persizmq.ServerError, match="found 'g'"):
+        RedisStreamStorage(redis_server.url, stream_name, group="h", create=False)
+    with RedisStreamStorage(redis_server.url, stream_name, group="g", create=False) as s:
+        assert len(s) == 0

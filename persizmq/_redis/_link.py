@@ -238,3 +238,22 @@ class Link:
 def evalsha(script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> List[Arg]:
     """The ``EVALSHA`` command of ``script``."""
     return ["EVALSHA", script.sha, len(keys), *keys, *args]
+
+
+def check_server(link: Link, where: str) -> str:
+    """Return ``"<name> <version>"`` of the server behind ``link``, checking that it is Redis
+    >= 7.0 or Valkey >= 7.2 (``XAUTOCLAIM``'s deleted entries, the groups' lag).
+
+    :raises ServerError: another server or an older version.
+    """
+    hello = link.call("connect", "HELLO")
+    info = dict(zip(hello[::2], hello[1::2]))
+    name = info.get(b"server", b"redis").decode("ascii", "replace")
+    version = info.get(b"version", b"0").decode("ascii", "replace")
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    needed = (7, 2) if name == "valkey" else (7, 0)
+    if numbers < needed:
+        raise ServerError(
+            f"expected Redis >= 7.0 or Valkey >= 7.2 at {where}, found {name} {version}"
+        )
+    return f"{name} {version}"

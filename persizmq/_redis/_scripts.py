@@ -16,7 +16,7 @@ values; a nil becomes ``false`` in Lua.
 
 import hashlib
 
-__all__ = ["ADD", "CLEANUP", "COUNT", "Script"]
+__all__ = ["ADD", "CLEANUP", "COUNT", "PEEK", "Script"]
 
 _HELPERS = """
 local function field(list, name)
@@ -216,5 +216,34 @@ for _, info in ipairs(groups) do
   end
 end
 return {length, -1, -1, #groups}
+""",
+)
+
+#: KEYS[1] the stream; ARGV[1] the group, ARGV[2] an entry ID (exclusive) to start after, ARGV[3]
+#: how many. Returns up to that many ``{id, fields}`` entries the group has not acknowledged
+#: (not yet delivered, or in its pending list), in stream order: a look that changes nothing.
+PEEK = Script(
+    "peek",
+    """
+local key, group, start, want = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('EXISTS', key) == 0 then return {} end
+local last = nil
+for _, info in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+  if field(info, 'name') == group then last = field(info, 'last-delivered-id') end
+end
+if last == nil then return {} end
+local found = {}
+while #found < want do
+  local batch = redis.call('XRANGE', key, '(' .. start, '+', 'COUNT', 100)
+  if #batch == 0 then break end
+  for _, entry in ipairs(batch) do
+    if #found < want and (id_after(entry[1], last)
+        or #redis.call('XPENDING', key, group, entry[1], entry[1], 1) > 0) then
+      found[#found + 1] = entry
+    end
+  end
+  start = batch[#batch][1]
+end
+return found
 """,
 )

@@ -29,81 +29,37 @@ add and acknowledgement.
 """
 
 import contextlib
-import dataclasses
 import logging
 import math
-import os
-import socket
 import time
 from types import TracebackType
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
 
-from persizmq._checks import check_choice, check_optional_int, check_seconds
+from persizmq._checks import check_seconds
 from persizmq._errors import (
     ClosedError,
-    InvalidArgumentError,
-    MessageTypeError,
     PersizmqError,
     QueueFullError,
     ServerError,
-    StorageWriteError,
 )
 from persizmq._message import Message, MessageLike, encode_payload
-from persizmq._redis._link import Arg, Link, safe_url
-from persizmq._redis._reader import Reader
-from persizmq._redis._scripts import ADD, COUNT
+from persizmq._redis._link import Arg, Link
+from persizmq._redis._options import (
+    OVERFLOW_POLICIES,
+    RedisStreamStats,
+    check_options,
+    open_stream,
+)
+from persizmq._redis._reader import Reader, decode_entry
+from persizmq._redis._scripts import ADD, COUNT, PEEK
 
 __all__ = ["OVERFLOW_POLICIES", "RedisStreamStats", "RedisStreamStorage"]
 
 _log = logging.getLogger("persizmq")
 
-OVERFLOW_POLICIES = ("raise", "drop_oldest", "drop_newest")
-_SCHEMES = ("redis://", "rediss://", "unix://")
 #: An unbounded add_messages is sent in calls of at most this many messages or bytes.
 _CHUNK_MESSAGES = 1000
 _CHUNK_BYTES = 4 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class RedisStreamStats:
-    """A snapshot of a stream queue, from :meth:`RedisStreamStorage.stats`."""
-
-    #: Messages the group has not acknowledged: its pending list plus its lag (``len()``).
-    pending: int
-    #: Entries in the stream (``XLEN``): what some group has not acknowledged, and the
-    #: acknowledged ones whose deletion goes with their consumer's next round trip.
-    length: int
-    #: Entries not yet delivered to any consumer of the group.
-    lag: int
-    #: Entries delivered to a consumer of the group and not acknowledged (its pending list).
-    group_pending: int
-    #: Pending entries per consumer name of the group.
-    consumers: Dict[str, int]
-    #: Consumer groups on the stream.
-    groups: int
-    #: Messages added, popped, claimed from other consumers (by this object, since it opened).
-    added: int
-    popped: int
-    claimed: int
-    #: Messages discarded by ``overflow="drop_oldest"`` / refused by ``"drop_newest"``.
-    dropped_oldest: int
-    dropped_newest: int
-    #: Entries delivered that were not written by persizmq (see the entry encoding).
-    foreign: int
-    #: The server, for example ``"valkey 8.1.8"``.
-    server: str
-
-
-def _name(what: str, value: object) -> bytes:
-    if isinstance(value, str) and value:
-        return value.encode("utf-8")
-    if isinstance(value, bytes) and value:
-        return value
-    if isinstance(value, (str, bytes)):
-        raise InvalidArgumentError(f"expected {what} to be a non-empty name, got {value!r}")
-    raise MessageTypeError(
-        f"expected {what} to be a str (or bytes), got a {type(value).__name__}: {value!r}"
-    )
 
 
 class RedisStreamStorage:
@@ -133,6 +89,8 @@ class RedisStreamStorage:
         disk (``WAITAOF 1``), whatever its ``appendfsync``.
     :param wait_replicas: ... and until this many replicas have it in their AOF.
     :param wait_timeout: seconds to wait for those; then :class:`StorageWriteError`.
+    :param create: create the stream and the group if missing (the default); False raises
+        :class:`ServerError` instead (a tool that inspects an existing queue).
 
     :raises MissingDependencyError: redis-py is not installed (``pip install 'persizmq[redis]'``).
     :raises ServerUnavailableError: the server cannot be reached.
@@ -154,41 +112,30 @@ class RedisStreamStorage:
         wait_local: bool = False,
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
+        create: bool = True,
     ) -> None:
         self._closed = True  # until fully opened, so that __del__ of a failed open is quiet
-        if not isinstance(url, str):
-            raise MessageTypeError(
-                f"expected url to be a str such as 'redis://localhost:6379/0', got a "
-                f"{type(url).__name__}: {url!r}"
-            )
-        where = safe_url(url)
-        if not url.startswith(_SCHEMES):
-            raise InvalidArgumentError(
-                f"expected url to start with {', '.join(_SCHEMES)}, got {where!r}"
-            )
-        self._key = _name("stream", stream)
-        self._group = _name("group", group)
-        default = f"{socket.gethostname()}-{os.getpid()}"
-        self._consumer = _name("consumer", default if consumer is None else consumer)
-        claim = check_seconds("claim_idle", claim_idle, allow_zero=False)
-        self._max_messages = check_optional_int("max_messages", max_messages, 1)
-        self._overflow = check_choice("overflow", overflow, OVERFLOW_POLICIES)
-        batch = check_optional_int("prefetch", prefetch, 1)
-        acks = check_optional_int("ack_batch", ack_batch, 1)
-        replicas = check_optional_int("wait_replicas", wait_replicas, 0)
-        if batch is None or acks is None or replicas is None or batch > 10_000 or acks > 10_000:
-            raise InvalidArgumentError(
-                f"expected prefetch and ack_batch between 1 and 10000 and wait_replicas >= 0, "
-                f"got {prefetch!r}, {ack_batch!r} and {wait_replicas!r}"
-            )
-        if not isinstance(wait_local, bool):
-            raise MessageTypeError(f"expected wait_local to be a bool, got {wait_local!r}")
-        wait_ms = int(check_seconds("wait_timeout", wait_timeout, allow_zero=False) * 1000)
-        self._wait: Optional[List[Arg]] = None
-        self._wanted = (int(wait_local), replicas, max(1, wait_ms))
-        if wait_local or replicas:
-            self._wait = ["WAITAOF", *self._wanted]
-        self._where = f"{where} (stream {self._key.decode('utf-8', 'replace')!r})"
+        options = check_options(
+            url,
+            stream,
+            group=group,
+            consumer=consumer,
+            claim_idle=claim_idle,
+            max_messages=max_messages,
+            overflow=overflow,
+            prefetch=prefetch,
+            ack_batch=ack_batch,
+            wait_local=wait_local,
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
+            create=create,
+        )
+        self._options = options
+        self._key, self._group, self._consumer = options.key, options.group, options.consumer
+        self._max_messages, self._overflow = options.max_messages, options.overflow
+        self._wait = options.wait_command
+        self._check_wait = options.check_wait
+        self._where = options.where
 
         self._added = self._dropped_oldest = self._dropped_newest = 0
         self._listeners: List[Callable[[], None]] = []
@@ -196,8 +143,8 @@ class RedisStreamStorage:
         self._add_link = self._link(url)
         self._info = self._link(url)
         try:
-            self.server = self._check_server()
-            chunk_probe = min(5.0, max(0.02, claim / 2))
+            self.server = open_stream(self._info, options)
+            chunk_probe = min(5.0, max(0.02, options.claim_idle / 2))
             # The consumer's commands are idempotent: it retries once instead of a preflight.
             link = self._link(url, extra_timeout=chunk_probe + 1.0, preflight=False)
             self._reader = Reader(
@@ -205,9 +152,9 @@ class RedisStreamStorage:
                 key=self._key,
                 group=self._group,
                 consumer=self._consumer,
-                claim_idle=claim,
-                prefetch=batch,
-                ack_batch=acks,
+                claim_idle=options.claim_idle,
+                prefetch=options.prefetch,
+                ack_batch=options.ack_batch,
                 wait_command=self._wait,
                 check_wait=self._check_wait,
             )
@@ -220,57 +167,6 @@ class RedisStreamStorage:
         link = Link(url, self._where, extra_timeout, preflight=preflight)
         self._links.append(link)
         return link
-
-    def _check_server(self) -> str:
-        """Check the server and the key; create the group. Return ``"<name> <version>"``."""
-        hello = self._info.call("connect", "HELLO")
-        info = dict(zip(hello[::2], hello[1::2]))
-        name = info.get(b"server", b"redis").decode("ascii", "replace")
-        version = info.get(b"version", b"0").decode("ascii", "replace")
-        numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-        needed = (7, 2) if name == "valkey" else (7, 0)
-        if numbers < needed:
-            raise ServerError(
-                f"expected Redis >= 7.0 or Valkey >= 7.2 at {self._where}, found {name} {version}"
-            )
-        kind = self._info.call("check the stream's key", "TYPE", self._key)
-        if kind not in (b"stream", b"none", "stream", "none"):
-            shown = kind.decode("ascii", "replace") if isinstance(kind, bytes) else kind
-            raise ServerError(
-                f"expected the key of {self._where} to be a stream (or not to exist), found a "
-                f"{shown}; choose another stream name"
-            )
-        if self._wait is not None:
-            self._check_wait(self._info.pipeline("wait for the AOF", [self._wait])[0])
-        try:
-            self._info.call(
-                "create the consumer group",
-                "XGROUP",
-                "CREATE",
-                self._key,
-                self._group,
-                "0",
-                "MKSTREAM",
-            )
-        except ServerError as err:
-            if "BUSYGROUP" not in str(err):
-                raise
-        return f"{name} {version}"
-
-    def _check_wait(self, reply: Any) -> None:  # noqa: ANN401 (a raw RESP2 reply)
-        wanted = self._wanted
-        if isinstance(reply, Exception):
-            raise StorageWriteError(
-                f"cannot wait for the AOF (WAITAOF, Redis/Valkey >= 7.2 with appendonly yes) at "
-                f"{self._where}: {reply}"
-            )
-        local, replicas = int(reply[0]), int(reply[1])
-        if local < wanted[0] or replicas < wanted[1]:
-            raise StorageWriteError(
-                f"expected {wanted[0]} local and {wanted[1]} replica AOF fsync(s) within "
-                f"{wanted[2] / 1000} s at {self._where}, got {local} and {replicas}: the "
-                f"write is on the primary, and a failover may lose it"
-            )
 
     # ------------------------------------------------------------------ adding
 
@@ -396,6 +292,31 @@ class RedisStreamStorage:
         with reader.link.lock:
             self._check_open("pop from")
             return reader.pop()
+
+    def held_messages(self) -> List[Message]:
+        """The messages this consumer holds now, :meth:`front`'s first: what it read ahead,
+        returned by the coming ``front()`` calls in this order, without a round trip."""
+        reader = self._reader
+        with reader.link.lock:
+            self._check_open("look into")
+            return [entry[1] for entry in reader.buffer]
+
+    def __iter__(self) -> Iterator[Message]:
+        """Iterate the messages the group has not acknowledged, in stream order, without
+        consuming or delivering them (a look, for example ``persizmq peek``): other consumers'
+        unacknowledged ones too, and what no consumer read yet."""
+        start = b"0-0"
+        while True:
+            with self._info.lock:
+                self._check_open("iterate")
+                page = self._info.script(
+                    "look at pending entries", PEEK, [self._key], [self._group, start, 100]
+                )
+            if not page:
+                return
+            for entry_id, fields in page:
+                yield decode_entry(fields, f"entry {entry_id!r}")[0]
+            start = page[-1][0]
 
     def __len__(self) -> int:
         """Return the messages the group has not acknowledged (:attr:`RedisStreamStats.pending`)."""
