@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # imported on first use by __getattr__ below: redis-py is an 
 __version__ = "2.0.0"
 
 #: Names whose module needs an optional dependency: imported when first asked for (PEP 562).
-_LAZY = {"RedisStreamStorage": "persizmq._redis", "RedisStreamStats": "persizmq._redis"}
+_LAZY = ("RedisStreamStats", "RedisStreamStorage")
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401 (whichever class was asked for)
@@ -45,12 +45,11 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401 (whichever class was asked fo
     :raises MissingDependencyError: the backend's client library is not installed; the message
         names the extra to install (``pip install 'persizmq[redis]'``).
     """
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _LAZY:
         raise AttributeError(f"module 'persizmq' has no attribute {name!r}")
-    import importlib  # noqa: PLC0415 (only when a lazy name is asked for)
+    from persizmq import _redis  # noqa: PLC0415 (only when a Redis name is asked for)
 
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_redis, name)
     globals()[name] = value
     return value
 

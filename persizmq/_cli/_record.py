@@ -58,6 +58,7 @@ from persizmq._cli._base import (
     size_bytes,
 )
 from persizmq._cli._dirs import latest_disk_bytes
+from persizmq._cli._location import is_stream, open_stream, parse_stream
 from persizmq._cli._output import Progress, Rate, human_bytes, isatty
 from persizmq._cli._signals import StopSignals
 from persizmq._message import Message
@@ -124,7 +125,16 @@ class _Recorder:
         self.args = args
         self.endpoints: List[str] = list(args.endpoints)
         self.directory = pathlib.Path(args.dir)
-        if "://" in args.dir:
+        self.stream = is_stream(args.dir)
+        if self.stream:
+            self.directory = pathlib.Path(parse_stream(args.dir).shown)  # named in messages only
+            if args.latest or args.max_bytes is not None:
+                raise CliError(
+                    "a stream is a queue bounded by --max-messages: --latest and --max-bytes "
+                    "need a storage directory",
+                    EXIT_USAGE,
+                )
+        elif "://" in args.dir:
             raise CliError(
                 f"expected the last argument to be the storage directory, got {args.dir!r}, "
                 f"which looks like an endpoint: persizmq record ENDPOINT [ENDPOINT ...] DIR",
@@ -138,7 +148,7 @@ class _Recorder:
         self.tty = isatty(sys.stderr)
         self.interval = _status_interval(args, self.tty)
         self.counters = _RecordCounters()
-        self.queue: Optional[persizmq.PersistentStorage] = None
+        self.queue: Optional[Any] = None  # a PersistentStorage or a RedisStreamStorage
         self.latest: Optional[persizmq.PersistentLatestStorage] = None
         self._add: Callable[[Message], None] = self._not_open
         self.max_size: Optional[persizmq.filter.MaxSize] = None
@@ -153,7 +163,12 @@ class _Recorder:
     def open_storage(self) -> None:
         """Open the storage (as the producer) and build the filter chain."""
         args = self.args
-        if args.latest:
+        if self.stream:  # durability is the server's (appendonly, appendfsync): --sync is moot
+            self.queue = open_stream(
+                args.dir, create=True, max_messages=args.max_messages, overflow="drop_newest"
+            )
+            self._add = self.queue.add_message
+        elif args.latest:
             self.latest = persizmq.PersistentLatestStorage(self.directory, sync=args.sync)
             self._add = self.latest.add_message
         else:
@@ -172,7 +187,7 @@ class _Recorder:
             self.max_size = persizmq.filter.MaxSize(args.max_size)
         if args.min_period is not None:
             self.min_period = persizmq.filter.MinPeriod(
-                args.min_period, self.directory / MIN_PERIOD_DIR
+                args.min_period, None if self.stream else self.directory / MIN_PERIOD_DIR
             )
 
     def callback(self, msg: Message) -> None:
@@ -199,7 +214,7 @@ class _Recorder:
         if self.queue is not None:
             stats = self.queue.stats()
             stored, pending = stats.added, stats.pending
-            disk, dropped = stats.disk_bytes, stats.dropped_newest
+            disk, dropped = getattr(stats, "disk_bytes", 0), stats.dropped_newest
         else:
             disk = latest_disk_bytes(self.directory)
             stored, pending, dropped = self.counters.stored, 1 if disk else 0, 0
@@ -276,8 +291,11 @@ class _Recorder:
                     open_endpoint(sock, endpoint, args.bind)
                 # After the endpoints, so that a typo in one does not create the directory.
                 self.open_storage()
+                # Without filters a stream gets each drained batch in one round trip (the
+                # subscriber batches a storage's own add_message through add_messages).
+                plain = self.stream and self.max_size is None and self.min_period is None
                 subscriber = persizmq.ThreadedSubscriber(
-                    self.callback,
+                    self._add if plain else self.callback,
                     subscriber=sock,
                     on_exception=self.counters.on_exception,
                     multipart=args.multipart,
@@ -307,9 +325,10 @@ class _Recorder:
         args = self.args
         verb = "bound to" if args.bind else "connected to"
         kind = "latest message" if args.latest else "queue"
+        mode = "stream, durability of the server" if self.stream else f"{kind}, sync={args.sync}"
         print(
             f"{PROG} record: {verb} {', '.join(self.endpoints)}; recording into "
-            f"{self.directory} ({kind}, sync={args.sync}); stop with Ctrl-C or SIGTERM",
+            f"{self.directory} ({mode}); stop with Ctrl-C or SIGTERM",
             file=sys.stderr,
             flush=True,
         )
@@ -365,7 +384,12 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     record.add_argument(
         "endpoints", nargs="+", metavar="ENDPOINT", help="ZeroMQ endpoint(s) of the publisher(s)"
     )
-    record.add_argument("dir", metavar="DIR", help="storage directory (created if missing)")
+    record.add_argument(
+        "dir",
+        metavar="DIR",
+        help="storage directory (created if missing), or a stream: "
+        "redis://HOST[:PORT][/DB]?stream=NAME[&group=G] (stream and group created if missing)",
+    )
     record.add_argument("--bind", action="store_true", help="bind the endpoints, don't connect")
     record.add_argument(
         "--topic",
