@@ -26,10 +26,33 @@ from persizmq._errors import (
 )
 from persizmq._redis._scripts import Script
 
-__all__ = ["DEFAULT_SOCKET_TIMEOUT", "Arg", "Link", "make_pool", "safe_url", "translate"]
+__all__ = [
+    "DEFAULT_SOCKET_TIMEOUT",
+    "Arg",
+    "Link",
+    "Packed",
+    "bulk",
+    "make_pool",
+    "pack",
+    "safe_url",
+    "translate",
+]
 
-#: A command argument: redis-py packs str as UTF-8, ints and floats as their decimal form.
-Arg = Union[bytes, str, int, float]
+
+class Packed:
+    """Arguments already in the RESP protocol (``count`` of them): a batch of messages is packed
+    as it is built, once, instead of argument by argument."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, data: bytes, count: int) -> None:
+        """``data`` holds ``count`` bulk strings."""
+        self.data = data
+        self.count = count
+
+
+#: A command argument: str is sent as UTF-8, ints and floats as their decimal form.
+Arg = Union[bytes, str, int, float, Packed]
 
 
 def safe_url(url: str) -> str:
@@ -65,6 +88,35 @@ def make_pool(url: str, extra_timeout: float) -> "redis.ConnectionPool":
     if kwargs.get("socket_connect_timeout") is None:
         kwargs["socket_connect_timeout"] = 5.0
     return pool
+
+
+def bulk(data: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def pack(commands: Sequence[Sequence[Arg]]) -> bytes:
+    """``commands`` in the RESP protocol, one after the other (a pipeline)."""
+    parts: List[bytes] = []
+    for command in commands:
+        body: List[bytes] = []
+        count = 0
+        for arg in command:
+            if isinstance(arg, Packed):
+                body.append(arg.data)
+                count += arg.count
+                continue
+            if isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, str):
+                data = arg.encode("utf-8")
+            else:
+                data = repr(arg).encode("ascii")  # int, float: their decimal form
+            body.append(b"$%d\r\n%b\r\n" % (len(data), data))
+            count += 1
+        parts.append(b"*%d\r\n" % count)
+        parts += body
+    return b"".join(parts)
 
 
 def translate(err: Exception, what: str, where: str) -> PersizmqError:
@@ -161,7 +213,7 @@ class Link:
         conn = self._conn
         try:
             self._preflight()
-            conn.send_packed_command(conn.pack_commands([("CLIENT", "ID"), command]))
+            conn.send_packed_command([pack([("CLIENT", "ID"), command])])
             on_client_id(int(conn.read_response()))
             try:
                 return conn.read_response()
@@ -180,7 +232,7 @@ class Link:
         conn = self._conn
         try:
             self._preflight()
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command([pack(commands)])
             replies: List[Any] = []
             for _ in commands:
                 try:

@@ -55,7 +55,7 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from persizmq._errors import CorruptionError, PersizmqError, ServerUnavailableError
 from persizmq._message import Message, decode_multipart
-from persizmq._redis._link import Arg, Link, evalsha
+from persizmq._redis._link import Arg, Link, bulk, evalsha
 from persizmq._redis._scripts import CLEANUP
 
 __all__ = ["Reader", "decode_entry"]
@@ -121,7 +121,7 @@ class Reader:
         #: The client ID of the connection while it blocks in XREADGROUP (for CLIENT UNBLOCK).
         self.blocked_id: Optional[int] = None
         self.popped = self.claimed = self.foreign = 0
-        self._ack_prefix = b"*4\r\n" + _bulk(b"XACK") + _bulk(key) + _bulk(group)
+        self._ack_prefix = b"*4\r\n" + bulk(b"XACK") + bulk(key) + bulk(group)
 
     # ------------------------------------------------------------------ reading
 
@@ -311,7 +311,7 @@ class Reader:
     def _acknowledge(self, entry_id: bytes) -> None:
         what = "acknowledge a message"
         if self._wait_command is None:
-            reply = self.link.send_raw(what, self._ack_prefix + _bulk(entry_id))
+            reply = self.link.send_raw(what, self._ack_prefix + bulk(entry_id))
         else:
             replies = self.link.pipeline(
                 what, [["XACK", self._key, self._group, entry_id], self._wait_command]
@@ -357,10 +357,6 @@ class Reader:
             idle,
             "JUSTID",
         )
-
-
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
 def _error(reply: Exception, what: str, where: str) -> PersizmqError:

@@ -43,7 +43,7 @@ from persizmq._errors import (
     ServerError,
 )
 from persizmq._message import Message, MessageLike, encode_payload
-from persizmq._redis._link import Arg, Link
+from persizmq._redis._link import Arg, Link, Packed, bulk
 from persizmq._redis._options import (
     OVERFLOW_POLICIES,
     RedisStreamStats,
@@ -60,6 +60,9 @@ _log = logging.getLogger("persizmq")
 #: An unbounded add_messages is sent in calls of at most this many messages or bytes.
 _CHUNK_MESSAGES = 1000
 _CHUNK_BYTES = 4 << 20
+#: The packed field names of an entry (see the encoding in ``_reader``).
+_SINGLE = bulk(b"m")
+_MULTI = bulk(b"M")
 
 
 class RedisStreamStorage:
@@ -179,36 +182,38 @@ class RedisStreamStorage:
         self._check_open("add to")
         encoded = encode_payload(msg)
         if encoded is not None:
-            self._add([b"M" if encoded[0] else b"m", encoded[1]], 1)
+            self._add(Packed((_MULTI if encoded[0] else _SINGLE) + bulk(encoded[1]), 2), 1)
 
     def add_messages(self, msgs: Iterable[Optional[MessageLike]]) -> int:
         """Add a batch (``None`` entries are ignored) in one round trip; return how many were
         added. A bad entry raises before anything is added; with a bound, the whole batch is
         one atomic step (``"raise"`` adds nothing of a batch that does not fit)."""
         self._check_open("add to")
-        args: List[Arg] = []
+        parts: List[bytes] = []  # per message: its field name and value, packed
         size = 0
-        count = 0
         stored = 0
-        chunks: List[Tuple[List[Arg], int]] = []
+        chunks: List[Tuple[Packed, int]] = []
+        bounded = self._max_messages is not None
         for msg in msgs:
             encoded = encode_payload(msg)
             if encoded is None:
                 continue
-            args += (b"M" if encoded[0] else b"m", encoded[1])
-            count += 1
-            size += len(encoded[1])
-            if self._max_messages is None and (count >= _CHUNK_MESSAGES or size >= _CHUNK_BYTES):
-                chunks.append((args, count))
-                args, count, size = [], 0, 0
-        if count:
-            chunks.append((args, count))
+            payload = encoded[1]
+            parts.append(
+                b"%b$%d\r\n%b\r\n" % (_MULTI if encoded[0] else _SINGLE, len(payload), payload)
+            )
+            size += len(payload)
+            if not bounded and (len(parts) >= _CHUNK_MESSAGES or size >= _CHUNK_BYTES):
+                chunks.append((Packed(b"".join(parts), 2 * len(parts)), len(parts)))
+                parts, size = [], 0
+        if parts:
+            chunks.append((Packed(b"".join(parts), 2 * len(parts)), len(parts)))
         for chunk, n in chunks:
             stored += self._add(chunk, n)
         return stored
 
-    def _add(self, pairs: List[Arg], count: int) -> int:
-        args: List[Arg] = [self._max_messages or 0, self._overflow, *pairs]
+    def _add(self, pairs: Packed, count: int) -> int:
+        args: List[Arg] = [self._max_messages or 0, self._overflow, pairs]
         link = self._add_link
         with link.lock:
             self._check_open("add to")
