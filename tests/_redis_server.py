@@ -129,12 +129,19 @@ class Server:
     """One server process with its data directory; ``url`` names it for RedisStreamStorage."""
 
     def __init__(
-        self, binary: ServerBinary, directory: pathlib.Path, *, appendfsync: str = "everysec"
+        self,
+        binary: ServerBinary,
+        directory: pathlib.Path,
+        *,
+        appendfsync: str = "everysec",
+        extra_args: Tuple[str, ...] = (),
     ) -> None:
-        """Prepare (not start) a server of ``binary`` keeping its data in ``directory``."""
+        """Prepare (not start) a server of ``binary`` keeping its data in ``directory``;
+        ``extra_args`` go to its command line (for example ``("--replicaof", host, port)``)."""
         self.binary = binary
         self.directory = directory
         self.appendfsync = appendfsync
+        self.extra_args = extra_args
         self.port = _free_port()
         self.proc: Optional[subprocess.Popen[bytes]] = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -166,6 +173,7 @@ class Server:
             "no",
             "--logfile",
             str(self.directory / "server.log"),
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -282,12 +290,16 @@ def redis_server(request: pytest.FixtureRequest, redis_servers: ServerPool) -> S
 def redis_server_factory(
     redis_server: Server, tmp_path: pathlib.Path
 ) -> Iterator[Callable[..., Server]]:
-    """Start private servers of ``redis_server``'s kind: ``factory(appendfsync="always")``."""
+    """Start private servers of ``redis_server``'s kind: ``factory(appendfsync="always")``,
+    ``factory(extra_args=("--replicaof", "127.0.0.1", str(primary.port)))``."""
     started: List[Server] = []
 
-    def make(appendfsync: str = "everysec") -> Server:
+    def make(appendfsync: str = "everysec", extra_args: Tuple[str, ...] = ()) -> Server:
         server = Server(
-            redis_server.binary, tmp_path / f"server-{len(started)}", appendfsync=appendfsync
+            redis_server.binary,
+            tmp_path / f"server-{len(started)}",
+            appendfsync=appendfsync,
+            extra_args=extra_args,
         )
         started.append(server)
         server.start()

@@ -512,3 +512,40 @@ def test_create_false_refuses_a_missing_stream_or_group(
         RedisStreamStorage(redis_server.url, stream_name, group="h", create=False)
     with RedisStreamStorage(redis_server.url, stream_name, group="g", create=False) as s:
         assert len(s) == 0
+
+
+def test_both_shapes_of_the_xautoclaim_reply() -> None:
+    from persizmq._redis._reader import parse_autoclaim
+
+    entry = [b"1-0", [b"m", b"x"]]
+    ghost = [b"2-0", None]
+    redis7 = [b"0-0", [entry, ghost], [b"3-0"]]  # Redis >= 7.0: deleted IDs as a third element
+    redis62 = [b"5-0", [entry, None, ghost]]  # Redis 6.2: two elements, nil entries
+    assert parse_autoclaim(redis7) == (b"0-0", [(b"1-0", [b"m", b"x"]), (b"2-0", None)])
+    assert parse_autoclaim(redis62) == (b"5-0", [(b"1-0", [b"m", b"x"]), (b"2-0", None)])
+
+
+def test_wait_replicas_with_a_replica(redis_server_factory: Callable[..., Server]) -> None:
+    primary = redis_server_factory(extra_args=("--repl-diskless-sync-delay", "0"))
+    if primary.binary.kind == "redis" and primary.binary.version < (7, 2):
+        pytest.skip("WAITAOF needs Redis >= 7.2")
+    replica = redis_server_factory(extra_args=("--replicaof", "127.0.0.1", str(primary.port)))
+    client = redis.Redis.from_url(replica.url)
+    wait_until(
+        lambda: client.info("replication").get("master_link_status") == "up",
+        timeout=20,
+        message="the replica is in sync",
+    )
+    client.close()
+    with RedisStreamStorage(primary.url, "s", wait_replicas=1, wait_timeout=1) as s:
+        s.add_messages([b"a", b"b"])  # returned: the replica has them in its AOF
+        with RedisStreamStorage(replica.url, "s", create=False) as on_replica:
+            assert list(on_replica) == [b"a", b"b"]
+        assert s.front() == b"a"
+        assert s.pop_front()
+        replica.kill()
+        with pytest.raises(persizmq.StorageWriteError, match="got 1 and 0") as info:
+            s.add_message(b"c")
+        assert "failover may lose it" in str(info.value)
+    with pytest.raises(persizmq.StorageWriteError, match="1 replica"):
+        RedisStreamStorage(primary.url, "s", wait_replicas=1, wait_timeout=0.2)

@@ -58,7 +58,7 @@ from persizmq._message import Message, decode_multipart
 from persizmq._redis._link import Arg, Link, bulk, evalsha
 from persizmq._redis._scripts import CLEANUP
 
-__all__ = ["Reader", "decode_entry"]
+__all__ = ["Reader", "decode_entry", "parse_autoclaim"]
 
 _log = logging.getLogger("persizmq")
 
@@ -257,11 +257,10 @@ class Reader:
     def _claimed(self, reply: Any) -> List[Tuple[bytes, Optional[List[bytes]]]]:  # noqa: ANN401
         if isinstance(reply, Exception):
             raise _error(reply, "claim idle entries", self.link.where)
-        cursor, entries = reply[0], reply[1]
+        cursor, claimed = parse_autoclaim(reply)
         self._claim_cursor = cursor
         if cursor == b"0-0":  # the scan wrapped: look again in claim_idle / 2 seconds
             self._claim_due = time.monotonic() + self._claim_every
-        claimed = [(e[0], e[1]) for e in entries if e is not None]
         self.claimed += sum(1 for _, fields in claimed if fields is not None)
         return claimed
 
@@ -357,6 +356,20 @@ class Reader:
             idle,
             "JUSTID",
         )
+
+
+def parse_autoclaim(
+    reply: List[Any],
+) -> Tuple[bytes, List[Tuple[bytes, Optional[List[bytes]]]]]:
+    """The next cursor and the ``(id, fields)`` entries of an ``XAUTOCLAIM`` reply.
+
+    Redis >= 7.0 answers ``[cursor, entries, deleted IDs]`` and has already dropped the deleted
+    ones from the pending list; Redis 6.2 answers ``[cursor, entries]``, where a deleted entry
+    may come as ``[id, nil]`` (acknowledged by the caller, see ``_take``) or as a bare nil
+    (nothing to do without its ID). Both shapes are read the same way.
+    """
+    cursor, entries = reply[0], reply[1]
+    return cursor, [(entry[0], entry[1]) for entry in entries if entry is not None]
 
 
 def _error(reply: Exception, what: str, where: str) -> PersizmqError:
