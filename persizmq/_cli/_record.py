@@ -125,9 +125,10 @@ class _Recorder:
         self.args = args
         self.endpoints: List[str] = list(args.endpoints)
         self.directory = pathlib.Path(args.dir)
+        self.shown = args.dir  # where the messages go, as the messages name it
         self.stream = is_stream(args.dir)
         if self.stream:
-            self.directory = pathlib.Path(parse_stream(args.dir).shown)  # named in messages only
+            self.shown = parse_stream(args.dir).shown  # the password hidden
             if args.latest or args.max_bytes is not None:
                 raise CliError(
                     "a stream is a queue bounded by --max-messages: --latest and --max-bytes "
@@ -328,7 +329,7 @@ class _Recorder:
         mode = "stream, durability of the server" if self.stream else f"{kind}, sync={args.sync}"
         print(
             f"{PROG} record: {verb} {', '.join(self.endpoints)}; recording into "
-            f"{self.directory} ({mode}); stop with Ctrl-C or SIGTERM",
+            f"{self.shown} ({mode}); stop with Ctrl-C or SIGTERM",
             file=sys.stderr,
             flush=True,
         )
@@ -358,7 +359,7 @@ class _Recorder:
         )
         print(
             f"{PROG} record: {why}; received {received:,}, stored {numbers['stored']:,}, "
-            f"filtered {numbers['filtered']:,}{dropped}{errors}; {pending} in {self.directory}",
+            f"filtered {numbers['filtered']:,}{dropped}{errors}; {pending} in {self.shown}",
             file=sys.stderr,
             flush=True,
         )

@@ -65,7 +65,7 @@ def record(
         with stream_of(location, consumer="watcher") as watcher:
             wait_until(lambda: len(watcher) >= len(messages), DEADLINE, "all recorded")
         assert recorder.stop() == 0, recorder.output()
-    assert "stream, durability of the server" in recorder.output()
+    assert f"recording into {location} (stream, durability of the server)" in recorder.output()
 
 
 def test_record_then_stats_peek_pop_drain(
