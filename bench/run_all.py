@@ -2,9 +2,9 @@
 
 The report starts with the machine (CPU, cores, memory, kernel, Python, the file system the
 queues are written to, the load average), then the storage table, the end-to-end loss table,
-the scale tables and the burst table, and ends with the SPEC section 7 targets, each marked met
-or NOT MET, and the load average again (other work on a shared machine shows up in the
-figures).
+the scale tables, the burst table and the Redis Streams tables (one per Redis/Valkey server
+binary found), and ends with the SPEC section 7 and 10 targets, each marked met or NOT MET, and
+the load average again (other work on a shared machine shows up in the figures).
 
 Run from the repository root: ``python3 bench/run_all.py [--quick] [--dir DIR] [--no-anchors]``
 (a few minutes; ``--quick`` about a minute). The first run creates ``bench/.venv-anchors/``
@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as a script: make ``bench`` and the repo's persizmq importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import _common, burst, end_to_end, scale, storage
+from bench import _common, burst, end_to_end, redis_stream, scale, storage
 
 __all__ = ["main"]
 
@@ -72,13 +72,13 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     _common.add_arguments(parser)
     parser.add_argument(
         "--only",
-        choices=("storage", "end_to_end", "scale", "burst"),
+        choices=("storage", "end_to_end", "scale", "burst", "redis"),
         action="append",
         help="run only these parts (repeatable); default: all four",
     )
     args = parser.parse_args(argv)
     profile = _common.PROFILES[args.profile]
-    parts = args.only or ["storage", "end_to_end", "scale", "burst"]
+    parts = args.only or ["storage", "end_to_end", "scale", "burst", "redis"]
     started = time.monotonic()
     report, anchors, fsync = _header(args, profile, argv)
     out("\n".join(report))
@@ -100,10 +100,14 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
             sc = scale.run(profile, args.dir, anchors, _progress)
             lines = scale.render(sc)
             targets += scale.targets(sc)
-        else:
+        elif part == "burst":
             bursts = burst.run(profile, args.dir, _progress)
             lines = burst.render(bursts)
             targets += burst.targets(bursts)
+        else:
+            rs = redis_stream.run(profile, args.dir, anchors, _progress)
+            lines = redis_stream.render(rs)
+            targets += redis_stream.targets(rs)
         out("\n".join(lines))
         out(f"load before: {load}; after: {_common.load_average()}")
         out("")

@@ -6,6 +6,8 @@ message to a callback; :class:`PersistentStorage` (a crash-safe FIFO queue on di
 of :mod:`persizmq.filter` can be chained in front of them.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from persizmq._errors import (
     ClosedError,
     CorruptionError,
@@ -14,9 +16,12 @@ from persizmq._errors import (
     LockedError,
     MessageTooLargeError,
     MessageTypeError,
+    MissingDependencyError,
     PersizmqError,
     QueueFullError,
     RoleError,
+    ServerError,
+    ServerUnavailableError,
     StorageWriteError,
 )
 from persizmq._latest import PersistentLatestStorage
@@ -25,7 +30,29 @@ from persizmq._protocol import Notifying, StatsLike, Storage
 from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
 from persizmq._subscriber import ThreadedSubscriber
 
+if TYPE_CHECKING:  # imported on first use by __getattr__ below: redis-py is an optional extra
+    from persizmq._redis import RedisStreamStats, RedisStreamStorage
+
 __version__ = "2.0.0"
+
+#: Names whose module needs an optional dependency: imported when first asked for (PEP 562).
+_LAZY = ("RedisStreamStats", "RedisStreamStorage")
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401 (whichever class was asked for)
+    """Import the optional backends on first use: ``import persizmq`` needs only pyzmq.
+
+    :raises MissingDependencyError: the backend's client library is not installed; the message
+        names the extra to install (``pip install 'persizmq[redis]'``).
+    """
+    if name not in _LAZY:
+        raise AttributeError(f"module 'persizmq' has no attribute {name!r}")
+    from persizmq import _redis  # noqa: PLC0415 (only when a Redis name is asked for)
+
+    value = getattr(_redis, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "OVERFLOW_POLICIES",
@@ -39,12 +66,17 @@ __all__ = [
     "MessageLike",
     "MessageTooLargeError",
     "MessageTypeError",
+    "MissingDependencyError",
     "Notifying",
     "PersistentLatestStorage",
     "PersistentStorage",
     "PersizmqError",
     "QueueFullError",
+    "RedisStreamStats",
+    "RedisStreamStorage",
     "RoleError",
+    "ServerError",
+    "ServerUnavailableError",
     "StatsLike",
     "Storage",
     "StorageStats",

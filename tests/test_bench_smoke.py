@@ -7,7 +7,18 @@ benchmark scripts from rotting as the library changes.
 import pathlib
 from typing import List
 
-from bench import _burst_child, _common, burst, end_to_end, receive_cost, run_all, scale, storage
+from bench import (
+    _burst_child,
+    _common,
+    burst,
+    end_to_end,
+    receive_cost,
+    redis_stream,
+    run_all,
+    scale,
+    storage,
+)
+from tests._redis_server import Server
 
 
 def test_storage_cases_in_process(tmp_path: pathlib.Path) -> None:
@@ -38,6 +49,7 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "Bursts:",
         "burst capture, persizmq record",
         "CPU per message of the receive paths",
+        "Redis Streams",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
@@ -118,3 +130,8 @@ def test_machine_description_and_tables() -> None:
     assert any(line.startswith("CPU:") for line in lines)
     table = _common.render_table(["a", "b"], [["1", "22"]], "lr")
     assert table == ["a   b", "-  --", "1  22"]
+
+
+def test_redis_stream_cases(redis_server: Server) -> None:
+    for case in redis_stream.CASES:
+        assert redis_stream.measure(case, redis_server.url, 100) > 0

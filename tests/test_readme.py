@@ -2,7 +2,9 @@
 
 The examples connect to ``ipc:///tmp/persizmq-example.zeromq`` and use
 ``/tmp/persizmq-example``; the tests substitute a private endpoint and directory (and nothing
-else) and run them while a publisher keeps sending on that endpoint.
+else) and run them while a publisher keeps sending on that endpoint. An example that names the
+Redis server ``redis://localhost:6379/0`` runs against each server the tests start (the
+``redis_server`` fixture), with that URL and a stream name of its own substituted.
 """
 
 import contextlib
@@ -16,6 +18,8 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import zmq
 
+from tests._redis_server import Server
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.rst"
 # The 1.0.x README as the user handed it to us (outside the repository; optional).
@@ -27,6 +31,20 @@ def readme_examples() -> List[str]:
     text = README.read_text(encoding="utf-8")
     pattern = r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)"
     return [textwrap.dedent(m.group(1)) for m in re.finditer(pattern, text, re.M)]
+
+
+#: The server URL a README example that needs Redis names; replaced by the fixture's.
+REDIS_URL = "redis://localhost:6379/0"
+
+
+def plain_examples() -> List[str]:
+    """The examples that need no server."""
+    return [code for code in readme_examples() if REDIS_URL not in code]
+
+
+def redis_examples() -> List[str]:
+    """The examples that need a Redis/Valkey server."""
+    return [code for code in readme_examples() if REDIS_URL in code]
 
 
 def legacy_examples() -> List[str]:
@@ -84,9 +102,9 @@ def run_example(code: str, endpoint: str, directory: pathlib.Path) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("index", range(len(readme_examples())))
+@pytest.mark.parametrize("index", range(len(plain_examples())))
 def test_readme_example_runs(index: int, tmp_path: pathlib.Path) -> None:
-    code = readme_examples()[index]
+    code = plain_examples()[index]
     endpoint = f"ipc://{tmp_path}/example.zeromq"
     assert "ipc:///tmp/persizmq-example.zeromq" in code
     code = code.replace("ipc:///tmp/persizmq-example.zeromq", endpoint)
@@ -96,8 +114,23 @@ def test_readme_example_runs(index: int, tmp_path: pathlib.Path) -> None:
     assert "exception" not in printed, printed
 
 
-def test_readme_has_the_three_examples() -> None:
-    assert len(readme_examples()) == 3
+@pytest.mark.parametrize("index", range(len(redis_examples())))
+def test_readme_redis_example_runs(
+    index: int, tmp_path: pathlib.Path, redis_server: Server, stream_name: str
+) -> None:
+    code = redis_examples()[index]
+    endpoint = f"ipc://{tmp_path}/example.zeromq"
+    assert "ipc:///tmp/persizmq-example.zeromq" in code
+    code = code.replace("ipc:///tmp/persizmq-example.zeromq", endpoint)
+    code = code.replace(REDIS_URL, redis_server.url).replace('"readings"', repr(stream_name))
+    printed = run_example(code, endpoint, tmp_path / "dir")
+    assert "b'hello'" in printed, printed
+    assert "exception" not in printed, printed
+
+
+def test_readme_has_the_examples() -> None:
+    assert len(plain_examples()) == 3
+    assert len(redis_examples()) == 1
 
 
 @pytest.mark.skipif(not LEGACY_README.exists(), reason="the 1.0.x README is not beside the repo")

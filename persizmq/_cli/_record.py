@@ -75,6 +75,7 @@ from persizmq._cli._base import (
     size_bytes,
 )
 from persizmq._cli._dirs import kinds_present, latest_disk_bytes
+from persizmq._cli._location import is_stream, open_stream, parse_stream
 from persizmq._cli._output import Progress, Rate, human_bytes, isatty, notice
 from persizmq._cli._signals import StopSignals
 from persizmq._message import Message
@@ -242,7 +243,17 @@ class _Recorder:
         self.args = args
         self.endpoints: List[str] = list(args.endpoints)
         self.directory = pathlib.Path(args.dir)
-        if "://" in args.dir:
+        self.shown = args.dir  # where the messages go, as the messages name it
+        self.stream = is_stream(args.dir)
+        if self.stream:
+            self.shown = parse_stream(args.dir).shown  # the password hidden
+            if args.latest or args.max_bytes is not None:
+                raise CliError(
+                    "a stream is a queue bounded by --max-messages: --latest and --max-bytes "
+                    "need a storage directory",
+                    EXIT_USAGE,
+                )
+        elif "://" in args.dir:
             raise CliError(
                 f"expected the last argument to be the storage directory, got {args.dir!r}, "
                 f"which looks like an endpoint: persizmq record ENDPOINT [ENDPOINT ...] DIR",
@@ -257,7 +268,7 @@ class _Recorder:
         self.tty = isatty(sys.stderr)
         self.interval = _status_interval(args, self.tty)
         self.counters = _RecordCounters()
-        self.queue: Optional[persizmq.PersistentStorage] = None
+        self.queue: Optional[Any] = None  # a PersistentStorage or a RedisStreamStorage
         self.latest: Optional[persizmq.PersistentLatestStorage] = None
         self.chain: Optional[_Chain] = None
         self.rate = Rate()
@@ -266,7 +277,7 @@ class _Recorder:
 
     def _check_kind(self) -> None:
         """Refuse a directory that holds the other kind of storage (a queue for ``--latest``)."""
-        if not self.directory.is_dir():
+        if self.stream or not self.directory.is_dir():
             return  # created by the storage (a file there is the storage's error)
         kinds = kinds_present(self.directory)
         shown = repr(str(self.directory))
@@ -284,7 +295,11 @@ class _Recorder:
     def open_storage(self) -> None:
         """Open the storage (as the producer) and build the filter chain."""
         args = self.args
-        if args.latest:
+        if self.stream:  # durability is the server's (appendonly, appendfsync): --sync is moot
+            self.queue = open_stream(
+                args.dir, create=True, max_messages=args.max_messages, overflow="drop_newest"
+            )
+        elif args.latest:
             self.latest = persizmq.PersistentLatestStorage(self.directory, sync=args.sync)
         else:
             # A recorder must not die of a full queue: beyond a bound it drops and counts the
@@ -300,7 +315,9 @@ class _Recorder:
         max_size = None if args.max_size is None else persizmq.filter.MaxSize(args.max_size)
         min_period = None
         if args.min_period is not None:
-            min_period = persizmq.filter.MinPeriod(args.min_period, self.directory / MIN_PERIOD_DIR)
+            min_period = persizmq.filter.MinPeriod(
+                args.min_period, None if self.stream else self.directory / MIN_PERIOD_DIR
+            )
         self.chain = _Chain(self.counters, max_size, min_period, self.queue, self.latest)
 
     def close_storage(self) -> None:
@@ -315,7 +332,7 @@ class _Recorder:
         if self.queue is not None:
             stats = self.queue.stats()
             stored, pending = stats.added, stats.pending
-            disk, dropped = stats.disk_bytes, stats.dropped_newest
+            disk, dropped = getattr(stats, "disk_bytes", 0), stats.dropped_newest
         else:
             disk = latest_disk_bytes(self.directory)
             stored, pending, dropped = self.counters.stored, 1 if disk else 0, 0
@@ -427,9 +444,10 @@ class _Recorder:
         args = self.args
         verb = "bound to" if args.bind else "connected to"
         kind = "latest message" if args.latest else "queue"
+        mode = "stream, durability of the server" if self.stream else f"{kind}, sync={args.sync}"
         notice(
             f"{PROG} record: {verb} {', '.join(self.endpoints)}; recording into "
-            f"{self.directory} ({kind}, sync={args.sync}); stop with Ctrl-C or SIGTERM"
+            f"{self.shown} ({mode}); stop with Ctrl-C or SIGTERM"
         )
         interval = self.interval
         tick = min(interval, 0.5) if interval > 0 else 0.5
@@ -457,7 +475,7 @@ class _Recorder:
         )
         notice(
             f"{PROG} record: {why}; received {received:,}, stored {numbers['stored']:,}, "
-            f"filtered {numbers['filtered']:,}{dropped}{errors}; {pending} in {self.directory}"
+            f"filtered {numbers['filtered']:,}{dropped}{errors}; {pending} in {self.shown}"
         )
 
 
@@ -481,7 +499,12 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     record.add_argument(
         "endpoints", nargs="+", metavar="ENDPOINT", help="ZeroMQ endpoint(s) of the publisher(s)"
     )
-    record.add_argument("dir", metavar="DIR", help="storage directory (created if missing)")
+    record.add_argument(
+        "dir",
+        metavar="DIR",
+        help="storage directory (created if missing), or a stream: "
+        "redis://HOST[:PORT][/DB]?stream=NAME[&group=G] (stream and group created if missing)",
+    )
     record.add_argument("--bind", action="store_true", help="bind the endpoints, don't connect")
     record.add_argument(
         "--topic",
