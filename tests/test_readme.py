@@ -96,8 +96,10 @@ def test_readme_example_runs(index: int, tmp_path: pathlib.Path) -> None:
     assert "exception" not in printed, printed
 
 
-def test_readme_has_the_three_examples() -> None:
-    assert len(readme_examples()) == 3
+def test_readme_has_the_four_examples() -> None:
+    examples = readme_examples()
+    assert len(examples) == 4
+    assert "persizmq.aio.AsyncSubscriber" in examples[3]
 
 
 @pytest.mark.skipif(not LEGACY_README.exists(), reason="the 1.0.x README is not beside the repo")
