@@ -1,9 +1,10 @@
 """Run every benchmark of persizmq 2 side by side with its peers and print one report.
 
 The report starts with the machine (CPU, cores, memory, kernel, Python, the file system the
-queues are written to, the load average), then the storage table, the end-to-end loss table and
-the scale tables, and ends with the SPEC section 7 targets, each marked met or NOT MET, and the
-load average again (other work on a shared machine shows up in the figures).
+queues are written to, the load average), then the storage table, the end-to-end loss table,
+the scale tables and the asyncio tables, and ends with the targets (SPEC sections 7 and 11),
+each marked met or NOT MET, and the load average again (other work on a shared machine shows
+up in the figures).
 
 Run from the repository root: ``python3 bench/run_all.py [--quick] [--dir DIR] [--no-anchors]``
 (a few minutes; ``--quick`` about a minute). The first run creates ``bench/.venv-anchors/``
@@ -21,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and the repo's 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import _common, end_to_end, scale, storage
+from bench import aio as aio_bench
 
 __all__ = ["main"]
 
@@ -71,13 +73,13 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     _common.add_arguments(parser)
     parser.add_argument(
         "--only",
-        choices=("storage", "end_to_end", "scale"),
+        choices=("storage", "end_to_end", "scale", "aio"),
         action="append",
-        help="run only these parts (repeatable); default: all three",
+        help="run only these parts (repeatable); default: all four",
     )
     args = parser.parse_args(argv)
     profile = _common.PROFILES[args.profile]
-    parts = args.only or ["storage", "end_to_end", "scale"]
+    parts = args.only or ["storage", "end_to_end", "scale", "aio"]
     started = time.monotonic()
     report, anchors, fsync = _header(args, profile, argv)
     out("\n".join(report))
@@ -95,10 +97,14 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
             e2e = end_to_end.run(profile, args.dir, anchors, _progress)
             lines = end_to_end.render(e2e)
             targets += end_to_end.targets(e2e)
-        else:
+        elif part == "scale":
             sc = scale.run(profile, args.dir, anchors, _progress)
             lines = scale.render(sc)
             targets += scale.targets(sc)
+        else:
+            measured = aio_bench.run(profile, args.dir, anchors, _progress)
+            lines = aio_bench.render(measured)
+            targets += aio_bench.targets(measured)
         out("\n".join(lines))
         out(f"load before: {load}; after: {_common.load_average()}")
         out("")

@@ -91,6 +91,10 @@ class AsyncBackend(Protocol):
         """The oldest pending message, waiting at most ``timeout`` s (None: forever; 0: not at
         all); ``None`` on time-out, :data:`CLOSED` once :meth:`close` was called."""
 
+    def peek_inline(self) -> Tuple[bool, Optional[Message]]:
+        """Look at the front on the loop, if that cannot block: ``(True, front_or_None)``;
+        ``(False, None)`` if only :meth:`wait_front` can tell."""
+
     def pop_inline(self) -> Optional[bool]:
         """Pop on the loop if that cannot block and return whether there was a message;
         ``None`` if popping must be done in the background (:meth:`submit_pop_and_front`)."""
@@ -319,9 +323,16 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ changing the queue
 
+    def peek_inline(self) -> Tuple[bool, Optional[Message]]:
+        """See :meth:`AsyncBackend.peek_inline`."""
+        if self._loop is None:
+            self._bind()
+        return self._peek()
+
     def pop_inline(self) -> Optional[bool]:
         """See :meth:`AsyncBackend.pop_inline`."""
-        self._bind()
+        if self._loop is None:
+            self._bind()
         if self._writes_block:
             return None
         return self._storage.pop_front()

@@ -70,6 +70,9 @@ _EXPECTED = "a zmq.asyncio.Socket of type " + ", ".join(RECEIVE_TYPES.values())
 # id() of every socket that a running AsyncSubscriber owns.
 _IN_USE_LOCK = threading.Lock()
 _IN_USE: Set[int] = set()
+# The running tasks: the loop holds its tasks weakly, so a subscriber whose object was dropped
+# must not have its task collected half-way.
+_TASKS: "Set[asyncio.Task[None]]" = set()
 
 
 def _describe(value: object) -> str:
@@ -193,6 +196,8 @@ class AsyncSubscriber:
         self._operational = True
         self._shadow: zmq.Socket[Any] = zmq.Socket.shadow(sock.underlying)
         self._task = loop.create_task(self._run())
+        _TASKS.add(self._task)
+        self._task.add_done_callback(_TASKS.discard)
 
     # ------------------------------------------------------------------ the task
 
@@ -214,20 +219,24 @@ class AsyncSubscriber:
     async def _receive_first(self) -> Optional[zmq.Frame]:
         """Await the next frame; None once a stop was requested."""
         sock = self._socket
-        if sock.closed:
-            raise zmq.ZMQError(zmq.ENOTSOCK)
-        fut: asyncio.Future[Any] = sock.recv(copy=False)  # type: ignore[assignment]
-        self._recv_future = fut
-        try:
-            return await fut  # type: ignore[no-any-return]
-        except asyncio.CancelledError:
-            if self._stop and fut.cancelled():
-                return None  # aclose() cancelled the receive: nothing was taken
-            if sock.closed:  # closing the socket cancels its receive
-                raise zmq.ZMQError(zmq.ENOTSOCK) from None
-            raise
-        finally:
-            self._recv_future = None
+        while not self._stop:
+            if sock.closed:
+                raise zmq.ZMQError(zmq.ENOTSOCK)
+            fut: asyncio.Future[Any] = sock.recv(copy=False)  # type: ignore[assignment]
+            self._recv_future = fut
+            try:
+                return await fut  # type: ignore[no-any-return]
+            except zmq.Again:
+                continue  # the socket's RCVTIMEO passed: nothing arrived, wait again
+            except asyncio.CancelledError:
+                if self._stop and fut.cancelled():
+                    return None  # aclose() cancelled the receive: nothing was taken
+                if sock.closed:  # closing the socket cancels its receive
+                    raise zmq.ZMQError(zmq.ENOTSOCK) from None
+                raise
+            finally:
+                self._recv_future = None
+        return None
 
     async def _receive_loop(self) -> None:  # noqa: PLR0912 (the hot loop stays in one frame)
         """Await a message, drain up to ``batch_size`` ready ones, repeat until stopped."""

@@ -94,8 +94,13 @@ class Worker:
             )
         future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         self._inflight.add(future)
-        future.add_done_callback(self._inflight.discard)
+        future.add_done_callback(self._finished)
         return future
+
+    def _finished(self, future: "asyncio.Future[Any]") -> None:
+        self._inflight.discard(future)
+        if not future.cancelled():
+            future.exception()  # seen: a caller that was cancelled meanwhile is not logged
 
     async def run(self, fn: Callable[..., _T], *args: object) -> _T:
         """Run ``fn(*args)`` in the thread and return its result; a cancelled caller does not

@@ -59,7 +59,8 @@ class AsyncQueue:
     through this queue (by :meth:`pop_front`, by another loop) is not popped a second time, but
     consumers that pop through other objects are not seen: give each storage one consumer.
 
-    Use one ``AsyncQueue`` from one event loop; it binds to the loop that first uses it.
+    Use one ``AsyncQueue`` from one event loop: it binds to the loop that first uses it, and a
+    call that has to wait on another loop raises :class:`RuntimeError`.
     """
 
     def __init__(self, storage: Storage) -> None:
@@ -107,6 +108,9 @@ class AsyncQueue:
                 None if timeout == math.inf else check_seconds("timeout", timeout, allow_zero=True)
             )
         self._check_open("take the front of")
+        got, msg = self._backend.peek_inline()  # the common case: no coroutine, no future
+        if msg is not None or (got and timeout == 0):
+            return msg
         outcome = await self._backend.wait_front(timeout)
         if isinstance(outcome, Closed):
             raise ClosedError(f"{self!r} was closed while waiting for a message")
@@ -120,7 +124,9 @@ class AsyncQueue:
         :raises ClosedError: the queue was closed.
         """
         self._check_open("pop from")
-        popped = await self._backend.pop_front()
+        popped = self._backend.pop_inline()
+        if popped is None:
+            popped = await self._backend.pop_front()
         if popped:
             self._pops += 1
         return popped
@@ -206,7 +212,10 @@ class _QueueIterator:
             raise StopAsyncIteration
         if self._owed and self._inflight is None:
             self._start_pop()
-        msg = await self._collect_pop() if self._inflight is not None else None
+        if self._inflight is not None:
+            msg = await self._collect_pop()
+        else:
+            msg = queue._backend.peek_inline()[1]  # the common case: no coroutine, no future
         if msg is None:
             outcome = await queue._backend.wait_front(None)
             if outcome is None or isinstance(outcome, Closed):

@@ -457,8 +457,10 @@ def test_bad_arguments_and_loops() -> None:
         assert await within(endless) == b"x"
 
     async def second() -> None:
+        assert await queue.front(timeout=0) == b"x"  # a look needs no loop of its own
+        assert await queue.pop_front()
         with pytest.raises(RuntimeError, match="another one"):
-            await queue.front(timeout=0)
+            await queue.front(timeout=0.01)  # a wait does: the first loop's
 
     run(first)
     run(second)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import pathlib
 import threading
+import time
 import uuid
 from typing import Any, AsyncIterator, Callable, List, Tuple
 
@@ -420,3 +421,20 @@ def test_bad_arguments(tmp_path: pathlib.Path) -> None:
     finally:
         sync_socket.close(linger=0)
         sync_context.term()
+
+
+def test_a_receive_timeout_on_the_socket_is_not_an_error() -> None:
+    async def body() -> None:
+        async with pipe() as (pull, push):
+            pull.setsockopt(zmq.RCVTIMEO, 2)  # zmq.asyncio turns it into zmq.Again
+            got: List[object] = []
+            reported: List[Exception] = []
+            async with AsyncSubscriber(pull, got.append, reported.append) as sub:
+                start = time.monotonic()
+                await until(lambda: time.monotonic() > start + 0.05)  # many time-outs passed
+                assert sub.operational
+                await push.send(b"late")
+                await until(lambda: got == [b"late"])
+            assert reported == []
+
+    run(body)

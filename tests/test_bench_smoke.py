@@ -8,6 +8,7 @@ import pathlib
 from typing import List
 
 from bench import _common, end_to_end, run_all, scale, storage
+from bench import aio as aio_bench
 
 
 def test_storage_cases_in_process(tmp_path: pathlib.Path) -> None:
@@ -35,6 +36,9 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "VmRSS",
         "SPEC 7 target",
         "end to end lossless",
+        "asyncio: consuming a durable backlog",
+        "AsyncQueue async for, sync=always",
+        "listener stand-in",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
@@ -76,3 +80,13 @@ def test_machine_description_and_tables() -> None:
     assert any(line.startswith("CPU:") for line in lines)
     table = _common.render_table(["a", "b"], [["1", "22"]], "lr")
     assert table == ["a   b", "-  --", "1  22"]
+
+
+def test_aio_rounds(tmp_path: pathlib.Path) -> None:
+    for case in aio_bench.CONSUME_CASES:
+        for drain in aio_bench.DRAINS:
+            assert aio_bench.consume_round(case, drain, 30, tmp_path / f"{case}-{drain}") > 0
+    for case in aio_bench.LATENCY_CASES:
+        samples = aio_bench.latency_round(case, 3, tmp_path / case.replace(" ", "_"))
+        assert len(samples) == 3
+        assert all(s > 0 for s in samples)
