@@ -28,8 +28,9 @@ a server-backed storage may plug in a native asyncio client there).
 #   wake-up is lost. The same order (register, then look) closes the race of a new waiter with
 #   an add that happens while it registers;
 # * on a timer, while someone waits, when the storage does not call back or may be fed by a
-#   producer in another process (``role`` other than ``"both"``/``"producer"``): 1 ms, doubling
-#   up to 50 ms, reset by every new wait. An idle queue with no waiter runs nothing at all.
+#   producer in another process (any ``role`` but ``"both"``, which holds the producer's role
+#   itself): 1 ms, doubling up to 50 ms, reset by every new wait. An idle queue with no waiter
+#   runs nothing at all.
 #
 # When looking needs the worker (an fsync before the front may be returned, a storage that may
 # block), one fetch is in flight at a time; wake-ups that arrive meanwhile set ``_recheck`` so
@@ -130,10 +131,9 @@ class LocalBackend:
         self._try_front = getattr(storage, "try_front", None)
         self._writes_block = writes_block(storage)
         self._notifying = isinstance(storage, Notifying)
-        self._polling = not self._notifying or getattr(storage, "role", "both") not in (
-            "both",
-            "producer",
-        )
+        # Listeners see the adds of this process only; a storage that does not say it is the
+        # only producer (PersistentStorage's role="both") may be fed by another process.
+        self._polling = not self._notifying or getattr(storage, "role", None) != "both"
         self._worker = Worker("persizmq-aio")
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread = 0

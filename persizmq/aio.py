@@ -59,6 +59,13 @@ class AsyncQueue:
     through this queue (by :meth:`pop_front`, by another loop) is not popped a second time, but
     consumers that pop through other objects are not seen: give each storage one consumer.
 
+    What runs on the loop is decided from the storage. A storage of your own can tell: a
+    ``sync`` attribute of ``"never"`` or ``"periodic"`` says its writes and pops cannot block
+    (without it every call runs in the worker thread); ``try_front()`` returning
+    ``(True, front_or_None)`` when it can answer without blocking, or ``(False, None)``, keeps
+    looks on the loop; :class:`persizmq.Notifying` wakes waiters at once, and
+    ``role = "both"`` says no other process adds, so no polling is needed either.
+
     Use one ``AsyncQueue`` from one event loop: it binds to the loop that first uses it, and a
     call that has to wait on another loop raises :class:`RuntimeError`.
     """

@@ -6,9 +6,9 @@ step of the class chain adds one of the optional traits that :mod:`persizmq.aio`
 
 * :class:`PlainStorage`: only the protocol (no ``sync``: every call may block; no callbacks);
 * :class:`SyncStorage`: a ``sync`` attribute;
-* :class:`NotifyingStorage`: ``add_listener``/``remove_listener`` (:class:`persizmq.Notifying`)
-  and ``try_front``, which answers ``(False, None)`` while ``needs_fsync`` is set and the front
-  was not "fsynced" by a ``front()`` call yet.
+* :class:`NotifyingStorage`: ``add_listener``/``remove_listener`` (:class:`persizmq.Notifying`),
+  ``role`` and ``try_front``, which answers ``(False, None)`` while ``needs_fsync`` is set and
+  the front was not "fsynced" by a ``front()`` call yet.
 """
 
 import asyncio
@@ -208,8 +208,10 @@ class SyncStorage(PlainStorage):
 class NotifyingStorage(SyncStorage):
     """A SyncStorage that calls listeners after adds and offers ``try_front``."""
 
-    def __init__(self, sync: str = "never", needs_fsync: bool = False) -> None:
+    def __init__(self, sync: str = "never", needs_fsync: bool = False, role: str = "both") -> None:
         super().__init__(sync)
+        #: As PersistentStorage's: "both" says every add happens in this process (no polling).
+        self.role = role
         self._listeners: List[Callable[[], None]] = []
         self.needs_fsync = needs_fsync
         self._synced = 0  # how many of the oldest messages front() made "durable"

@@ -41,6 +41,8 @@ KINDS: Dict[str, StorageFactory] = {
     "notifying-fsync": lambda d: NotifyingStorage("periodic", needs_fsync=True),
     # in memory: writes in the worker
     "notifying-always": lambda d: NotifyingStorage("always"),
+    # in memory, calls back, but another process may add too: listener and polling
+    "notifying-shared": lambda d: NotifyingStorage("never", role="consumer"),
     # in memory, no callbacks, no try_front: len() on the loop, front() in the worker, polling
     "periodic-no-try": lambda d: SyncStorage("periodic"),
     # in memory, no hints at all: everything in the worker, polling
@@ -256,6 +258,9 @@ def test_a_thousand_idle_waiters_create_no_threads(kind: str, tmp_path: pathlib.
             if backend(queue)._polling:  # the timer has backed off to its slowest tick
                 await until(lambda: backend(queue)._interval >= POLL_MAX)
             assert thread_count() == before
+            if kind == "notifying-never":  # woken by the listener alone: no timer runs
+                assert not backend(queue)._polling
+                assert backend(queue)._timer is None
             await queue.add_message(b"for everyone")
             results = await within(asyncio.gather(*tasks))
             assert results == [b"for everyone"] * 1000
