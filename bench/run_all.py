@@ -2,9 +2,10 @@
 
 The report starts with the machine (CPU, cores, memory, kernel, Python, the file system the
 queues are written to, the load average), then the storage table, the end-to-end loss table,
-the scale tables, the burst table and the Redis Streams tables (one per Redis/Valkey server
-binary found), and ends with the SPEC section 7 and 10 targets, each marked met or NOT MET, and
-the load average again (other work on a shared machine shows up in the figures).
+the scale tables, the burst table, the Redis Streams tables (one per Redis/Valkey server
+binary found) and the asyncio tables, and ends with the SPEC section 7, 10 and 11 targets, each
+marked met or NOT MET, and the load average again (other work on a shared machine shows up in
+the figures).
 
 Run from the repository root: ``python3 bench/run_all.py [--quick] [--dir DIR] [--no-anchors]``
 (a few minutes; ``--quick`` about a minute). The first run creates ``bench/.venv-anchors/``
@@ -22,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and the repo's 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import _common, burst, end_to_end, redis_stream, scale, storage
+from bench import aio as aio_bench
 
 __all__ = ["main"]
 
@@ -72,13 +74,13 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     _common.add_arguments(parser)
     parser.add_argument(
         "--only",
-        choices=("storage", "end_to_end", "scale", "burst", "redis"),
+        choices=("storage", "end_to_end", "scale", "burst", "redis", "aio"),
         action="append",
         help="run only these parts (repeatable); default: all four",
     )
     args = parser.parse_args(argv)
     profile = _common.PROFILES[args.profile]
-    parts = args.only or ["storage", "end_to_end", "scale", "burst", "redis"]
+    parts = args.only or ["storage", "end_to_end", "scale", "burst", "redis", "aio"]
     started = time.monotonic()
     report, anchors, fsync = _header(args, profile, argv)
     out("\n".join(report))
@@ -104,10 +106,14 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
             bursts = burst.run(profile, args.dir, _progress)
             lines = burst.render(bursts)
             targets += burst.targets(bursts)
-        else:
+        elif part == "redis":
             rs = redis_stream.run(profile, args.dir, anchors, _progress)
             lines = redis_stream.render(rs)
             targets += redis_stream.targets(rs)
+        else:
+            measured = aio_bench.run(profile, args.dir, anchors, _progress)
+            lines = aio_bench.render(measured)
+            targets += aio_bench.targets(measured)
         out("\n".join(lines))
         out(f"load before: {load}; after: {_common.load_average()}")
         out("")

@@ -3,7 +3,8 @@
 A :class:`ThreadedSubscriber` receives from a SUB socket in a background thread and hands every
 message to a callback; :class:`PersistentStorage` (a crash-safe FIFO queue on disk) and
 :class:`PersistentLatestStorage` (only the newest message) are such callbacks, and the filters
-of :mod:`persizmq.filter` can be chained in front of them.
+of :mod:`persizmq.filter` can be chained in front of them. :mod:`persizmq.aio` does the same
+for asyncio programs (``AsyncSubscriber``, and ``AsyncQueue`` to await any storage's messages).
 """
 
 from typing import TYPE_CHECKING, Any

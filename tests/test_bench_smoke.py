@@ -18,6 +18,7 @@ from bench import (
     scale,
     storage,
 )
+from bench import aio as aio_bench
 from tests._redis_server import Server
 
 
@@ -50,6 +51,9 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "burst capture, persizmq record",
         "CPU per message of the receive paths",
         "Redis Streams",
+        "asyncio: consuming a durable backlog",
+        "AsyncQueue async for, sync=always",
+        "listener stand-in",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
@@ -135,3 +139,13 @@ def test_machine_description_and_tables() -> None:
 def test_redis_stream_cases(redis_server: Server) -> None:
     for case in redis_stream.CASES:
         assert redis_stream.measure(case, redis_server.url, 100) > 0
+
+
+def test_aio_rounds(tmp_path: pathlib.Path) -> None:
+    for case in aio_bench.CONSUME_CASES:
+        for drain in aio_bench.DRAINS:
+            assert aio_bench.consume_round(case, drain, 30, tmp_path / f"{case}-{drain}") > 0
+    for case in aio_bench.LATENCY_CASES:
+        samples = aio_bench.latency_round(case, 3, tmp_path / case.replace(" ", "_"))
+        assert len(samples) == 3
+        assert all(s > 0 for s in samples)

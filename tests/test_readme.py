@@ -129,7 +129,9 @@ def test_readme_redis_example_runs(
 
 
 def test_readme_has_the_examples() -> None:
-    assert len(plain_examples()) == 3
+    plain = plain_examples()
+    assert len(plain) == 4
+    assert any("persizmq.aio.AsyncSubscriber" in code for code in plain)
     assert len(redis_examples()) == 1
 
 
