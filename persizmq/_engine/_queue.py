@@ -52,6 +52,20 @@ Record = Tuple[bytes, int]
 _BOUNDS = ("max_messages", "max_bytes", "overflow")
 
 
+class _Release:
+    """Release, at the end of a ``with`` block, a lock acquired before it."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        """Nothing: the lock is held already."""
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Release the lock."""
+        self._lock.release()
+
+
 class Options(NamedTuple):
     """The options that belong to the queue (two handles must agree on them)."""
 
@@ -422,8 +436,12 @@ class Queue:
         return consumer.want_durable(base, end)
 
     def try_front(self) -> Tuple[bool, Optional[Message]]:
-        """``(True, message or None)`` if answering needs no fsync, else ``(False, None)``."""
-        with self.lock:
+        """``(True, message or None)`` if answering needs no fsync and no wait, else
+        ``(False, None)`` — also when the lock is busy (an event loop must never wait for a
+        thread that is in the middle of an fsync)."""
+        if not self.lock.acquire(blocking=False):
+            return False, None
+        with _Release(self.lock):
             self.check_open("read from")
             consumer = self.consumer
             assert consumer is not None
