@@ -274,7 +274,7 @@ class Cursor:
         seg = self.seg
         assert seg is not None
         assert seg.map is not None
-        found = _format.find_resync(seg.map, self.pos + 1, limit, seg.salt, self.index)
+        found = _format.find_resync(seg.map, self.pos, limit, seg.salt, self.index)
         if found is not None:
             self.on_damage(seg, self.pos, found[0])
             self.pos, self.index = found
