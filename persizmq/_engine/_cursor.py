@@ -157,6 +157,10 @@ class Cursor:
     def _at_seal_end(self) -> bool:
         return self.seal is not None and self.pos >= self.seal[1]
 
+    def limit(self) -> int:
+        """How far records of the current segment may reach (its mapping, or its seal)."""
+        return self._limit()
+
     def _limit(self) -> int:
         seg = self.seg
         assert seg is not None

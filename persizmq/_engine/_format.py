@@ -78,6 +78,8 @@ __all__ = [
     "MAX_SEGMENT_BYTES",
     "RECORD_HEADER_SIZE",
     "SEAL_AT",
+    "SEED_LENGTH",
+    "SEED_TAG",
     "SEGMENT_HEADER_SIZE",
     "SEGMENT_SUFFIX",
     "Buffer",
@@ -180,9 +182,14 @@ def new_salt() -> int:
             return salt
 
 
+#: The odd multipliers that mix a record's tag and length into its CRC seed.
+SEED_TAG = 0x9E3779B1
+SEED_LENGTH = 0x85EBCA77
+
+
 def record_seed(salt: int, tag: int, length: int) -> int:
     """Return the CRC seed of a record: its header fields mixed, so each one is checked."""
-    return (salt ^ (tag * 0x9E3779B1) ^ (length * 0x85EBCA77)) & _MASK32
+    return (salt ^ (tag * SEED_TAG) ^ (length * SEED_LENGTH)) & _MASK32
 
 
 def encode_record(payload: bytes, kind: int, salt: int, index: int) -> bytes:

@@ -102,6 +102,9 @@ class Queue:
         self.dropped_oldest = 0
         self.dropped_newest = 0
         self.bounded = options.max_messages is not None or options.max_bytes is not None
+        #: Whether an add of one single-frame message may take the facade's lean path: a
+        #: producer here, no bound, no fsync per add, no listener, open (see _update_fast).
+        self.fast_add = False
 
     @property
     def options(self) -> Options:
@@ -123,6 +126,7 @@ class Queue:
                 **{name: getattr(options, name) for name in _BOUNDS}
             )
             self.bounded = options.max_messages is not None or options.max_bytes is not None
+            self._update_fast()
 
     # ------------------------------------------------------------------ parts
 
@@ -167,6 +171,7 @@ class Queue:
                     self.ledger.drop_below(self.consumer.cursor.base)
             self.producers += produce
             self.consumers += consume
+            self._update_fast()
         if not self.readonly:
             self.durability.start()
         return True
@@ -204,6 +209,21 @@ class Queue:
             if closing:
                 self.durability.stop()
 
+    def _update_fast(self) -> None:
+        """Recompute :attr:`fast_add` after anything it depends on changed (lock held)."""
+        self.fast_add = (
+            self.writer is not None
+            and not self.closed
+            and not self.bounded
+            and self.sync != "always"
+            and not self.listeners
+        )
+
+    def set_listeners(self, listeners: List[Callable[[], None]]) -> None:
+        """Replace the listeners (lock held)."""
+        self.listeners = listeners
+        self._update_fast()
+
     def _drop_writer(self) -> None:
         writer = self.writer
         assert writer is not None
@@ -220,6 +240,7 @@ class Queue:
             self.durability.participants.remove(writer)
             writer.close_files()
             self.writer = None
+            self._update_fast()
 
     def _drop_consumer(self) -> None:
         consumer = self.consumer
@@ -260,6 +281,7 @@ class Queue:
                 self.durability.sync_round()
         finally:
             self.closed = True
+            self.fast_add = False
             if self.writer is not None:
                 self.writer.close_files()
             if self.consumer is not None:
@@ -405,8 +427,8 @@ class Queue:
                 assert consumer is not None
                 found = consumer.front(self.writer_end())
                 if found is not None:
-                    msg, base, end = found
-                    if base < 0 or self.sync == "never" or not self._needs_sync(base, end):
+                    msg, base, _end = found
+                    if self._durable_enough(consumer, base):
                         consumer.hold()
                         return list(msg) if msg.__class__ is list else msg
                     self.durability.sync_round()  # releases the lock meanwhile
@@ -426,6 +448,19 @@ class Queue:
                     self.waiters -= 1
                 if self.writer is None:
                     poll = min(poll * 2, _POLL_MAX)
+
+    def _durable_enough(self, consumer: Consumer, base: int) -> bool:
+        """Whether the front message may be returned without an fsync round first (lock held).
+
+        The round, when one is needed, covers the whole run read ahead, so the messages after
+        the front are known durable too (``consumer.ahead_ok``): group commit.
+        """
+        if base < 0 or self.sync == "never" or consumer.ahead_i < consumer.ahead_ok:
+            return True
+        if self._needs_sync(base, consumer.ahead_end()):
+            return False
+        consumer.ahead_ok = len(consumer.ahead)
+        return True
 
     def _needs_sync(self, base: int, end: int) -> bool:
         writer = self.writer
@@ -448,8 +483,8 @@ class Queue:
             found = consumer.front(self.writer_end())
             if found is None:
                 return True, None
-            msg, base, end = found
-            if base >= 0 and self.sync != "never" and self._needs_sync(base, end):
+            msg, base, _end = found
+            if not self._durable_enough(consumer, base):
                 return False, None
             consumer.hold()
             return True, (list(msg) if msg.__class__ is list else msg)
