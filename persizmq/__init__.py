@@ -22,6 +22,7 @@ from persizmq._errors import (
 from persizmq._latest import PersistentLatestStorage
 from persizmq._message import Message, MessageLike
 from persizmq._protocol import Notifying, StatsLike, Storage
+from persizmq._sequence import Gap, SequencedPublisher, SequenceStats, TopicSequenceStats
 from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
 from persizmq._subscriber import ThreadedSubscriber
 
@@ -33,6 +34,7 @@ __all__ = [
     "ClosedError",
     "CorruptionError",
     "DirectoryError",
+    "Gap",
     "InvalidArgumentError",
     "LockedError",
     "Message",
@@ -45,10 +47,13 @@ __all__ = [
     "PersizmqError",
     "QueueFullError",
     "RoleError",
+    "SequenceStats",
+    "SequencedPublisher",
     "StatsLike",
     "Storage",
     "StorageStats",
     "StorageWriteError",
     "ThreadedSubscriber",
+    "TopicSequenceStats",
     "__version__",
 ]
