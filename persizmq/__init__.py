@@ -25,6 +25,7 @@ from persizmq._protocol import Notifying, StatsLike, Storage
 from persizmq._sequence import Gap, SequencedPublisher, SequenceStats, TopicSequenceStats
 from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
 from persizmq._subscriber import ThreadedSubscriber
+from persizmq._topics import PersistentTopicStorage, TopicStorageStats
 
 __version__ = "2.0.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "Notifying",
     "PersistentLatestStorage",
     "PersistentStorage",
+    "PersistentTopicStorage",
     "PersizmqError",
     "QueueFullError",
     "RoleError",
@@ -55,5 +57,6 @@ __all__ = [
     "StorageWriteError",
     "ThreadedSubscriber",
     "TopicSequenceStats",
+    "TopicStorageStats",
     "__version__",
 ]
