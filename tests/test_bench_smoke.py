@@ -7,7 +7,7 @@ benchmark scripts from rotting as the library changes.
 import pathlib
 from typing import List
 
-from bench import _common, end_to_end, run_all, scale, storage
+from bench import _common, end_to_end, run_all, scale, storage, topics
 
 
 def test_storage_cases_in_process(tmp_path: pathlib.Path) -> None:
@@ -35,6 +35,9 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "VmRSS",
         "SPEC 7 target",
         "end to end lossless",
+        "Topic store: 300 topics",
+        "SQLite INSERT OR REPLACE",
+        "topic store: open 100,000 topics",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
@@ -76,3 +79,12 @@ def test_machine_description_and_tables() -> None:
     assert any(line.startswith("CPU:") for line in lines)
     table = _common.render_table(["a", "b"], [["1", "22"]], "lr")
     assert table == ["a   b", "-  --", "1  22"]
+
+
+def test_topic_store_cases(tmp_path: pathlib.Path) -> None:
+    for case in topics.CASES:
+        built = topics.update_case(case, tmp_path / case, 50, 200)
+        assert built["rate"] > 0
+        assert built["allocated"] > 0
+        opened = topics.open_case(case, tmp_path / case, 50)
+        assert opened["open"] > 0

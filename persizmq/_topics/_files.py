@@ -8,10 +8,12 @@ Recovery, when a store is opened (it holds the directory's lock, so nothing else
 3. A compacted file replaces every generation from its ``covers_from`` up to its own; files of
    those generations that are still there (the crash came between the rename of the compacted
    file and the removal of the files it replaced) are removed.
-4. The remaining files are scanned in generation order, the records applied to the index. In
-   the last file, whatever follows the last good record is a torn tail and is cut off
-   (``ftruncate``). A damaged region that a good record follows, or the bad end of a file that
-   is not the last, is copied to ``quarantine/`` and reported; the records after it still count.
+4. The remaining files are scanned in generation order, the records applied to the index.
+   Whatever follows the last good record of a file is a torn tail and is cut off
+   (``ftruncate``); in a file that is not the last (a power cut before its last records reached
+   the disk, while a newer file's did), its bytes are also kept in ``quarantine/``. A damaged
+   region that a good record follows is copied to ``quarantine/`` and reported; the records
+   after it still count.
 """
 
 import contextlib
@@ -222,22 +224,21 @@ def _open_and_scan(
                 quarantine(directory, path.name, start, data[start:end], "a damaged record")
             tail = data[scan.good_end : size] if scan.good_end < size else b""
         result.last_seq = scan.last_seq
-        if tail and last:
+        if tail:
+            # A crash (or, in the file before a newer one, a power cut in "periodic" or "never"
+            # mode before its last records reached the disk) left it; what is not the end of the
+            # last file is also kept in quarantine/ for inspection.
             _LOGGER.warning(
-                "persizmq: cut a torn tail of %d bytes off %s (the trace of a crash)",
-                len(tail),
-                path,
+                "persizmq: cut a torn tail of %d bytes off %s (the trace of a crash)", len(tail), path
             )
+            if not last:
+                quarantine(directory, path.name, scan.good_end, tail, "a torn end of a file")
             os.ftruncate(fd, scan.good_end)
             if durable:
                 os.fsync(fd)
             result.torn_tail_bytes += len(tail)
             result.changed = True
             size = scan.good_end
-        elif tail:
-            result.corrupt_regions += 1
-            result.quarantined_bytes += len(tail)
-            quarantine(directory, path.name, scan.good_end, tail, "a damaged end of a file")
     except BaseException:
         os.close(fd)
         raise
