@@ -229,7 +229,9 @@ def _open_and_scan(
             # mode before its last records reached the disk) left it; what is not the end of the
             # last file is also kept in quarantine/ for inspection.
             _LOGGER.warning(
-                "persizmq: cut a torn tail of %d bytes off %s (the trace of a crash)", len(tail), path
+                "persizmq: cut a torn tail of %d bytes off %s (the trace of a crash)",
+                len(tail),
+                path,
             )
             if not last:
                 quarantine(directory, path.name, scan.good_end, tail, "a torn end of a file")

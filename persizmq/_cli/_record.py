@@ -1,0 +1,435 @@
+"""``persizmq record``: subscribe to ZeroMQ publishers and persist every message.
+
+Theory of operation
+===================
+
+``record`` is the *producer* of its directory: a SUB socket, a
+:class:`~persizmq.ThreadedSubscriber`, the filters and ``PersistentStorage(role="producer")``
+(or a ``PersistentLatestStorage`` with ``--latest``). So an application, ``pop``, ``drain`` or
+``replay`` can consume the same directory at the same time.
+
+It builds, in this order: the stop-signal handlers; a SUB socket (``LINGER`` 0, ``RCVHWM``
+100,000 -- a burst buffer in front of the disk, where the default of 1,000 would drop silently
+whenever the disk stalls -- the ``--topic`` subscriptions, then ``connect``/``bind`` of every
+endpoint, so a mistyped endpoint fails before the directory is created); the storage (a locked
+directory fails here); a :class:`~persizmq.ThreadedSubscriber` whose callback runs ``MaxSize``
+-> ``MinPeriod`` (its timestamp in ``DIR/min-period``) -> ``add_message``, counting what each
+filter drops. Two decisions:
+
+* ``--max-size`` is the ``MaxSize`` filter only; ``ZMQ_MAXMSGSIZE`` is not set, because libzmq
+  answers one oversize message by closing the connection, which would end the recording
+  silently -- the filter drops (and counts) that one message instead.
+* ``--max-messages``/``--max-bytes`` bound the queue with ``overflow="drop_newest"``: a recorder
+  must neither die nor stall when its consumer falls behind, so new messages beyond the bound
+  are dropped and counted (``dropped`` in the status). A producer may not drop the oldest: they
+  belong to the consumer.
+
+On SIGINT/SIGTERM the subscriber thread stops after the message in hand, the messages that the
+socket had already received are stored too (non-blocking, at most 1 s), and the storage is
+closed (fsynced unless ``--sync never``): everything the process received is on disk when it
+exits 0. The status goes to stderr: rewritten in place with ``\\r`` about four times a second on
+a terminal (``12,345 msg/s  received ..  pending ..  disk ..  filtered ..``), a plain
+``key=value`` line every 5 s otherwise (``--status-interval`` or the environment variable
+``PERSIZMQ_STATUS_INTERVAL`` change the period; 0 turns it off).
+"""
+
+import argparse
+import datetime
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import zmq
+
+import persizmq
+import persizmq.filter
+from persizmq._cli._base import (
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    CliError,
+    add_command,
+    count,
+    describe,
+    open_endpoint,
+    seconds,
+    size_bytes,
+)
+from persizmq._cli._dirs import kinds_present, latest_disk_bytes
+from persizmq._cli._output import Progress, Rate, human_bytes, isatty, notice
+from persizmq._cli._signals import StopSignals
+from persizmq._message import Message
+
+__all__ = ["MIN_PERIOD_DIR", "STATUS_INTERVAL_ENV", "cmd_record", "register"]
+
+#: Environment variable: the default of ``record --status-interval`` (seconds, 0 = off).
+STATUS_INTERVAL_ENV = "PERSIZMQ_STATUS_INTERVAL"
+#: Sub-directory of the storage directory where ``record --min-period`` keeps its timestamp.
+MIN_PERIOD_DIR = "min-period"
+#: Receive high-water mark of the recorder's SUB socket: a burst buffer in front of the disk.
+_RECORD_RCVHWM = 100_000
+_TTY_STATUS_INTERVAL = 0.25
+_PLAIN_STATUS_INTERVAL = 5.0
+_LEFTOVER_DRAIN_SECONDS = 1.0
+
+
+class _RecordCounters:
+    """What the recorder's callback counts (written by the subscriber thread only)."""
+
+    def __init__(self) -> None:
+        """Start at zero."""
+        self.stored = 0
+        self.filtered_size = 0
+        self.filtered_period = 0
+        self.errors = 0
+        self.last_error: Optional[BaseException] = None
+        self.leftover = 0
+
+    @property
+    def filtered(self) -> int:
+        """Messages dropped by ``--max-size`` or ``--min-period``."""
+        return self.filtered_size + self.filtered_period
+
+    def on_exception(self, exc: Exception) -> None:
+        """The subscriber's ``on_exception``: count and keep the error for the status line."""
+        self.errors += 1
+        self.last_error = exc
+
+
+def _status_interval(args: argparse.Namespace, tty: bool) -> float:
+    if args.status_interval is not None:
+        return float(args.status_interval)
+    env = os.environ.get(STATUS_INTERVAL_ENV)
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            value = -1.0
+        if not value >= 0:
+            raise CliError(
+                f"expected {STATUS_INTERVAL_ENV} to be a number of seconds >= 0, got {env!r}",
+                EXIT_USAGE,
+            )
+        return value
+    return _TTY_STATUS_INTERVAL if tty else _PLAIN_STATUS_INTERVAL
+
+
+class _Recorder:
+    """The state of one ``persizmq record`` run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        """Check the arguments; :meth:`run` opens the socket and the storage."""
+        self.args = args
+        self.endpoints: List[str] = list(args.endpoints)
+        self.directory = pathlib.Path(args.dir)
+        if "://" in args.dir:
+            raise CliError(
+                f"expected the last argument to be the storage directory, got {args.dir!r}, "
+                f"which looks like an endpoint: persizmq record ENDPOINT [ENDPOINT ...] DIR",
+                EXIT_USAGE,
+            )
+        if args.latest and (args.max_messages is not None or args.max_bytes is not None):
+            raise CliError(
+                "--max-messages and --max-bytes bound a queue; --latest keeps one message",
+                EXIT_USAGE,
+            )
+        self._check_kind()
+        self.tty = isatty(sys.stderr)
+        self.interval = _status_interval(args, self.tty)
+        self.counters = _RecordCounters()
+        self.queue: Optional[persizmq.PersistentStorage] = None
+        self.latest: Optional[persizmq.PersistentLatestStorage] = None
+        self._add: Callable[[Message], None] = self._not_open
+        self.max_size: Optional[persizmq.filter.MaxSize] = None
+        self.min_period: Optional[persizmq.filter.MinPeriod] = None
+        self.rate = Rate()
+        self.progress = Progress(sys.stderr, self.tty)
+        self.errors_shown = 0
+
+    def _check_kind(self) -> None:
+        """Refuse a directory that holds the other kind of storage (a queue for ``--latest``)."""
+        if not self.directory.is_dir():
+            return  # created by the storage (a file there is the storage's error)
+        kinds = kinds_present(self.directory)
+        shown = repr(str(self.directory))
+        if self.args.latest and "queue" in kinds:
+            raise CliError(
+                f"{shown} holds a queue ('persizmq record' without --latest); a latest-message "
+                f"storage needs a directory of its own: drop --latest or choose another directory"
+            )
+        if not self.args.latest and "latest" in kinds:
+            raise CliError(
+                f"{shown} holds a latest-message storage ('persizmq record --latest'); a queue "
+                f"needs a directory of its own: add --latest or choose another directory"
+            )
+
+    def _not_open(self, msg: Message) -> None:
+        raise AssertionError("the storage is opened before the subscriber starts")
+
+    def open_storage(self) -> None:
+        """Open the storage (as the producer) and build the filter chain."""
+        args = self.args
+        if args.latest:
+            self.latest = persizmq.PersistentLatestStorage(self.directory, sync=args.sync)
+            self._add = self.latest.add_message
+        else:
+            # A recorder must not die of a full queue: beyond a bound it drops and counts the
+            # new messages (a producer may not drop the oldest; that is the consumer's queue).
+            self.queue = persizmq.PersistentStorage(
+                self.directory,
+                role="producer",
+                sync=args.sync,
+                max_messages=args.max_messages,
+                max_bytes=args.max_bytes,
+                overflow="drop_newest",
+            )
+            self._add = self.queue.add_message
+        if args.max_size is not None:
+            self.max_size = persizmq.filter.MaxSize(args.max_size)
+        if args.min_period is not None:
+            self.min_period = persizmq.filter.MinPeriod(
+                args.min_period, self.directory / MIN_PERIOD_DIR
+            )
+
+    def callback(self, msg: Message) -> None:
+        """Filter, then store (runs in the subscriber thread)."""
+        counters = self.counters
+        if self.max_size is not None and self.max_size(msg) is None:
+            counters.filtered_size += 1
+            return
+        if self.min_period is not None and self.min_period(msg) is None:
+            counters.filtered_period += 1
+            return
+        self._add(msg)
+        counters.stored += 1
+
+    def close_storage(self) -> None:
+        """Close the storage: everything handed to it is then as durable as ``--sync`` says."""
+        if self.queue is not None:
+            self.queue.close()
+        if self.latest is not None:
+            self.latest.close()
+
+    def snapshot(self, received: int) -> Dict[str, int]:
+        """The numbers of the status line."""
+        if self.queue is not None:
+            stats = self.queue.stats()
+            stored, pending = stats.added, stats.pending
+            disk, dropped = stats.disk_bytes, stats.dropped_newest
+        else:
+            disk = latest_disk_bytes(self.directory)
+            stored, pending, dropped = self.counters.stored, 1 if disk else 0, 0
+        return {
+            "received": received,
+            "stored": stored,
+            "pending": pending,
+            "disk_bytes": disk,
+            "filtered": self.counters.filtered,
+            "dropped": dropped,
+            "errors": self.counters.errors,
+        }
+
+    def show_status(self, received: int) -> None:
+        """Print the status: in place on a terminal, a plain line otherwise."""
+        numbers = self.snapshot(received)
+        rate = self.rate.update(received)
+        if self.tty:
+            text = (
+                f"{rate:,.0f} msg/s  received {numbers['received']:,}  "
+                f"pending {numbers['pending']:,}  disk {human_bytes(numbers['disk_bytes'])}  "
+                f"filtered {numbers['filtered']:,}"
+            )
+            if numbers["dropped"]:
+                text += f"  dropped {numbers['dropped']:,}"
+            if numbers["errors"]:
+                text += f"  errors {numbers['errors']:,}"
+            self.progress.show(text, force=True)
+        else:
+            stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            fields = " ".join(f"{key}={value}" for key, value in numbers.items())
+            notice(f"{PROG} record: {stamp} rate={rate:.1f}/s {fields}")
+
+    def show_new_errors(self) -> None:
+        """Print the latest callback error once, when the error count grew."""
+        errors = self.counters.errors
+        if errors == self.errors_shown:
+            return
+        new = errors - self.errors_shown
+        self.errors_shown = errors
+        self.progress.clear_line()
+        more = f" (and {new - 1} more)" if new > 1 else ""
+        err = self.counters.last_error
+        text = describe(err) if err is not None else "unknown error"
+        notice(f"{PROG} record: storing a message failed{more}: {text}")
+
+    def drain_leftovers(self, sock: "zmq.Socket[Any]") -> None:
+        """After the subscriber thread stopped: store what the socket had already queued."""
+        deadline = time.monotonic() + _LEFTOVER_DRAIN_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg: Message = frames if (self.args.multipart or len(frames) > 1) else frames[0]
+            self.counters.leftover += 1
+            try:
+                self.callback(msg)
+            except Exception as exc:  # noqa: BLE001 (counted and reported like the thread's)
+                self.counters.on_exception(exc)
+
+    def run(self) -> int:
+        """Subscribe, persist until a stop signal, shut down cleanly."""
+        args = self.args
+        with StopSignals() as stop:
+            context: zmq.Context[Any] = zmq.Context()
+            sock: zmq.Socket[Any] = context.socket(zmq.SUB)
+            try:
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVHWM, _RECORD_RCVHWM)
+                for topic in args.topic or [""]:
+                    # The bytes as typed: argv arrives decoded with surrogate escapes.
+                    sock.setsockopt(zmq.SUBSCRIBE, os.fsencode(topic))
+                for endpoint in self.endpoints:
+                    open_endpoint(sock, endpoint, args.bind)
+                # After the endpoints, so that a typo in one does not create the directory.
+                self.open_storage()
+                subscriber = persizmq.ThreadedSubscriber(
+                    self.callback,
+                    subscriber=sock,
+                    on_exception=self.counters.on_exception,
+                    multipart=args.multipart,
+                )
+                try:
+                    failure = self._loop(stop, subscriber)
+                finally:
+                    subscriber.shutdown()
+                    self.progress.finish()
+                received = subscriber.received
+                if failure is None:
+                    self.drain_leftovers(sock)
+                    received += self.counters.leftover
+                final = self.snapshot(received)
+            finally:
+                sock.close(linger=0)
+                context.term()
+            self.close_storage()
+        self.show_new_errors()
+        self._summary(final, stop)
+        if failure is not None:
+            raise CliError(failure)
+        return EXIT_OK
+
+    def _loop(self, stop: StopSignals, subscriber: persizmq.ThreadedSubscriber) -> Optional[str]:
+        """Wait for a stop signal, showing the status; return why it failed, if it did."""
+        args = self.args
+        verb = "bound to" if args.bind else "connected to"
+        kind = "latest message" if args.latest else "queue"
+        notice(
+            f"{PROG} record: {verb} {', '.join(self.endpoints)}; recording into "
+            f"{self.directory} ({kind}, sync={args.sync}); stop with Ctrl-C or SIGTERM"
+        )
+        interval = self.interval
+        tick = min(interval, 0.5) if interval > 0 else 0.5
+        next_status = time.monotonic() + interval
+        while not stop.wait(tick):
+            if not subscriber.operational:
+                err = self.counters.last_error
+                return f"the subscriber stopped: {describe(err) if err else 'socket closed'}"
+            self.show_new_errors()
+            now = time.monotonic()
+            if interval > 0 and now >= next_status:
+                next_status = now + interval
+                self.show_status(subscriber.received)
+        return None
+
+    def _summary(self, numbers: Dict[str, int], stop: StopSignals) -> None:
+        received = numbers["received"]
+        why = f"stopped by {stop.name}" if stop.requested else "stopped"
+        dropped = f", dropped {numbers['dropped']:,} (queue full)" if numbers["dropped"] else ""
+        errors = f", errors {numbers['errors']:,}" if numbers["errors"] else ""
+        pending = (
+            f"{numbers['pending']:,} pending"
+            if self.queue is not None
+            else ("the latest message" if numbers["pending"] else "no message")
+        )
+        notice(
+            f"{PROG} record: {why}; received {received:,}, stored {numbers['stored']:,}, "
+            f"filtered {numbers['filtered']:,}{dropped}{errors}; {pending} in {self.directory}"
+        )
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """``persizmq record ENDPOINT [ENDPOINT ...] DIR ...``: persist until SIGINT/SIGTERM."""
+    recorder = _Recorder(args)
+    try:
+        return recorder.run()
+    finally:
+        recorder.close_storage()
+
+
+def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add ``record``."""
+    record = add_command(
+        subcommands,
+        "record",
+        cmd_record,
+        "subscribe and persist every message until Ctrl-C or SIGTERM (then exit 0)",
+    )
+    record.add_argument(
+        "endpoints", nargs="+", metavar="ENDPOINT", help="ZeroMQ endpoint(s) of the publisher(s)"
+    )
+    record.add_argument("dir", metavar="DIR", help="storage directory (created if missing)")
+    record.add_argument("--bind", action="store_true", help="bind the endpoints, don't connect")
+    record.add_argument(
+        "--topic",
+        action="append",
+        metavar="PREFIX",
+        help="subscribe to this topic prefix: the bytes as typed, any encoding (repeatable; "
+        "default: everything)",
+    )
+    record.add_argument(
+        "--multipart", action="store_true", help="store every message as a list of frames"
+    )
+    record.add_argument(
+        "--latest", action="store_true", help="keep only the newest message (latest storage)"
+    )
+    record.add_argument(
+        "--max-size",
+        type=size_bytes,
+        metavar="BYTES",
+        help="drop (and count) messages larger than BYTES (multipart: the sum of the frames)",
+    )
+    record.add_argument(
+        "--min-period",
+        type=seconds,
+        metavar="SECONDS",
+        help=f"drop messages less than SECONDS after the last kept one (its time is kept in "
+        f"DIR/{MIN_PERIOD_DIR})",
+    )
+    record.add_argument(
+        "--sync",
+        choices=("always", "periodic", "never"),
+        default="periodic",
+        help="durability mode (default: periodic)",
+    )
+    record.add_argument(
+        "--max-messages",
+        type=count,
+        metavar="N",
+        help="bound on the pending messages; beyond it new ones are dropped and counted",
+    )
+    record.add_argument(
+        "--max-bytes",
+        type=count,
+        metavar="N",
+        help="bound on the pending bytes; beyond it new messages are dropped and counted",
+    )
+    record.add_argument(
+        "--status-interval",
+        type=seconds,
+        metavar="SECONDS",
+        help=f"seconds between status updates on stderr (default: 0.25 on a terminal, else 5, "
+        f"or ${STATUS_INTERVAL_ENV}); 0 = none",
+    )
