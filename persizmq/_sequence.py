@@ -246,14 +246,35 @@ class SequenceTracker:
     :param sequence_frame: the index of the sequence frame in a multipart message. With 1 or
         more, the topic is the first frame; with 0 the message has no topic frame and all
         messages share one numbering (topic ``b""``).
+    :param start: counters to go on from (a :meth:`snapshot`, for example saved by a previous
+        run): the topics' last numbers too, so that a restarted receiver counts as missing only
+        what it did not receive, not what it received before.
     """
 
-    def __init__(self, sequence_frame: int) -> None:
-        """Start with no topic seen."""
+    def __init__(self, sequence_frame: int, start: Optional[SequenceStats] = None) -> None:
+        """Start with no topic seen, or from ``start``."""
         self._index = sequence_frame
         self._lock = threading.Lock()
         self._topics: Dict[bytes, _Topic] = {}
         self.gaps = self.missing = self.duplicates = self.restarts = self.malformed = 0
+        if start is not None:
+            self._restore(start)
+
+    def _restore(self, start: SequenceStats) -> None:
+        """Take over the counters of ``start``."""
+        if not isinstance(start, SequenceStats):
+            raise MessageTypeError(
+                f"expected the start counters to be a persizmq.SequenceStats, got a "
+                f"{type(start).__name__}"
+            )
+        self.gaps, self.missing = start.gaps, start.missing
+        self.duplicates, self.restarts = start.duplicates, start.restarts
+        self.malformed = start.malformed
+        for key, stats in start.topics.items():
+            state = self._topics[bytes(key)] = _Topic()
+            state.last, state.received, state.gaps = stats.last, stats.received, stats.gaps
+            state.missing, state.duplicates = stats.missing, stats.duplicates
+            state.restarts, state.malformed = stats.restarts, stats.malformed
 
     @property
     def sequence_frame(self) -> int:

@@ -185,18 +185,21 @@ def _set_max_message_size(sock: "zmq.Socket[Any]", size: int) -> None:
         )
 
 
-def _make_tracker(sequence_frame: object, on_gap: object) -> Optional[SequenceTracker]:
-    """Check ``sequence_frame`` and ``on_gap``; return the tracker to use, if any."""
+def _make_tracker(
+    sequence_frame: object, on_gap: object, start: object
+) -> Optional[SequenceTracker]:
+    """Check ``sequence_frame``, ``on_gap`` and ``start``; return the tracker to use, if any."""
     if on_gap is not None and not callable(on_gap):
         raise MessageTypeError(
             f"expected on_gap to be None or a callable taking one persizmq.Gap, got "
             f"{_describe(on_gap)}"
         )
     if sequence_frame is None:
-        if on_gap is not None:
+        if on_gap is not None or start is not None:
+            what = "on_gap" if on_gap is not None else "sequence_start"
             raise InvalidArgumentError(
-                "expected sequence_frame=N (the index of the sequence frame) with on_gap, got "
-                "sequence_frame=None"
+                f"expected sequence_frame=N (the index of the sequence frame) with {what}, got "
+                f"sequence_frame=None"
             )
         return None
     if isinstance(sequence_frame, bool) or not isinstance(sequence_frame, int):
@@ -208,7 +211,12 @@ def _make_tracker(sequence_frame: object, on_gap: object) -> Optional[SequenceTr
             f"expected sequence_frame to be an int >= 0 (1 for [topic, seq, body]), got "
             f"{sequence_frame}"
         )
-    return SequenceTracker(sequence_frame)
+    if start is not None and not isinstance(start, SequenceStats):
+        raise MessageTypeError(
+            f"expected sequence_start to be None or a persizmq.SequenceStats, got "
+            f"{_describe(start)}"
+        )
+    return SequenceTracker(sequence_frame, start)
 
 
 class ThreadedSubscriber:
@@ -270,6 +278,10 @@ class ThreadedSubscriber:
         it is handed to the callback. Duplicates and restarts are only counted. If it raises,
         that is logged (as when ``on_exception`` raises) and the message is delivered all the
         same. Needs ``sequence_frame``.
+    :param sequence_start: ``None``, or counters to go on from: a :meth:`sequence_stats`
+        snapshot, for example one that a previous run saved. With the topics' last numbers in
+        it, a restarted receiver counts as missing only what it did not receive while it was
+        down. Needs ``sequence_frame``.
 
     The background thread also ends, without a report, when the socket's context is terminated
     (``ETERM``); :attr:`operational` is then False and the caller closes the socket.
@@ -294,6 +306,7 @@ class ThreadedSubscriber:
         batch_size: int = 256,
         sequence_frame: Optional[int] = None,
         on_gap: Optional[GapCallback] = None,
+        sequence_start: Optional[SequenceStats] = None,
     ) -> None: ...
 
     @overload
@@ -308,6 +321,7 @@ class ThreadedSubscriber:
         batch_size: int = 256,
         sequence_frame: Optional[int] = None,
         on_gap: Optional[GapCallback] = None,
+        sequence_start: Optional[SequenceStats] = None,
     ) -> None: ...
 
     def __init__(
@@ -321,6 +335,7 @@ class ThreadedSubscriber:
         batch_size: object = 256,
         sequence_frame: object = None,
         on_gap: object = None,
+        sequence_start: object = None,
     ) -> None:
         """Check the arguments, take over the socket and start the background thread."""
         given = {"callback": callback, "subscriber": subscriber, "on_exception": on_exception}
@@ -362,7 +377,7 @@ class ThreadedSubscriber:
         if max_message_size is not None:
             max_message_size = _check_positive_int("max_message_size", max_message_size, _MAX_INT64)
         self._batch_size = _check_positive_int("batch_size", batch_size, _MAX_INT64)
-        self._tracker = _make_tracker(sequence_frame, on_gap)
+        self._tracker = _make_tracker(sequence_frame, on_gap, sequence_start)
 
         #: The callable that gets every message; may be reassigned while running.
         self.callback: Callback = cb

@@ -399,3 +399,30 @@ def test_missing_equals_sent_minus_stored_behind_a_dropping_publisher(
         assert stats.topics[topic].received == len(mine)
         numbers = [int.from_bytes(m[1], "big") for m in mine]
         assert numbers == sorted(numbers)
+
+
+def test_sequence_start_goes_on_from_a_previous_run(sockets: SocketTracker) -> None:
+    """A restarted subscriber given the counters of the previous run counts as missing only
+    what it did not receive: not the numbers the previous run saw."""
+    first, _ = run_frames(sockets, [[b"t", seq(n)] for n in (1, 2, 4)])
+    saved = first.sequence_stats()
+    push, pull = push_pull(sockets)
+    got = Collector()
+    with persizmq.ThreadedSubscriber(
+        got, subscriber=pull, sequence_frame=1, on_gap=got.on_gap, sequence_start=saved
+    ) as threaded:
+        for n in (5, 6, 9):
+            push.send_multipart([b"t", seq(n)])
+        wait_until(lambda: threaded.received == 3)
+        assert (threaded.gaps, threaded.missing) == (2, 3)  # 3 from before, 7-8 now
+        assert threaded.sequence_stats().topics[b"t"].last == 9
+    assert got.gaps == [persizmq.Gap(b"t", 7, 9)]
+    with pytest.raises(MessageTypeError, match="sequence_start to be None or a persizmq"):
+        persizmq.ThreadedSubscriber(
+            got,
+            subscriber=sockets(zmq.PULL),
+            sequence_frame=1,
+            sequence_start={"gaps": 1},  # type: ignore[call-overload]
+        )
+    with pytest.raises(InvalidArgumentError, match="with sequence_start"):
+        persizmq.ThreadedSubscriber(got, subscriber=sockets(zmq.PULL), sequence_start=saved)

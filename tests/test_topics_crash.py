@@ -106,7 +106,6 @@ def test_sigkill_leaves_exactly_the_acknowledged_state(
         )
         assert stats.corrupt_regions == 0, stats
         assert not list(directory.glob("*.tmp")), "a temporary file survived the open"
-        assert stats.files <= 3, stats
         state = got
         first += len(acked) + 1  # the next child starts after the operation in flight
     # The background compaction ran all along: every one moves to a new generation.
