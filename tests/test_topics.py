@@ -391,6 +391,30 @@ def test_compaction_while_others_write_and_delete(tmp_path: pathlib.Path) -> Non
         assert contents(reopened) == expected
 
 
+def test_close_during_a_compaction_in_another_thread(tmp_path: pathlib.Path) -> None:
+    """close() stops a compaction that another thread runs and waits for it; nothing is lost."""
+    storage = persizmq.PersistentTopicStorage(tmp_path, compact_min_bytes=1 << 40)
+    storage.add_messages([b"t%d %d" % (i % 20_000, i) + b"." * 60 for i in range(60_000)])
+    failures: List[BaseException] = []
+
+    def compact() -> None:
+        try:
+            storage.compact()
+        except BaseException as exc:  # noqa: BLE001 (checked by the test thread)
+            failures.append(exc)
+
+    thread = threading.Thread(target=compact)
+    thread.start()
+    wait_until(lambda: any(tmp_path.glob("*.tmp")) or not thread.is_alive())
+    storage.close()
+    thread.join()
+    assert not failures
+    with persizmq.PersistentTopicStorage(tmp_path) as reopened:
+        assert len(reopened) == 20_000
+        assert reopened.latest(b"t7") == b"t7 %d" % 40_007 + b"." * 60
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_leftover_temporary_file_is_removed(tmp_path: pathlib.Path) -> None:
     with persizmq.PersistentTopicStorage(tmp_path) as storage:
         storage.add_message(b"a 1")
@@ -453,35 +477,65 @@ def test_failed_periodic_fsync_stops_the_writes(
         storage.close()
 
 
-def test_a_failed_write_stores_nothing(
+def test_no_room_for_a_record_stores_nothing(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Room is reserved with posix_fallocate before a record is written through the mapping:
+    when the disk refuses it, the add raises and nothing of it is stored (never a SIGBUS)."""
+    from persizmq._topics import _core
+
     storage = persizmq.PersistentTopicStorage(tmp_path)
     storage.add_message(b"a 1")
-    real = os.write
-    calls = {"n": 0}
 
-    def full(fd: int, data: Any) -> int:
-        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
-            calls["n"] += 1
-            if calls["n"] == 1:  # a partial write, then the disk is full
-                return real(fd, bytes(data)[:7])
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return real(fd, data)
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(_core, "_fallocate", full)
+    big = b"big " + b"x" * (1 << 20)  # more than the room reserved ahead
     with pytest.raises(StorageWriteError, match="nothing of this call was stored") as info:
-        storage.add_message(b"a 2")
+        storage.add_message(big)
     assert info.value.errno == errno.ENOSPC
     with pytest.raises(StorageWriteError):
-        storage.add_messages([b"b 1", b"c 1"])
-    monkeypatch.setattr(os, "write", real)
-    assert contents(storage) == {b"a": b"a 1"}
-    storage.add_message(b"d 1")  # not fail-stop: writing works again
+        storage.add_messages([b"b 1", big])
+    storage.add_message(b"c 1")  # fits the room already reserved: not fail-stop
+    monkeypatch.undo()
+    storage.add_message(big)
+    assert contents(storage) == {b"a": b"a 1", b"c": b"c 1", b"big": big}
     storage.close()
     with persizmq.PersistentTopicStorage(tmp_path) as reopened:
-        assert contents(reopened) == {b"a": b"a 1", b"d": b"d 1"}
-        assert reopened.stats().torn_tail_bytes == 0  # the partial record was cut at once
+        assert contents(reopened) == {b"a": b"a 1", b"c": b"c 1", b"big": big}
+        assert reopened.stats().torn_tail_bytes == 0
+
+
+def test_a_full_disk(tmp_path: pathlib.Path) -> None:
+    """On a real 1 MiB tmpfs: adds fail with ENOSPC once it is full, what was stored stays
+    readable, and the store reopens with it."""
+    from tests._reliab_util import mounted, tmpfs_unavailable
+
+    reason = tmpfs_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    target = tmp_path / "small"
+    with mounted(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], target):
+        stored: Dict[bytes, bytes] = {}
+        with persizmq.PersistentTopicStorage(target / "store", compact_min_bytes=1 << 40) as s:
+            error: Optional[StorageWriteError] = None
+            for i in range(100_000):
+                msg = b"t%d " % i + b"x" * 500
+                try:
+                    s.add_message(msg)
+                except StorageWriteError as exc:
+                    error = exc
+                    break
+                stored[b"t%d" % i] = msg
+            assert error is not None
+            assert error.errno == errno.ENOSPC
+            assert 500 < len(stored) < 2100
+            assert contents(s) == stored
+        with persizmq.PersistentTopicStorage(target / "store") as reopened:  # still full
+            assert contents(reopened) == stored
+            with pytest.raises(StorageWriteError, match="No space left"):
+                reopened.add_message(b"more " + b"x" * 500_000)
 
 
 def test_damage_found_when_reading_is_never_returned(tmp_path: pathlib.Path) -> None:

@@ -5,11 +5,13 @@ Theory of operation
 
 As in Kafka's compacted topics, the log keeps every update until a compaction keeps only the
 newest per topic. It runs in a background thread once the dead bytes (superseded records and
-tombstones) reach the live ones (so the disk holds at most about twice the live data) and at
-least ``compact_min_bytes``; or when asked (``compact()``). Steps:
+tombstones) reach twice the live ones (so the disk holds at most about three times the live
+data, and about 1.2 times right after) and at least ``compact_min_bytes``; or when asked
+(``compact()``). Steps:
 
 1. *Roll*: a new plain log file of the next generation is created (header and directory entry
-   fsynced) and becomes the active file; every older file is now immutable and *covered*. The
+   fsynced) and becomes the active file; the old one is unmapped and cut to its last record;
+   every older file is now immutable and *covered*. The
    index is copied (a C-speed ``dict.copy``) under the lock: it names the newest record of every
    topic, all in covered files.
 2. *Copy*: the records of the copy are written, in the order of their locations (file
@@ -95,8 +97,14 @@ def _compact(core: TopicCore) -> None:
     active = create_file(
         core.directory, generation, generation, 2 * generation, durable=core._durable, tmp=False
     )
+    try:
+        core.map_for_writing(active)
+    except BaseException:
+        os.close(active.fd)
+        raise
     with core._lock:
         covered = list(core._files.values())
+        core.unmap(core._active)  # immutable from now on, without its reserved room
         core._files[active.fid] = active
         core._active = active
         snapshot = core._index.copy()
@@ -197,12 +205,15 @@ def _copy_records(
     view: mmap.mmap = mmap.mmap(-1, 1)
     deltas: Dict[int, int] = {}
     salt_xor = 0
+    last_length = -1
+    delta = 0
     for loc in locs:
         fid = loc >> 72
         if fid != current:
             current = fid
             view = maps[fid]
             deltas = {}
+            last_length = -1
             salt_xor = salts[fid] ^ out.salt
         offset = (loc >> 32) & LOC_OFFSET_MASK
         size = loc & LOC_SIZE_MASK
@@ -214,9 +225,12 @@ def _copy_records(
             record = view[offset : offset + size]
             quarantine(core.directory, name, offset, record, "a damaged record (compaction)")
             continue
-        delta = deltas.get(length)
-        if delta is None:
-            delta = deltas[length] = _format.crc_delta(length, salt_xor)
+        if length != last_length:  # most records of a topic store have a few lengths only
+            last_length = length
+            found = deltas.get(length)
+            if found is None:
+                found = deltas[length] = _format.crc_delta(length, salt_xor)
+            delta = found
         append(pack(length, crc ^ delta))
         append(view[offset + 8 : offset + size])
         new_append(bits | (pos << 32) | size)

@@ -11,10 +11,16 @@ the files (their headers not counted): the difference is what a compaction would
 One lock guards all of it; reads ``pread`` under it too, since a compaction closes the
 descriptors of the files it replaced.
 
-Writes. A put packs the record (its CRC seeded by the active file's salt, see ``_format``),
-appends it with one ``write(2)`` (``O_APPEND``), then points the index at it. A batch is one
-``write(2)``. A failed write (``ENOSPC``) cuts the file back to where it was, so nothing of the
-call is stored and the next record follows a good one.
+Writes. The active file is memory-mapped (``MAP_SHARED``) over room reserved ahead with
+``posix_fallocate``: a put packs the record (its CRC seeded by the active file's salt, see
+``_format``) and copies it into the mapping -- a store into the page cache, no system call,
+and like ``write(2)`` it survives the death of the process -- then points the index at it. When
+the room runs out it grows (doubling, by at most 32 MiB): disk space is reserved *before*
+anything is written through the mapping, so a full disk is an ``ENOSPC`` from
+``posix_fallocate`` (nothing of the call is stored), never a SIGBUS. The reserved zeros after
+the last record are cut when the file stops being the active one (a compaction rolls over, or
+``close()``), and after a crash by the next open (zeros are never a record). Nothing else maps
+or shrinks the file: the directory's lock keeps other processes out.
 
 Durability is tracked by *completed* fsyncs: ``LogFile.synced`` moves only after an
 ``fdatasync`` returned. ``"always"``: every put returns after the fdatasync of its record.
@@ -33,6 +39,7 @@ state from what is on disk.
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import pathlib
 import threading
@@ -54,8 +61,12 @@ _LOGGER = logging.getLogger("persizmq")
 LOC_SIZE_MASK = 0xFFFFFFFF
 LOC_OFFSET_MASK = (1 << 40) - 1
 _MAX_FILE = 1 << 40
+_INITIAL_ROOM = 256 << 10
+_MAX_GROWTH = 32 << 20
+_ROOM_UNIT = 64 << 10
 _MAX_BODY = _format.MAX_BODY
 _SIZE_MASK = LOC_SIZE_MASK
+_fallocate = getattr(os, "posix_fallocate", None)
 _HEADER = _format.RECORD_HEADER_SIZE
 _pack = _format.pack_record_header
 _unpack = _format.unpack_record_header
@@ -63,6 +74,11 @@ _crc32 = zlib.crc32
 # The mix of record_seed(), inlined on the write path.
 _A, _B, _C = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 _M32 = 0xFFFFFFFF
+#: A background compaction starts once the records on disk take this many times the room of the
+#: live ones (two thirds of them superseded): each compaction then copies the live records once
+#: per twice their size written, and the disk holds at most about 3x the live data (1.2x or so
+#: right after a compaction).
+_COMPACT_AT = 3
 #: Seconds before a compaction that failed (a full disk, say) is tried again.
 RETRY_AFTER = 5.0
 
@@ -96,27 +112,13 @@ class TopicCore:
         self._compact_retry_at = 0.0
         self._syncer: Optional[threading.Thread] = None
         self._compactor: Optional[threading.Thread] = None
-        self.puts = self.deletes = self.compactions = self.reclaimed_bytes = 0
-        self.last_compaction_seconds = 0.0
+        self._zero_counters()
         self._lock_fd = _fs.acquire_lock(directory / _format.LOCK_FILE, "opener")
         try:
-            found = recover(directory, durable=self._durable)
-            self.corrupt_regions = found.corrupt_regions
-            self.quarantined_bytes = found.quarantined_bytes
-            self.torn_tail_bytes = found.torn_tail_bytes
-            self._files: Dict[int, LogFile] = {log.fid: log for log in found.files}
-            self._index = found.index
-            self._seq = found.last_seq + 1
-            self._next_generation = found.next_generation
-            last = found.files[-1] if found.files else None
-            if last is None or last.covers_from < last.generation:
-                last = self._create_log()
-                self._files[last.fid] = last
-            elif found.changed and self._durable:
-                _fs.fsync_directory(directory)
-            self._active = last
+            self._recover()
         except BaseException:
             for log in getattr(self, "_files", {}).values():
+                self.unmap(log)
                 os.close(log.fd)
             _fs.release_lock(self._lock_fd)
             raise
@@ -127,6 +129,30 @@ class TopicCore:
                 target=self._sync_periodically, name="persizmq-topics-sync", daemon=True
             )
             self._syncer.start()
+
+    def _recover(self) -> None:
+        """Recover the files (see ``_files``) and open the active one (the lock is held)."""
+        found = recover(self.directory, durable=self._durable)
+        self.corrupt_regions = found.corrupt_regions
+        self.quarantined_bytes = found.quarantined_bytes
+        self.torn_tail_bytes = found.torn_tail_bytes
+        self._files: Dict[int, LogFile] = {log.fid: log for log in found.files}
+        self._index = found.index
+        self._seq = found.last_seq + 1
+        self._next_generation = found.next_generation
+        last = found.files[-1] if found.files else None
+        if last is None or last.covers_from < last.generation:  # never append to a compaction
+            last = self._create_log()
+            self._files[last.fid] = last
+        elif found.changed and self._durable:
+            _fs.fsync_directory(self.directory)
+        self.map_for_writing(last)
+        self._active = last
+
+    def _zero_counters(self) -> None:
+        """The counters of ``stats()`` since the store was opened."""
+        self.puts = self.deletes = self.compactions = self.reclaimed_bytes = 0
+        self.last_compaction_seconds = 0.0
 
     # ------------------------------------------------------------------ writing
 
@@ -169,37 +195,57 @@ class TopicCore:
                 err,
             )
 
+    def map_for_writing(self, log: LogFile) -> None:
+        """Map ``log`` for appending, with room reserved past its end (it becomes active).
+
+        On a full disk it is mapped without room: reads work, and the first add raises.
+        """
+        with contextlib.suppress(OSError):
+            self._reserve(log, log.size + _INITIAL_ROOM)
+        log.map = mmap.mmap(log.fd, log.capacity)
+
+    def unmap(self, log: LogFile) -> None:
+        """Stop appending to ``log``: unmap it and cut the reserved room after its end."""
+        if log.map is None:
+            return
+        log.map.close()
+        log.map = None
+        os.ftruncate(log.fd, log.size)
+        log.capacity = log.size
+
+    def _reserve(self, log: LogFile, needed: int) -> None:
+        """Make ``log`` at least ``needed`` bytes long, its blocks allocated (not a hole)."""
+        grown = max(needed, log.capacity + min(log.capacity, _MAX_GROWTH))
+        grown = -(-grown // _ROOM_UNIT) * _ROOM_UNIT
+        if grown > _MAX_FILE:  # offsets have 40 bits in the index
+            raise OSError(errno.EFBIG, "a log file reached 1 TiB")
+        if _fallocate is not None:
+            _fallocate(log.fd, 0, grown)
+        else:  # no posix_fallocate here: at least the file is long enough for the mapping
+            os.ftruncate(log.fd, grown)
+        log.capacity = grown
+
+    def _grow(self, log: LogFile, needed: int) -> None:
+        """Make room for the next records (lock held); nothing is written if it fails."""
+        try:
+            self._reserve(log, needed)
+            assert log.map is not None
+            log.map.resize(log.capacity)
+        except OSError as err:
+            raise StorageWriteError(
+                err.errno or errno.EIO,
+                f"cannot make room in {str(log.path)!r} for the record: {err.strerror}; "
+                f"nothing of this call was stored",
+            ) from err
+
     def _append(self, log: LogFile, data: bytes) -> None:
-        """Append ``data`` to ``log`` (lock held); on failure cut back and raise."""
+        """Append ``data`` to the active file ``log`` (lock held)."""
         end = log.size
-        try:
-            written = os.write(log.fd, data)
-        except OSError as err:
-            raise self._write_failed(log, end, err) from err
-        if written != len(data):
-            self._write_rest(log, end, data, written)
-        log.size = end + len(data)
-
-    def _write_rest(self, log: LogFile, end: int, data: bytes, written: int) -> None:
-        """A short write: write the rest; on failure cut back and raise (lock held)."""
-        try:
-            while written < len(data):
-                written += os.write(log.fd, memoryview(data)[written:])
-        except OSError as err:
-            raise self._write_failed(log, end, err) from err
-        if end + len(data) > _MAX_FILE:  # offsets have 40 bits in the index
-            raise self._write_failed(log, end, OSError(errno.EFBIG, "the log file reached 1 TiB"))
-
-    def _write_failed(self, log: LogFile, end: int, err: OSError) -> StorageWriteError:
-        """Cut ``log`` back to ``end`` after a failed write; return the error to raise."""
-        try:
-            os.ftruncate(log.fd, end)
-        except OSError as cut:
-            self._fail(cut, log.path)
-        return StorageWriteError(
-            err.errno or errno.EIO,
-            f"cannot append to {str(log.path)!r}: {err.strerror}; nothing of this call was stored",
-        )
+        new_end = end + len(data)
+        if new_end > log.capacity:
+            self._grow(log, new_end)
+        log.map[end:new_end] = data  # type: ignore[index]  # the active file is mapped
+        log.size = new_end
 
     def _sync_active(self, log: LogFile) -> None:
         """``"always"``: fdatasync what was just appended (lock held)."""
@@ -231,13 +277,11 @@ class TopicCore:
             record = _pack(length, _crc32(body, log.salt ^ mix), kind, seq, tlen) + body
             end = log.size
             size = len(record)
-            try:
-                written = os.write(log.fd, record)
-            except OSError as err:
-                raise self._write_failed(log, end, err) from err
-            if written != size:
-                self._write_rest(log, end, record, written)
-            log.size = end + size
+            new_end = end + size
+            if new_end > log.capacity:
+                self._grow(log, new_end)
+            log.map[end:new_end] = record  # type: ignore[index]  # the active file is mapped
+            log.size = new_end
             self._seq = seq + 1
             index = self._index
             old = index.get(topic)
@@ -249,7 +293,7 @@ class TopicCore:
             self.puts += 1
             if self._always:
                 self._sync_active(log)
-            if disk - live >= self._compact_floor and disk >= 2 * live:
+            if disk - live >= self._compact_floor and disk >= _COMPACT_AT * live:
                 self._maybe_compact()
 
     def put_many(self, items: List[Tuple[bytes, int, bytes]]) -> None:
@@ -293,7 +337,10 @@ class TopicCore:
             self.puts += len(items)
             if self._always:
                 self._sync_active(log)
-            if self._disk - self._live >= self._compact_floor and self._disk >= 2 * self._live:
+            if (
+                self._disk - self._live >= self._compact_floor
+                and self._disk >= _COMPACT_AT * self._live
+            ):
                 self._maybe_compact()
 
     def delete(self, topic: bytes) -> bool:
@@ -320,7 +367,10 @@ class TopicCore:
             self.deletes += 1
             if self._always:
                 self._sync_active(log)
-            if self._disk - self._live >= self._compact_floor and self._disk >= 2 * self._live:
+            if (
+                self._disk - self._live >= self._compact_floor
+                and self._disk >= _COMPACT_AT * self._live
+            ):
                 self._maybe_compact()
             return True
 
@@ -462,7 +512,8 @@ class TopicCore:
         return self._disk - self._live
 
     def _maybe_compact(self) -> None:
-        """Half the disk is dead: start a background compaction unless one runs (lock held)."""
+        """Two thirds of the disk are dead: start a background compaction unless one runs (lock
+        held)."""
         if self._compacting:
             return
         if self._compact_retry_at and time.monotonic() < self._compact_retry_at:
@@ -505,6 +556,8 @@ class TopicCore:
             self._stopping = True
             self._writable = False
             self._wake.notify_all()
+            while self._compacting:  # it stops at its next step (compact() in any thread too)
+                self._wake.wait()
         for thread in (self._syncer, self._compactor):
             if thread is not None and thread is not threading.current_thread():
                 thread.join()
@@ -513,6 +566,8 @@ class TopicCore:
                 with contextlib.suppress(StorageWriteError):
                     self._sync_all()
             for log in self._files.values():
+                with contextlib.suppress(OSError):  # the file stays good with its zeros
+                    self.unmap(log)
                 os.close(log.fd)
             self._files = {}
             self._closed = True

@@ -37,7 +37,19 @@ _LOGGER = logging.getLogger("persizmq")
 class LogFile:
     """One open log file: its descriptor, where it ends, and up to where it is durable."""
 
-    __slots__ = ("bits", "covers_from", "fd", "fid", "generation", "path", "salt", "size", "synced")
+    __slots__ = (
+        "bits",
+        "capacity",
+        "covers_from",
+        "fd",
+        "fid",
+        "generation",
+        "map",
+        "path",
+        "salt",
+        "size",
+        "synced",
+    )
 
     def __init__(
         self, fid: int, path: pathlib.Path, fd: int, header: FileHeader, size: int
@@ -57,6 +69,10 @@ class LogFile:
         self.size = size
         #: Bytes of the file known to be on disk: set only after an fsync has *completed*.
         self.synced = size
+        #: The active file's writable mapping (None for the others), and the file's length
+        #: (past ``size``: room reserved for the next records).
+        self.map: Optional[mmap.mmap] = None
+        self.capacity = size
 
     def __repr__(self) -> str:
         """Name the file."""
@@ -90,7 +106,7 @@ def create_file(
     name = _format.file_name(generation) + (_format.TMP_SUFFIX if tmp else "")
     path = directory / name
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    fd = os.open(path, flags if tmp else flags | os.O_APPEND, _fs.FILE_MODE)
+    fd = os.open(path, flags, _fs.FILE_MODE)
     try:
         write_all(fd, _format.encode_file_header(header))
         if durable:
@@ -192,10 +208,15 @@ def recover(directory: pathlib.Path, *, durable: bool) -> Recovered:
         del headers[generation]
         result.changed = True
     kept = sorted(headers)
-    for position, generation in enumerate(kept):
-        last = position == len(kept) - 1
-        log = _open_and_scan(directory, headers[generation], result, last=last, durable=durable)
-        result.files.append(log)
+    try:
+        for position, generation in enumerate(kept):
+            last = position == len(kept) - 1
+            log = _open_and_scan(directory, headers[generation], result, last=last, durable=durable)
+            result.files.append(log)
+    except BaseException:
+        for log in result.files:
+            os.close(log.fd)
+        raise
     return result
 
 
@@ -204,8 +225,7 @@ def _open_and_scan(
 ) -> LogFile:
     """Open one file, apply its records to ``result.index``, deal with its damage."""
     path = directory / _format.file_name(header.generation)
-    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_APPEND if last else 0)
-    fd = os.open(path, flags)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         size = os.fstat(fd).st_size
         fid = 2 * header.generation
@@ -225,20 +245,23 @@ def _open_and_scan(
             tail = data[scan.good_end : size] if scan.good_end < size else b""
         result.last_seq = scan.last_seq
         if tail:
-            # A crash (or, in the file before a newer one, a power cut in "periodic" or "never"
-            # mode before its last records reached the disk) left it; what is not the end of the
-            # last file is also kept in quarantine/ for inspection.
-            _LOGGER.warning(
-                "persizmq: cut a torn tail of %d bytes off %s (the trace of a crash)",
-                len(tail),
-                path,
-            )
-            if not last:
-                quarantine(directory, path.name, scan.good_end, tail, "a torn end of a file")
+            # Zeros are room reserved ahead for records (the file was the active one when the
+            # process died); anything else a crash, or in the file before a newer one a power
+            # cut in "periodic" or "never" mode before its last records reached the disk. What
+            # is not the end of the last file is also kept in quarantine/ for inspection.
+            torn = len(tail.rstrip(b"\x00"))
+            if torn:
+                _LOGGER.warning(
+                    "persizmq: cut a torn tail of %d bytes off %s (the trace of a crash)",
+                    torn,
+                    path,
+                )
+                if not last:
+                    quarantine(directory, path.name, scan.good_end, tail, "a torn end of a file")
             os.ftruncate(fd, scan.good_end)
             if durable:
                 os.fsync(fd)
-            result.torn_tail_bytes += len(tail)
+            result.torn_tail_bytes += torn
             result.changed = True
             size = scan.good_end
     except BaseException:

@@ -34,7 +34,9 @@ TopicOf = Callable[[Message], bytes]
 TopicLike = Union[bytes, bytearray, memoryview]
 
 _FRAME_TABLE_START = struct.Struct("<II")  # frame count, length of the first frame
-_REGISTRY_LOCK = threading.Lock()
+# Re-entrant: a handle's finalizer (which takes it) may run in a garbage collection that starts
+# while this thread opens another handle.
+_REGISTRY_LOCK = threading.RLock()
 _OPEN: Dict[Tuple[int, int], TopicCore] = {}
 
 
@@ -156,8 +158,8 @@ class PersistentTopicStorage:
     :param topic_of: ``None``, or a function that returns the topic (bytes) of a message: it
         gets ``bytes`` or, for a multipart message, a ``list[bytes]``. Each object uses its own.
     :param sync_interval: seconds between the fsyncs of ``"periodic"``.
-    :param compact_min_bytes: no compaction before the dead bytes reach this many (and the live
-        ones); default 4 MiB.
+    :param compact_min_bytes: no compaction before the dead bytes reach this many (and twice the
+        live ones); default 4 MiB.
 
     :raises MessageTypeError: an argument has the wrong type.
     :raises InvalidArgumentError: an impossible value, or options that differ from those of the
