@@ -207,38 +207,41 @@ def _copy_records(
     salt_xor = 0
     last_length = -1
     delta = 0
-    for loc in locs:
-        fid = loc >> 72
-        if fid != current:
-            current = fid
-            view = maps[fid]
-            deltas = {}
-            last_length = -1
-            salt_xor = salts[fid] ^ out.salt
-        offset = (loc >> 32) & LOC_OFFSET_MASK
-        size = loc & LOC_SIZE_MASK
-        length, crc = unpack(view, offset)
-        if length + _HEADER != size:  # the length field was damaged since the record was read
-            damaged[len(newlocs)] = loc
-            new_append(-1)
-            name = _format.file_name(fid >> 1)
-            record = view[offset : offset + size]
-            quarantine(core.directory, name, offset, record, "a damaged record (compaction)")
-            continue
-        if length != last_length:  # most records of a topic store have a few lengths only
-            last_length = length
-            found = deltas.get(length)
-            if found is None:
-                found = deltas[length] = _format.crc_delta(length, salt_xor)
-            delta = found
-        append(pack(length, crc ^ delta))
-        append(view[offset + 8 : offset + size])
-        new_append(bits | (pos << 32) | size)
-        pos += size
-        if len(parts) >= 2 * _CHUNK_RECORDS:
-            _write(out, parts)
-            if core._stopping:
-                raise _Stopped
+    offset_mask = LOC_OFFSET_MASK
+    size_mask = LOC_SIZE_MASK
+    header = _HEADER
+    for start in range(0, len(locs), _CHUNK_RECORDS):
+        if core._stopping:
+            raise _Stopped
+        for loc in locs[start : start + _CHUNK_RECORDS]:
+            fid = loc >> 72
+            if fid != current:
+                current = fid
+                view = maps[fid]
+                deltas = {}
+                last_length = -1
+                salt_xor = salts[fid] ^ out.salt
+            offset = (loc >> 32) & offset_mask
+            size = loc & size_mask
+            length, crc = unpack(view, offset)
+            if length + header != size:  # the length field was damaged since it was read
+                damaged[len(newlocs)] = loc
+                new_append(-1)
+                name = _format.file_name(fid >> 1)
+                record = view[offset : offset + size]
+                quarantine(core.directory, name, offset, record, "a damaged record (compaction)")
+                continue
+            if length != last_length:  # the records of a topic store have a few lengths
+                last_length = length
+                found = deltas.get(length)
+                if found is None:
+                    found = deltas[length] = _format.crc_delta(length, salt_xor)
+                delta = found
+            append(pack(length, crc ^ delta))
+            append(view[offset + 8 : offset + size])
+            new_append(bits | (pos << 32) | size)
+            pos += size
+        _write(out, parts)
     _write(out, parts)
     return newlocs, damaged
 

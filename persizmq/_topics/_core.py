@@ -138,7 +138,7 @@ class TopicCore:
         self.torn_tail_bytes = found.torn_tail_bytes
         self._files: Dict[int, LogFile] = {log.fid: log for log in found.files}
         self._index = found.index
-        self._seq = found.last_seq + 1
+        self._seq = self._first_seq = found.last_seq + 1
         self._next_generation = found.next_generation
         last = found.files[-1] if found.files else None
         if last is None or last.covers_from < last.generation:  # never append to a compaction
@@ -151,7 +151,7 @@ class TopicCore:
 
     def _zero_counters(self) -> None:
         """The counters of ``stats()`` since the store was opened."""
-        self.puts = self.deletes = self.compactions = self.reclaimed_bytes = 0
+        self.deletes = self.compactions = self.reclaimed_bytes = 0
         self.last_compaction_seconds = 0.0
 
     # ------------------------------------------------------------------ writing
@@ -290,7 +290,6 @@ class TopicCore:
                 self._dirty.add(topic)
             live = self._live = self._live + (size if old is None else size - (old & _SIZE_MASK))
             disk = self._disk = self._disk + size
-            self.puts += 1
             if self._always:
                 self._sync_active(log)
             if disk - live >= self._compact_floor and disk >= _COMPACT_AT * live:
@@ -334,7 +333,6 @@ class TopicCore:
                 self._live += size if old is None else size - (old & LOC_SIZE_MASK)
                 pos += size
             self._disk += pos - start
-            self.puts += len(items)
             if self._always:
                 self._sync_active(log)
             if (
@@ -494,7 +492,7 @@ class TopicCore:
                 "files": len(self._files),
                 "dead_bytes": self._disk - self._live,
                 "unsynced_bytes": sum(log.size - log.synced for log in self._files.values()),
-                "updates": self.puts,
+                "updates": self._seq - self._first_seq - self.deletes,  # a record each
                 "deletes": self.deletes,
                 "compactions": self.compactions,
                 "reclaimed_bytes": self.reclaimed_bytes,
