@@ -1,9 +1,11 @@
-"""persizmq: persistence for ZeroMQ subscribers.
+"""persizmq: persistence for ZeroMQ receivers.
 
-A :class:`ThreadedSubscriber` receives from a SUB socket in a background thread and hands every
-message to a callback; :class:`PersistentStorage` (a crash-safe FIFO queue on disk) and
-:class:`PersistentLatestStorage` (only the newest message) are such callbacks, and the filters
-of :mod:`persizmq.filter` can be chained in front of them.
+A :class:`ThreadedSubscriber` receives from a SUB, XSUB, PULL, PAIR or DEALER socket in a
+background thread and hands every message to a callback; :class:`PersistentStorage` (a
+crash-safe FIFO queue on disk), :class:`PersistentLatestStorage` (only the newest message) and
+:class:`PersistentTopicStorage` (the newest message per topic) are such callbacks, and the
+filters of :mod:`persizmq.filter` can be chained in front of them. :class:`SequencedPublisher`
+numbers messages per topic so that a subscriber with ``sequence_frame`` counts what was lost.
 """
 
 from persizmq._errors import (

@@ -14,7 +14,10 @@ descriptors of the files it replaced.
 Writes. The active file is memory-mapped (``MAP_SHARED``) over room reserved ahead with
 ``posix_fallocate``: a put packs the record (its CRC seeded by the active file's salt, see
 ``_format``) and copies it into the mapping -- a store into the page cache, no system call,
-and like ``write(2)`` it survives the death of the process -- then points the index at it. When
+and like ``write(2)`` it survives the death of the process -- then points the index at it. A
+batch is copied record by record, in order: ``memcpy`` does not fill a large buffer front to
+back, so one copy of a whole batch, cut short by a SIGKILL, could leave a later record whole
+behind an earlier torn one; copies one after the other leave at most the last one torn. When
 the room runs out it grows (doubling, by at most 32 MiB): disk space is reserved *before*
 anything is written through the mapping, so a full disk is an ``ENOSPC`` from
 ``posix_fallocate`` (nothing of the call is stored), never a SIGBUS. The reserved zeros after
@@ -201,7 +204,7 @@ class TopicCore:
         On a full disk it is mapped without room: reads work, and the first add raises.
         """
         with contextlib.suppress(OSError):
-            self._reserve(log, log.size + _INITIAL_ROOM)
+            log.capacity = self._reserve(log, log.size + _INITIAL_ROOM)
         log.map = mmap.mmap(log.fd, log.capacity)
 
     def unmap(self, log: LogFile) -> None:
@@ -213,8 +216,9 @@ class TopicCore:
         os.ftruncate(log.fd, log.size)
         log.capacity = log.size
 
-    def _reserve(self, log: LogFile, needed: int) -> None:
-        """Make ``log`` at least ``needed`` bytes long, its blocks allocated (not a hole)."""
+    def _reserve(self, log: LogFile, needed: int) -> int:
+        """Make ``log`` at least ``needed`` bytes long, its blocks allocated (not a hole);
+        return its new length (the caller sets ``capacity`` once the mapping covers it)."""
         grown = max(needed, log.capacity + min(log.capacity, _MAX_GROWTH))
         grown = -(-grown // _ROOM_UNIT) * _ROOM_UNIT
         if grown > _MAX_FILE:  # offsets have 40 bits in the index
@@ -223,14 +227,15 @@ class TopicCore:
             _fallocate(log.fd, 0, grown)
         else:  # no posix_fallocate here: at least the file is long enough for the mapping
             os.ftruncate(log.fd, grown)
-        log.capacity = grown
+        return grown
 
     def _grow(self, log: LogFile, needed: int) -> None:
         """Make room for the next records (lock held); nothing is written if it fails."""
         try:
-            self._reserve(log, needed)
+            grown = self._reserve(log, needed)
             assert log.map is not None
-            log.map.resize(log.capacity)
+            log.map.resize(grown)
+            log.capacity = grown
         except OSError as err:
             raise StorageWriteError(
                 err.errno or errno.EIO,
@@ -311,15 +316,28 @@ class TopicCore:
             log = self._active
             salt = log.salt
             seq = self._seq
-            parts: List[bytes] = []
+            records: List[bytes] = []
             for topic, kind, body in items:
                 length = len(body)
                 mix = (length * _A + (seq ^ (seq >> 32)) * _B + len(topic) * _C + kind) & _M32
-                parts.append(_pack(length, _crc32(body, salt ^ mix), kind, seq, len(topic)))
-                parts.append(body)
+                records.append(
+                    _pack(length, _crc32(body, salt ^ mix), kind, seq, len(topic)) + body
+                )
                 seq += 1
             start = log.size
-            self._append(log, b"".join(parts))
+            end = start + sum(map(len, records))
+            if end > log.capacity:
+                self._grow(log, end)
+            view = log.map
+            assert view is not None
+            pos = start
+            for record in records:
+                # One copy per record, in order: memcpy does not write a large buffer front to
+                # back, and a process killed in the middle of one copy of the whole batch could
+                # leave a later record whole and an earlier one torn (a hole, not a torn tail).
+                view[pos : pos + len(record)] = record
+                pos += len(record)
+            log.size = end
             self._seq = seq
             index = self._index
             pos = start

@@ -29,7 +29,7 @@ from persizmq import _fs
 from persizmq._topics import _format
 from persizmq._topics._format import FILE_HEADER_SIZE, FileHeader
 
-__all__ = ["LogFile", "Recovered", "create_file", "recover"]
+__all__ = ["LogFile", "Recovered", "create_file", "quarantine", "recover", "write_all"]
 
 _LOGGER = logging.getLogger("persizmq")
 

@@ -74,6 +74,7 @@ __all__ = [
     "pack_record_header",
     "record_seed",
     "scan_records",
+    "topic_in",
     "unpack_record_header",
 ]
 
