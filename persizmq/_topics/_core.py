@@ -72,6 +72,7 @@ _SIZE_MASK = LOC_SIZE_MASK
 _fallocate = getattr(os, "posix_fallocate", None)
 _HEADER = _format.RECORD_HEADER_SIZE
 _pack = _format.pack_record_header
+_pack_into = _format.pack_record_header_into
 _unpack = _format.unpack_record_header
 _crc32 = zlib.crc32
 # The mix of record_seed(), inlined on the write path.
@@ -279,13 +280,15 @@ class TopicCore:
             seq = self._seq
             log = self._active
             mix = (length * _A + (seq ^ (seq >> 32)) * _B + tlen * _C + kind) & _M32
-            record = _pack(length, _crc32(body, log.salt ^ mix), kind, seq, tlen) + body
             end = log.size
-            size = len(record)
+            size = _HEADER + length
             new_end = end + size
             if new_end > log.capacity:
                 self._grow(log, new_end)
-            log.map[end:new_end] = record  # type: ignore[index]  # the active file is mapped
+            view = log.map
+            # Header, then body, straight into the mapping (no record built in between).
+            _pack_into(view, end, length, _crc32(body, log.salt ^ mix), kind, seq, tlen)  # type: ignore[arg-type]  # the active file is mapped
+            view[end + _HEADER : new_end] = body  # type: ignore[index]
             log.size = new_end
             self._seq = seq + 1
             index = self._index

@@ -72,6 +72,7 @@ __all__ = [
     "file_name",
     "list_files",
     "pack_record_header",
+    "pack_record_header_into",
     "record_seed",
     "scan_records",
     "topic_in",
@@ -92,6 +93,7 @@ FILE_HEADER_SIZE = _FILE_HEADER.size + 4  # 40
 _RECORD = struct.Struct("<IIBQI")
 RECORD_HEADER_SIZE = _RECORD.size  # 21
 pack_record_header = _RECORD.pack
+pack_record_header_into = _RECORD.pack_into
 unpack_record_header = _RECORD.unpack_from
 
 # Kinds are bytes that valid UTF-8 never contains, so a text payload offers few false starts to
