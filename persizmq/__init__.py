@@ -1,10 +1,14 @@
-"""persizmq: persistence for ZeroMQ subscribers.
+"""persizmq: persistence for ZeroMQ receivers.
 
-A :class:`ThreadedSubscriber` receives from a SUB socket in a background thread and hands every
-message to a callback; :class:`PersistentStorage` (a crash-safe FIFO queue on disk) and
-:class:`PersistentLatestStorage` (only the newest message) are such callbacks, and the filters
-of :mod:`persizmq.filter` can be chained in front of them. :mod:`persizmq.aio` does the same
-for asyncio programs (``AsyncSubscriber``, and ``AsyncQueue`` to await any storage's messages).
+A :class:`ThreadedSubscriber` receives from a SUB, XSUB, PULL, PAIR or DEALER socket in a
+background thread and hands every message to a callback; :class:`PersistentStorage` (a
+crash-safe FIFO queue on disk), :class:`PersistentLatestStorage` (only the newest message) and
+:class:`PersistentTopicStorage` (the newest message per topic) are such callbacks, and the
+filters of :mod:`persizmq.filter` can be chained in front of them. :class:`SequencedPublisher`
+numbers messages per topic so that a subscriber with ``sequence_frame`` counts what was lost.
+:class:`RedisStreamStorage` keeps the queue in a Redis or Valkey stream, and
+:mod:`persizmq.aio` does the same for asyncio programs (``AsyncSubscriber``, and
+``AsyncQueue`` to await any storage's messages).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -28,8 +32,10 @@ from persizmq._errors import (
 from persizmq._latest import PersistentLatestStorage
 from persizmq._message import Message, MessageLike
 from persizmq._protocol import Notifying, StatsLike, Storage
+from persizmq._sequence import Gap, SequencedPublisher, SequenceStats, TopicSequenceStats
 from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
 from persizmq._subscriber import ThreadedSubscriber
+from persizmq._topics import PersistentTopicStorage, TopicStorageStats
 
 if TYPE_CHECKING:  # imported on first use by __getattr__ below: redis-py is an optional extra
     from persizmq._redis import RedisStreamStats, RedisStreamStorage
@@ -61,6 +67,7 @@ __all__ = [
     "ClosedError",
     "CorruptionError",
     "DirectoryError",
+    "Gap",
     "InvalidArgumentError",
     "LockedError",
     "Message",
@@ -71,11 +78,14 @@ __all__ = [
     "Notifying",
     "PersistentLatestStorage",
     "PersistentStorage",
+    "PersistentTopicStorage",
     "PersizmqError",
     "QueueFullError",
     "RedisStreamStats",
     "RedisStreamStorage",
     "RoleError",
+    "SequenceStats",
+    "SequencedPublisher",
     "ServerError",
     "ServerUnavailableError",
     "StatsLike",
@@ -83,5 +93,7 @@ __all__ = [
     "StorageStats",
     "StorageWriteError",
     "ThreadedSubscriber",
+    "TopicSequenceStats",
+    "TopicStorageStats",
     "__version__",
 ]

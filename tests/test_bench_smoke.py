@@ -17,6 +17,7 @@ from bench import (
     run_all,
     scale,
     storage,
+    topics,
 )
 from bench import aio as aio_bench
 from tests._redis_server import Server
@@ -54,6 +55,9 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "asyncio: consuming a durable backlog",
         "AsyncQueue async for, sync=always",
         "listener stand-in",
+        "Topic store: 300 topics",
+        "SQLite INSERT OR REPLACE",
+        "topic store: open 100,000 topics",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
@@ -149,3 +153,12 @@ def test_aio_rounds(tmp_path: pathlib.Path) -> None:
         samples = aio_bench.latency_round(case, 3, tmp_path / case.replace(" ", "_"))
         assert len(samples) == 3
         assert all(s > 0 for s in samples)
+
+
+def test_topic_store_cases(tmp_path: pathlib.Path) -> None:
+    for case in topics.CASES:
+        built = topics.update_case(case, tmp_path / case, 50, 200)
+        assert built["rate"] > 0
+        assert built["allocated"] > 0
+        opened = topics.open_case(case, tmp_path / case, 50)
+        assert opened["open"] > 0

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, List, Optional, Tuple
 
 import persizmq
+from persizmq._cli import _gaps
 from persizmq._cli._base import EXIT_INTERRUPTED, EXIT_OK, PROG, CliError, add_command, count
 from persizmq._cli._dirs import (
     existing_storage,
@@ -74,6 +75,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         directory, kind = existing_storage(args.dir)
         info = queue_stats(directory) if kind == "queue" else latest_stats(directory)
+        gaps = _gaps.summary(directory)  # kept by 'record --sequence-frame N'
+        if gaps is not None:
+            info["gaps"] = gaps
     if args.json:
         out.write(json.dumps(info, indent=2) + "\n")
         return EXIT_OK
@@ -104,6 +108,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             rows.append(("latest", "no message"))
         rows.append(("on disk", human_bytes(info["disk_bytes"])))
         rows.append(("written", info["newest"] or "-"))
+    if gaps is not None:
+        rows += _gaps.describe(gaps)
     out.write("".join(f"{key:<12} {value}\n" for key, value in rows))
     return EXIT_OK
 
