@@ -469,6 +469,7 @@ class PersistentStorage:
         """Return a snapshot of counts and sizes; see :class:`StorageStats`."""
         self._check("take the stats of", True)
         queue = self._queue
+        queue.durability.flush_unlinks()  # the counts of files are exact
         with queue.lock:
             queue.check_open("take the stats of")
             pending, pending_bytes = queue.pending()

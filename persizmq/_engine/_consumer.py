@@ -333,7 +333,7 @@ class Consumer:
         if self.readonly:
             return
         self._store_position()
-        self._unlink(base)
+        self.durability.unlink_later(self.directory / _format.segment_name(base))
 
     def _unlink(self, base: int) -> None:
         with contextlib.suppress(FileNotFoundError):

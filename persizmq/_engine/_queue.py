@@ -280,6 +280,7 @@ class Queue:
             if self.sync != "never" or self.durability.failed is not None:
                 self.durability.sync_round()
         finally:
+            self.durability.flush_unlinks()
             self.closed = True
             self.fast_add = False
             if self.writer is not None:
@@ -517,7 +518,9 @@ class Queue:
         return max(0, messages), max(0, nbytes)
 
     def sync_now(self) -> None:
-        """Fsync everything written so far, whatever the mode (lock NOT held)."""
+        """Fsync everything written so far, whatever the mode (lock NOT held); delete the
+        consumed segments still waiting for the background thread."""
         with self.lock:
             self.check_open("sync")
             self.durability.sync_round()
+        self.durability.flush_unlinks()
