@@ -376,7 +376,12 @@ def targets(result: StorageResult, fsync: Optional[Dict[str, float]] = None) -> 
         for case, mode in (("p2-periodic", "periodic"), ("p2-never", "never")):
             out.append(
                 _ratio_target(
-                    result, f'add "{mode}" {label} vs queuelib push', case, size, "add", 1.5
+                    result,
+                    f'add "{mode}" {label} vs queuelib push',
+                    case,
+                    size=size,
+                    what="add",
+                    required=1.5,
                 )
             )
         out.append(
