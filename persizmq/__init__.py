@@ -40,7 +40,7 @@ from persizmq._topics import PersistentTopicStorage, TopicStorageStats
 if TYPE_CHECKING:  # imported on first use by __getattr__ below: redis-py is an optional extra
     from persizmq._redis import RedisStreamStats, RedisStreamStorage
 
-__version__ = "2.0.0"
+__version__ = "3.0.0"
 
 #: Names whose module needs an optional dependency: imported when first asked for (PEP 562).
 _LAZY = ("RedisStreamStats", "RedisStreamStorage")
