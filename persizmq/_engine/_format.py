@@ -52,8 +52,10 @@ single-frame message), :data:`KIND_MULTIPART` (the frame table of ``persizmq._me
 :data:`KIND_BATCH` (not a message: it opens an atomic batch of ``count`` messages and carries
 key/value metadata, see :func:`encode_batch`); its index is that of the batch's first message.
 Kind 0 is never valid, so zero-filled space is never a record. ``crc`` is ``zlib.crc32`` of the
-payload, seeded with a value mixed from the salt, the tag and the length, so a damaged header
-fails as surely as a damaged payload.
+payload, seeded with ``(salt ^ (tag * 0x9E3779B1) ^ (length * 0x85EBCA77)) mod 2**32`` (see
+:func:`record_seed`), so a damaged header fails as surely as a damaged payload.
+
+Bytes 20..23 (flags) and 28..31 of the header are written as zero and ignored when read.
 """
 
 import mmap
@@ -318,14 +320,15 @@ def find_resync(
     more than the bytes since ``damaged`` could hold. Of the candidates that could be the very
     next record (index ``index`` or ``index + 1``), the one where the damaged record's own CRC
     says its payload ends wins (its length field was what broke), else the one its length
-    field points at (its payload or CRC broke); only if neither holds, the first candidate.
-    So a record image inside the damaged record's payload — which would need the segment's
-    random salt to validate at all — is not taken for the next record when a single field is
-    damaged.
+    field points at (its salt, tag, payload or CRC broke); if neither holds (more than one
+    field broke), the last of the candidates that claim the lowest index — a record image
+    inside a payload comes before the real record that claims the same index. So a record
+    image inside the damaged record's payload, which would need the segment's random salt to
+    validate at all, is not taken for the next record when a single field is damaged.
     """
     salt_bytes = _U32.pack(salt)
     header = _RECORD.unpack_from(buf, damaged) if damaged + RECORD_HEADER_SIZE <= limit else None
-    nearest: List[int] = []  # candidates for the very next record
+    nearest: List[Tuple[int, int]] = []  # candidates for the very next record
     first: Optional[Tuple[int, int]] = None
     pos = damaged + 1
     while len(nearest) < 64:
@@ -339,15 +342,19 @@ def find_resync(
                 first = (pos, claimed)
             if claimed > index + 1:
                 break  # a later record: the very next one must have come before
-            nearest.append(pos)
+            nearest.append((pos, claimed))
         pos += 1
-    if header is not None and header[0] == salt:
+    if header is not None:  # the damaged record's own fields, one of which broke
         _sync, tag, length, crc = header
         start = damaged + RECORD_HEADER_SIZE
-        for candidate in nearest:  # where the damaged record's own CRC says it ends
-            if zlib.crc32(buf[start:candidate], record_seed(salt, tag, candidate - start)) == crc:
-                return candidate, _U32.unpack_from(buf, candidate + 4)[0] & INDEX_MASK
-        if start + length in nearest:  # where its length field says it ends
-            candidate = start + length
-            return candidate, _U32.unpack_from(buf, candidate + 4)[0] & INDEX_MASK
+        for candidate in nearest:  # where its CRC says its payload ends (the length broke)
+            at = candidate[0]
+            if zlib.crc32(buf[start:at], record_seed(salt, tag, at - start)) == crc:
+                return candidate
+        for candidate in nearest:  # where its length says it ends (salt, tag, payload, CRC)
+            if candidate[0] == start + length:
+                return candidate
+    if nearest:  # two claims of one index: all but the last lie inside a payload
+        lowest = min(claimed for _at, claimed in nearest)
+        return [c for c in nearest if c[1] == lowest][-1]
     return first

@@ -5,7 +5,9 @@ Theory of operation
 ===================
 
 ``consumer.offset`` is exactly 4096 bytes: 128 slots of 32 bytes,
-``<u64 offset><u64 segment base><u64 byte position><u64 check>``. ``offset`` is the logical
+``<u64 offset><u64 segment base><u64 byte position><u64 check>``, where ``check`` is
+``(offset * 0x9E3779B97F4A7C15 + base * 0xC2B2AE3D27D4EB4F + position * 0x165667B19E3779F9 +
+0x27D4EB2F165667C5) mod 2**64``. ``offset`` is the logical
 offset of the next message to deliver; base and position say where its record (or a batch
 record before it) starts, so that opening needs no scan. ``check`` mixes the three fields with
 odd multipliers and a non-zero constant: a torn store (a process killed in the middle of one)
@@ -29,7 +31,8 @@ yet. Before the producer writes a message at or beyond it, it stores a larger re
 (unless ``sync="never"``) fsyncs it. A producer that opens starts at the reservation, so an
 offset that was used — even by a message that a power cut then lost with its file — is never
 used again. The file is 32 bytes: two slots ``<u64 reservation><u64 check>`` written
-alternately; the larger valid one counts.
+alternately, ``check`` being the position check of ``(reservation, 0, 0)``; the larger valid
+one counts.
 """
 
 import contextlib

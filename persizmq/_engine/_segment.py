@@ -202,7 +202,10 @@ def _check_regular(path: pathlib.Path, mode: int) -> None:
 
 
 def quarantine(directory: pathlib.Path, name: str, start: int, region: bytes) -> str:
-    """Keep damaged bytes in ``quarantine/<name>@<start>-<end>.bin``; return where (or why not)."""
+    """Keep damaged bytes in ``quarantine/<name>@<start>-<end>.bin``; return where (or why not).
+
+    A region of missing bytes (a file cut short) is recorded too, as an empty file.
+    """
     target_dir = directory / QUARANTINE_DIR
     target = target_dir / f"{name}@{start}-{start + len(region)}.bin"
     try:

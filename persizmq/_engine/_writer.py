@@ -32,7 +32,11 @@ Recovery, when the producer opens:
   may have the file mapped), reported in ``stats().torn_tail_bytes`` and the segment is sealed
   at its good end. Below the checkpoint nothing is changed: damage there is bit rot, which the
   consumer sets aside while it still delivers what follows;
-* a segment whose header is damaged is left to the consumer (which sets it aside whole);
+* a segment whose header is damaged is left to the consumer, which sets it aside whole (also
+  one that a power cut left empty or zero-filled just after its creation: whether it held
+  messages cannot be told, so it is reported like damage);
+* ``stats().torn_tail_bytes`` counts, in a sealed segment, the bytes from the good end to the
+  seal's data end; in an unsealed one, to the last non-zero byte;
 * a new segment is started at the reservation.
 
 Metadata of atomic batches (``add_messages(..., meta=...)``) is kept in memory; each new
