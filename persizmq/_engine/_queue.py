@@ -315,7 +315,7 @@ class Queue:
             accepted = len(records)
             if self.bounded:
                 records, accepted = self._admit(records)
-            if records:
+            if records or meta is not None:
                 if len(records) == 1 and meta is None:
                     writer.append(*records[0])
                 else:

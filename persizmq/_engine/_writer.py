@@ -49,6 +49,8 @@ import errno
 import logging
 import os
 import pathlib
+import re
+import struct
 import zlib
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -129,12 +131,13 @@ class Writer:
         self.reservation = Reservation(self.directory, self.sync)
         bases = list_bases(self.directory)
         end = 0
+        last_valid = max((b for b in bases if _valid_header(self.directory, b)), default=None)
         for base in bases:
             seg = Segment.open(self.directory, base, writable=True)
             if seg is None:
                 continue
             try:
-                closed = self._recover(seg, is_last=base == bases[-1])
+                closed = self._recover(seg, is_last=base == last_valid)
                 if self.sync != "never":  # what a crashed run left in the page cache
                     _fdatasync_at_open(seg)
             finally:
@@ -221,6 +224,12 @@ class Writer:
         if header is None:
             return
         limit = seg.size if header.seal is None else min(seg.size, header.seal[1])
+        # Only a segment that holds batch records needs the walk: look for the header of one
+        # (the salt, then a tag of kind 3 in its most significant byte) at C speed first.
+        pattern = re.escape(struct.pack("<I", seg.salt)) + b"...[\x30-\x3f]"
+        if re.compile(pattern, re.DOTALL).search(seg.map, _HEADER, limit) is None:
+            self.meta = {}
+            return
         pos, index = _HEADER, 0
         meta: Dict[bytes, bytes] = {}
         while True:
@@ -271,11 +280,14 @@ class Writer:
             raise StorageWriteError(
                 errno.EFBIG, f"a segment of {size} bytes is larger than a segment may be"
             )
-        seg = Segment.create(self.directory, base, size)
-        record = b""
-        if snapshot:
-            record = _format.encode_record(snapshot, _format.KIND_BATCH, seg.salt, 0)
-        return seg, cap, record
+
+        def first(salt: int) -> bytes:
+            return _format.encode_record(snapshot, _format.KIND_BATCH, salt, 0)
+
+        # The snapshot is written before the file gets its name: a segment is never seen
+        # without the metadata that was current when it was created.
+        seg = Segment.create(self.directory, base, size, first if snapshot else None)
+        return seg, cap, first(seg.salt) if snapshot else b""
 
     def _switch(self, seg: Segment, cap: int, snapshot: bytes) -> None:
         """Make ``seg`` (just created) the write segment."""
@@ -285,9 +297,7 @@ class Writer:
         self.pos = _HEADER
         self.cap = cap
         self.dir_dirty = True
-        if snapshot:
-            assert seg.map is not None
-            seg.map[_HEADER : _HEADER + len(snapshot)] = snapshot
+        if snapshot:  # already in the file (see _new_segment)
             self.pos += len(snapshot)
             self.dirty = True
         self._limits()
@@ -495,6 +505,15 @@ class Writer:
     def end(self) -> Tuple[int, int, int]:
         """``(base, position, index)`` of the end of the log."""
         return self.base, self.pos, self.index
+
+
+def _valid_header(directory: pathlib.Path, base: int) -> bool:
+    """Whether segment ``base`` has a valid header (it can hold the metadata snapshot)."""
+    try:
+        with open(directory / _format.segment_name(base), "rb") as file:
+            return _format.parse_header(file.read(_HEADER), base) is not None
+    except OSError:
+        return False
 
 
 def _fdatasync_at_open(seg: Segment) -> None:
