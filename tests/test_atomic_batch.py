@@ -107,8 +107,8 @@ def test_a_batch_is_all_or_nothing_after_sigkill(tmp_path: pathlib.Path, sync: s
         batches: Dict[int, List[int]] = {}
         for msg in messages:
             assert isinstance(msg, bytes)
-            number, index, _ = msg.split(b":", 2)
-            batches.setdefault(int(number), []).append(int(index))
+            head, index, _ = msg.split(b":", 2)
+            batches.setdefault(int(head), []).append(int(index))
         for number, indices in batches.items():
             assert indices == list(range(1 + number % 37)), (trial, number, indices)
         if batches:
