@@ -60,10 +60,9 @@ SEGMENT_SIZE = 16 << 10
 #: How long a condition may take before the trial fails (a child stopped making progress).
 DEADLINE = 30.0
 #: Whether the random trials hold each producer to the rule "``writer_meta()`` is that of the
-#: last atomic batch stored". The engine breaks it when a producer dies during a roll-over
-#: (see test_writer_meta_survives_a_kill_during_roll_over, xfail); until that is fixed the
-#: random trials only count such incarnations in their summary. Set True once it passes.
-CHECK_WRITER_META = False
+#: last atomic batch stored" (they found it broken by a kill during a roll-over, fixed since:
+#: see test_writer_meta_survives_a_kill_during_roll_over).
+CHECK_WRITER_META = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,13 +441,6 @@ storage.add_message(b"y" * 5000)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: Writer.roll renames the new segment into place (Segment.create), seals and "
-    "fdatasyncs the full one, and only then _switch stores the metadata snapshot in the new "
-    "segment; a kill in between leaves a last segment without it, the next producer restores "
-    "writer_meta() from that last segment only (empty) and removes it as an empty tail",
-)
 def test_writer_meta_survives_a_kill_during_roll_over(tmp_path: pathlib.Path) -> None:
     # The random trials found it (a producer found writer_meta() empty after an atomic batch,
     # in every sync mode); this is the minimal form: the kill at each fdatasync of the adds.
