@@ -80,6 +80,11 @@ class Profile:
     #: Scale: messages recorded while the peak RSS is watched, and where RSS is sampled.
     rss_n: int
     rss_checkpoints: Sequence[int]
+    #: Bursts: messages per trial, messages per burst, seconds between bursts, rounds.
+    burst_n: int
+    burst_size: int
+    burst_pause: float
+    burst_rounds: int
 
 
 PROFILES: Dict[str, Profile] = {
@@ -102,6 +107,10 @@ PROFILES: Dict[str, Profile] = {
         scale_opens=5,
         rss_n=1_000_000,
         rss_checkpoints=(100_000, 500_000, 1_000_000),
+        burst_n=200_000,
+        burst_size=20_000,
+        burst_pause=0.05,
+        burst_rounds=5,
     ),
     "quick": Profile(
         name="quick",
@@ -122,6 +131,10 @@ PROFILES: Dict[str, Profile] = {
         scale_opens=3,
         rss_n=200_000,
         rss_checkpoints=(20_000, 100_000, 200_000),
+        burst_n=100_000,
+        burst_size=20_000,
+        burst_pause=0.05,
+        burst_rounds=2,
     ),
     # The smoke test's size: every code path once, no meaningful figures.
     "smoke": Profile(
@@ -143,6 +156,10 @@ PROFILES: Dict[str, Profile] = {
         scale_opens=2,
         rss_n=3_000,
         rss_checkpoints=(1_000, 2_000, 3_000),
+        burst_n=3_000,
+        burst_size=1_000,
+        burst_pause=0.01,
+        burst_rounds=1,
     ),
 }
 

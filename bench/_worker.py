@@ -63,6 +63,33 @@ def _receive(args: Dict[str, Any]) -> object:
     )
 
 
+def _burst_publish(args: Dict[str, Any]) -> object:
+    from bench import _burst_child
+
+    return _burst_child.publish(
+        int(args["n"]), int(args["burst"]), float(args["pause"]), int(args["size"])
+    )
+
+
+def _burst_receive(args: Dict[str, Any]) -> object:
+    from bench import _burst_child
+
+    return _burst_child.receive(
+        str(args["kind"]),
+        endpoint=str(args["endpoint"]),
+        n=int(args["n"]),
+        directory=pathlib.Path(args["dir"]),
+        quiet=float(args["quiet"]),
+        timeout=float(args["timeout"]),
+    )
+
+
+def _receive_cost(args: Dict[str, Any]) -> object:
+    from bench import receive_cost
+
+    return receive_cost.measure(int(args["n"]))
+
+
 def _scale_build(args: Dict[str, Any]) -> object:
     from bench import scale
 
@@ -82,14 +109,34 @@ def _rss(args: Dict[str, Any]) -> object:
     return scale.record_rss(pathlib.Path(args["dir"]), int(args["n"]), checkpoints)
 
 
+def _topics_update(args: Dict[str, Any]) -> object:
+    from bench import topics
+
+    directory = pathlib.Path(args["dir"])
+    return topics.update_case(
+        str(args["case"]), directory, int(args["topics"]), int(args["updates"])
+    )
+
+
+def _topics_open(args: Dict[str, Any]) -> object:
+    from bench import topics
+
+    return topics.open_case(str(args["case"]), pathlib.Path(args["dir"]), int(args["topics"]))
+
+
 _TASKS: Dict[str, Callable[[Dict[str, Any]], object]] = {
     "versions": lambda _: _versions(),
     "storage": _storage,
     "publish": _publish,
     "receive": _receive,
+    "burst-publish": _burst_publish,
+    "burst-receive": _burst_receive,
+    "receive-cost": _receive_cost,
     "scale-build": _scale_build,
     "scale-open": _scale_open,
     "rss": _rss,
+    "topics-update": _topics_update,
+    "topics-open": _topics_open,
 }
 
 

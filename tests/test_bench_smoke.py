@@ -7,7 +7,20 @@ benchmark scripts from rotting as the library changes.
 import pathlib
 from typing import List
 
-from bench import _common, end_to_end, run_all, scale, storage
+from bench import (
+    _burst_child,
+    _common,
+    burst,
+    end_to_end,
+    receive_cost,
+    redis_stream,
+    run_all,
+    scale,
+    storage,
+    topics,
+)
+from bench import aio as aio_bench
+from tests._redis_server import Server
 
 
 def test_storage_cases_in_process(tmp_path: pathlib.Path) -> None:
@@ -35,6 +48,16 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "VmRSS",
         "SPEC 7 target",
         "end to end lossless",
+        "Bursts:",
+        "burst capture, persizmq record",
+        "CPU per message of the receive paths",
+        "Redis Streams",
+        "asyncio: consuming a durable backlog",
+        "AsyncQueue async for, sync=always",
+        "listener stand-in",
+        "Topic store: 300 topics",
+        "SQLite INSERT OR REPLACE",
+        "topic store: open 100,000 topics",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
@@ -61,6 +84,45 @@ def test_highest_lossless_and_targets() -> None:
     assert target.met is False
 
 
+def test_burst_trials_count_what_arrived(tmp_path: pathlib.Path) -> None:
+    for kind in burst.KINDS:
+        got = burst.trial(kind, 2000, 500, 0.01, str(tmp_path))
+        assert got["n"] == 2000
+        assert 0 < got["captured"] <= 2000, (kind, got)  # no timing assertion: a busy machine
+        assert got["errors"] == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_burst_ratios_and_targets() -> None:
+    result = burst.BurstResult(
+        {
+            "bare": [{"captured": 100}, {"captured": 200}],
+            "record": [{"captured": 95}, {"captured": 100}],
+            "p2": [{"captured": 100}, {"captured": 220}],
+        }
+    )
+    assert burst.ratios(result, "record") == [0.95, 0.5]
+    record, p2 = burst.targets(result)
+    assert record.met is False  # median 0.725
+    assert p2.met is True  # median 1.05
+
+
+def test_burst_p2_sizes_its_socket_as_record_does() -> None:
+    from persizmq._cli import _record
+
+    assert (_burst_child.P2_RCVHWM, _burst_child.P2_RCVBUF) == (
+        _record.RECORD_RCVHWM_TCP,
+        _record.RECORD_RCVBUF,
+    )
+    assert _burst_child.P2_BIG_RCVHWM == _record.RECORD_RCVHWM
+
+
+def test_receive_costs() -> None:
+    costs = receive_cost.measure(500)
+    assert set(costs) == set(receive_cost.PATHS)
+    assert all(micros > 0 for micros in costs.values())
+
+
 def test_scale_helpers(tmp_path: pathlib.Path) -> None:
     scale.build_p2(tmp_path / "q", 500, 100)
     opened = scale.time_opens("p2", tmp_path / "q", 1)
@@ -76,3 +138,27 @@ def test_machine_description_and_tables() -> None:
     assert any(line.startswith("CPU:") for line in lines)
     table = _common.render_table(["a", "b"], [["1", "22"]], "lr")
     assert table == ["a   b", "-  --", "1  22"]
+
+
+def test_redis_stream_cases(redis_server: Server) -> None:
+    for case in redis_stream.CASES:
+        assert redis_stream.measure(case, redis_server.url, 100) > 0
+
+
+def test_aio_rounds(tmp_path: pathlib.Path) -> None:
+    for case in aio_bench.CONSUME_CASES:
+        for drain in aio_bench.DRAINS:
+            assert aio_bench.consume_round(case, drain, 30, tmp_path / f"{case}-{drain}") > 0
+    for case in aio_bench.LATENCY_CASES:
+        samples = aio_bench.latency_round(case, 3, tmp_path / case.replace(" ", "_"))
+        assert len(samples) == 3
+        assert all(s > 0 for s in samples)
+
+
+def test_topic_store_cases(tmp_path: pathlib.Path) -> None:
+    for case in topics.CASES:
+        built = topics.update_case(case, tmp_path / case, 50, 200)
+        assert built["rate"] > 0
+        assert built["allocated"] > 0
+        opened = topics.open_case(case, tmp_path / case, 50)
+        assert opened["open"] > 0

@@ -20,6 +20,13 @@ Durability of what ``front()`` returns (``"periodic"`` and ``"always"``): with t
 this process, its watermark of completed fsyncs says; without it, the consumer fsyncs the
 segment it reads (and, once per segment, the directory) itself, in the queue's fsync rounds.
 
+Reading ahead. When the consumer reaches a message by the general walk of the cursor, it also
+decodes and validates the plain messages that follow it in the same segment (up to
+:data:`_AHEAD`), so the next ``front()``/``pop_front()`` pairs cost a list lookup and a store
+into the position log; one fsync round covers the whole run before ``front()`` returns its
+first message. The run never crosses a batch record, a segment end or damage: those are the
+general walk's.
+
 A reader (``readonly``) takes no lock and writes nothing, ever: it follows the consumer's
 position from its file, skips damage without setting it aside, and deletes nothing.
 """
@@ -28,7 +35,8 @@ import contextlib
 import logging
 import os
 import pathlib
-from typing import Optional, Tuple
+import zlib
+from typing import List, Optional, Tuple
 
 from persizmq import _fs
 from persizmq._engine import _format
@@ -47,6 +55,10 @@ _LOGGER = logging.getLogger("persizmq")
 
 CONSUMER_LOCK = "consumer.lock"
 _HEADER = _format.SEGMENT_HEADER_SIZE
+_RECORD = _format.RECORD_HEADER_SIZE
+#: How many messages are decoded and validated ahead at most (one fsync round covers them).
+_AHEAD = 256
+_MASK32 = 0xFFFFFFFF
 
 #: Where the message :meth:`Consumer.front` returned comes from, to pop it.
 _FILES, _V2, _LOG = 0, 1, 2
@@ -89,7 +101,14 @@ class Consumer:
         #: Pops (of any kind) so far: see "Holding" in the module docstring.
         self.pops = 0
         self.held: Optional[int] = None
-        self._cache: Optional[Tuple[Message, int, int, int]] = None  # msg, source, end, offset
+        self._cache: Optional[Tuple[Message, int, int]] = None  # a legacy front: msg, source, end
+        #: The run of messages from the cursor on, decoded and validated ahead, in the cursor's
+        #: segment: ``(message, end position)``. ``ahead_i`` is the first not yet popped (the
+        #: cursor stands before it); the first ``ahead_ok`` need no more fsync before
+        #: ``front()`` returns them. See "Reading ahead" in the module docstring.
+        self.ahead: List[Tuple[Message, int]] = []
+        self.ahead_i = 0
+        self.ahead_ok = 0
         self.pos_dirty = False
         self.durable: Tuple[int, int] = (-1, 0)  # without the producer: fsynced by us
         self._want: Tuple[int, int] = (-1, 0)
@@ -151,20 +170,22 @@ class Consumer:
         """
         if self.following:
             self.follow()
+        i = self.ahead_i
+        if i < len(self.ahead):
+            run_msg, run_end = self.ahead[i]
+            return run_msg, self.cursor.base, run_end
         cached = self._cache
         if cached is not None:
-            held, source, end, offset = cached
-            if source != _LOG or offset == self.cursor.offset:
-                return held, (self.cursor.base if source == _LOG else -1), end
+            return cached[0], -1, cached[2]
         if len(self.files):
             found = self.files.front()
             if found is not None:
-                self._cache = (found, _FILES, 0, -1)
+                self._cache = (found, _FILES, 0)
                 return found, -1, 0
         if self.v2 is not None and len(self.v2):
             got = self.v2.front(self._on_v2_damage)
             if got is not None:
-                self._cache = (got[0], _V2, got[1], -1)
+                self._cache = (got[0], _V2, got[1])
                 return got[0], -1, got[1]
         while True:
             peeked = self.cursor.peek(writer)
@@ -182,8 +203,54 @@ class Consumer:
                 assert seg is not None
                 self._on_damage(seg, self.cursor.pos, end)
                 self.cursor.pos, self.cursor.index = end, self.cursor.index + 1
-        self._cache = (msg, _LOG, end, self.cursor.offset)
+        self._read_ahead(msg, end, writer)
         return msg, self.cursor.base, end
+
+    def _read_ahead(self, first: Message, end: int, writer: WriterEnd) -> None:
+        """Start a new run with ``first`` and the plain messages that follow it in the segment."""
+        ahead = [(first, end)]
+        seg = self.cursor.seg
+        if seg is not None and seg.map is not None:
+            data, salt = seg.map, seg.salt
+            limit = self.cursor.limit()
+            if writer is not None and writer[0] == self.cursor.base:
+                limit = min(limit, writer[1])
+            pos, index = end, self.cursor.index + 1
+            unpack, crc32 = _format.unpack_record_header, zlib.crc32
+            single = _format.KIND_SINGLE << _format.KIND_SHIFT
+            multipart = _format.KIND_MULTIPART << _format.KIND_SHIFT
+            seed_tag, seed_length = _format.SEED_TAG, _format.SEED_LENGTH
+            while len(ahead) < _AHEAD and pos + _RECORD <= limit:
+                # _format.check_record, inlined: this loop is the consumer's hot path.
+                sync, tag, length, crc = unpack(data, pos)
+                stop = pos + _RECORD + length
+                kind = tag - index
+                if sync != salt or kind not in (single, multipart) or stop > limit:
+                    break
+                payload = data[pos + _RECORD : stop]
+                if (
+                    crc32(payload, (salt ^ (tag * seed_tag) ^ (length * seed_length)) & _MASK32)
+                    != crc
+                ):
+                    break
+                if kind == single:
+                    msg: Message = payload
+                else:
+                    try:
+                        msg = decode_multipart(payload, str(seg.path))
+                    except CorruptionError:
+                        break  # the general path sets it aside when it gets there
+                ahead.append((msg, stop))
+                pos, index = stop, index + 1
+        self.ahead, self.ahead_i, self.ahead_ok = ahead, 0, 0
+
+    def forget_ahead(self) -> None:
+        """Drop the run read ahead (the cursor moved by other means)."""
+        self.ahead, self.ahead_i, self.ahead_ok = [], 0, 0
+
+    def ahead_end(self) -> int:
+        """Where the last message read ahead ends (what a group fsync must cover)."""
+        return self.ahead[-1][1] if self.ahead else 0
 
     def pop(self, writer: WriterEnd, dropping: bool = False) -> bool:
         """Remove the oldest pending message; False if there is none (see "Holding").
@@ -199,6 +266,24 @@ class Consumer:
         found = self.front(writer)
         if found is None:
             return False
+        cursor = self.cursor
+        if self.ahead_i < len(self.ahead):  # a message of the segment log
+            end = self.ahead[self.ahead_i][1]
+            before = cursor.pos, cursor.index
+            self.ahead_i += 1
+            cursor.pos, cursor.index = end, cursor.index + 1
+            if not self.readonly:
+                try:
+                    self._store_position()
+                except StorageWriteError:
+                    cursor.pos, cursor.index = before  # not popped: the message stays in front
+                    self.ahead_i -= 1
+                    if self.plog is not None:
+                        self.plog.undo()
+                    raise
+            self.pops += 1
+            self.popped += 1
+            return True
         cached = self._cache
         assert cached is not None
         self._cache = None
@@ -207,30 +292,16 @@ class Consumer:
             if source == _FILES:
                 self.files.paths.popleft()
                 self.files._front = None
-            elif source == _V2:
+            else:
                 assert self.v2 is not None
                 self.v2.off, self.v2.pending = end, self.v2.pending - 1
-            else:
-                self.cursor.pos, self.cursor.index = end, self.cursor.index + 1
             return True
         if source == _FILES:
             self.files.pop(self._fsync_directory_if_always)
-        elif source == _V2:
+        else:
             assert self.v2 is not None
             self.v2.pop(end)
             self.pos_dirty = True
-        else:
-            cursor = self.cursor
-            before = cursor.pos, cursor.index
-            cursor.pos, cursor.index = end, cursor.index + 1
-            try:
-                self._store_position()
-            except StorageWriteError:
-                cursor.pos, cursor.index = before  # not popped: the message stays in front
-                self._cache = cached
-                if self.plog is not None:
-                    self.plog.undo()
-                raise
         self.pops += 1
         self.popped += 1
         return True
@@ -257,19 +328,19 @@ class Consumer:
     # ------------------------------------------------------------------ cursor callbacks
 
     def _on_leave(self, base: int) -> None:
-        self._cache = None
+        self.forget_ahead()
         self.ledger.drop(base)
         if self.readonly:
             return
         self._store_position()
-        self._unlink(base)
+        self.durability.unlink_later(self.directory / _format.segment_name(base))
 
     def _unlink(self, base: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / _format.segment_name(base))
 
     def _on_damage(self, seg: Segment, start: int, stop: int) -> None:
-        self._cache = None
+        self.forget_ahead()
         region = b"" if seg.map is None else seg.map[start:stop]
         self._report_damage(seg.name, start, region)
 
@@ -361,11 +432,13 @@ class Consumer:
                 self.v2 = V2Log(self.directory, self.sync, readonly=True)
             self.files.forget()
             self._cache = None
+            self.forget_ahead()
             self.cursor.seek(offset, base, pos)
             self.ledger.drop_below(self.cursor.base)
 
     def close(self) -> None:
         """Release every descriptor, mapping and the lock; idempotent."""
+        self.forget_ahead()
         self.cursor.close()
         if self.plog is not None:
             self.plog.close()

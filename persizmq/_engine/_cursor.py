@@ -157,6 +157,10 @@ class Cursor:
     def _at_seal_end(self) -> bool:
         return self.seal is not None and self.pos >= self.seal[1]
 
+    def limit(self) -> int:
+        """How far records of the current segment may reach (its mapping, or its seal)."""
+        return self._limit()
+
     def _limit(self) -> int:
         seg = self.seg
         assert seg is not None
@@ -274,7 +278,7 @@ class Cursor:
         seg = self.seg
         assert seg is not None
         assert seg.map is not None
-        found = _format.find_resync(seg.map, self.pos + 1, limit, seg.salt, self.index)
+        found = _format.find_resync(seg.map, self.pos, limit, seg.salt, self.index)
         if found is not None:
             self.on_damage(seg, self.pos, found[0])
             self.pos, self.index = found

@@ -93,6 +93,11 @@ class Durability:
         self._thread: Optional[threading.Thread] = None
         self._wake = threading.Event()
         self._stopping = False
+        #: Consumed segments to delete (their position is stored): freeing a file's pages costs
+        #: milliseconds, which the background thread spends instead of the consumer.
+        self.unlinks: List[pathlib.Path] = []
+        self._unlinks_lock = threading.Lock()  # guards the list
+        self._unlinking = threading.Lock()  # held while deleting: flush waits for the thread
 
     # ------------------------------------------------------------------ fail-stop
 
@@ -187,8 +192,9 @@ class Durability:
     # ------------------------------------------------------------------ background thread
 
     def start(self) -> None:
-        """Start the background thread of ``"periodic"`` mode (idempotent)."""
-        if self._thread is not None or self.sync != "periodic":
+        """Start the background thread (idempotent): the fsync rounds of ``"periodic"`` mode,
+        and in ``"periodic"`` and ``"never"`` mode the deletion of consumed segments."""
+        if self._thread is not None or self.sync == "always":
             return
         self._thread = threading.Thread(
             target=_run,
@@ -215,8 +221,32 @@ class Durability:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def unlink_later(self, path: pathlib.Path) -> None:
+        """Delete a consumed segment soon, in the background thread (lock held); at once in
+        ``"always"`` mode, which has no such thread."""
+        if self._thread is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        with self._unlinks_lock:
+            self.unlinks.append(path)
+        self._wake.set()
+
+    def flush_unlinks(self) -> None:
+        """Delete the consumed segments still waiting (the queue's lock held or not); when it
+        returns, the deletions the background thread had under way are done too."""
+        with self._unlinking:
+            with self._unlinks_lock:
+                paths, self.unlinks = self.unlinks, []
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
     def background_round(self) -> None:
         """One round of the background thread; failures are recorded, never raised."""
+        self.flush_unlinks()
+        if self.sync != "periodic":
+            return
         if not self.lock.acquire(timeout=self.interval):
             return
         try:

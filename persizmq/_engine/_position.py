@@ -73,6 +73,10 @@ def _check(offset: int, base: int, position: int) -> int:
     ) & _MASK
 
 
+#: The check value of a position entry (see the module docstring).
+check = _check
+
+
 def _best(data: bytes) -> Optional[Tuple[int, Position]]:
     """Return ``(slot, position)`` of the valid entry with the highest offset."""
     best: Optional[Tuple[int, Position]] = None
@@ -126,6 +130,10 @@ class PositionLog:
 
     __slots__ = ("_fd", "_map", "_previous", "_slot", "path", "position")
 
+    #: The layout of a slot, for the facade's lean pop path (which stores an entry itself).
+    SLOT = _SLOT
+    SLOTS = _SLOTS
+
     def __init__(self, directory: pathlib.Path, sync: str) -> None:
         """Open the log, creating or repairing it.
 
@@ -157,9 +165,9 @@ class PositionLog:
             raise
         best = _best(self._map[:])
         self._slot = -1 if best is None else best[0]
-        #: The stored position, or None for a new log.
+        #: The position stored when the log was opened, or None for a new log.
         self.position: Optional[Position] = None if best is None else best[1]
-        self._previous: Optional[Tuple[int, Optional[Position]]] = None
+        self._previous = -1
 
     def write(self, offset: int, base: int, position: int) -> None:
         """Store the position after the newest entry (a store into the page cache)."""
@@ -167,22 +175,20 @@ class PositionLog:
         if slot >= _SLOTS:
             slot = 0
         assert self._map is not None
-        self._previous = (self._slot, self.position)
+        self._previous = self._slot
         self._slot = slot
         _SLOT.pack_into(
             self._map, slot * _SLOT.size, offset, base, position, _check(offset, base, position)
         )
-        self.position = (offset, base, position)
 
     def undo(self) -> None:
         """Take the last :meth:`write` back (its fsync failed): its slot is zeroed, so the
         entry before it is the position again."""
         assert self._map is not None
-        assert self._previous is not None
+        assert self._previous >= -1
         start = self._slot * _SLOT.size
         self._map[start : start + _SLOT.size] = bytes(_SLOT.size)
-        self._slot, self.position = self._previous
-        self._previous = None
+        self._slot = self._previous
 
     def fileno(self) -> int:
         """The log's descriptor (for fsync rounds, which duplicate it)."""

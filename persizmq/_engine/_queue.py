@@ -52,6 +52,20 @@ Record = Tuple[bytes, int]
 _BOUNDS = ("max_messages", "max_bytes", "overflow")
 
 
+class _Release:
+    """Release, at the end of a ``with`` block, a lock acquired before it."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        """Nothing: the lock is held already."""
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Release the lock."""
+        self._lock.release()
+
+
 class Options(NamedTuple):
     """The options that belong to the queue (two handles must agree on them)."""
 
@@ -88,6 +102,9 @@ class Queue:
         self.dropped_oldest = 0
         self.dropped_newest = 0
         self.bounded = options.max_messages is not None or options.max_bytes is not None
+        #: Whether an add of one single-frame message may take the facade's lean path: a
+        #: producer here, no bound, no fsync per add, no listener, open (see _update_fast).
+        self.fast_add = False
 
     @property
     def options(self) -> Options:
@@ -109,6 +126,7 @@ class Queue:
                 **{name: getattr(options, name) for name in _BOUNDS}
             )
             self.bounded = options.max_messages is not None or options.max_bytes is not None
+            self._update_fast()
 
     # ------------------------------------------------------------------ parts
 
@@ -153,6 +171,7 @@ class Queue:
                     self.ledger.drop_below(self.consumer.cursor.base)
             self.producers += produce
             self.consumers += consume
+            self._update_fast()
         if not self.readonly:
             self.durability.start()
         return True
@@ -190,6 +209,21 @@ class Queue:
             if closing:
                 self.durability.stop()
 
+    def _update_fast(self) -> None:
+        """Recompute :attr:`fast_add` after anything it depends on changed (lock held)."""
+        self.fast_add = (
+            self.writer is not None
+            and not self.closed
+            and not self.bounded
+            and self.sync != "always"
+            and not self.listeners
+        )
+
+    def set_listeners(self, listeners: List[Callable[[], None]]) -> None:
+        """Replace the listeners (lock held)."""
+        self.listeners = listeners
+        self._update_fast()
+
     def _drop_writer(self) -> None:
         writer = self.writer
         assert writer is not None
@@ -206,6 +240,7 @@ class Queue:
             self.durability.participants.remove(writer)
             writer.close_files()
             self.writer = None
+            self._update_fast()
 
     def _drop_consumer(self) -> None:
         consumer = self.consumer
@@ -245,7 +280,9 @@ class Queue:
             if self.sync != "never" or self.durability.failed is not None:
                 self.durability.sync_round()
         finally:
+            self.durability.flush_unlinks()
             self.closed = True
+            self.fast_add = False
             if self.writer is not None:
                 self.writer.close_files()
             if self.consumer is not None:
@@ -391,8 +428,8 @@ class Queue:
                 assert consumer is not None
                 found = consumer.front(self.writer_end())
                 if found is not None:
-                    msg, base, end = found
-                    if base < 0 or self.sync == "never" or not self._needs_sync(base, end):
+                    msg, base, _end = found
+                    if self._durable_enough(consumer, base):
                         consumer.hold()
                         return list(msg) if msg.__class__ is list else msg
                     self.durability.sync_round()  # releases the lock meanwhile
@@ -413,6 +450,19 @@ class Queue:
                 if self.writer is None:
                     poll = min(poll * 2, _POLL_MAX)
 
+    def _durable_enough(self, consumer: Consumer, base: int) -> bool:
+        """Whether the front message may be returned without an fsync round first (lock held).
+
+        The round, when one is needed, covers the whole run read ahead, so the messages after
+        the front are known durable too (``consumer.ahead_ok``): group commit.
+        """
+        if base < 0 or self.sync == "never" or consumer.ahead_i < consumer.ahead_ok:
+            return True
+        if self._needs_sync(base, consumer.ahead_end()):
+            return False
+        consumer.ahead_ok = len(consumer.ahead)
+        return True
+
     def _needs_sync(self, base: int, end: int) -> bool:
         writer = self.writer
         if writer is not None:
@@ -422,16 +472,20 @@ class Queue:
         return consumer.want_durable(base, end)
 
     def try_front(self) -> Tuple[bool, Optional[Message]]:
-        """``(True, message or None)`` if answering needs no fsync, else ``(False, None)``."""
-        with self.lock:
+        """``(True, message or None)`` if answering needs no fsync and no wait, else
+        ``(False, None)`` — also when the lock is busy (an event loop must never wait for a
+        thread that is in the middle of an fsync)."""
+        if not self.lock.acquire(blocking=False):
+            return False, None
+        with _Release(self.lock):
             self.check_open("read from")
             consumer = self.consumer
             assert consumer is not None
             found = consumer.front(self.writer_end())
             if found is None:
                 return True, None
-            msg, base, end = found
-            if base >= 0 and self.sync != "never" and self._needs_sync(base, end):
+            msg, base, _end = found
+            if not self._durable_enough(consumer, base):
                 return False, None
             consumer.hold()
             return True, (list(msg) if msg.__class__ is list else msg)
@@ -464,7 +518,9 @@ class Queue:
         return max(0, messages), max(0, nbytes)
 
     def sync_now(self) -> None:
-        """Fsync everything written so far, whatever the mode (lock NOT held)."""
+        """Fsync everything written so far, whatever the mode (lock NOT held); delete the
+        consumed segments still waiting for the background thread."""
         with self.lock:
             self.check_open("sync")
             self.durability.sync_round()
+        self.durability.flush_unlinks()

@@ -46,7 +46,7 @@ import logging
 import os
 import pathlib
 import zlib
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from persizmq import _fs
 from persizmq._engine import _format
@@ -97,6 +97,13 @@ class Writer:
         self.ledger = ledger
         self.lock_fd = _fs.acquire_lock(directory / PRODUCER_LOCK, "producer")
         self.seg: Optional[Segment] = None
+        #: For the lean add path of the facade: the write segment's map and salt, and how far
+        #: records may go without :meth:`make_room` (position) and without a new reservation or
+        #: a roll-over (index). 0 when there is no write segment.
+        self.map: Any = None
+        self.salt = 0
+        self.fast_end = 0
+        self.fast_index = 0
         self.reservation: Optional[Reservation] = None
         self.rolled: List[Segment] = []
         self.meta: Dict[bytes, bytes] = {}
@@ -279,6 +286,7 @@ class Writer:
             seg.map[_HEADER : _HEADER + len(snapshot)] = snapshot
             self.pos += len(snapshot)
             self.dirty = True
+        self._limits()
         if self.sync == "always":
             self.durability.fsync_directory()
             self.dir_dirty = False
@@ -317,6 +325,7 @@ class Writer:
             old.map.close()
             old.map = None
         self.seg = None
+        self._limits()
         try:
             if self.sync == "periodic":
                 self.rolled.append(old)
@@ -356,6 +365,17 @@ class Writer:
                 )
             seg.grow(target)
         self._reserve(self.base + self.index + count)
+        self._limits()
+
+    def _limits(self) -> None:
+        """Recompute what the lean add path may do without :meth:`make_room`."""
+        seg = self.seg
+        if seg is None or seg.map is None or self.reservation is None:
+            self.map, self.salt, self.fast_end, self.fast_index = None, 0, 0, 0
+            return
+        self.map, self.salt = seg.map, seg.salt
+        self.fast_end = min(seg.size, self.cap)
+        self.fast_index = min(_format.MAX_INDEX + 1, self.reservation.value - self.base)
 
     # ------------------------------------------------------------------ appending
 
@@ -454,6 +474,7 @@ class Writer:
 
     def close_files(self) -> None:
         """Close every descriptor and mapping and release the lock; idempotent."""
+        self.map, self.fast_end, self.fast_index = None, 0, 0
         for seg in [*self.rolled, *([self.seg] if self.seg is not None else [])]:
             seg.close()
         self.rolled = []

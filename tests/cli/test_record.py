@@ -20,7 +20,7 @@ import zmq
 
 import persizmq
 from persizmq import _cli
-from persizmq._cli import main
+from persizmq._cli import _record, main
 from tests._helpers import SocketTracker, wait_until
 from tests.cli._util import (
     DEADLINE,
@@ -429,3 +429,12 @@ def test_record_started_with_closed_descriptors_keeps_its_files_off_them(
             proc.kill()
             proc.wait()
     assert contents(directory) == numbered(5)
+
+
+def test_record_sizes_its_socket_by_transport() -> None:
+    """All TCP: the kernel's buffer (RCVBUF) takes bursts, the queue stays at libzmq's 1,000;
+    any other transport: the queue is the burst buffer."""
+    assert _record.receive_hwm(["tcp://127.0.0.1:5555", "tcp://[::1]:5556"]) == 1_000
+    assert _record.receive_hwm(["tcp://127.0.0.1:5555", "ipc:///tmp/x"]) == 100_000
+    assert _record.receive_hwm(["inproc://x"]) == _record.RECORD_RCVHWM
+    assert _record.RECORD_RCVBUF == 8 << 20
