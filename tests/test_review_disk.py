@@ -399,3 +399,37 @@ def test_latest_storage_fsync_errors_are_fail_stop(tmp_path: pathlib.Path, case:
         assert got["second"] == _WRITE_ERROR
     else:  # a documented exception, not a raw OSError
         assert got["open"] == _WRITE_ERROR
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the directory fsyncs of the producer's open (_writer.Writer._open and "
+    "_remove_empty_tail call _fs.fsync_directory unwrapped) let a raw OSError out",
+)
+def test_failed_directory_fsync_at_open_is_a_storage_write_error(tmp_path: pathlib.Path) -> None:
+    got = run_child(
+        """
+        import errno, json, os, sys
+        import persizmq
+        d = sys.argv[1]
+        with persizmq.PersistentStorage(d) as s:
+            s.add_message(b"m")
+        real = os.fsync
+        left = [1]
+        def fsync(fd):
+            if left[0]:
+                left[0] -= 1
+                raise OSError(errno.EIO, "injected EIO")
+            return real(fd)
+        os.fsync = fsync
+        try:
+            persizmq.PersistentStorage(d)
+            raised = None
+        except Exception as err:
+            raised = type(err).__module__ + "." + type(err).__name__
+        print(json.dumps({"raised": raised}))
+        """,
+        str(tmp_path / "q"),
+    )
+    assert got["returncode"] == 0, got["stderr"]
+    assert got["raised"] == _WRITE_ERROR
