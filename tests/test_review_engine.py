@@ -352,12 +352,6 @@ def test_blocked_front_sees_another_process_after_the_local_producer_closes(
         consumer.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a killed producer can leave a new segment without its metadata snapshot; the "
-    "next open reads the metadata from that segment only and removes it as an empty tail "
-    "(_writer.Writer._open/_restore_meta/_remove_empty_tail)",
-)
 def test_meta_survives_a_kill_between_segment_creation_and_its_snapshot(
     tmp_path: pathlib.Path,
 ) -> None:
