@@ -262,11 +262,6 @@ def test_consumer_process_delivers_an_atomic_batch_that_grew_the_segment(
     assert delivered == [f"b{i:04d}:" for i in range(20)] + ["after:"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 'held' mark of front() is one per open queue (_consumer.Consumer.held), so "
-    "another handle's pop clears it and the next pop removes a message nobody was shown",
-)
 def test_pop_after_another_handle_popped_what_it_was_shown_removes_nothing(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -281,10 +276,6 @@ def test_pop_after_another_handle_popped_what_it_was_shown_removes_nothing(
         assert list(a) == [b"m1", b"m2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 'held' mark of front() is shared by every thread (_consumer.Consumer.held)",
-)
 def test_pop_in_a_thread_after_another_thread_popped_removes_nothing(
     tmp_path: pathlib.Path,
 ) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Callable, List, Mapping, NamedTuple, Optional, Tuple
 
-from persizmq._engine._consumer import Consumer
+from persizmq._engine._consumer import Consumer, Holder
 from persizmq._engine._cursor import WriterEnd
 from persizmq._engine._durability import Durability
 from persizmq._engine._format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
@@ -406,7 +406,7 @@ class Queue:
         if len(kept) < len(fitting):
             free_count = free_bytes = -1  # a batch message was dropped: no older one stays
         while free_count < 0 or len(kept) > free_count or kept_bytes > free_bytes:
-            if not consumer.pop(writer_end, dropping=True):
+            if not consumer.pop(writer_end):
                 break
             consumer.popped -= 1
             self.dropped_oldest += 1
@@ -417,8 +417,9 @@ class Queue:
 
     # ------------------------------------------------------------------ consuming
 
-    def front(self, block: bool, timeout: Optional[float]) -> Optional[Message]:
-        """The oldest pending message (lock NOT held); see the module docstring."""
+    def front(self, block: bool, timeout: Optional[float], held: Holder) -> Optional[Message]:
+        """The oldest pending message (lock NOT held), noted in ``held``; see the module
+        docstring."""
         deadline = None if timeout is None else time.monotonic() + timeout
         poll = _POLL_MIN
         with self.lock:
@@ -430,7 +431,7 @@ class Queue:
                 if found is not None:
                     msg, base, _end = found
                     if self._durable_enough(consumer, base):
-                        consumer.hold()
+                        consumer.hold(held)
                         return list(msg) if msg.__class__ is list else msg
                     self.durability.sync_round()  # releases the lock meanwhile
                     continue
@@ -471,7 +472,7 @@ class Queue:
         assert consumer is not None
         return consumer.want_durable(base, end)
 
-    def try_front(self) -> Tuple[bool, Optional[Message]]:
+    def try_front(self, held: Holder) -> Tuple[bool, Optional[Message]]:
         """``(True, message or None)`` if answering needs no fsync and no wait, else
         ``(False, None)`` — also when the lock is busy (an event loop must never wait for a
         thread that is in the middle of an fsync)."""
@@ -487,16 +488,17 @@ class Queue:
             msg, base, _end = found
             if not self._durable_enough(consumer, base):
                 return False, None
-            consumer.hold()
+            consumer.hold(held)
             return True, (list(msg) if msg.__class__ is list else msg)
 
-    def pop(self) -> bool:
-        """Remove the oldest pending message (lock NOT held)."""
+    def pop(self, held: Holder) -> bool:
+        """Remove the oldest pending message, or nothing if the one ``held`` was shown is gone
+        (lock NOT held)."""
         with self.lock:
             self.check_open("pop from")
             consumer = self.consumer
             assert consumer is not None
-            return consumer.pop(self.writer_end())
+            return consumer.pop(self.writer_end(), held)
 
     # ------------------------------------------------------------------ counting
 
