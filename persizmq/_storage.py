@@ -332,7 +332,7 @@ class PersistentStorage:
                 consumer = queue.consumer
                 assert consumer is not None
                 i = consumer.ahead_i
-                if i < consumer.ahead_ok and not queue.closed:
+                if i < consumer.ahead_ok and not queue.closing:
                     msg = consumer.ahead[i][0]
                     self._held.pops = consumer.pops
                     return msg if isinstance(msg, bytes) else list(msg)
@@ -377,7 +377,7 @@ class PersistentStorage:
                     and (mark is None or mark == consumer.pops)
                     and plog is not None
                     and data is not None
-                    and not queue.closed
+                    and not queue.closing
                     and queue.durability.failed is None
                 ):
                     end = consumer.ahead[i][1]

@@ -795,3 +795,28 @@ def test_one_consumer_across_threads_refers_to_the_last_front_of_any_thread(
         assert in_a_thread(s.pop_front) is True
         worker.shutdown()
         assert list(s) == []
+
+
+def test_a_forked_child_is_told_to_open_the_storage_again(tmp_path: pathlib.Path) -> None:
+    # Storages are not shared across fork(): the child's inherited objects refuse every call
+    # with a ClosedError that says why, and the parent's queue goes on untouched.
+    with persizmq.PersistentStorage(tmp_path / "q") as s:
+        s.add_message(b"before")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            os.close(read)
+            try:
+                s.add_message(b"child")
+                answer = b"accepted"
+            except persizmq.ClosedError as err:
+                answer = b"fork" if "fork()" in str(err) else str(err).encode()
+            os.write(write, answer)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            answer = pipe.read()
+        os.waitpid(pid, 0)
+        assert answer == b"fork"
+        s.add_message(b"after")
+        assert list(s) == [b"before", b"after"]

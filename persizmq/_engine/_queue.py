@@ -16,6 +16,16 @@ Waiting: ``front(block=True)`` waits on a condition of the queue's lock; adds in
 wake it; a producer in another process is polled for, 1 ms up to 50 ms apart. The time-out
 holds whatever the wait meets (damage, fsync rounds): every step checks the deadline.
 
+Closing. Once the last handle's close has begun (``closing``; its fsync rounds release the
+lock), nothing is accepted any more: an add then would land after the seal that close wrote,
+where the next open would not look. A finalizer (``blocking=False``) never waits: if the lock
+is busy, or the garbage collector ran it inside a fsync round or a deletion of this queue, it
+leaves the release to the registry's reaper thread.
+
+Fork. In a child made by ``fork()`` every queue inherited is closed at once, without touching
+a file (its maps are shared with the parent, whose queue goes on): the child's handles raise
+:class:`ClosedError`, dropping them changes nothing on disk.
+
 Bounds (``max_messages``, ``max_bytes``) are checked before anything is written, and a batch
 is admitted as that many single adds would be. ``"drop_oldest"`` makes room by popping through
 the consumer, so a message a reader holds from ``front()`` is counted as dropped and the next
@@ -23,9 +33,11 @@ the consumer, so a message a reader holds from ``front()`` is counted as dropped
 """
 
 import logging
+import os
 import pathlib
 import threading
 import time
+import weakref
 from typing import Callable, List, Mapping, NamedTuple, Optional, Tuple
 
 from persizmq._engine._consumer import Consumer, Holder
@@ -104,6 +116,17 @@ class Queue:
         self.bounded = options.max_messages is not None or options.max_bytes is not None
         #: Whether an add of one single-frame message may take the facade's lean path: a
         #: producer here, no bound, no fsync per add, no listener, open (see _update_fast).
+        self.fast_add = False
+        self.forked_from: Optional[int] = None
+        _ALL.add(self)
+
+    def after_fork(self) -> None:
+        """In a child made by ``fork()``: closed, touching nothing (see the module docstring)."""
+        self.forked_from = os.getppid()
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.durability.after_fork(self.lock)
+        self.closed = self.closing = True
         self.fast_add = False
 
     @property
@@ -191,6 +214,8 @@ class Queue:
         try:
             if self.closed:
                 return True
+            if not blocking and self.durability.busy_here():
+                return None  # a finalizer inside a round or a deletion: never wait for itself
             self.producers -= produce
             self.consumers -= consume
             if self.producers > 0 or self.consumers > 0:
@@ -206,7 +231,7 @@ class Queue:
             return True
         finally:
             self.lock.release()
-            if closing:
+            if closing and blocking:
                 self.durability.stop()
 
     def _update_fast(self) -> None:
@@ -227,6 +252,8 @@ class Queue:
     def _drop_writer(self) -> None:
         writer = self.writer
         assert writer is not None
+        self.fast_add = False
+        self.cond.notify_all()  # a blocked front() polls for another process's producer now
         try:
             writer.seal_for_close()
             if self.sync != "never":
@@ -272,7 +299,8 @@ class Queue:
             self.durability.stop()
 
     def _close_locked(self) -> None:
-        self.closing = True
+        self.closing = True  # from now on nothing is accepted (see "Closing")
+        self.fast_add = False
         self.durability.wait_round(None)
         try:
             if self.writer is not None:
@@ -299,8 +327,14 @@ class Queue:
         return writer.base, writer.pos, writer.index
 
     def check_open(self, what: str) -> None:
-        """Raise ClosedError if the queue is closed (lock held)."""
-        if self.closed:
+        """Raise ClosedError if the queue is closed or closing (lock held)."""
+        if self.closing:
+            if self.forked_from is not None:
+                raise ClosedError(
+                    f"cannot {what} {str(self.directory)!r} in this process: the storage was "
+                    f"opened by process {self.forked_from} before a fork(); storages are not "
+                    f"shared across fork(): open it again in this process"
+                )
             raise ClosedError(f"cannot {what} {str(self.directory)!r}: the storage is closed")
 
     # ------------------------------------------------------------------ adding
@@ -433,7 +467,10 @@ class Queue:
                     if self._durable_enough(consumer, base):
                         consumer.hold(held)
                         return list(msg) if msg.__class__ is list else msg
-                    self.durability.sync_round()  # releases the lock meanwhile
+                    if deadline is None or not block:
+                        self.durability.sync_round()  # releases the lock meanwhile
+                    elif not self.durability.sync_round_until(deadline):
+                        return None
                     continue
                 if not block:
                     return None
@@ -526,3 +563,15 @@ class Queue:
             self.check_open("sync")
             self.durability.sync_round()
         self.durability.flush_unlinks()
+
+
+#: Every queue of this process, for the fork hook.
+_ALL: "weakref.WeakSet[Queue]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for queue in list(_ALL):
+        queue.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
