@@ -325,6 +325,7 @@ class Consumer:
         else:
             assert self.v2 is not None
             self.v2.pop(end)
+            self.v2.finish_if_done(self._on_v2_damage)
             self.pos_dirty = True
         self.pops += 1
         self.popped += 1
