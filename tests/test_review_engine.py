@@ -429,3 +429,29 @@ def test_foreign_segment_named_file_never_makes_the_consumer_delete_the_live_seg
     finally:
         producer.close()
     assert delivered == [f"m{i}" for i in range(5)], "acknowledged adds were lost"
+
+
+def test_iteration_never_yields_a_message_popped_meanwhile(tmp_path: pathlib.Path) -> None:
+    with persizmq.PersistentStorage(tmp_path / "q") as s:
+        s.add_messages([b"m%d" % i for i in range(6)])
+        iterator = iter(s)
+        assert next(iterator) == b"m0"
+        for _ in range(3):
+            assert s.front() is not None
+            assert s.pop_front()
+        assert list(iterator) == [b"m3", b"m4", b"m5"]
+
+
+def test_iteration_never_yields_a_2_0_0_message_popped_meanwhile(tmp_path: pathlib.Path) -> None:
+    d = tmp_path / "q"
+    d.mkdir()
+    records = b"".join(_v2_record(b"old-%d" % i, 0xA0) for i in range(3))
+    (d / "00000000000000000000.seg").write_bytes(b"PZMQSEG2" + records)
+    with persizmq.PersistentStorage(d) as s:
+        s.add_message(b"new")
+        iterator = iter(s)
+        assert next(iterator) == b"old-0"
+        for _ in range(2):
+            assert s.front() is not None
+            assert s.pop_front()
+        assert list(iterator) == [b"old-2", b"new"]
