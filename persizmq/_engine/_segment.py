@@ -44,8 +44,26 @@ _TMP_RE = re.compile(r"^\d{20}\.log\.tmp$")
 
 
 def list_bases(directory: pathlib.Path) -> List[int]:
-    """Return the base offsets of the segment files in ``directory``, ascending."""
-    return _format.list_segment_bases(os.listdir(directory))
+    """Return the base offsets of the segment files in ``directory``, ascending.
+
+    :raises DirectoryError: the directory cannot be listed (out of descriptors, say).
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError as err:
+        raise _unusable(err, f"cannot list the storage directory {str(directory)!r}") from err
+    return _format.list_segment_bases(names)
+
+
+def _unusable(err: OSError, what: str) -> DirectoryError:
+    """The error for a file or listing the engine needs and cannot have; nothing changed."""
+    hint = ""
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        hint = " (close descriptors this process does not need, or raise `ulimit -n`)"
+    return DirectoryError(
+        err.errno if err.errno is not None else errno.EIO,
+        f"{what}: {err.strerror or err}{hint}; nothing was changed, try again",
+    )
 
 
 def has_valid_header(directory: pathlib.Path, base: int) -> bool:
@@ -152,10 +170,18 @@ class Segment:
             fd = os.open(path, flags)
         except FileNotFoundError:
             return None
+        except OSError as err:
+            raise _unusable(err, f"cannot open the segment {str(path)!r}") from err
         try:
             st = os.fstat(fd)
             _check_regular(path, st.st_mode)
             segment = cls(path, base, fd, st.st_size, writable=writable, salt=0)
+        except DirectoryError:
+            os.close(fd)
+            raise
+        except OSError as err:  # mmap: out of descriptors (it takes one) or of address space
+            os.close(fd)
+            raise _unusable(err, f"cannot map the segment {str(path)!r}") from err
         except BaseException:
             os.close(fd)
             raise
@@ -174,7 +200,10 @@ class Segment:
         size = os.fstat(self.fd).st_size
         if size <= self.size:
             return False
-        self._remap(size)
+        try:
+            self._remap(size)
+        except OSError as err:  # the old mapping stays: nothing changed
+            raise _unusable(err, f"cannot map the segment {str(self.path)!r} again") from err
         return True
 
     def grow(self, size: int) -> None:
