@@ -486,3 +486,13 @@ def test_running_out_of_descriptors_in_front_is_a_persizmq_error_and_recoverable
     assert got["error"][1], got["error"]
     assert "open files" in got["error"][2]
     assert got["after"] == "b", "the failed front() lost its place"
+
+
+def test_front_with_a_zero_timeout_returns_a_message_that_needs_an_fsync_first(
+    tmp_path: pathlib.Path,
+) -> None:
+    """``timeout=0`` is queue.Queue's "do not wait": like ``block=False``, it does the fsync a
+    pending message needs (bounding the wait for a slow fsync made it return None)."""
+    with persizmq.PersistentStorage(tmp_path / "q", sync_interval=3600) as s:
+        s.add_message(b"m")
+        assert s.front(block=True, timeout=0) == b"m"

@@ -454,6 +454,8 @@ class Queue:
     def front(self, block: bool, timeout: Optional[float], held: Holder) -> Optional[Message]:
         """The oldest pending message (lock NOT held), noted in ``held``; see the module
         docstring."""
+        if timeout == 0:  # queue.Queue's "no wait": as block=False (the fsync a message needs
+            block = False  # is not a wait for one to arrive; front() and the model agree)
         deadline = None if timeout is None else time.monotonic() + timeout
         poll = _POLL_MIN
         with self.lock:
