@@ -39,6 +39,17 @@ message newer than the last one that object's ``message()`` returned; a new obje
 that holds a message starts with it ``True``, as after a restart). The lock file goes with the
 last object closed; another process gets :class:`LockedError`.
 
+A failed fsync is fail-stop, as in the queue (``_engine._durability``): the kernel may have
+dropped the pages it could not write, so a retry that succeeds proves nothing. The first failure
+-- of an ``"always"`` add, of :meth:`~PersistentLatestStorage.message` or
+:meth:`~PersistentLatestStorage.periodic_sync` making the newest message durable, of the
+background thread's round, of the last fsync of ``close()`` -- is kept in
+``Durability.failed``; from then on every add, every sync and every ``close()`` raises
+:class:`StorageWriteError` naming it, and so does a ``message()`` whose newest message is not
+durable. Opening the directory again starts from what is on disk (and fsyncs the newest slot,
+unless ``sync="never"``); a write or fsync of the opening that fails raises
+:class:`StorageWriteError`, never a raw ``OSError``.
+
 persizmq 1.0.x kept the message as the raw content of ``persistent_message.bin``; when no slot
 exists it is read, converted to a slot (fsynced) and then removed; a leftover 1.0.x
 ``persistent_message.tmp`` is removed.
@@ -64,6 +75,7 @@ from persizmq._engine._registry import lock_wait
 from persizmq._errors import (
     ClosedError,
     CorruptionError,
+    DirectoryError,
     MessageTooLargeError,
     StorageWriteError,
 )
@@ -121,6 +133,15 @@ def _fsync_slot(dir_fd: int, name: str) -> None:
     os.fsync(dir_fd)
 
 
+def _open_error(directory: pathlib.Path, err: OSError, what: str) -> StorageWriteError:
+    """The exception for a write or fsync that failed while opening ``directory``."""
+    return StorageWriteError(
+        err.errno if err.errno is not None else errno.EIO,
+        f"cannot open the latest-message storage {str(directory)!r}: {what} failed: "
+        f"{err.strerror or err}",
+    )
+
+
 def _payload_size(body: bytes) -> int:
     """Return the message's payload size (sum of frames) from its encoded body."""
     if body[0] == KIND_SINGLE:
@@ -172,6 +193,8 @@ class _LatestStore:
 
         :raises LockedError: another process holds the directory.
         :raises CorruptionError: the stored message was written by a newer persizmq.
+        :raises StorageWriteError: a write or an fsync of the opening failed.
+        :raises DirectoryError: the directory cannot be opened.
         """
         self.directory = self._dir = directory
         self._options = options
@@ -191,10 +214,16 @@ class _LatestStore:
         self.durability = Durability(self.lock, directory, options.sync, options.sync_interval)
         self.durability.participants.append(self)
         try:
-            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._load()
+            try:
+                self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as err:
+                raise DirectoryError(
+                    err.errno, f"cannot open the directory {str(directory)!r}: {err.strerror}"
+                ) from err
+            with self.lock:  # nobody else sees the store yet; Durability.fail needs it held
+                self._load()
         except BaseException:
-            self._release()
+            self._release_files()
             raise
         self.durability.start()
 
@@ -213,8 +242,11 @@ class _LatestStore:
     def _load(self) -> None:
         dir_fd = self._dir_fd
         for name in (TMP_FILE, LEGACY_TMP_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=dir_fd)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+            except OSError as err:
+                raise _open_error(self._dir, err, f"removing the leftover {name}") from err
 
         present, valid, damaged = self._scan_slots()
         if valid:
@@ -244,11 +276,14 @@ class _LatestStore:
             self._migrate_legacy()
 
         if self._sync != "never":
-            if self._newest_slot is not None:
-                # Whatever a previous run left unsynced becomes durable before it is relied on.
-                _fsync_slot(dir_fd, SLOT_FILES[self._newest_slot])
-            elif damaged:
-                os.fsync(dir_fd)
+            try:
+                if self._newest_slot is not None:
+                    # What a previous run left unsynced becomes durable before it is relied on.
+                    _fsync_slot(dir_fd, SLOT_FILES[self._newest_slot])
+                elif damaged:
+                    os.fsync(dir_fd)
+            except OSError as err:
+                raise _open_error(self._dir, err, "the fsync of the newest message") from err
 
     def _scan_slots(
         self,
@@ -299,7 +334,10 @@ class _LatestStore:
                 break
             counter += 1
             target = f"{name}.corrupt.{counter}"
-        os.rename(name, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        try:
+            os.rename(name, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError as err:
+            raise _open_error(self._dir, err, f"moving the damaged {name} to {target}") from err
         _LOGGER.warning(
             "persizmq: moved the damaged %s to %s", self._dir / name, self._dir / target
         )
@@ -314,8 +352,11 @@ class _LatestStore:
         body = encode_body(data)
         assert body is not None
         self._write(body, data, durable=True)
-        os.unlink(LEGACY_FILE, dir_fd=dir_fd)
-        os.fsync(dir_fd)
+        try:
+            os.unlink(LEGACY_FILE, dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        except OSError as err:
+            raise _open_error(self._dir, err, f"removing the converted {LEGACY_FILE}") from err
         _LOGGER.info(
             "persizmq: converted the persizmq 1.0.x message %s (%d bytes) to %s",
             self._dir / LEGACY_FILE,
@@ -326,7 +367,10 @@ class _LatestStore:
     # ------------------------------------------------------------------ used by the objects
 
     def add(self, body: bytes, message: Message) -> None:
-        """Store ``body`` (the encoded ``message``) as the newest message."""
+        """Store ``body`` (the encoded ``message``) as the newest message.
+
+        :raises StorageWriteError: the write failed, or an fsync failed now or before.
+        """
         with self.lock:
             if self.closed:
                 raise ClosedError("cannot add a message: the PersistentLatestStorage is closed")
@@ -334,13 +378,14 @@ class _LatestStore:
             self._write(body, message, durable=self._sync == "always")
 
     def newest(self) -> Tuple[Optional[Message], int]:
-        """``(message, sequence)`` of the newest message, fsynced first if it is not yet."""
+        """``(message, sequence)`` of the newest message, fsynced first if it is not yet.
+
+        :raises StorageWriteError: it is not durable and an fsync failed, now or before.
+        """
         with self.lock:
             if self.closed:
                 raise ClosedError("cannot read the message: the PersistentLatestStorage is closed")
-            if not self._newest_synced:
-                self.durability.check()
-                self._sync_newest()
+            self._make_newest_durable()
             return self._message, self._sequence
 
     def sync_work(self) -> Optional[SyncWork]:
@@ -362,11 +407,16 @@ class _LatestStore:
         return SyncWork([fd], True, done, str(self._dir / name))
 
     def periodic_sync(self) -> None:
-        """Fsync the newest message if it was written since the last sync."""
+        """Fsync the newest message if it was written since the last sync.
+
+        :raises StorageWriteError: an fsync failed, now or before.
+        """
         with self.lock:
-            if self.closed or self._newest_synced:
+            if self.closed:
                 return
-            self._sync_newest()
+            self.durability.check()
+            with contextlib.suppress(ClosedError):  # closed meanwhile: a no-op, as once closed
+                self._make_newest_durable()
 
     def attach(self) -> bool:
         """One more object uses the store; False if it was closed meanwhile."""
@@ -380,57 +430,63 @@ class _LatestStore:
 
     def detach(self, blocking: bool = True) -> Optional[bool]:
         """One object fewer; the last one closes the store. None if ``blocking`` is False and
-        the lock was busy (nothing changed)."""
+        the lock was busy (nothing changed).
+
+        :raises StorageWriteError: an fsync failed, now or before (the object is detached,
+            and the store released if it was the last, anyway).
+        """
         if not self.lock.acquire(timeout=lock_wait(blocking)):
             return None
+        closing = False
         try:
             self.users -= 1
-            if self.users > 0:
-                return False
-            self.closing = True
-            try:
-                self.durability.wait_round(None)
-            finally:
-                self.closed = True
-                self.durability.stop_nowait()
-                self._release()
-                self._closed_cond.notify_all()
+            if self.users > 0 or self.closed:  # others use it, or it was replaced (failed)
+                self.durability.check()
+                return self.closed
+            closing = True
+            self._close_locked()
         finally:
             self.lock.release()
-        self.durability.stop()
+            if closing:
+                self.durability.stop()
         return True
 
     def close(self, timeout: Optional[float] = None) -> None:
-        """Fsync what is pending (unless ``sync="never"``) and release the directory."""
+        """Fsync what is pending (unless ``sync="never"``) and release the directory.
+
+        :raises StorageWriteError: an fsync failed, now or before (released anyway).
+        """
         if self.closed:
             return
         if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
             _LOGGER.warning("persizmq: could not close %s: it stayed busy", self._dir)
             return
         try:
-            if self.closed:
-                return
-            self.closing = True
-            try:
-                self.durability.wait_round(None)
-            finally:
-                self.closed = True
-                self.durability.stop_nowait()
-                self._release()
-                self._closed_cond.notify_all()
+            if not self.closed:
+                self._close_locked()
         finally:
             self.lock.release()
-        self.durability.stop()
+            self.durability.stop()
 
-    def _release(self) -> None:
-        """A last fsync if one is pending, then the directory and its lock."""
-        if self._dir_fd >= 0:
-            if self._pending_sync is not None and self.durability.failed is None:
-                try:
-                    _fsync_slot(self._dir_fd, self._pending_sync)
-                except OSError:
-                    _LOGGER.exception("persizmq: the final fsync of the latest message failed")
+    def _close_locked(self) -> None:
+        """The last fsync, then release everything whatever happened (lock held)."""
+        self.closing = True
+        try:
+            self.durability.wait_round(None)
+            self.durability.check()
+            if self._pending_sync is not None and self._sync != "never":
+                self._fsync_slot(self._pending_sync)
+                self._newest_synced = True
                 self._pending_sync = None
+        finally:
+            self.closed = True
+            self.durability.stop_nowait()
+            self._release_files()
+            self._closed_cond.notify_all()
+
+    def _release_files(self) -> None:
+        """Close the directory and release its lock (no fsync)."""
+        if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
         if self._lock_fd >= 0:
@@ -439,9 +495,39 @@ class _LatestStore:
 
     # ------------------------------------------------------------------ writing
 
+    def _fsync_slot(self, name: str) -> None:
+        """Fsync the slot ``name`` and the directory (lock held); a failure is fail-stop."""
+        try:
+            _fsync_slot(self._dir_fd, name)
+        except OSError as err:
+            raise self.durability.fail(err, f"fsync of {str(self._dir / name)!r}") from err
+
+    def _make_newest_durable(self) -> None:
+        """Fsync the newest message unless it is durable (lock held).
+
+        A round of the background thread under way may be fsyncing it: its outcome is waited
+        for, so that a failure it meets is never overtaken by an fsync that then succeeds.
+
+        :raises ClosedError: another thread closed the store during that wait.
+        """
+        if self._newest_synced:
+            return
+        self.durability.wait_round(None)  # releases the lock while it waits
+        if self.closed:
+            raise ClosedError("the PersistentLatestStorage was closed by another thread")
+        self.durability.check()
+        if not self._newest_synced:
+            assert self._newest_slot is not None
+            self._fsync_slot(SLOT_FILES[self._newest_slot])
+            self._newest_synced = True
+            self._pending_sync = None
+
     def _write(self, body: bytes, message: Message, *, durable: bool) -> None:
-        """Store ``body`` as the next sequence number; the caller holds the lock."""
-        dir_fd = self._dir_fd
+        """Store ``body`` as the next sequence number; the caller holds the lock.
+
+        :raises StorageWriteError: the write failed (the previous message is kept, the store
+            goes on), or, with ``durable``, an fsync failed (fail-stop).
+        """
         newest = self._newest_slot
         if newest is None:
             slot = 0
@@ -453,39 +539,22 @@ class _LatestStore:
         prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, sequence, len(body))
         header = prefix + _CRC.pack(zlib.crc32(body, zlib.crc32(prefix)))
         name = SLOT_FILES[slot]
-        try:
-            fd = os.open(TMP_FILE, _WRITE_FLAGS, _fs.FILE_MODE, dir_fd=dir_fd)
-            try:
-                written = os.writev(fd, (header, body))
-                if written < _HEADER_SIZE + len(body):
-                    _write_rest(fd, header + body, written)
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(TMP_FILE, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(TMP_FILE, dir_fd=dir_fd)
-            raise StorageWriteError(
-                err.errno if err.errno is not None else errno.EIO,
-                f"cannot write the latest message to {str(self._dir / name)!r}: "
-                f"{err.strerror}; the previous message is kept",
-            ) from err
+        self._put(name, header, body, durable=durable)
         # The new message is in place: from here on it is the newest, even if an fsync fails.
         self._sequence = sequence
         self._newest_slot = slot
         self._message = message
         if durable:
+            self._newest_synced = False
+            self._pending_sync = name
             try:
-                os.fsync(dir_fd)
+                os.fsync(self._dir_fd)
             except OSError as err:
-                self._newest_synced = False
-                self._pending_sync = name
+                failure = self.durability.fail(err, f"fsync of the directory {str(self._dir)!r}")
                 raise StorageWriteError(
-                    err.errno if err.errno is not None else errno.EIO,
-                    f"stored the latest message in {str(self._dir / name)!r}, but the fsync of "
-                    f"the directory failed: {err.strerror}; it may not survive a power cut",
+                    failure.errno,
+                    f"{failure} (the new message is in {str(self._dir / name)!r}, but may not "
+                    f"survive a power cut)",
                 ) from err
             self._newest_synced = True
             self._pending_sync = None
@@ -495,19 +564,42 @@ class _LatestStore:
         else:
             self._newest_synced = True  # "never": nothing will ever be fsynced
 
-    def _sync_newest(self) -> None:
-        """Fsync the newest slot and the directory; the caller holds the lock."""
-        assert self._newest_slot is not None
-        name = SLOT_FILES[self._newest_slot]
+    def _put(self, name: str, header: bytes, body: bytes, *, durable: bool) -> None:
+        """Write a slot file as ``TMP_FILE`` (fsynced if ``durable``), rename it to ``name``.
+
+        :raises StorageWriteError: nothing was renamed (the previous message is kept); if the
+            fsync failed, that is fail-stop.
+        """
+        dir_fd = self._dir_fd
         try:
-            _fsync_slot(self._dir_fd, name)
+            fd = os.open(TMP_FILE, _WRITE_FLAGS, _fs.FILE_MODE, dir_fd=dir_fd)
+            try:
+                written = os.writev(fd, (header, body))
+                if written < _HEADER_SIZE + len(body):
+                    _write_rest(fd, header + body, written)
+                if durable:
+                    try:
+                        os.fsync(fd)
+                    except OSError as err:
+                        failure = self.durability.fail(
+                            err, f"fsync of {str(self._dir / TMP_FILE)!r}"
+                        )
+                        raise StorageWriteError(
+                            failure.errno, f"{failure} (the new message was not stored)"
+                        ) from err
+            finally:
+                os.close(fd)
+            os.replace(TMP_FILE, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(TMP_FILE, dir_fd=dir_fd)
+            if isinstance(err, StorageWriteError):  # the failed fsync, fail-stop
+                raise
             raise StorageWriteError(
                 err.errno if err.errno is not None else errno.EIO,
-                f"cannot fsync the latest message {str(self._dir / name)!r}: {err.strerror}",
+                f"cannot write the latest message to {str(self._dir / name)!r}: "
+                f"{err.strerror}; the previous message is kept",
             ) from err
-        self._newest_synced = True
-        self._pending_sync = None
 
 
 class PersistentLatestStorage:
@@ -527,6 +619,10 @@ class PersistentLatestStorage:
 
     In every mode a killed process loses nothing that ``add_message`` accepted, and damage on
     disk is never returned: a damaged newest slot falls back to the previous good message.
+
+    A failed fsync is fail-stop: from then on :meth:`add_message`, :meth:`periodic_sync`,
+    :meth:`close` and a :meth:`message` whose newest message is not yet durable raise
+    :class:`StorageWriteError` naming it; opening the directory again starts from the disk.
 
     The storage is thread-safe. It holds a lock on the directory until :meth:`close` (or the
     end of a ``with`` block, or the object is garbage-collected), so a second opener -- in this
@@ -554,6 +650,7 @@ class PersistentLatestStorage:
         :raises DirectoryError: ``persistent_dir`` is not a usable directory.
         :raises LockedError: another process holds the directory.
         :raises CorruptionError: the stored message was written by a newer persizmq.
+        :raises StorageWriteError: an fsync (or another write) of the opening failed.
         """
         self._closed = True  # until opened, so that __del__ of a failed open is quiet
         sync = _fs.check_sync_mode(sync)
@@ -607,8 +704,8 @@ class PersistentLatestStorage:
             another object with the buffer protocol (stored as ``bytes``).
         :raises MessageTypeError: ``msg`` is a ``str`` or not bytes-like.
         :raises MessageTooLargeError: ``msg`` is larger than ``max_message_size``.
-        :raises StorageWriteError: writing failed (for example a full disk); the previous
-            message is kept.
+        :raises StorageWriteError: writing failed (for example a full disk; the previous
+            message is kept), or an fsync failed, now or before (fail-stop).
         :raises ClosedError: the storage is closed.
         """
         body = encode_body(msg)
@@ -636,7 +733,8 @@ class PersistentLatestStorage:
         this returns survives a power cut.
 
         :raises ClosedError: the storage is closed.
-        :raises StorageWriteError: the fsync failed.
+        :raises StorageWriteError: the message is not durable and an fsync failed, now or
+            before (fail-stop).
         """
         if self._closed:
             raise ClosedError("cannot read the message: the PersistentLatestStorage is closed")
@@ -648,7 +746,10 @@ class PersistentLatestStorage:
 
     def periodic_sync(self) -> None:
         """Fsync the newest message if it was written since the last sync (a no-op once
-        closed)."""
+        closed).
+
+        :raises StorageWriteError: an fsync failed, now or before (fail-stop).
+        """
         if not self._closed:
             self._store.periodic_sync()
 
@@ -658,6 +759,9 @@ class PersistentLatestStorage:
 
         Idempotent; afterwards :meth:`add_message` and :meth:`message` raise
         :class:`ClosedError`.
+
+        :raises StorageWriteError: an fsync failed, now or before (fail-stop; the object is
+            closed and the directory released anyway).
         """
         if self._closed:
             return
