@@ -130,7 +130,7 @@ def _open(
         import persizmq
 
         version = getattr(persizmq, "__version__", "1.0.x")
-        if (case == "v1") != (not version.startswith("2")):
+        if (case == "v1") != version.startswith("1"):
             raise RuntimeError(f"case {case} imported persizmq {version} ({persizmq.__file__})")
         if case == "v1":
             return _persizmq_loops(persizmq.PersistentStorage(directory), payload, None)

@@ -127,6 +127,11 @@ class LocalBackend:
     def __init__(self, storage: Storage) -> None:
         """Serve ``storage``; bound to the event loop that first uses it."""
         self._storage = storage
+        # front() and pop_front() of this one consumer run on the loop or in the worker thread:
+        # a pop refers to the last front of either (PersistentStorage marks per thread).
+        one_consumer = getattr(storage, "_one_consumer_across_threads", None)
+        if one_consumer is not None:
+            one_consumer()
         self._mode = front_mode(storage)
         self._try_front = getattr(storage, "try_front", None)
         self._writes_block = writes_block(storage)

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Tuple,
 from persizmq import _fs
 from persizmq._checks import check_choice, check_optional_int, check_seconds
 from persizmq._engine import _format, _registry
-from persizmq._engine._consumer import Consumer
+from persizmq._engine._consumer import Consumer, Holder, Mark, ThreadMark
 from persizmq._engine._ledger import Ledger
 from persizmq._engine._position import POSITION_FILE, RESERVATION_FILE, PositionLog
 from persizmq._engine._position import check as position_check
@@ -218,6 +218,8 @@ class PersistentStorage:
         self._lean_add = self._produce
         self._lean_read = role in ("both", "consumer")
         self._lean_pop = self._lean_read and sync != "always"
+        #: What front() showed each thread (see "Holding" in persizmq._engine._consumer).
+        self._held: Holder = ThreadMark()
         self._closed = False
 
     # ------------------------------------------------------------------ producing
@@ -330,31 +332,33 @@ class PersistentStorage:
                 consumer = queue.consumer
                 assert consumer is not None
                 i = consumer.ahead_i
-                if i < consumer.ahead_ok and not queue.closed:
+                if i < consumer.ahead_ok and not queue.closing:
                     msg = consumer.ahead[i][0]
-                    consumer.held = consumer.pops
+                    self._held.pops = consumer.pops
                     return msg if isinstance(msg, bytes) else list(msg)
         if timeout is not None:
             timeout = (
                 check_seconds("timeout", timeout, allow_zero=True) if timeout != math.inf else None
             )
         self._check("read from", self._consume)
-        return self._queue.front(block, timeout)
+        return self._queue.front(block, timeout, self._held)
 
     def try_front(self) -> Tuple[bool, Optional[Message]]:
         """Non-blocking :meth:`front` for event loops: ``(True, message or None)`` when the
         answer needed no fsync, ``(False, None)`` when it does (call :meth:`front` from a
         worker thread then)."""
         self._check("read from", self._consume)
-        return self._queue.try_front()
+        return self._queue.try_front(self._held)
 
     def pop_front(self) -> bool:
         """Remove the oldest pending message; return False if there was none.
 
-        After :meth:`front`, this removes the message front returned; if that one is already
-        gone (dropped by ``overflow="drop_oldest"``, or popped by another thread) nothing else
-        is removed. Once this returns, the message never comes back after a crash of the process
-        (and, in ``"always"`` mode, after a power cut).
+        After :meth:`front`, this removes the message front returned to this thread; if that one
+        is already gone (dropped by ``overflow="drop_oldest"``, or popped by another thread or
+        another storage object) nothing else is removed. Without a :meth:`front` before it (in
+        this thread, since its last pop) it removes the oldest message. Once this returns, the
+        message never comes back after a crash of the process (and, in ``"always"`` mode, after
+        a power cut).
 
         :raises ClosedError: the storage was closed.
         """
@@ -364,15 +368,16 @@ class PersistentStorage:
                 consumer = queue.consumer
                 assert consumer is not None
                 i = consumer.ahead_i
-                held = consumer.held
+                held = self._held
+                mark = held.pops
                 plog = consumer.plog
                 data = None if plog is None else plog._map
                 if (
                     i < len(consumer.ahead)
-                    and (held is None or held == consumer.pops)
+                    and (mark is None or mark == consumer.pops)
                     and plog is not None
                     and data is not None
-                    and not queue.closed
+                    and not queue.closing
                     and queue.durability.failed is None
                 ):
                     end = consumer.ahead[i][1]
@@ -397,12 +402,17 @@ class PersistentStorage:
                         _check_slot(offset, base, end),
                     )
                     consumer.pos_dirty = True
-                    consumer.held = None
+                    held.pops = None
                     consumer.pops += 1
                     consumer.popped += 1
                     return True
         self._check("pop from", self._consume and self._role != "reader")
-        return self._queue.pop()
+        return self._queue.pop(self._held)
+
+    def _one_consumer_across_threads(self) -> None:
+        """Let :meth:`pop_front` refer to the last :meth:`front` of any thread of this object
+        (the asyncio layer: one consumer whose calls run on the loop or in its worker)."""
+        self._held = Mark()
 
     # ------------------------------------------------------------------ listening
 

@@ -6,6 +6,7 @@ injection goes through ``os`` (``fdatasync``/``fsync`` wrapped for one thread or
 resource limits in child processes, and files written by hand.
 """
 
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -746,3 +747,76 @@ def test_the_1_0_restart_idiom_with_a_shut_down_subscriber(
     assert len(storage) == count - 1
     del subscriber
     storage.close()
+
+
+# --------------------------------------------------------------------------- holding (review)
+
+
+def test_holding_marks_are_per_thread_and_a_pop_without_front_takes_the_oldest(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The marks of front() belong to a thread of a storage object: a thread that was shown
+    # nothing removes the oldest message, one shown a message removes it (or nothing if it is
+    # gone), and a pop clears the mark (1.0.x's repeated pop_front() goes on popping).
+    with persizmq.PersistentStorage(tmp_path / "q") as s:
+        s.add_messages([b"m%d" % i for i in range(5)])
+        assert s.front() == b"m0"
+        assert s.pop_front()  # m0
+        assert s.pop_front()  # m1, without a front in between
+        assert s.front() == b"m2"
+        done: List[bool] = []
+        thread = threading.Thread(target=lambda: done.append(s.pop_front()))
+        thread.start()
+        thread.join(5)
+        assert done == [True]  # that thread was shown nothing: it removed m2
+        assert s.pop_front()  # this thread was shown m2, gone: nothing else is removed
+        assert list(s) == [b"m3", b"m4"]
+
+
+def test_one_consumer_across_threads_refers_to_the_last_front_of_any_thread(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The asyncio layer's consumer calls front() on the loop and pop_front() in its worker
+    # thread, or the other way round: its pops refer to its last front, whichever thread ran it.
+    with persizmq.PersistentStorage(tmp_path / "q") as s:
+        s.add_messages([b"m0", b"m1", b"m2"])
+        s._one_consumer_across_threads()
+        worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one thread
+
+        def in_a_thread(call: Callable[[], object]) -> object:
+            return worker.submit(call).result(timeout=5)
+
+        assert in_a_thread(s.front) == b"m0"  # the worker looks
+        assert s.pop_front()  # the loop pops m0
+        assert s.front() == b"m1"
+        assert s.pop_front()  # m1
+        # The worker pops next: its look at m0 is history (per-thread marks would say "m0 is
+        # gone, remove nothing"), the consumer's last front was popped: m2 goes.
+        assert in_a_thread(s.pop_front) is True
+        worker.shutdown()
+        assert list(s) == []
+
+
+def test_a_forked_child_is_told_to_open_the_storage_again(tmp_path: pathlib.Path) -> None:
+    # Storages are not shared across fork(): the child's inherited objects refuse every call
+    # with a ClosedError that says why, and the parent's queue goes on untouched.
+    with persizmq.PersistentStorage(tmp_path / "q") as s:
+        s.add_message(b"before")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            os.close(read)
+            try:
+                s.add_message(b"child")
+                answer = b"accepted"
+            except persizmq.ClosedError as err:
+                answer = b"fork" if "fork()" in str(err) else str(err).encode()
+            os.write(write, answer)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            answer = pipe.read()
+        os.waitpid(pid, 0)
+        assert answer == b"fork"
+        s.add_message(b"after")
+        assert list(s) == [b"before", b"after"]

@@ -46,12 +46,6 @@ time.sleep(0.3)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adds are accepted while the exit hook's close is in its final fsync round (lock "
-    "released, _queue.Queue.add checks `closed`, not `closing`): they land past the seal that "
-    "seal_for_close wrote, and the next open ignores them",
-)
 @pytest.mark.parametrize("sync", ["always", "periodic"])
 def test_adds_acknowledged_while_the_exit_hook_closes_are_kept(
     tmp_path: pathlib.Path, sync: str
@@ -71,11 +65,6 @@ def test_adds_acknowledged_while_the_exit_hook_closes_are_kept(
     assert lost == [], f"{len(lost)} acknowledged adds lost, from {lost[0]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a finalizer run by the GC inside an fsync round of the same queue waits for that "
-    "round for ever (_queue.Queue.detach -> Durability.sync_round/wait_round)",
-)
 def test_gc_of_another_handle_during_an_fsync_round_does_not_deadlock(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -111,12 +100,6 @@ def test_gc_of_another_handle_during_an_fsync_round_does_not_deadlock(
     assert got["front"] == "m", got["stderr"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a finalizer run by the GC in the background thread while it deletes consumed "
-    "segments closes the queue, whose close waits for Durability._unlinking, held by that "
-    "same thread (_durability.Durability.flush_unlinks)",
-)
 def test_gc_of_the_last_handle_in_the_background_thread_does_not_deadlock(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -166,11 +149,6 @@ def test_gc_of_the_last_handle_in_the_background_thread_does_not_deadlock(
     assert not got["thread_alive"], "the background thread deadlocked in a finalizer"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fork()ed child that drops its inherited storage seals the parent's live "
-    "segment through the shared mapping (_queue._close_locked -> Writer.seal_for_close)",
-)
 @pytest.mark.parametrize("sync", ["always", "periodic"])
 def test_forked_child_dropping_its_copy_loses_nothing_of_the_parent(
     tmp_path: pathlib.Path, sync: str
@@ -262,11 +240,6 @@ def test_consumer_process_delivers_an_atomic_batch_that_grew_the_segment(
     assert delivered == [f"b{i:04d}:" for i in range(20)] + ["after:"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 'held' mark of front() is one per open queue (_consumer.Consumer.held), so "
-    "another handle's pop clears it and the next pop removes a message nobody was shown",
-)
 def test_pop_after_another_handle_popped_what_it_was_shown_removes_nothing(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -281,10 +254,6 @@ def test_pop_after_another_handle_popped_what_it_was_shown_removes_nothing(
         assert list(a) == [b"m1", b"m2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 'held' mark of front() is shared by every thread (_consumer.Consumer.held)",
-)
 def test_pop_in_a_thread_after_another_thread_popped_removes_nothing(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -312,11 +281,6 @@ def test_pop_in_a_thread_after_another_thread_popped_removes_nothing(
         assert list(s) == [b"m1", b"m2"], "a message was removed that no thread was shown"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="front(block=True) waits on the condition without a time-out while the producer is "
-    "in this process; closing the producer handle does not wake it (_queue.Queue._drop_writer)",
-)
 def test_blocked_front_sees_another_process_after_the_local_producer_closes(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -423,11 +387,6 @@ def test_v2_files_are_removed_once_all_their_messages_are_consumed(tmp_path: pat
     assert not [n for n in os.listdir(d) if n.endswith(".seg") or n == "consumer.pos"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Durability.sync_round has no deadline: front(block=True, timeout=...) waits for "
-    "the whole fsync (and for a round in flight)",
-)
 def test_front_keeps_its_timeout_during_a_slow_fsync(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

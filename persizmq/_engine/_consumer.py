@@ -11,10 +11,12 @@ position naming the later one was stored — and at open, the segments before th
 crash between the two steps) are deleted.
 
 ``front()`` decodes the message at the cursor and caches it, so the following ``pop_front()``
-costs one store into the position log. *Holding*: ``front()`` notes how many pops had happened
-when it returned; if something else popped since (``overflow="drop_oldest"`` making room, or
-another thread), ``pop_front()`` knows the message it was asked to remove is already gone and
-removes nothing else — a message is never popped unseen because another was dropped.
+costs one store into the position log. *Holding*: ``front()`` notes, in the caller's
+:class:`Mark` (one per storage object and thread), how many pops had happened when it
+returned; if something popped since (``overflow="drop_oldest"`` making room, another storage
+object, another thread), that caller's ``pop_front()`` knows the message it was shown is
+already gone and removes nothing else — a message is never popped unseen because another was
+dropped or taken. A pop clears the caller's mark; a pop without a mark removes the oldest.
 
 Durability of what ``front()`` returns (``"periodic"`` and ``"always"``): with the producer in
 this process, its watermark of completed fsyncs says; without it, the consumer fsyncs the
@@ -35,8 +37,9 @@ import contextlib
 import logging
 import os
 import pathlib
+import threading
 import zlib
-from typing import List, Optional, Tuple
+from typing import List, Optional, Protocol, Tuple
 
 from persizmq import _fs
 from persizmq._engine import _format
@@ -49,7 +52,7 @@ from persizmq._engine._segment import Segment, list_bases, quarantine
 from persizmq._errors import CorruptionError, StorageWriteError
 from persizmq._message import Message, decode_multipart
 
-__all__ = ["CONSUMER_LOCK", "Consumer"]
+__all__ = ["CONSUMER_LOCK", "Consumer", "Holder", "Mark", "ThreadMark"]
 
 _LOGGER = logging.getLogger("persizmq")
 
@@ -62,6 +65,28 @@ _MASK32 = 0xFFFFFFFF
 
 #: Where the message :meth:`Consumer.front` returned comes from, to pop it.
 _FILES, _V2, _LOG = 0, 1, 2
+
+
+class Holder(Protocol):
+    """Where :meth:`Consumer.front` notes what it handed one caller (see "Holding")."""
+
+    pops: Optional[int]
+
+
+class Mark:
+    """What :meth:`Consumer.front` handed one caller: the number of pops then, or None."""
+
+    __slots__ = ("pops",)
+
+    def __init__(self) -> None:
+        """No mark."""
+        self.pops: Optional[int] = None
+
+
+class ThreadMark(threading.local):
+    """A :class:`Mark` per thread (the default of a storage object)."""
+
+    pops: Optional[int] = None
 
 
 class Consumer:
@@ -100,7 +125,6 @@ class Consumer:
         self.popped = 0
         #: Pops (of any kind) so far: see "Holding" in the module docstring.
         self.pops = 0
-        self.held: Optional[int] = None
         self._cache: Optional[Tuple[Message, int, int]] = None  # a legacy front: msg, source, end
         #: The run of messages from the cursor on, decoded and validated ahead, in the cursor's
         #: segment: ``(message, end position)``. ``ahead_i`` is the first not yet popped (the
@@ -252,16 +276,16 @@ class Consumer:
         """Where the last message read ahead ends (what a group fsync must cover)."""
         return self.ahead[-1][1] if self.ahead else 0
 
-    def pop(self, writer: WriterEnd, dropping: bool = False) -> bool:
+    def pop(self, writer: WriterEnd, held: Optional[Holder] = None) -> bool:
         """Remove the oldest pending message; False if there is none (see "Holding").
 
-        ``dropping``: an overflow making room, which pops whatever is oldest.
+        ``held``: the caller's mark, cleared; None for an overflow making room, which pops
+        whatever is oldest.
         """
-        if not dropping:
-            if self.held is not None and self.held != self.pops:
-                self.held = None
-                return True  # the message front() returned was popped meanwhile
-            self.held = None
+        if held is not None:
+            mark, held.pops = held.pops, None
+            if mark is not None and mark != self.pops:
+                return True  # the message front() showed this caller was popped meanwhile
         self.durability.check()  # fail-stop: a pop is a write of the position
         found = self.front(writer)
         if found is None:
@@ -306,9 +330,9 @@ class Consumer:
         self.popped += 1
         return True
 
-    def hold(self) -> None:
-        """Note that :meth:`front` handed the current message out."""
-        self.held = self.pops
+    def hold(self, held: Holder) -> None:
+        """Note in the caller's mark that :meth:`front` handed it the current message."""
+        held.pops = self.pops
 
     def _store_position(self) -> None:
         plog = self.plog
