@@ -50,6 +50,12 @@ durable. Opening the directory again starts from what is on disk (and fsyncs the
 unless ``sync="never"``); a write or fsync of the opening that fails raises
 :class:`StorageWriteError`, never a raw ``OSError``.
 
+Fork. A store is not shared across ``fork()``: in the child every store inherited is closed at
+once -- fresh locks (one the parent held at the fork would stay held for ever), no background
+thread, its copies of the descriptors closed, nothing written -- and the child's objects raise
+:class:`ClosedError` saying so; dropping or closing them there changes nothing on disk. The
+parent's store goes on, its lock held.
+
 persizmq 1.0.x kept the message as the raw content of ``persistent_message.bin``; when no slot
 exists it is read, converted to a slot (fsynced) and then removed; a leftover 1.0.x
 ``persistent_message.tmp`` is removed.
@@ -63,6 +69,7 @@ import pathlib
 import struct
 import sys
 import threading
+import weakref
 import zlib
 from types import TracebackType
 from typing import List, NamedTuple, Optional, Tuple, Type
@@ -203,6 +210,7 @@ class _LatestStore:
         self._closed_cond = threading.Condition(self.lock)
         self.closed = False
         self.closing = False
+        self.forked_from: Optional[int] = None  # the parent's pid, in a child of fork()
         self.users = 0
         self._message: Optional[Message] = None
         self._sequence = 0  # of the newest stored message; 0 when none
@@ -226,6 +234,7 @@ class _LatestStore:
             self._release_files()
             raise
         self.durability.start()
+        _ALL.add(self)
 
     @property
     def options(self) -> _Options:
@@ -372,8 +381,7 @@ class _LatestStore:
         :raises StorageWriteError: the write failed, or an fsync failed now or before.
         """
         with self.lock:
-            if self.closed:
-                raise ClosedError("cannot add a message: the PersistentLatestStorage is closed")
+            self._check_open("add a message to")
             self.durability.check()
             self._write(body, message, durable=self._sync == "always")
 
@@ -383,8 +391,7 @@ class _LatestStore:
         :raises StorageWriteError: it is not durable and an fsync failed, now or before.
         """
         with self.lock:
-            if self.closed:
-                raise ClosedError("cannot read the message: the PersistentLatestStorage is closed")
+            self._check_open("read the message of")
             self._make_newest_durable()
             return self._message, self._sequence
 
@@ -413,6 +420,8 @@ class _LatestStore:
         """
         with self.lock:
             if self.closed:
+                if self.forked_from is not None:
+                    self._check_open("sync")
                 return
             self.durability.check()
             with contextlib.suppress(ClosedError):  # closed meanwhile: a no-op, as once closed
@@ -440,6 +449,8 @@ class _LatestStore:
         closing = False
         try:
             self.users -= 1
+            if self.forked_from is not None:  # a child of fork(): nothing of it is ours
+                return True
             if self.users > 0 or self.closed:  # others use it, or it was replaced (failed)
                 self.durability.check()
                 return self.closed
@@ -483,6 +494,33 @@ class _LatestStore:
             self.durability.stop_nowait()
             self._release_files()
             self._closed_cond.notify_all()
+
+    def _check_open(self, what: str) -> None:
+        """Raise :class:`ClosedError` if the store is closed (lock held)."""
+        if self.forked_from is not None:
+            raise ClosedError(
+                f"cannot {what} the PersistentLatestStorage {str(self._dir)!r} in this process: "
+                f"it was opened by process {self.forked_from} before a fork(); storages are not "
+                f"shared across fork(): open it again in this process"
+            )
+        if self.closed:
+            raise ClosedError(
+                f"cannot {what} the PersistentLatestStorage {str(self._dir)!r}: it is closed"
+            )
+
+    def after_fork(self) -> None:
+        """In a child made by ``fork()``: closed, refusing every call (see "Fork" above)."""
+        self.forked_from = os.getppid()
+        self.lock = threading.Lock()  # one the parent held at the fork stays held for ever
+        self._closed_cond = threading.Condition(self.lock)
+        self.durability.after_fork(self.lock)
+        self.closed = self.closing = True
+        # The child's copies only: the parent's flock lives on in its own descriptor.
+        for fd in (self._dir_fd, self._lock_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._dir_fd = self._lock_fd = -1
 
     def _release_files(self) -> None:
         """Close the directory and release its lock (no fsync)."""
@@ -805,6 +843,18 @@ class PersistentLatestStorage:
             f"<{type(self).__name__} persistent_dir={str(self._dir)!r} sync={self._sync!r} "
             f"{state} new_message={self.new_message}>"
         )
+
+
+#: Every store of this process, for the fork hook.
+_ALL: "weakref.WeakSet[_LatestStore]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_ALL):
+        store.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _write_rest(fd: int, data: bytes, done: int) -> None:
