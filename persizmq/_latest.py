@@ -439,7 +439,7 @@ class _LatestStore:
 
     def detach(self, blocking: bool = True) -> Optional[bool]:
         """One object fewer; the last one closes the store. None if ``blocking`` is False and
-        the lock was busy (nothing changed).
+        the lock was busy or this thread is inside the store's fsync round (nothing changed).
 
         :raises StorageWriteError: an fsync failed, now or before (the object is detached,
             and the store released if it was the last, anyway).
@@ -448,6 +448,8 @@ class _LatestStore:
             return None
         closing = False
         try:
+            if not blocking and self.durability.busy_here():
+                return None  # a finalizer inside this store's round: never wait for itself
             self.users -= 1
             if self.forked_from is not None:  # a child of fork(): nothing of it is ours
                 return True
@@ -458,7 +460,7 @@ class _LatestStore:
             self._close_locked()
         finally:
             self.lock.release()
-            if closing:
+            if closing and blocking:  # a finalizer never joins; the thread ends by itself
                 self.durability.stop()
         return True
 
