@@ -593,7 +593,7 @@ class _LatestStore:
                 failure = self.durability.fail(err, f"fsync of the directory {str(self._dir)!r}")
                 raise StorageWriteError(
                     failure.errno,
-                    f"{failure} (the new message is in {str(self._dir / name)!r}, but may not "
+                    f"{failure.strerror} (the new message is in {str(self._dir / name)!r}, but may not "
                     f"survive a power cut)",
                 ) from err
             self._newest_synced = True
@@ -625,7 +625,7 @@ class _LatestStore:
                             err, f"fsync of {str(self._dir / TMP_FILE)!r}"
                         )
                         raise StorageWriteError(
-                            failure.errno, f"{failure} (the new message was not stored)"
+                            failure.errno, f"{failure.strerror} (the new message was not stored)"
                         ) from err
             finally:
                 os.close(fd)
