@@ -704,9 +704,10 @@ def test_a_finalizer_inside_the_background_round_does_not_deadlock(
     # The garbage collector may run a finalizer in the background thread while its round has
     # the lock released for the fsync: closing the store there must not wait for that round
     # (its own thread), or the store stays "closing" for ever and every later open hangs.
-    from tests._review_util import run_child  # noqa: PLC0415 (only this test runs a script)
+    from tests._review_util import run_child
 
     got = run_child(_GC_IN_ROUND_CHILD, str(tmp_path / "latest"), timeout=20)
     assert not got["hung"], "the finalizer waited for its own thread's round"
     assert got["returncode"] == 0, got["stderr"]
-    assert got["fired"] and got["message"] == "m1"
+    assert got["fired"]
+    assert got["message"] == "m1"

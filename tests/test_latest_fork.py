@@ -42,12 +42,12 @@ class Child:
                 signal.alarm(int(_DEADLINE) + 10)  # never outlive a stuck parent for long
                 try:
                     answer = body()
-                except BaseException as err:  # the answer tells the parent what went wrong
+                except BaseException as err:  # noqa: BLE001 (the answer tells the parent what went wrong)
                     answer = f"unexpected {type(err).__name__}: {err}".encode()
                 os.write(answer_w, answer)
                 os.close(answer_w)
                 os.read(go_r, 1)  # until the parent lets it exit
-            except BaseException:
+            except BaseException:  # noqa: BLE001 (a child must reach os._exit, whatever happened)
                 code = 1
             os._exit(code)
         os.close(answer_w)
@@ -88,7 +88,7 @@ def refused(call: Callable[[], object]) -> str:
         call()
     except ClosedError as err:
         return "fork" if "fork()" in str(err) and "again in this process" in str(err) else str(err)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (any other outcome is reported to the parent)
         return f"{type(err).__name__}: {err}"
     return "accepted"
 
