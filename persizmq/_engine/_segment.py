@@ -28,7 +28,15 @@ from persizmq import _fs
 from persizmq._engine import _format
 from persizmq._errors import DirectoryError, StorageWriteError
 
-__all__ = ["QUARANTINE_DIR", "TMP_SUFFIX", "Segment", "list_bases", "quarantine", "remove_tmp"]
+__all__ = [
+    "QUARANTINE_DIR",
+    "TMP_SUFFIX",
+    "Segment",
+    "has_valid_header",
+    "list_bases",
+    "quarantine",
+    "remove_tmp",
+]
 
 QUARANTINE_DIR = "quarantine"
 TMP_SUFFIX = ".tmp"
@@ -38,6 +46,23 @@ _TMP_RE = re.compile(r"^\d{20}\.log\.tmp$")
 def list_bases(directory: pathlib.Path) -> List[int]:
     """Return the base offsets of the segment files in ``directory``, ascending."""
     return _format.list_segment_bases(os.listdir(directory))
+
+
+def has_valid_header(directory: pathlib.Path, base: int) -> bool:
+    """Whether segment ``base`` exists and starts with a valid header for that base: a file
+    a producer of this queue renamed into place (a file that merely has a segment's name
+    does not count)."""
+    try:
+        fd = os.open(directory / _format.segment_name(base), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        data = os.pread(fd, _format.SEGMENT_HEADER_SIZE, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return _format.parse_header(data, base) is not None
 
 
 def remove_tmp(directory: pathlib.Path) -> None:
