@@ -379,11 +379,6 @@ _LATEST_CHILD = """
 _WRITE_ERROR = "persizmq._errors.StorageWriteError"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PersistentLatestStorage has no fail-stop: _sync_newest, _write and _release do not "
-    "record a failed fsync in Durability.failed; _load lets a raw OSError out",
-)
 @pytest.mark.parametrize("case", ["retry", "close", "always", "open"])
 def test_latest_storage_fsync_errors_are_fail_stop(tmp_path: pathlib.Path, case: str) -> None:
     got = run_child(_LATEST_CHILD, str(tmp_path / "latest"), case)
