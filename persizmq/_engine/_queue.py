@@ -32,6 +32,7 @@ the consumer, so a message a reader holds from ``front()`` is counted as dropped
 ``pop_front()`` removes nothing else (``_consumer``, "Holding").
 """
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -128,6 +129,13 @@ class Queue:
         self.durability.after_fork(self.lock)
         self.closed = self.closing = True
         self.fast_add = False
+        # The child's copies of the directory locks: a flock lasts while any copy of its
+        # descriptor is open, so keeping them would lock the parent out of a reopen.
+        for part in (self.writer, self.consumer):
+            if part is not None and part.lock_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(part.lock_fd)
+                part.lock_fd = -1
 
     @property
     def options(self) -> Options:
