@@ -43,11 +43,6 @@ def fill(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an os.dup() that fails in Writer.sync_work has already emptied Writer.rolled: the "
-    "rolled segment is never fdatasynced, its descriptor leaks, the failure is not fail-stop",
-)
 def test_failed_dup_in_a_round_neither_skips_a_segment_nor_leaks(tmp_path: pathlib.Path) -> None:
     got = run_child(
         """
@@ -401,11 +396,6 @@ def test_latest_storage_fsync_errors_are_fail_stop(tmp_path: pathlib.Path, case:
         assert got["open"] == _WRITE_ERROR
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the directory fsyncs of the producer's open (_writer.Writer._open and "
-    "_remove_empty_tail call _fs.fsync_directory unwrapped) let a raw OSError out",
-)
 def test_failed_directory_fsync_at_open_is_a_storage_write_error(tmp_path: pathlib.Path) -> None:
     got = run_child(
         """

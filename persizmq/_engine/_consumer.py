@@ -418,19 +418,31 @@ class Consumer:
 
     def sync_work(self) -> Optional[SyncWork]:
         """For a round: the position log(s), and what ``front()`` needs made durable."""
-        fds = []
+        sources = []
         if self.pos_dirty:
             if self.plog is not None:
-                fds.append(os.dup(self.plog.fileno()))
+                sources.append(self.plog.fileno())
             if self.v2 is not None and self.v2.fileno() >= 0:
-                fds.append(os.dup(self.v2.fileno()))
-        self.pos_dirty = False
+                sources.append(self.v2.fileno())
         want = self._want
         directory = False
         seg = self.cursor.seg
         if want > self.durable and seg is not None and seg.base == want[0]:
-            fds.append(os.dup(seg.fd))
+            sources.append(seg.fd)
             directory = self._dir_synced != want[0]
+        # Every duplicate first, state changed only after: a failed dup (EMFILE) keeps the
+        # position dirty and is fail-stop, as a failed fsync is.
+        fds: List[int] = []
+        try:
+            for fd in sources:
+                fds.append(os.dup(fd))
+        except OSError as err:
+            for fd in fds:
+                os.close(fd)
+            raise self.durability.fail(
+                err, f"duplicating a descriptor of {str(self.directory)!r} for an fsync round"
+            ) from err
+        self.pos_dirty = False
         if not fds:
             return None
 

@@ -147,7 +147,18 @@ class Durability:
         while self._inflight:
             self._round_done.wait()
         self.check()
-        works = [w for w in (p.sync_work() for p in self.participants) if w is not None]
+        works: List[SyncWork] = []
+        try:
+            for participant in self.participants:
+                work = participant.sync_work()
+                if work is not None:
+                    works.append(work)
+        except BaseException:  # a participant could not hand its work over (fail-stop)
+            for work in works:
+                for fd in work.fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            raise
         if not works:
             self._rounds += 1  # a round with nothing to do is done at once
             self._round_done.notify_all()

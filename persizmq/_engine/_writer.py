@@ -147,7 +147,7 @@ class Writer:
                 end = max(end, closed[0])
         self._remove_empty_tail()
         if self.sync != "never" and bases:
-            _fs.fsync_directory(self.directory)
+            self.durability.fsync_directory()
         position = read_position(self.directory)
         start = max(self.reservation.value, end, 0 if position is None else position[0])
         # The new segment is created with the first add, so that a full disk can be opened
@@ -258,7 +258,7 @@ class Writer:
             self.ledger.drop(base)
             removed = True
         if removed and self.sync != "never":
-            _fs.fsync_directory(self.directory)
+            self.durability.fsync_directory()
 
     # ------------------------------------------------------------------ segments
 
@@ -456,13 +456,23 @@ class Writer:
         """For a round: the full segments, the write segment and the directory, if dirty."""
         if not (self.dirty or self.dir_dirty or self.rolled):
             return None
+        seg = self.seg
+        # Every duplicate first, state changed only after: a failed dup (EMFILE) leaves the
+        # full segments waiting, their descriptors owned here, and is fail-stop (no round can
+        # make them durable, so nothing written since the last one may pass as durable).
+        fds: List[int] = []
+        try:
+            for source in [*self.rolled, *([seg] if seg is not None else [])]:
+                fds.append(os.dup(source.fd))
+        except OSError as err:
+            for fd in fds:
+                os.close(fd)
+            raise self.durability.fail(
+                err, f"duplicating a descriptor of {str(self.directory)!r} for an fsync round"
+            ) from err
         rolled, self.rolled = self.rolled, []
-        fds = [os.dup(s.fd) for s in rolled]
         for s in rolled:
             s.close()
-        seg = self.seg
-        if seg is not None:
-            fds.append(os.dup(seg.fd))
         target = (self.base, self.pos, self.index)
         directory = self.dir_dirty
         self.dirty = self.dir_dirty = False
