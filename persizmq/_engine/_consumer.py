@@ -435,7 +435,7 @@ class Consumer:
         fds: List[int] = []
         try:
             for fd in sources:
-                fds.append(os.dup(fd))
+                fds.append(os.dup(fd))  # noqa: PERF401 (the ones taken before a failure are closed)
         except OSError as err:
             for fd in fds:
                 os.close(fd)

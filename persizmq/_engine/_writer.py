@@ -463,7 +463,7 @@ class Writer:
         fds: List[int] = []
         try:
             for source in [*self.rolled, *([seg] if seg is not None else [])]:
-                fds.append(os.dup(source.fd))
+                fds.append(os.dup(source.fd))  # noqa: PERF401 (the ones taken before a failure are closed)
         except OSError as err:
             for fd in fds:
                 os.close(fd)
