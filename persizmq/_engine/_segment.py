@@ -8,9 +8,11 @@ what is in it). The rules that keep a mapping safe, by construction:
   producer creates or grows the file, never a ``SIGBUS`` when it stores a record.
 * A segment file only ever grows; nothing truncates it (another process may have it mapped, and
   touching a page past the end of a file is ``SIGBUS``). A torn tail is zeroed, not cut off.
-* A new segment is written under a temporary name (``NNN.log.tmp``) — reserved, header written
-  — and renamed into place, so every ``NNN.log`` starts with a complete header; a leftover
-  ``.tmp`` (a producer killed half-way) is removed by the next producer.
+* A new segment is written under a temporary name (``NNN.log.tmp``) — reserved, header (and
+  metadata snapshot) written, mapped, and in the fsyncing modes fdatasynced — and renamed into
+  place, so every ``NNN.log`` starts with a complete header, also after a power cut once the
+  directory is fsynced; a leftover ``.tmp`` (a producer killed half-way) is removed by the
+  next producer. A failure before the rename leaves no name behind.
 * Opening tolerates a file that vanishes (the consumer in another process deleted it): the
   caller gets None and lists the directory again.
 """
@@ -76,18 +78,25 @@ class Segment:
         base: int,
         size: int,
         first: Optional[Callable[[int], bytes]] = None,
+        fdatasync: Optional[Callable[[int, str], None]] = None,
     ) -> "Segment":
         """Create segment ``base`` with ``size`` bytes reserved, its header written (and the
-        record ``first(salt)`` after it, if given), renamed into place; return it open for
-        writing. The caller makes the directory entry durable.
+        record ``first(salt)`` after it, if given), mapped, made durable with ``fdatasync(fd,
+        what)`` if given, and only then renamed into place; return it open for writing. The
+        caller makes the directory entry durable.
 
-        :raises StorageWriteError: the disk refused (ENOSPC, EFBIG, EACCES...); nothing is left.
+        The name appears only once the file is complete: a failure leaves nothing, so the name
+        is free to be created again — nobody can have seen it.
+
+        :raises StorageWriteError: the disk refused (ENOSPC, EFBIG, EACCES, the mapping...);
+            nothing is left. A failure of ``fdatasync`` is whatever it raises (fail-stop).
         """
         name = _format.segment_name(base)
         path = directory / name
         tmp = directory / (name + TMP_SUFFIX)
         salt = _format.new_salt()
         fd = -1
+        segment: Optional[Segment] = None
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -100,22 +109,25 @@ class Segment:
             os.pwrite(fd, _format.encode_header(base, salt), 0)
             if first is not None:
                 os.pwrite(fd, first(salt), _format.SEGMENT_HEADER_SIZE)
+            segment = cls(path, base, fd, size, writable=True, salt=salt)
+            if fdatasync is not None:
+                fdatasync(fd, str(tmp))
             os.rename(tmp, path)
-        except OSError as err:
-            if fd >= 0:
+        except BaseException as err:
+            if segment is not None:
+                segment.close()
+            elif fd >= 0:
                 os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(err, StorageWriteError) or not isinstance(err, OSError):
+                raise
             raise StorageWriteError(
                 err.errno if err.errno is not None else errno.EIO,
                 f"cannot create the segment {str(path)!r} ({size} bytes): {err.strerror}; "
                 f"nothing was stored, the stored messages are intact",
             ) from err
-        try:
-            return cls(path, base, fd, size, writable=True, salt=salt)
-        except BaseException:
-            os.close(fd)
-            raise
+        return segment
 
     @classmethod
     def open(cls, directory: pathlib.Path, base: int, writable: bool) -> Optional["Segment"]:

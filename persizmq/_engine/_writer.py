@@ -20,6 +20,10 @@ checkpoint set to its end) before the next one is created, so a consumer in anot
 that sees the next segment knows where this one ends. In ``"periodic"`` mode the full segment
 is fsynced by the next round (at most :data:`MAX_ROLLED` wait for it; beyond that the oldest is
 fsynced at once, so descriptors never pile up); in ``"always"`` mode it was already durable.
+The new segment is complete before it gets its name (see ``_segment``): header and metadata
+snapshot written, mapped, and in the fsyncing modes fdatasynced, so that after a power cut its
+name never stands for zeros; its directory entry is fsynced at once (``"always"``) or by the
+next round.
 
 Recovery, when the producer opens:
 
@@ -32,9 +36,10 @@ Recovery, when the producer opens:
   may have the file mapped), reported in ``stats().torn_tail_bytes`` and the segment is sealed
   at its good end. Below the checkpoint nothing is changed: damage there is bit rot, which the
   consumer sets aside while it still delivers what follows;
-* a segment whose header is damaged is left to the consumer, which sets it aside whole (also
-  one that a power cut left empty or zero-filled just after its creation: whether it held
-  messages cannot be told, so it is reported like damage);
+* trailing segments that hold only zeros (or nothing) are removed: a power cut right after
+  their creation in ``"never"`` mode (in the fsyncing modes a segment is fdatasynced, header
+  and metadata snapshot, before it gets its name); their offsets were reserved before;
+* a segment whose header is damaged is left to the consumer, which sets it aside whole;
 * ``stats().torn_tail_bytes`` counts, in a sealed segment, the bytes from the good end to the
   seal's data end; in an unsealed one, to the last non-zero byte;
 * a new segment is started at the reservation.
@@ -130,6 +135,14 @@ class Writer:
         remove_tmp(self.directory)
         self.reservation = Reservation(self.directory, self.sync)
         bases = list_bases(self.directory)
+        had_segments = bool(bases)
+        while bases and _zero_filled(self.directory / _format.segment_name(bases[-1])):
+            # A power cut just after its creation (``sync="never"``: nothing fsynced it): it
+            # holds nothing, not even a header — not damage. Its offset is reserved already.
+            path = self.directory / _format.segment_name(bases.pop())
+            _LOGGER.warning("persizmq: removed %s, zero-filled by a power cut", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         end = 0
         last_valid = max((b for b in bases if _valid_header(self.directory, b)), default=None)
         for base in bases:
@@ -146,7 +159,7 @@ class Writer:
                 self.ledger.add(base, *closed)
                 end = max(end, closed[0])
         self._remove_empty_tail()
-        if self.sync != "never" and bases:
+        if self.sync != "never" and had_segments:
             self.durability.fsync_directory()
         position = read_position(self.directory)
         start = max(self.reservation.value, end, 0 if position is None else position[0])
@@ -286,7 +299,13 @@ class Writer:
 
         # The snapshot is written before the file gets its name: a segment is never seen
         # without the metadata that was current when it was created.
-        seg = Segment.create(self.directory, base, size, first if snapshot else None)
+        seg = Segment.create(
+            self.directory,
+            base,
+            size,
+            first if snapshot else None,
+            None if self.sync == "never" else self.durability.fdatasync,
+        )
         return seg, cap, first(seg.salt) if snapshot else b""
 
     def _switch(self, seg: Segment, cap: int, snapshot: bytes) -> None:
@@ -523,6 +542,23 @@ def _valid_header(directory: pathlib.Path, base: int) -> bool:
         with open(directory / _format.segment_name(base), "rb") as file:
             return _format.parse_header(file.read(_HEADER), base) is not None
     except OSError:
+        return False
+
+
+def _zero_filled(path: pathlib.Path) -> bool:
+    """Whether the file holds nothing but zeros (read(2), never a mapping: no SIGBUS)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(_HEADER)
+            if head.count(0) != len(head):
+                return False  # the common case: a header (valid or damaged), at once
+            while True:
+                chunk = file.read(1 << 20)
+                if not chunk:
+                    return True
+                if chunk.count(0) != len(chunk):
+                    return False
+    except FileNotFoundError:
         return False
 
 
