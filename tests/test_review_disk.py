@@ -180,11 +180,6 @@ def test_failed_map_of_a_new_segment_never_reuses_its_name(tmp_path: pathlib.Pat
     assert got["received"] == got["acked"], "acknowledged messages were lost"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a producer-only run does not create consumer.offset; once the disk is full the "
-    "consumer cannot create it, so the queue cannot be drained (_position.PositionLog)",
-)
 def test_a_queue_filled_by_a_producer_process_can_be_drained_on_a_full_disk(
     tmpfs: pathlib.Path,
 ) -> None:

@@ -63,7 +63,7 @@ from persizmq import _fs
 from persizmq._engine import _format
 from persizmq._engine._durability import Durability, SyncWork
 from persizmq._engine._ledger import Ledger
-from persizmq._engine._position import Reservation, read_position
+from persizmq._engine._position import Reservation, ensure_position_log, read_position
 from persizmq._engine._segment import Segment, list_bases, remove_tmp
 from persizmq._errors import StorageWriteError
 
@@ -134,6 +134,7 @@ class Writer:
     def _open(self) -> None:
         remove_tmp(self.directory)
         self.reservation = Reservation(self.directory, self.sync)
+        self._ensure_position_log()
         bases = list_bases(self.directory)
         had_segments = bool(bases)
         while bases and _zero_filled(self.directory / _format.segment_name(bases[-1])):
@@ -167,6 +168,32 @@ class Writer:
         # (and drained). Everything before it was fsynced above (or the mode promises nothing).
         self.base, self.index, self.pos, self.cap = start, 0, _HEADER, 0
         self.durable = (start, 0)
+
+    def _ensure_position_log(self) -> None:
+        """Create the consumer's position log if there is none (see ``_position``)."""
+        syncing = self.sync != "never"
+        try:
+            ensure_position_log(
+                self.directory,
+                self.durability.fdatasync if syncing else None,
+                self.durability.fsync_directory if syncing else None,
+            )
+        except StorageWriteError:
+            raise  # a failed fsync: fail-stop
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageWriteError(
+                    err.errno or errno.EIO,
+                    f"cannot create the position log in {str(self.directory)!r}: "
+                    f"{err.strerror}; nothing was changed",
+                ) from err
+            # A full disk: the producer still opens (it may have nothing to add); the
+            # consumer creates the log itself once there is room.
+            _LOGGER.warning(
+                "persizmq: no room to create the position log in %s: %s",
+                self.directory,
+                err.strerror,
+            )
 
     def _recover(self, seg: Segment, is_last: bool) -> Optional[Closed]:
         """Verify one segment at open (see the module docstring); return what it holds."""
