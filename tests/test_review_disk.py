@@ -196,11 +196,6 @@ def test_a_queue_filled_by_a_producer_process_can_be_drained_on_a_full_disk(
     assert drained == 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mapped files that persizmq did not create itself (a directory restored from a "
-    "sparse copy) are not fallocated at open: touching a hole on a full disk is SIGBUS",
-)
 def test_sparse_copy_of_a_queue_on_a_full_disk_is_no_sigbus(
     tmp_path: pathlib.Path, tmpfs: pathlib.Path
 ) -> None:

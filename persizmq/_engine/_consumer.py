@@ -48,7 +48,7 @@ from persizmq._engine._durability import Durability, SyncWork
 from persizmq._engine._ledger import Ledger
 from persizmq._engine._legacy import LegacyFiles, V2Log, remove_legacy_tmp
 from persizmq._engine._position import PositionLog, read_position
-from persizmq._engine._segment import Segment, list_bases, quarantine
+from persizmq._engine._segment import Segment, list_bases, quarantine, reserve_holes
 from persizmq._errors import CorruptionError, StorageWriteError
 from persizmq._message import Message, decode_multipart
 
@@ -142,12 +142,24 @@ class Consumer:
                 remove_legacy_tmp(directory)
             self.files = LegacyFiles(directory)
             self.v2 = V2Log(directory, sync, readonly)
+            if not readonly:
+                self._reserve_holes()
             self._seek_position(in_process_producer)
             if not readonly:
                 self.plog = PositionLog(directory, sync)
         except BaseException:
             self.close()
             raise
+
+    def _reserve_holes(self) -> None:
+        """Before the cursor touches a mapping: reserve the blocks of the segments still to
+        read that have holes (a sparse copy on a full disk: ``ENOSPC`` now, never ``SIGBUS``).
+        The segments before the position's are deleted, not reserved."""
+        position = read_position(self.directory)
+        start = 0 if position is None else position[1]
+        for base in list_bases(self.directory):
+            if base >= start:
+                reserve_holes(self.directory, base)
 
     def _seek_position(self, in_process_producer: bool) -> None:
         position = read_position(self.directory)

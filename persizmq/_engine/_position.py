@@ -169,6 +169,18 @@ def ensure_position_log(
         fsync_directory()
 
 
+def _reserve(fd: int, path: pathlib.Path) -> None:
+    """Allocate the log's blocks (a no-op unless a copy made it sparse)."""
+    try:
+        os.posix_fallocate(fd, 0, _SIZE)
+    except OSError as err:
+        raise StorageWriteError(
+            err.errno or 0,
+            f"cannot reserve the {_SIZE} bytes of {str(path)!r} (a sparse copy on a full "
+            f"disk?): {err.strerror}; free some space and open it again",
+        ) from err
+
+
 class PositionLog:
     """The consumer's writable position log (only the consumer role holds one)."""
 
@@ -202,6 +214,7 @@ class PositionLog:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         self._fd = fd
         try:
+            _reserve(fd, self.path)  # a sparse copy on a full disk: ENOSPC now, never SIGBUS
             self._map = mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

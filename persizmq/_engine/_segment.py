@@ -5,7 +5,9 @@ what is in it). The rules that keep a mapping safe, by construction:
 
 * A file's space is reserved with ``posix_fallocate`` before anything is stored through a
   mapping of it, so a full disk is an ``ENOSPC`` (or ``EFBIG`` under ``RLIMIT_FSIZE``) when the
-  producer creates or grows the file, never a ``SIGBUS`` when it stores a record.
+  producer creates or grows the file, never a ``SIGBUS`` when it stores a record. The same
+  holds for files persizmq did not write itself (a sparse copy of a queue): the producer
+  reserves every segment it opens, and the consumer every segment with holes, at open.
 * A segment file only ever grows; nothing truncates it (another process may have it mapped, and
   touching a page past the end of a file is ``SIGBUS``). A torn tail is zeroed, not cut off.
 * A new segment is written under a temporary name (``NNN.log.tmp``) — reserved, header (and
@@ -30,7 +32,16 @@ from persizmq import _fs
 from persizmq._engine import _format
 from persizmq._errors import DirectoryError, StorageWriteError
 
-__all__ = ["QUARANTINE_DIR", "TMP_SUFFIX", "Segment", "list_bases", "quarantine", "remove_tmp"]
+__all__ = [
+    "QUARANTINE_DIR",
+    "TMP_SUFFIX",
+    "Segment",
+    "list_bases",
+    "quarantine",
+    "remove_tmp",
+    "reserve_holes",
+    "reserve_space",
+]
 
 QUARANTINE_DIR = "quarantine"
 TMP_SUFFIX = ".tmp"
@@ -48,6 +59,54 @@ def remove_tmp(directory: pathlib.Path) -> None:
         if _TMP_RE.match(name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(directory / name)
+
+
+def reserve_space(fd: int, size: int, path: pathlib.Path) -> None:
+    """Reserve the blocks of the first ``size`` bytes of an existing file before it is mapped
+    (a no-op where they are allocated): a hole — a sparse copy, a restore — on a full disk is
+    then an ``ENOSPC`` here, never a ``SIGBUS`` when a page of the mapping is touched.
+
+    :raises StorageWriteError: the disk refused; nothing was changed.
+    """
+    if size <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        raise StorageWriteError(
+            err.errno if err.errno is not None else errno.EIO,
+            f"cannot reserve the {size} bytes of {str(path)!r} (a sparse file on a full "
+            f"disk?): {err.strerror}; free some space and open it again",
+        ) from err
+
+
+def reserve_holes(directory: pathlib.Path, base: int) -> None:
+    """The consumer at open: reserve the blocks of segment ``base`` if the file has holes (a
+    sparse copy), so that reading it through a mapping on a full disk is never a ``SIGBUS``.
+    A file without holes costs one ``lseek``; a vanished one is nothing to do.
+
+    :raises StorageWriteError: the disk refused.
+    """
+    path = directory / _format.segment_name(base)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise StorageWriteError(
+            err.errno if err.errno is not None else errno.EIO,
+            f"cannot open {str(path)!r} to reserve its space: {err.strerror}",
+        ) from err
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            sparse = size > 0 and os.lseek(fd, 0, os.SEEK_HOLE) < size
+        except OSError:  # SEEK_HOLE unsupported: reserve (a no-op where allocated)
+            sparse = True
+        if sparse:
+            reserve_space(fd, size, path)
+    finally:
+        os.close(fd)
 
 
 class Segment:
@@ -142,6 +201,8 @@ class Segment:
         try:
             st = os.fstat(fd)
             _check_regular(path, st.st_mode)
+            if writable:  # the producer: before anything touches a page of the mapping
+                reserve_space(fd, st.st_size, path)
             segment = cls(path, base, fd, st.st_size, writable=writable, salt=0)
         except BaseException:
             os.close(fd)

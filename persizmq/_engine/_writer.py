@@ -36,10 +36,10 @@ Recovery, when the producer opens:
   may have the file mapped), reported in ``stats().torn_tail_bytes`` and the segment is sealed
   at its good end. Below the checkpoint nothing is changed: damage there is bit rot, which the
   consumer sets aside while it still delivers what follows;
-* trailing segments that hold only zeros (or nothing) are removed: a power cut right after
-  their creation in ``"never"`` mode (in the fsyncing modes a segment is fdatasynced, header
-  and metadata snapshot, before it gets its name); their offsets were reserved before;
-* a segment whose header is damaged is left to the consumer, which sets it aside whole;
+* a segment whose header is damaged is left to the consumer, which sets it aside whole (also
+  one left zero-filled or empty: whether it held messages cannot be told, so it is reported
+  like damage; in the fsyncing modes a new segment is fdatasynced — header and metadata
+  snapshot — before it gets its name, so a power cut cannot leave one so);
 * ``stats().torn_tail_bytes`` counts, in a sealed segment, the bytes from the good end to the
   seal's data end; in an unsealed one, to the last non-zero byte;
 * a new segment is started at the reservation.
@@ -136,14 +136,6 @@ class Writer:
         self.reservation = Reservation(self.directory, self.sync)
         self._ensure_position_log()
         bases = list_bases(self.directory)
-        had_segments = bool(bases)
-        while bases and _zero_filled(self.directory / _format.segment_name(bases[-1])):
-            # A power cut just after its creation (``sync="never"``: nothing fsynced it): it
-            # holds nothing, not even a header — not damage. Its offset is reserved already.
-            path = self.directory / _format.segment_name(bases.pop())
-            _LOGGER.warning("persizmq: removed %s, zero-filled by a power cut", path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
         end = 0
         last_valid = max((b for b in bases if _valid_header(self.directory, b)), default=None)
         for base in bases:
@@ -160,7 +152,7 @@ class Writer:
                 self.ledger.add(base, *closed)
                 end = max(end, closed[0])
         self._remove_empty_tail()
-        if self.sync != "never" and had_segments:
+        if self.sync != "never" and bases:
             self.durability.fsync_directory()
         position = read_position(self.directory)
         start = max(self.reservation.value, end, 0 if position is None else position[0])
@@ -569,23 +561,6 @@ def _valid_header(directory: pathlib.Path, base: int) -> bool:
         with open(directory / _format.segment_name(base), "rb") as file:
             return _format.parse_header(file.read(_HEADER), base) is not None
     except OSError:
-        return False
-
-
-def _zero_filled(path: pathlib.Path) -> bool:
-    """Whether the file holds nothing but zeros (read(2), never a mapping: no SIGBUS)."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(_HEADER)
-            if head.count(0) != len(head):
-                return False  # the common case: a header (valid or damaged), at once
-            while True:
-                chunk = file.read(1 << 20)
-                if not chunk:
-                    return True
-                if chunk.count(0) != len(chunk):
-                    return False
-    except FileNotFoundError:
         return False
 
 
