@@ -282,11 +282,6 @@ def test_power_cut_right_after_a_roll_over_keeps_the_metadata(tmp_path: pathlib.
     assert corrupt == 0, "a power cut during a roll-over was reported as corruption"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reader keeps the mapping of the segment it last looked at after the consumer "
-    "deleted it (SPEC §4: no descriptor or mapping on deleted files)",
-)
 def test_idle_reader_holds_no_mapping_on_deleted_segments(tmp_path: pathlib.Path) -> None:
     d = tmp_path / "q"
     with persizmq.PersistentStorage(d, segment_size=1 << 20) as s:

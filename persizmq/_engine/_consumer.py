@@ -137,6 +137,8 @@ class Consumer:
         self.durable: Tuple[int, int] = (-1, 0)  # without the producer: fsynced by us
         self._want: Tuple[int, int] = (-1, 0)
         self._dir_synced = -1
+        #: A reader released its cursor's mapping between calls (see :meth:`release`).
+        self._released = False
         try:
             if not readonly:
                 remove_legacy_tmp(directory)
@@ -467,8 +469,35 @@ class Consumer:
 
     # ------------------------------------------------------------------ reader
 
+    def release(self) -> None:
+        """A reader at the end of a call: drop the cursor's mapping, keeping its place, so that
+        an idle reader holds none on a segment the consumer deletes meanwhile (in this process
+        or another; SPEC §4). :meth:`follow` maps it again when the cursor is needed."""
+        if self.following and self.cursor.seg is not None:
+            self.cursor.close()
+            self._released = True
+
     def follow(self) -> None:
         """A reader: move past what the consumer popped since the reader last looked."""
+        self._follow()
+        cursor = self.cursor
+        if self._released and cursor.seg is None and self._cursor_needed():
+            # The cursor is needed again: map its segment, standing where it stood (its seal,
+            # checkpoint and place still describe that file); gone: to where the offset is.
+            self._released = False
+            cursor.seg = Segment.open(self.directory, cursor.base, writable=False)
+            if cursor.seg is None:
+                cursor.seek(cursor.offset, cursor.base, cursor.pos)
+                self.ledger.drop_below(cursor.base)
+
+    def _cursor_needed(self) -> bool:
+        """Whether this call may need the cursor's segment: to read on, or for the fsync that
+        makes the run read ahead durable (the round fsyncs the segment through the mapping's
+        descriptor). A run known durable is served without it."""
+        i = self.ahead_i
+        return i >= len(self.ahead) or (self.sync != "never" and i >= self.ahead_ok)
+
+    def _follow(self) -> None:
         position = read_position(self.directory)
         if len(self.files):  # the consumer deletes them as it pops them
             self.files = LegacyFiles(self.directory)
