@@ -52,3 +52,24 @@ def test_a_reader_follows_across_deleted_segments(tmp_path: pathlib.Path) -> Non
             wait_until(lambda: reader.front() == b"0150" + b"x" * 100, timeout=5)
             assert len(reader) == 50
             assert len(_mapped(d)) <= reader_maps + 1
+
+
+def test_an_idle_reader_holds_no_mapping_of_a_deleted_tail(tmp_path: pathlib.Path) -> None:
+    """The reader's count walked the live segment; the producer rolls over and the consumer
+    deletes that segment while the reader is idle."""
+    d = tmp_path / "q"
+    with persizmq.PersistentStorage(d, segment_size=4096) as s:
+        for i in range(10):
+            s.add_message(b"%04d" % i + b"x" * 100)
+        s.sync_now()
+        with persizmq.PersistentStorage(d, role="reader") as reader:
+            assert len(reader) == 10
+            for i in range(10, 200):
+                s.add_message(b"%04d" % i + b"x" * 100)
+            for _ in range(150):
+                assert s.front() is not None
+                assert s.pop_front()
+            s.sync_now()
+            assert all("(deleted)" not in line for line in _mapped(d))
+            assert len(reader) == 50
+            assert reader.front() == b"0150" + b"x" * 100

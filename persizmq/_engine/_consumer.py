@@ -473,7 +473,10 @@ class Consumer:
         """A reader at the end of a call: drop the cursor's mapping, keeping its place, so that
         an idle reader holds none on a segment the consumer deletes meanwhile (in this process
         or another; SPEC §4). :meth:`follow` maps it again when the cursor is needed."""
-        if self.following and self.cursor.seg is not None:
+        if not self.following:
+            return
+        self.ledger.release()
+        if self.cursor.seg is not None:
             self.cursor.close()
             self._released = True
 
