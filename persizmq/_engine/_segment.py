@@ -11,9 +11,9 @@ what is in it). The rules that keep a mapping safe, by construction:
 * A segment file only ever grows; nothing truncates it (another process may have it mapped, and
   touching a page past the end of a file is ``SIGBUS``). A torn tail is zeroed, not cut off.
 * A new segment is written under a temporary name (``NNN.log.tmp``) — reserved, header (and
-  metadata snapshot) written, mapped, and in the fsyncing modes fdatasynced — and renamed into
-  place, so every ``NNN.log`` starts with a complete header, also after a power cut once the
-  directory is fsynced; a leftover ``.tmp`` (a producer killed half-way) is removed by the
+  metadata snapshot) written, mapped, and in ``"always"`` mode fdatasynced — and renamed into
+  place, so every ``NNN.log`` starts with a complete header (in ``"always"`` mode also after a
+  power cut); a leftover ``.tmp`` (a producer killed half-way) is removed by the
   next producer. A failure before the rename leaves no name behind.
 * Opening tolerates a file that vanishes (the consumer in another process deleted it): the
   caller gets None and lists the directory again.
