@@ -444,9 +444,9 @@ class PersistentStorage:
     def __iter__(self) -> Iterator[Message]:
         """Iterate over the pending messages, oldest first, without removing them.
 
-        The iteration sees the messages pending when it reaches them; messages added meanwhile
-        may or may not be included, and damaged records are skipped (the consumer reports them
-        when it reaches them).
+        The iteration sees the messages pending when it reaches them (never one popped
+        meanwhile in this process); messages added meanwhile may or may not be included, and
+        damaged records are skipped (the consumer reports them when it reaches them).
         """
         self._check("iterate over", True)
         queue = self._queue
@@ -466,6 +466,8 @@ class PersistentStorage:
                 with queue.lock:
                     if queue.closed:
                         raise ClosedError(f"{self!r} was closed during the iteration")
+                    if queue.consumer is not None:
+                        view.catch_up(queue.consumer)
                     found = view.front(queue.writer_end())
                     if found is None:
                         return
@@ -543,6 +545,10 @@ class PersistentStorage:
         """Fsync (unless ``sync="never"``), and release the directory once the last object
         on it in this process is closed. Idempotent. A :meth:`front` call blocked in another
         thread on the last object raises :class:`ClosedError`.
+
+        Not from a signal handler: the handler may interrupt a call on this storage that holds
+        its lock, and close would wait for it for ever; raise from the handler and close in a
+        ``finally`` or ``with`` block instead (the exit hook also closes what is left open).
 
         :raises StorageWriteError: an fsync failed, now or before (the files are released
             anyway).

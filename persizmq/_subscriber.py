@@ -47,7 +47,9 @@ With ``sequence_frame`` it also counts the gaps in the publisher's sequence numb
 # close the socket to let ``Context.term`` finish. Any other failure of the socket itself
 # (``ENOTSOCK`` when it was closed under the subscriber, for example) is reported once to
 # ``on_exception`` and ends the thread, since the socket cannot be trusted any more. Exceptions
-# from the callback never end it: they are counted, reported, and the next message is processed.
+# from the callback never end it: they are counted, reported, and the next message is processed
+# — except a ``ClosedError`` once persizmq's exit hook has closed the storages of a script that
+# never shuts down: the interpreter is exiting, so the thread ends quietly.
 #
 # Sequence numbers. With ``sequence_frame``, every message passes through a ``SequenceTracker``
 # before it is delivered (or queued for the storage's ``add_messages``); a gap it reports goes to
@@ -66,7 +68,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, overlo
 
 import zmq
 
-from persizmq._errors import InvalidArgumentError, MessageTypeError
+from persizmq._engine._registry import exit_started
+from persizmq._errors import ClosedError, InvalidArgumentError, MessageTypeError
 from persizmq._protocol import Storage, is_storage_add, nothing_stored
 from persizmq._sequence import Gap, SequenceStats, SequenceTracker
 
@@ -442,6 +445,11 @@ class ThreadedSubscriber:
 
     def _report(self, exc: Exception, what: str) -> None:
         """Hand ``exc`` to ``on_exception`` (or log it); never raises."""
+        if isinstance(exc, ClosedError) and exit_started():
+            # The interpreter is exiting and persizmq's exit hook closed the storage (a script
+            # that never shuts down): that is the end of the stream, not a fault to report.
+            self._stop_requested = True
+            return
         handler = self.on_exception
         if handler is None:
             _LOGGER.exception("%s %r", what, self, exc_info=exc)

@@ -230,10 +230,13 @@ def test_5_one_background_fsync_error_is_fail_stop_not_ebadf(
         s.add_message(b"x")
     assert failed.wait(10), "the background round did not run"
     wait_until(lambda: s.stats().failed is not None, message="the failure to be recorded")
+    if role == "consumer":
+        assert list(s) == [b"b"]  # reads of what is durable go on (SPEC section 4)
     for call in (s.sync_now, s.close):
         with pytest.raises(persizmq.StorageWriteError, match="Input/output error") as caught:
             call()
         assert caught.value.errno == errno.EIO
+        assert str(caught.value).count("[Errno") == 1, str(caught.value)  # named once
     with persizmq.PersistentStorage(directory) as reopened:  # the truth from the disk
         assert len(reopened) in (1, 2)
 

@@ -99,3 +99,52 @@ def test_a_script_that_never_closes_exits_promptly(
             expected = 0 if scenario == "empty-front" else 100
             assert len(storage) == expected
             assert list(storage) == [b"%d" % i for i in range(expected)]
+
+
+STREAMING = """
+import zmq
+context = zmq.Context.instance()
+pub = context.socket(zmq.PUB)
+port = pub.bind_to_random_port("tcp://127.0.0.1")
+sub = context.socket(zmq.SUB)
+sub.setsockopt(zmq.SUBSCRIBE, b"")
+sub.connect(f"tcp://127.0.0.1:{port}")
+storage = persizmq.PersistentStorage(directory, sync=sync)
+subscriber = persizmq.ThreadedSubscriber(storage.add_message, subscriber=sub)
+
+def publish():
+    i = 0
+    while True:
+        pub.send(b"%d" % i)
+        i += 1
+
+threading.Thread(target=publish, daemon=True).start()
+while len(storage) < 300:
+    threading.Event().wait(0.005)
+print(len(storage), flush=True)
+"""
+
+
+@pytest.mark.parametrize("sync", ["always", "periodic", "never"])
+def test_a_live_subscriber_in_a_script_that_never_closes_ends_quietly(
+    tmp_path: pathlib.Path, sync: str
+) -> None:
+    """The exit hook closes the storage while the subscriber still stores: its thread ends
+    without a ClosedError traceback, and what was stored before the exit is all there."""
+    code = PROLOGUE.format(repo=str(REPO)) + STREAMING
+    for trial in range(2):
+        directory = tmp_path / f"q{trial}"
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(directory), sync],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        assert "ClosedError" not in done.stderr, done.stderr
+        with persizmq.PersistentStorage(directory, sync=sync) as storage:
+            numbers = [int(m) for m in storage if isinstance(m, bytes)]
+        assert len(numbers) >= int(done.stdout)
+        assert numbers == sorted(numbers)

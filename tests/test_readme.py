@@ -183,3 +183,17 @@ def test_legacy_readme_storage_example_runs_unchanged(index: int, tmp_path: path
     code = code.replace('"/some/dir"', repr(str(tmp_path / "dir")))
     printed = run_example(code, endpoint, tmp_path / "dir")
     assert "exception" not in printed, printed
+
+
+@pytest.mark.parametrize("name", ["README.rst", "CHANGELOG.rst"])
+def test_document_is_valid_restructured_text(name: str) -> None:
+    """A merge once left a stray ``=======`` and a table too narrow for its text: PyPI and
+    GitHub then render the page as an error."""
+    import docutils.core  # a dev dependency, needed by this test only
+
+    warnings = io.StringIO()
+    text = (pathlib.Path(__file__).resolve().parent.parent / name).read_text(encoding="utf-8")
+    docutils.core.publish_doctree(
+        text, settings_overrides={"warning_stream": warnings, "report_level": 2}
+    )
+    assert warnings.getvalue() == "", warnings.getvalue()

@@ -202,12 +202,6 @@ print(" ".join(got), flush=True)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a consumer in another process takes an atomic batch whose messages lie beyond its "
-    "mapping for damaged (_cursor.Cursor._batch_complete returns False without refreshing), "
-    "then for a torn tail once the segment is complete: the batch is skipped and deleted",
-)
 def test_consumer_process_delivers_an_atomic_batch_that_grew_the_segment(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -347,11 +341,6 @@ def _v2_record(payload: bytes, kind: int) -> bytes:
     return struct.pack("<IIB", len(payload), zlib.crc32(payload, seed), kind) + payload
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 2.0.0 record with a good CRC and an impossible frame table raises "
-    "CorruptionError from every front() (_legacy.V2Log.front -> decode_multipart)",
-)
 def test_v2_record_with_an_impossible_frame_table_is_set_aside(tmp_path: pathlib.Path) -> None:
     d = tmp_path / "q"
     d.mkdir()
@@ -369,11 +358,6 @@ def test_v2_record_with_an_impossible_frame_table_is_set_aside(tmp_path: pathlib
         assert s.stats().corrupt_regions == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 2.0.0 files are removed only if front() is called while a 2.0.0 message is "
-    "pending; after the last one is popped nothing calls it (_consumer.Consumer.front)",
-)
 def test_v2_files_are_removed_once_all_their_messages_are_consumed(tmp_path: pathlib.Path) -> None:
     d = tmp_path / "q"
     d.mkdir()
@@ -406,11 +390,6 @@ def test_front_keeps_its_timeout_during_a_slow_fsync(
     assert elapsed < 0.6, f"front(timeout=0.1) took {elapsed:.2f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a consumer in another process takes any later segment-named file as proof that "
-    "the live segment is complete, and deletes it under the producer (_cursor._complete)",
-)
 def test_foreign_segment_named_file_never_makes_the_consumer_delete_the_live_segment(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -450,3 +429,60 @@ def test_foreign_segment_named_file_never_makes_the_consumer_delete_the_live_seg
     finally:
         producer.close()
     assert delivered == [f"m{i}" for i in range(5)], "acknowledged adds were lost"
+
+
+def test_iteration_never_yields_a_message_popped_meanwhile(tmp_path: pathlib.Path) -> None:
+    with persizmq.PersistentStorage(tmp_path / "q") as s:
+        s.add_messages([b"m%d" % i for i in range(6)])
+        iterator = iter(s)
+        assert next(iterator) == b"m0"
+        for _ in range(3):
+            assert s.front() is not None
+            assert s.pop_front()
+        assert list(iterator) == [b"m3", b"m4", b"m5"]
+
+
+def test_iteration_never_yields_a_2_0_0_message_popped_meanwhile(tmp_path: pathlib.Path) -> None:
+    d = tmp_path / "q"
+    d.mkdir()
+    records = b"".join(_v2_record(b"old-%d" % i, 0xA0) for i in range(3))
+    (d / "00000000000000000000.seg").write_bytes(b"PZMQSEG2" + records)
+    with persizmq.PersistentStorage(d) as s:
+        s.add_message(b"new")
+        iterator = iter(s)
+        assert next(iterator) == b"old-0"
+        for _ in range(2):
+            assert s.front() is not None
+            assert s.pop_front()
+        assert list(iterator) == [b"old-2", b"new"]
+
+
+def test_running_out_of_descriptors_in_front_is_a_persizmq_error_and_recoverable(
+    tmp_path: pathlib.Path,
+) -> None:
+    got = run_child(
+        """
+        import json, os, resource, sys
+        import persizmq
+        s = persizmq.PersistentStorage(sys.argv[1], sync="never", segment_size=4096)
+        s.add_message(b"a" * 3000)
+        s.add_message(b"b" * 3000)  # a second segment: front() must open it
+        assert s.front()[:1] == b"a" and s.pop_front()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
+        try:
+            s.front()
+            error = None
+        except Exception as exc:
+            error = [type(exc).__name__, isinstance(exc, persizmq.PersizmqError), str(exc)]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        after = s.front()
+        print(json.dumps({"error": error, "after": None if after is None else after[:1].decode()}))
+        """,
+        str(tmp_path / "q"),
+    )
+    assert got["returncode"] == 0, got["stderr"]
+    assert got["error"] is not None, "front() did not fail: the limit was not reached"
+    assert got["error"][1], got["error"]
+    assert "open files" in got["error"][2]
+    assert got["after"] == "b", "the failed front() lost its place"

@@ -39,7 +39,7 @@ import os
 import pathlib
 import threading
 import zlib
-from typing import List, Optional, Protocol, Tuple
+from typing import Callable, List, Optional, Protocol, Tuple
 
 from persizmq import _fs
 from persizmq._engine import _format
@@ -116,6 +116,8 @@ class Consumer:
         self.ledger = ledger
         self.readonly = readonly
         self.following = readonly and follow
+        #: Raises after a fail-stop before a pop writes; a read-only view goes on reading.
+        self._check_failed: Callable[[], None] = _nothing if readonly else durability.check
         self.lock_fd = -1 if readonly else _fs.acquire_lock(directory / CONSUMER_LOCK, "consumer")
         self.plog: Optional[PositionLog] = None
         self.v2: Optional[V2Log] = None
@@ -282,6 +284,28 @@ class Consumer:
                 pos, index = stop, index + 1
         self.ahead, self.ahead_i, self.ahead_ok = ahead, 0, 0
 
+    def catch_up(self, live: "Consumer") -> None:
+        """(A read-only view.) Skip what the queue's consumer ``live`` popped since this view
+        passed it, so that an iteration never yields a message that is gone already."""
+        files = self.files
+        while len(files) > len(live.files):  # 1.0.x files are popped oldest first
+            files.paths.popleft()
+            files._front = None
+            self._cache = None
+        v2, live_v2 = self.v2, live.v2
+        if v2 is not None:
+            left = 0 if live_v2 is None else len(live_v2)
+            while len(v2) > left:
+                got = v2.front(self._on_v2_damage)
+                if got is None:
+                    break
+                v2.off, v2.pending = got[1], v2.pending - 1
+                self._cache = None
+        if self.cursor.offset < live.cursor.offset:
+            here = live.cursor
+            self.cursor.seek(here.offset, here.base, here.pos)
+            self.forget_ahead()
+
     def forget_ahead(self) -> None:
         """Drop the run read ahead (the cursor moved by other means)."""
         self.ahead, self.ahead_i, self.ahead_ok = [], 0, 0
@@ -300,7 +324,7 @@ class Consumer:
             mark, held.pops = held.pops, None
             if mark is not None and mark != self.pops:
                 return True  # the message front() showed this caller was popped meanwhile
-        self.durability.check()  # fail-stop: a pop is a write of the position
+        self._check_failed()  # fail-stop: a pop is a write of the position (not a view's)
         found = self.front(writer)
         if found is None:
             return False
@@ -339,6 +363,7 @@ class Consumer:
         else:
             assert self.v2 is not None
             self.v2.pop(end)
+            self.v2.finish_if_done(self._on_v2_damage)
             self.pos_dirty = True
         self.pops += 1
         self.popped += 1
@@ -528,3 +553,7 @@ class Consumer:
         if self.lock_fd >= 0:
             _fs.release_lock(self.lock_fd)
             self.lock_fd = -1
+
+
+def _nothing() -> None:
+    """What a read-only view checks before a pop."""

@@ -21,7 +21,8 @@ the reader (which writes nothing). What it finds at the position decides what ha
     to ``on_damage`` (the consumer quarantines them) and delivery goes on after them;
   - otherwise the first invalid record ends what the segment holds (a **torn tail**: what a
     crash in the middle of a write leaves; the producer zeroes it when it opens). If the
-    segment is *complete* — sealed, or a later segment exists, so nobody writes to it any more
+    segment is *complete* — sealed, or a later segment with a valid header exists (a file that
+    only has a segment's name proves nothing), so nobody writes to it any more
     — the cursor moves on; if not, this is the producer's live end and the cursor waits there.
 
 * The cursor moves to the next segment at the seal's data end, past the torn tail of a complete
@@ -37,10 +38,10 @@ import bisect
 import enum
 import logging
 import pathlib
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Set, Tuple
 
 from persizmq._engine import _format
-from persizmq._engine._segment import Segment, list_bases
+from persizmq._engine._segment import Segment, has_valid_header, list_bases
 
 __all__ = ["Cursor", "Found", "WriterEnd"]
 
@@ -87,6 +88,9 @@ class Cursor:
         #: The current segment is consumed to its end; the cursor waits for a later one.
         self.finished = False
         self._bases: List[int] = []
+        #: Later segment files found with a valid header (proof of a roll-over), or without.
+        self._proven: Set[int] = set()
+        self._foreign: Set[int] = set()
 
     @property
     def offset(self) -> int:
@@ -193,6 +197,8 @@ class Cursor:
                 if verdict:
                     self.pos = end  # step over the batch record
                     continue
+                if self._look_again(writer):
+                    continue  # the batch may reach beyond what was mapped
                 if verdict is None and not self._complete(writer):
                     return None  # the producer is still writing the batch
                 if self._durable_region(writer):
@@ -243,16 +249,27 @@ class Cursor:
         return self.pos < self.checkpoint
 
     def _complete(self, writer: WriterEnd) -> bool:
-        """Whether nobody writes to the current segment any more."""
+        """Whether nobody writes to the current segment any more: it is sealed, or a later
+        segment exists. Only a later file with a valid header is a segment the producer rolled
+        over to; a file that merely has a segment's name (put there by hand, a stray copy)
+        proves nothing, and trusting it would delete the live segment under the producer."""
         if self.seal is not None:
             return True
         if writer is not None:
             return writer[0] != self.base
-        bases = self._bases
-        if bisect.bisect_right(bases, self.base) < len(bases):
-            return True
-        bases = self._list()
-        return bisect.bisect_right(bases, self.base) < len(bases)
+        return self._later_segment(self._bases) or self._later_segment(self._list())
+
+    def _later_segment(self, bases: List[int]) -> bool:
+        for base in bases[bisect.bisect_right(bases, self.base) :]:
+            if base in self._proven:
+                return True
+            if base in self._foreign:
+                continue
+            if has_valid_header(self.directory, base):
+                self._proven.add(base)
+                return True
+            self._foreign.add(base)  # named files are complete when renamed: it stays foreign
+        return False
 
     def _classify(self, writer: WriterEnd) -> _Act:  # noqa: PLR0911 (an exit per documented case)
         """No valid message at the cursor: damage, torn tail or the live end (see above)."""

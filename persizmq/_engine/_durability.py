@@ -120,7 +120,7 @@ class Durability:
     def check(self) -> None:
         """Raise the recorded failure, if any (lock held)."""
         if self.failed is not None:
-            raise StorageWriteError(self.failed.errno, str(self.failed))
+            raise StorageWriteError(self.failed.errno, self.failed.strerror)
 
     def fdatasync(self, fd: int, what: str) -> None:
         """Fsync inline (``"always"`` mode), lock held; a failure is fail-stop."""

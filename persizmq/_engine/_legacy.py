@@ -26,6 +26,7 @@ import zlib
 from typing import Callable, Deque, List, Optional, Tuple
 
 from persizmq._engine import _v2_position
+from persizmq._errors import CorruptionError
 from persizmq._message import Message, decode_multipart
 
 __all__ = ["LegacyFiles", "V2Log", "remove_legacy_tmp"]
@@ -177,7 +178,12 @@ class V2Log:
                 if kind == _V2_SINGLE:
                     return self.data[start:end], end
                 if kind == _V2_MULTIPART:
-                    return decode_multipart(self.data[start:end], "a 2.0.0 record"), end
+                    try:
+                        return decode_multipart(self.data[start:end], "a 2.0.0 record"), end
+                    except CorruptionError:  # a good CRC but an impossible frame table
+                        on_damage(f"{self.seg:020d}.seg", self.off, self.data[self.off : end])
+                        self._step_over(end)
+                        continue
                 self._next_segment()  # a seal
                 continue
             following = _find_next(self.data, self.off + 1)
@@ -190,12 +196,23 @@ class V2Log:
             self.off = following
         return None
 
-    def pop(self, end: int) -> None:
-        """Remove the message :meth:`front` returned (``end``: where its record ends)."""
+    def _step_over(self, end: int) -> None:
+        """Count the message whose record ends at ``end`` as passed."""
         self.bytes -= end - self.off
         self.pending -= 1
         self.off = end
         self.consumed += 1
+
+    def finish_if_done(self, on_damage: Callable[[str, int, bytes], None]) -> None:
+        """After the last pending 2.0.0 message was popped: walk to the end of the 2.0.0 log,
+        so that its files are removed now rather than never (nothing else calls :meth:`front`
+        once nothing is pending). A message found there after all is made pending again."""
+        if self.segments and self.pending <= 0 and self.front(on_damage) is not None:
+            self.pending = 1
+
+    def pop(self, end: int) -> None:
+        """Remove the message :meth:`front` returned (``end``: where its record ends)."""
+        self._step_over(end)
         if self.log is not None:
             self.log.write(self.seg, self.off, self.consumed)
             if self.sync == "always":

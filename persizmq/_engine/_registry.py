@@ -31,6 +31,7 @@ __all__ = [
     "Shared",
     "check_same",
     "close_later",
+    "exit_started",
     "exiting",
     "lock_wait",
     "open_shared",
@@ -59,6 +60,7 @@ _S = TypeVar("_S", bound=Shared)
 _LOCK = threading.Lock()
 _OPEN: Dict[Tuple[str, int, int], Any] = {}
 _EXITING = False
+_EXIT_STARTED = False
 _DEFERRED: "collections.deque[Callable[[], object]]" = collections.deque()
 _REAPER_WAKE = threading.Event()
 _REAPER: Optional[threading.Thread] = None
@@ -202,8 +204,15 @@ def exiting() -> bool:
     return _EXITING
 
 
+def exit_started() -> bool:
+    """Whether the exit hook has begun closing the open queues (a ``ClosedError`` from a
+    storage is then the exit, not a fault)."""
+    return _EXIT_STARTED
+
+
 def _at_exit() -> None:
-    global _EXITING
+    global _EXITING, _EXIT_STARTED
+    _EXIT_STARTED = True
     while _DEFERRED:
         with contextlib.suppress(Exception):
             _DEFERRED.popleft()()

@@ -36,6 +36,7 @@ __all__ = [
     "QUARANTINE_DIR",
     "TMP_SUFFIX",
     "Segment",
+    "has_valid_header",
     "list_bases",
     "quarantine",
     "remove_tmp",
@@ -49,8 +50,43 @@ _TMP_RE = re.compile(r"^\d{20}\.log\.tmp$")
 
 
 def list_bases(directory: pathlib.Path) -> List[int]:
-    """Return the base offsets of the segment files in ``directory``, ascending."""
-    return _format.list_segment_bases(os.listdir(directory))
+    """Return the base offsets of the segment files in ``directory``, ascending.
+
+    :raises DirectoryError: the directory cannot be listed (out of descriptors, say).
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError as err:
+        raise _unusable(err, f"cannot list the storage directory {str(directory)!r}") from err
+    return _format.list_segment_bases(names)
+
+
+def _unusable(err: OSError, what: str) -> DirectoryError:
+    """The error for a file or listing the engine needs and cannot have; nothing changed."""
+    hint = ""
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        hint = " (close descriptors this process does not need, or raise `ulimit -n`)"
+    return DirectoryError(
+        err.errno if err.errno is not None else errno.EIO,
+        f"{what}: {err.strerror or err}{hint}; nothing was changed, try again",
+    )
+
+
+def has_valid_header(directory: pathlib.Path, base: int) -> bool:
+    """Whether segment ``base`` exists and starts with a valid header for that base: a file
+    a producer of this queue renamed into place (a file that merely has a segment's name
+    does not count)."""
+    try:
+        fd = os.open(directory / _format.segment_name(base), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        data = os.pread(fd, _format.SEGMENT_HEADER_SIZE, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return _format.parse_header(data, base) is not None
 
 
 def remove_tmp(directory: pathlib.Path) -> None:
@@ -198,12 +234,20 @@ class Segment:
             fd = os.open(path, flags)
         except FileNotFoundError:
             return None
+        except OSError as err:
+            raise _unusable(err, f"cannot open the segment {str(path)!r}") from err
         try:
             st = os.fstat(fd)
             _check_regular(path, st.st_mode)
             if writable:  # the producer: before anything touches a page of the mapping
                 reserve_space(fd, st.st_size, path)
             segment = cls(path, base, fd, st.st_size, writable=writable, salt=0)
+        except (DirectoryError, StorageWriteError):
+            os.close(fd)
+            raise
+        except OSError as err:  # mmap: out of descriptors (it takes one) or of address space
+            os.close(fd)
+            raise _unusable(err, f"cannot map the segment {str(path)!r}") from err
         except BaseException:
             os.close(fd)
             raise
@@ -222,7 +266,10 @@ class Segment:
         size = os.fstat(self.fd).st_size
         if size <= self.size:
             return False
-        self._remap(size)
+        try:
+            self._remap(size)
+        except OSError as err:  # the old mapping stays: nothing changed
+            raise _unusable(err, f"cannot map the segment {str(self.path)!r} again") from err
         return True
 
     def grow(self, size: int) -> None:
