@@ -15,6 +15,7 @@ from persizmq._errors import (
     MessageTooLargeError,
     MessageTypeError,
     PersizmqError,
+    ProtocolError,
     QueueFullError,
     RoleError,
     StorageWriteError,
@@ -22,6 +23,7 @@ from persizmq._errors import (
 from persizmq._latest import PersistentLatestStorage
 from persizmq._message import Message, MessageLike
 from persizmq._protocol import Notifying, StatsLike, Storage
+from persizmq._reliable import ReceiverStats, ReliableReceiver, ReliableSender, SenderStats
 from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
 from persizmq._subscriber import ThreadedSubscriber
 
@@ -43,8 +45,13 @@ __all__ = [
     "PersistentLatestStorage",
     "PersistentStorage",
     "PersizmqError",
+    "ProtocolError",
     "QueueFullError",
+    "ReceiverStats",
+    "ReliableReceiver",
+    "ReliableSender",
     "RoleError",
+    "SenderStats",
     "StatsLike",
     "Storage",
     "StorageStats",
