@@ -352,7 +352,7 @@ def test_full_receiver_storage_applies_back_pressure(
             sender.send_many([b"%d" % i for i in range(5, 10)])
             assert not sender.flush(0.5)
             assert "storage is full" in caplog.text
-            got = []
+            got: List[Any] = []
             while len(got) < 10:
                 msg = storage.front(block=True, timeout=DEADLINE)
                 assert msg is not None
@@ -408,7 +408,7 @@ def test_any_storage_works_with_highs_in_memory(
 ) -> None:
     store = ListStorage()
     sock = sockets(zmq.ROUTER)
-    with ReliableReceiver(sock, store):  # type: ignore[arg-type]
+    with ReliableReceiver(sock, store):
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         with ReliableSender(tmp_path / "outbox", f"tcp://127.0.0.1:{port}") as sender:
             sender.send_many([b"a", [b"b", b"c"]])
@@ -467,7 +467,7 @@ def test_send_checks_messages(tmp_path: pathlib.Path) -> None:
         with pytest.raises(InvalidArgumentError, match="at least one frame"):
             sender.send([])
         with pytest.raises(MessageTypeError, match="use send"):
-            sender.send_many(b"abc")
+            sender.send_many(b"abc")  # type: ignore[arg-type]
         sender.send(bytearray(b"ok"))
         sender.send([memoryview(b"f")])
         assert sender.stats().pending == 2
