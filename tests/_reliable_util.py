@@ -39,7 +39,9 @@ class RawSender:
     ) -> None:
         """Send one DATA message."""
         prev = first - 1 if prev is None else prev
-        self.sock.send_multipart(_wire.encode_data(self.sender, base, prev, first, msgs))
+        self.sock.send_multipart(
+            _wire.encode_data(self.sender, base, prev, first, _wire.pack(msgs))
+        )
 
     def reply(
         self, timeout: float = DEADLINE

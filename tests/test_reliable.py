@@ -291,13 +291,17 @@ def test_a_welcome_high_pops_what_the_receiver_has(
 ) -> None:
     fake = FakeReceiver(sockets)
     with ReliableSender(tmp_path / "outbox", fake.endpoint) as sender:
-        sender.send_many([b"a", b"b", b"c"])
-        # It has 1 and 2 already (their acks were lost).
-        routing, data = fake.next_data(high=2)
-        assert (data.first, data.entries(0)) == (3, [b"c"])
-        fake.answer(routing, _wire.encode_ack(data.sender, 3))
+        for msg in (b"a", b"b", b"c"):
+            sender.send(msg)  # a batch each
+        sender.send_many([b"d", b"e"])  # one batch
+        # It has 1 to 4 already (their acks were lost): a, b, c are popped unsent; the batch
+        # acknowledged in part is sent whole (the receiver skips what it has).
+        routing, data = fake.next_data(high=4)
+        assert (data.first, data.entries(0)) == (4, [b"d", b"e"])
+        fake.answer(routing, _wire.encode_ack(data.sender, 5))
         assert sender.flush(DEADLINE)
-        assert sender.stats().sent == 1
+        assert sender.stats().sent == 2
+        assert sender.stats().acknowledged == 5
 
 
 def test_a_gap_reply_makes_the_sender_resend(

@@ -12,7 +12,7 @@ SENDER = bytes(range(1, 17))
 
 
 def data_frames(msgs: Sequence[_wire.Entry], first: int = 1, base: int = 1) -> List[bytes]:
-    return _wire.encode_data(SENDER, base, first - 1, first, msgs)
+    return _wire.encode_data(SENDER, base, first - 1, first, _wire.pack(msgs))
 
 
 def test_plain_data_round_trip_and_skip() -> None:

@@ -17,12 +17,14 @@ side nothing durable is sent twice — and data flows from there. A lost connect
 dead link into a lost connection within a few seconds. With ``ZMQ_IMMEDIATE`` nothing is queued
 towards a peer that is not connected.
 
-**The window.** Messages read from the outbox wait in ``unsent``; a DATA message takes up to
-:data:`~persizmq._reliable._wire.MAX_BATCH` consecutive ones from there (within the blob's and
-table's budget of ``_wire``) into ``unacked``, as long as ``unacked`` holds fewer than
-``window`` messages. An ACK (cumulative) frees the window at once; the acknowledged messages
-are popped from the outbox after the next DATA is sent (pops cost time, and the outbox's front
-is always ``unacked[0]`` or an acknowledged message before it).
+**The window.** Batches read from the outbox (see ``_outbox``: a batch is what one record
+holds, sent as one DATA message) wait in ``unsent``; one moves to ``unacked`` when it is sent,
+as long as ``unacked`` holds fewer than ``window`` messages with it (or is empty: a batch
+larger than the window goes alone). An ACK (cumulative) frees the window at once; the batches
+it acknowledges completely are popped from the outbox after the next DATA is sent (pops cost
+time, and the outbox's front is always ``unacked[0]`` or an acknowledged batch before it). A
+batch acknowledged in part stays and is sent whole again if need be: the receiver skips what
+it has.
 
 **Resends.** Three triggers put ``unacked`` back in front of ``unsent``: a new session (above);
 an ACK with the resend flag (the receiver saw a gap), at most once per high and ack_timeout;
@@ -30,7 +32,7 @@ and ``ack_timeout`` seconds without progress while messages are unacknowledged, 
 ends the session (HELLO again, so the WELCOME says where the receiver is).
 
 **Durable before sent.** In ``"periodic"`` mode the thread fsyncs the outbox (``sync_now``,
-one fsync for everything read so far) before it sends a message for the first time. So a power
+one fsync for everything stored so far) before it sends a message for the first time. So a power
 cut of the sender can never take back a number that a receiver already stored, which would make
 it drop a later message carrying that number as a duplicate. ``"always"`` adds are durable
 already; ``"never"`` promises nothing across a power cut (as for the storage itself).
@@ -45,25 +47,22 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Deque, List, Optional
+from typing import Any, Deque, Optional, Union
 
 import zmq
 
 from persizmq._errors import ProtocolError
-from persizmq._message import Message
 from persizmq._reliable import _wire
-from persizmq._reliable._outbox import Entry, Outbox, entry_size
+from persizmq._reliable._outbox import Batch, Outbox
 from persizmq._reliable._ratelog import RateLimitedLog
 
-__all__ = ["READ_BYTES", "Link"]
+__all__ = ["Link"]
 
 _LOGGER = logging.getLogger("persizmq")
 
-#: About the bytes read from the outbox at a time.
-READ_BYTES = 4 << 20
 _HANDSHAKE = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
-_MONITOR_EVENTS = _HANDSHAKE | zmq.EVENT_DISCONNECTED
 _U64 = (1 << 64) - 1
+Reply = Union[_wire.Welcome, _wire.Ack, _wire.Refuse, _wire.ErrorReply]
 
 
 class Link:
@@ -75,7 +74,6 @@ class Link:
         outbox: Outbox,
         sock: "zmq.Socket[Any]",
         monitor: "zmq.Socket[Any]",
-        wake_fd: int,
         *,
         window: int,
         ack_timeout: float,
@@ -84,18 +82,18 @@ class Link:
         self.outbox = outbox
         self.sock = sock
         self.monitor = monitor
-        self.wake_fd = wake_fd
         self.window = window
         self.ack_timeout = ack_timeout
         self.sender = outbox.sender_id
         self.durable_first = outbox.storage.sync == "periodic"
-        self.unsent: Deque[Entry] = collections.deque()
-        self.unacked: Deque[Entry] = collections.deque()
-        self.read_high = 0  # seq of the last message read from the outbox
+        self.unsent: Deque[Batch] = collections.deque()
+        self.unacked: Deque[Batch] = collections.deque()
+        self.in_flight = 0  # messages in unacked
+        self.read_high = 0  # seq through which the outbox was read
         self.acked = 0  # highest seq acknowledged
         self.popped = 0  # highest seq acknowledged and popped from the outbox
         self.max_sent = 0  # highest seq ever sent (what is sent again is a resend)
-        self.synced = 0  # highest seq read when the outbox was last fsynced
+        self.synced = 0  # highest seq stored when the outbox was last fsynced
         self.limit = _U64
         self.connected = False
         self.welcomed = False
@@ -104,7 +102,7 @@ class Link:
         self.progress_at = time.monotonic()
         self.nack = (-1, -1.0e9)  # (high, time) of the last resend on a gap
         self.blocked = False  # the DEALER's send queue is full
-        self.to_pop = 0  # acknowledged messages still to pop from the outbox
+        self.to_pop = (0, 0)  # acknowledged (batches, messages) still to pop from the outbox
         self.log = RateLimitedLog(_LOGGER)
         # counters
         self.sent = 0
@@ -121,12 +119,12 @@ class Link:
         while self.monitor.poll(0):
             frames = self.monitor.recv_multipart()
             event = int.from_bytes(frames[0][:2], "little")
-            if event & _HANDSHAKE:
+            if event == _HANDSHAKE:
                 self.connected = True
                 self.sessions += 1
                 self._end_session()
                 self.hello()
-            elif event & zmq.EVENT_DISCONNECTED:
+            elif event == zmq.EVENT_DISCONNECTED:
                 self.connected = False
                 self._end_session()
 
@@ -152,7 +150,7 @@ class Link:
                 continue
             self._handle(reply)
 
-    def _handle(self, reply: "_wire.Welcome | _wire.Ack | _wire.Refuse | _wire.ErrorReply") -> None:
+    def _handle(self, reply: Reply) -> None:
         now = time.monotonic()
         if isinstance(reply, _wire.Ack):
             self._acknowledge(reply.high)
@@ -173,48 +171,52 @@ class Link:
             self.refused += 1
             self.log.log(
                 logging.WARNING,
-                "refused",
+                f"refused: {reply.reason[:30]}",
                 f"persizmq: the receiver refused message {reply.seq} of sender "
                 f"{self.sender.hex()}: {reply.reason}; it is removed from the outbox",
             )
         else:
             self.log.log(
                 logging.ERROR,
-                "error-reply",
+                f"error: {reply.reason[:30]}",
                 f"persizmq: the receiver refused a message of sender {self.sender.hex()}: "
                 f"{reply.reason}",
             )
 
     def _acknowledge(self, high: int) -> None:
-        """Everything up to ``high`` is durable at the receiver: pop it."""
+        """Everything up to ``high`` is durable at the receiver: pop the batches it covers."""
         if high <= self.acked:
             return
         self.acked = high
         self.progress_at = time.monotonic()
-        popped = 0
-        for queue in (self.unacked, self.unsent):
-            while queue and queue[0][0] <= high:
-                queue.popleft()
-                popped += 1
+        batches, messages = self.to_pop
+        while self.unacked and self.unacked[0].last <= high:
+            done = self.unacked.popleft()
+            self.in_flight -= done.packed.number
+            batches, messages = batches + 1, messages + done.packed.number
+        while self.unsent and self.unsent[0].last <= high:
+            done = self.unsent.popleft()
+            batches, messages = batches + 1, messages + done.packed.number
         while high > self.read_high and not self.unacked and not self.unsent:
-            found, through = self.outbox.read(self.read_high, self.window, READ_BYTES)
+            found, through = self.outbox.read(self.read_high, self.window)
             if through <= self.read_high:
                 break
             self.read_high = through
-            for entry in found:
-                if entry[0] <= high:
-                    popped += 1
+            for batch in found:
+                if batch.last <= high:
+                    batches, messages = batches + 1, messages + batch.packed.number
                 else:
-                    self.unsent.append(entry)
-        self.to_pop += popped
-        self.acknowledged += popped
+                    self.unsent.append(batch)
+        self.acknowledged += messages - self.to_pop[1]
+        self.to_pop = (batches, messages)
 
     def pop_acknowledged(self) -> None:
         """Pop from the outbox what was acknowledged (after sending more: pops cost time, the
         window is free already)."""
-        if self.to_pop:
-            count, self.to_pop = self.to_pop, 0
-            self.outbox.pop(count)
+        batches, messages = self.to_pop
+        if batches:
+            self.to_pop = (0, 0)
+            self.outbox.pop(batches, messages)
         self.popped = self.acked
 
     def _rewind(self) -> None:
@@ -222,6 +224,7 @@ class Link:
         if self.unacked:
             self.unsent.extendleft(reversed(self.unacked))
             self.unacked.clear()
+            self.in_flight = 0
 
     def _end_session(self) -> None:
         self.welcomed = False
@@ -262,80 +265,48 @@ class Link:
         if not self.welcomed:
             return
         self.blocked = False
-        while len(self.unacked) < self.window:
+        while True:
             if not self.unsent and not self._refill():
                 return
-            batch = self._take(min(_wire.MAX_BATCH, self.window - len(self.unacked)))
-            if self.durable_first and batch[-1][0] > self.synced:
+            batch = self.unsent[0]
+            if self.unacked and self.in_flight + batch.packed.number > self.window:
+                return
+            if self.durable_first and batch.last > self.synced:
                 covered = self.outbox.last_stored  # everything stored so far gets fsynced
                 self.outbox.sync()
                 self.synced = covered
             if not self._send(batch):
-                self.unsent.extendleft(reversed(batch))
                 self.blocked = True
                 return
+            self.unsent.popleft()
             if not self.unacked:
                 self.progress_at = time.monotonic()
-            self.unacked.extend(batch)
-            fresh = sum(1 for seq, _msg in batch if seq > self.max_sent)
-            self.sent += fresh
-            self.resent += len(batch) - fresh
-            self.max_sent = max(self.max_sent, batch[-1][0])
+            self.unacked.append(batch)
+            self.in_flight += batch.packed.number
+            if batch.first > self.max_sent:
+                self.sent += batch.packed.number
+            else:
+                fresh = max(0, batch.last - self.max_sent)
+                self.sent += fresh
+                self.resent += batch.packed.number - fresh
+            self.max_sent = max(self.max_sent, batch.last)
 
     def _refill(self) -> bool:
         """Read more from the outbox into ``unsent``; False if there is nothing more."""
-        room = self.window - len(self.unacked)
-        found, through = self.outbox.read(self.read_high, max(room, 1), READ_BYTES)
+        room = max(self.window - self.in_flight, 1)
+        found, through = self.outbox.read(self.read_high, room)
         self.read_high = max(self.read_high, through)
         if not found:
             return False
         self.unsent.extend(found)
         return True
 
-    def _take(self, count: int) -> List[Entry]:
-        """Up to ``count`` consecutive messages from unsent, within a DATA message's budget:
-        a blob of at most ``max(limit, BATCH_BYTES)`` bytes and a table of ``MAX_TABLE``."""
-        unsent = self.unsent
-        first = unsent.popleft()
-        batch = [first]
-        blob_budget = max(self.limit, _wire.BATCH_BYTES)
-        size = self._wire_size(first[1])
-        table = 0 if first[1].__class__ is bytes else _wire.table_entry_size(first[1])
-        expected = first[0] + 1
-        while unsent and len(batch) < count and unsent[0][0] == expected:
-            msg = unsent[0][1]
-            grown = size + self._wire_size(msg)
-            if msg.__class__ is not bytes:
-                table += _wire.table_entry_size(msg)
-            if grown > blob_budget or table > _wire.MAX_TABLE:
-                break
-            batch.append(unsent.popleft())
-            size = grown
-            expected += 1
-        return batch
-
-    def _wire_size(self, msg: Message) -> int:
-        """The blob bytes ``msg`` takes (0 when it is withheld)."""
-        if msg.__class__ is bytes:
-            return len(msg) if len(msg) <= self.limit else 0
-        size = entry_size(msg)
-        return size if size <= self.limit and len(msg) <= _wire.MAX_FRAMES else 0
-
-    def _send(self, batch: List[Entry]) -> bool:
-        """Send one DATA message; False if the socket's queue is full."""
-        first = batch[0][0]
-        oldest = self.unacked[0][0] if self.unacked else first
-        prev = self.unacked[-1][0] if self.unacked else first - 1
-        limit = self.limit
-        items: List[_wire.Entry] = []
-        for _seq, msg in batch:
-            if msg.__class__ is bytes:
-                items.append(msg if len(msg) <= limit else _wire.Withheld(len(msg)))
-            else:
-                size = entry_size(msg)
-                fits = size <= limit and len(msg) <= _wire.MAX_FRAMES
-                items.append(msg if fits else _wire.Withheld(size))
-        frames = _wire.encode_data(self.sender, oldest, prev, first, items)
+    def _send(self, batch: Batch) -> bool:
+        """Send one batch as a DATA message; False if the socket's queue is full."""
+        base = self.unacked[0].first if self.unacked else batch.first
+        prev = self.unacked[-1].last if self.unacked else batch.first - 1
+        packed = _wire.withhold(batch.packed, self.limit)
+        frames = _wire.encode_data(self.sender, base, prev, batch.first, packed)
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:

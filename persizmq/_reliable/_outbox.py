@@ -1,36 +1,40 @@
-"""The sender's outbox: a PersistentStorage of numbered envelopes, its identity, its read-ahead.
+"""The sender's outbox: a PersistentStorage of numbered batches, its identity, its read-ahead.
 
 Theory of operation
 ===================
 
-**Envelopes.** Every message that :meth:`ReliableSender.send` accepts is stored in the outbox
-with its sequence number: a single-frame message as one record ``b"\\x01" + seq + payload``, a
-multipart one as ``[b"\\x02" + seq, *frames]`` (seq: 8 bytes, big-endian). So each record says
-which number it has, whatever was popped, set aside as damaged or lost before it.
+**Batches.** What one :meth:`ReliableSender.send_many` call accepts is stored in the outbox as
+one or more **batch records**, each of at most :data:`~persizmq._reliable._wire.MAX_BATCH`
+messages (and about :data:`~persizmq._reliable._wire.BATCH_BYTES`): a multipart record
+``[head, table, blob]`` whose table and blob are those of a DATA message (``_wire``) and
+whose head holds the seq of its first message and its count. So the link thread reads, sends
+and pops one record per batch — a pop and a read cost the same for a batch as for one
+message — and each record says which numbers it holds, whatever was popped, set aside as
+damaged or lost before it. A batch is popped once all its messages are acknowledged.
 
 **Identity and numbers.** The file ``reliable-sender.id`` in the outbox holds the sender id
 (16 random bytes, in hex) and a **reservation**: the highest seq that may have been given out.
 Numbers are reserved in blocks of :data:`RESERVE_BLOCK`; the file is replaced (written to a
 temporary file, fsynced, renamed, the directory fsynced, in every ``sync`` mode) *before* any
-envelope that uses the new block is stored, and after a restart numbering continues above the
+batch that uses the new block is stored, and after a restart numbering continues above the
 reservation. So after any crash no number is ever given twice, under one id; the numbers left
 unused make a hole in the sequence, which the wire protocol tells the receiver (``prev``). The
-envelopes are stored in plain batches (a crash may keep a prefix of one; each envelope says
-its number, so a prefix is as good as fewer messages).
+batch records of one add are stored in one plain ``add_messages`` (a crash may keep a prefix
+of them, which is as good as a shorter call).
 
 A new outbox gets a new id. An outbox whose file is gone (deleted by hand) gets a new id too,
-with a reservation above every envelope it holds, and a warning: a receiver cannot tell that
-the messages the old id sent are the same as the new id's, so what it had is stored again.
+with a reservation above every batch it holds, and a warning: a receiver cannot tell that the
+messages the old id sent are the same as the new id's, so what it had is stored again.
 
 An add whose outcome is unknown (a :class:`StorageWriteError` other than "nothing stored")
 still uses up its numbers: a hole, never a number given to two messages.
 
-**Reading ahead.** The link thread needs the messages after the ones in flight without popping
+**Reading ahead.** The link thread needs the batches after the ones in flight without popping
 them. Two sources: *fresh*, a bounded in-memory copy of the latest adds of this process, and
-the *disk* (iteration over the pending messages, a new iterator per read). Every message with
-a seq >= ``fresh_from`` is in fresh or was already taken from it; below ``fresh_from`` the
-thread reads the disk: at open the backlog; after fresh overflowed, what it dropped from its
-left end; after an add of unknown outcome, whatever of it may be there.
+the *disk* (iteration over the pending records, a new iterator per read). Every batch whose
+first seq is >= ``fresh_from`` is in fresh or was already taken from it; below ``fresh_from``
+the thread reads the disk: at open the backlog; after fresh overflowed, what it dropped from
+its left end; after an add of unknown outcome, whatever of it may be there.
 """
 
 import collections
@@ -40,28 +44,36 @@ import os
 import pathlib
 import struct
 import threading
-from typing import Deque, List, Optional, Set, Tuple
+from typing import Deque, List, NamedTuple, Optional, Set, Tuple
 
 from persizmq import _fs
 from persizmq._errors import CorruptionError, LockedError
 from persizmq._message import Message
 from persizmq._protocol import nothing_stored
+from persizmq._reliable import _wire
 from persizmq._storage import PersistentStorage
 
-__all__ = ["ID_FILE", "RESERVE_BLOCK", "Entry", "Outbox", "entry_size", "read_state", "write_state"]
+__all__ = [
+    "ID_FILE",
+    "RESERVE_BLOCK",
+    "Batch",
+    "Outbox",
+    "message_size",
+    "read_state",
+    "write_state",
+]
 
 _LOGGER = logging.getLogger("persizmq")
 
 #: The file of the sender's identity and reservation (see the module docstring).
 ID_FILE = "reliable-sender.id"
 #: Sequence numbers reserved at a time (a restart leaves at most this many unused).
-RESERVE_BLOCK = 100_000
-_SINGLE, _MULTI = 1, 2
-_ENV = struct.Struct(">BQ")
+RESERVE_BLOCK = 1_000_000
+_KIND = 3
+#: kind, first seq, count, layout, largest message, most frames
+_HEAD = struct.Struct(">BQIBQI")
 _FRESH_BYTES = 32 << 20
-
-#: A message read from the outbox: ``(seq, message)``.
-Entry = Tuple[int, Message]
+_FRESH_MESSAGES = 100_000  # at least this many recent messages are kept for the link
 
 # Outboxes open in this process (device, inode): a second sender on one outbox would share its
 # queue and give out the same numbers twice.
@@ -69,28 +81,62 @@ _OPEN: Set[Tuple[int, int]] = set()
 _OPEN_LOCK = threading.Lock()
 
 
-def entry_size(msg: Message) -> int:
+class Batch(NamedTuple):
+    """Consecutive messages of the outbox: the first one's seq and the packed messages."""
+
+    first: int
+    packed: _wire.Packed
+
+    @property
+    def last(self) -> int:
+        """The seq of the batch's last message."""
+        return self.first + self.packed.number - 1
+
+
+def message_size(msg: Message) -> int:
     """The bytes of a message (a multipart one: the sum of its frames)."""
     if isinstance(msg, bytes):
         return len(msg)
     return sum(len(frame) for frame in msg)
 
 
-def _decode(record: Message, outbox: str) -> Entry:
-    """``(seq, message)`` of an envelope."""
-    if isinstance(record, bytes):
-        if len(record) >= _ENV.size and record[0] == _SINGLE:
-            return _ENV.unpack_from(record)[1], record[_ENV.size :]
-        shown = repr(record[:12])
-    else:
-        if record and len(record[0]) == _ENV.size and record[0][0] == _MULTI:
-            return _ENV.unpack(record[0])[1], record[1:]
-        shown = f"a multipart message of {len(record)} frames"
+def _record(batch: Batch) -> List[bytes]:
+    packed = batch.packed
+    head = _HEAD.pack(
+        _KIND, batch.first, packed.number, packed.layout, packed.largest, packed.frames
+    )
+    return [head, packed.table, packed.blob]
+
+
+def _decode(record: Message, outbox: str) -> Batch:
+    """The batch of an outbox record."""
+    if isinstance(record, list) and len(record) == 3 and len(record[0]) == _HEAD.size:
+        kind, first, count, layout, largest, frames = _HEAD.unpack(record[0])
+        if kind == _KIND:
+            return Batch(first, _wire.Packed(count, layout, record[1], record[2], largest, frames))
+    shown = repr(record[:12]) if isinstance(record, bytes) else f"{len(record)} frames"
     raise CorruptionError(
-        f"expected the outbox {outbox!r} to hold the envelopes that ReliableSender writes, got "
-        f"a record that is not one ({shown}); to send a queue that another program fills, use "
+        f"expected the outbox {outbox!r} to hold the batches that ReliableSender writes, got a "
+        f"record that is not one ({shown}); to send a queue that another program fills, use "
         f"'persizmq forward'"
     )
+
+
+def chunks(msgs: List[Message], most: int) -> List[List[Message]]:
+    """Split ``msgs`` into batches of at most ``most`` messages and about ``BATCH_BYTES``."""
+    found: List[List[Message]] = []
+    current: List[Message] = []
+    size = 0
+    for msg in msgs:
+        grown = size + message_size(msg)
+        if current and (len(current) >= most or grown > _wire.BATCH_BYTES):
+            found.append(current)
+            current, grown = [], message_size(msg)
+        current.append(msg)
+        size = grown
+    if current:
+        found.append(current)
+    return found
 
 
 def read_state(directory: pathlib.Path) -> Optional[Tuple[bytes, int]]:
@@ -147,9 +193,10 @@ class Outbox:
         sync_interval: float,
         max_messages: Optional[int],
         max_bytes: Optional[int],
-        fresh_limit: int,
+        batch: int,
     ) -> None:
-        """Open (or create) the outbox and establish its identity.
+        """Open (or create) the outbox and establish its identity; batches hold at most
+        ``batch`` messages.
 
         :raises LockedError: another sender uses this outbox (in this or another process).
         :raises CorruptionError: the directory holds a queue not written by a sender, or its
@@ -174,6 +221,9 @@ class Outbox:
                     f"but another one in this process uses it"
                 )
             _OPEN.add(self._key)
+        self.batch = batch
+        #: Messages in the outbox (counted at open, then kept).
+        self.pending = 0
         try:
             self.sender_id, self.reserved = self._identity()
         except BaseException:
@@ -184,31 +234,35 @@ class Outbox:
         #: The last seq known stored (``last_seq`` may be a hole after an unknown outcome).
         self.last_stored = self.last_seq
         self.lock = threading.Lock()
-        self._fresh: Deque[Entry] = collections.deque()
+        self._fresh: Deque[Batch] = collections.deque()
+        self._fresh_messages = 0
         self._fresh_bytes = 0
-        self._fresh_limit = fresh_limit
         self._fresh_from = self.last_seq + 1
 
     def _identity(self) -> Tuple[bytes, int]:
-        """``(sender id, reservation)`` from the identity file; a new identity for a new outbox."""
+        """``(sender id, reservation)`` from the identity file; a new identity for a new
+        outbox. Counts the pending messages (a pass over the outbox)."""
         found = read_state(self.directory)
+        highest = 0
+        where = str(self.directory)
+        for record in self.storage:  # raises for a queue of something else
+            batch = _decode(record, where)
+            self.pending += batch.packed.number
+            highest = max(highest, batch.last)
         if found is not None:
-            return found
-        sender, reserved = os.urandom(16), 0
-        if len(self.storage):
-            where = str(self.directory)
-            for record in self.storage:  # raises for a queue of something else
-                reserved = max(reserved, _decode(record, where)[0])
+            return found[0], max(found[1], highest)
+        sender = os.urandom(16)
+        if self.pending:
             _LOGGER.warning(
                 "persizmq: the outbox %s holds %d messages but no %s: they are sent under a new "
                 "sender id, and a receiver that had some of them under the old id stores those "
                 "again",
                 where,
-                len(self.storage),
+                self.pending,
                 ID_FILE,
             )
-        write_state(self.directory, sender, reserved)
-        return sender, reserved
+        write_state(self.directory, sender, highest)
+        return sender, highest
 
     # ------------------------------------------------------------------ adding (any thread)
 
@@ -219,32 +273,34 @@ class Outbox:
         last = first + len(msgs) - 1
         if last > self.reserved:
             self._reserve(last + RESERVE_BLOCK)
-        pack = _ENV.pack
-        records: List[Message] = []
-        for seq, msg in enumerate(msgs, first):
-            if msg.__class__ is bytes:
-                records.append(pack(_SINGLE, seq) + msg)
-            else:
-                records.append([pack(_MULTI, seq), *msg])
+        batches: List[Batch] = []
+        seq = first
+        for chunk in chunks(msgs, self.batch):
+            batches.append(Batch(seq, _wire.pack(chunk)))
+            seq += len(chunk)
         try:
-            self.storage.add_messages(records)
+            self.storage.add_messages([_record(batch) for batch in batches])
         except BaseException as exc:
             if not nothing_stored(exc):
                 # Maybe stored: these numbers are never given again, and the disk is read
                 # below the next one (whatever of the batch is there gets sent).
                 self.last_seq = last
                 self._fresh.clear()
-                self._fresh_bytes = 0
+                self._fresh_messages = self._fresh_bytes = 0
                 self._fresh_from = last + 1
             raise
         self.last_seq = self.last_stored = last
+        self.pending += len(msgs)
         fresh = self._fresh
-        fresh.extend(zip(range(first, last + 1), msgs))
-        self._fresh_bytes += sum(entry_size(m) for m in msgs)
-        if len(fresh) > self._fresh_limit or self._fresh_bytes > _FRESH_BYTES:
-            while fresh and (len(fresh) > self._fresh_limit or self._fresh_bytes > _FRESH_BYTES):
-                self._fresh_bytes -= entry_size(fresh.popleft()[1])
-            self._fresh_from = fresh[0][0] if fresh else last + 1
+        fresh.extend(batches)
+        self._fresh_messages += len(msgs)
+        self._fresh_bytes += sum(len(batch.packed.blob) for batch in batches)
+        limit = max(4 * self.batch, _FRESH_MESSAGES)
+        while fresh and (self._fresh_messages > limit or self._fresh_bytes > _FRESH_BYTES):
+            dropped = fresh.popleft()
+            self._fresh_messages -= dropped.packed.number
+            self._fresh_bytes -= len(dropped.packed.blob)
+            self._fresh_from = fresh[0].first if fresh else last + 1
         return last
 
     def _reserve(self, high: int) -> None:
@@ -254,42 +310,42 @@ class Outbox:
 
     # ------------------------------------------------------------------ the link thread
 
-    def read(self, after: int, count: int, nbytes: int) -> Tuple[List[Entry], int]:
-        """``(messages, through)``: up to ``count`` messages (and about ``nbytes``) with seq >
-        ``after``, oldest first, and the seq through which the outbox was read (no message
-        between ``after`` and ``through`` is missing from them)."""
+    def read(self, after: int, count: int) -> Tuple[List[Batch], int]:
+        """``(batches, through)``: the batches after seq ``after``, oldest first, of about
+        ``count`` messages (at least one batch if there is one), and the seq through which
+        the outbox was read (no message between ``after`` and ``through`` is missing)."""
         with self.lock:
             fresh_from = self._fresh_from
             if after + 1 >= fresh_from:
-                found: List[Entry] = []
-                fresh, size = self._fresh, 0
-                while fresh and len(found) < count and size < nbytes:
-                    entry = fresh.popleft()
-                    entry_bytes = entry_size(entry[1])
-                    self._fresh_bytes -= entry_bytes
-                    if entry[0] > after:
-                        found.append(entry)
-                        size += entry_bytes
-                return found, (found[-1][0] if found else after)
-        return self._read_disk(after, count, nbytes, fresh_from)
+                found: List[Batch] = []
+                fresh, taken = self._fresh, 0
+                while fresh and taken < count:
+                    batch = fresh.popleft()
+                    self._fresh_messages -= batch.packed.number
+                    self._fresh_bytes -= len(batch.packed.blob)
+                    if batch.first > after:
+                        found.append(batch)
+                        taken += batch.packed.number
+                return found, (found[-1].last if found else after)
+        return self._read_disk(after, count, fresh_from)
 
-    def _read_disk(self, after: int, count: int, nbytes: int, stop: int) -> Tuple[List[Entry], int]:
+    def _read_disk(self, after: int, count: int, stop: int) -> Tuple[List[Batch], int]:
         """Read the disk after ``after`` and below ``stop``."""
-        found: List[Entry] = []
-        size = 0
+        found: List[Batch] = []
+        taken = 0
         where = str(self.directory)
         records = iter(self.storage)  # a generator: closed below
         try:
             for record in records:
-                seq, msg = _decode(record, where)
-                if seq <= after:
+                batch = _decode(record, where)
+                if batch.first <= after:
                     continue
-                if seq >= stop:
+                if batch.first >= stop:
                     return found, stop - 1
-                found.append((seq, msg))
-                size += entry_size(msg)
-                if len(found) >= count or size >= nbytes:
-                    return found, seq
+                found.append(batch)
+                taken += batch.packed.number
+                if taken >= count:
+                    return found, batch.last
         finally:
             close = getattr(records, "close", None)
             if close is not None:
@@ -298,11 +354,12 @@ class Outbox:
         # ``fresh_from`` is above everything given out before).
         return found, stop - 1
 
-    def pop(self, count: int) -> None:
-        """Remove the ``count`` oldest messages (the link thread's, acknowledged)."""
+    def pop(self, batches: int, messages: int) -> None:
+        """Remove the ``batches`` oldest batches (acknowledged), ``messages`` messages."""
         pop = self.storage.pop_front
-        for _ in range(count):
+        for _ in range(batches):
             pop()
+        self.pending -= messages
 
     def sync(self) -> None:
         """Fsync what was added (before it is sent: see ``_link``)."""

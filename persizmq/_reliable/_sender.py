@@ -29,6 +29,7 @@ from persizmq import _fs
 from persizmq._checks import check_optional_int, check_seconds
 from persizmq._errors import ClosedError, InvalidArgumentError, MessageTypeError
 from persizmq._message import Message, MessageLike
+from persizmq._reliable import _wire
 from persizmq._reliable._link import Link
 from persizmq._reliable._outbox import Outbox
 
@@ -39,7 +40,6 @@ _HEARTBEAT_IVL_MS = 1000
 _HEARTBEAT_TIMEOUT_MS = 3000
 _RECONNECT_MAX_MS = 1000
 _SNDHWM = 10_000
-_FRESH_MESSAGES = 100_000  # at least this many recent adds are kept in memory for the link
 _EXIT_JOIN_SECONDS = 1.0
 
 # Senders whose thread runs: stopped at interpreter exit, before the storages' own exit hook
@@ -157,7 +157,7 @@ class ReliableSender:
             sync_interval=sync_interval,
             max_messages=max_messages,
             max_bytes=max_bytes,
-            fresh_limit=max(4 * self._window, _FRESH_MESSAGES),
+            batch=max(1, min(_wire.MAX_BATCH, self._window // 2)),
         )
         self._own_context = context is None
         self._context: zmq.Context[Any] = zmq.Context() if context is None else context
@@ -179,7 +179,6 @@ class ReliableSender:
             self._outbox,
             self._sock,
             self._monitor,
-            self._wake_read,
             window=self._window,
             ack_timeout=self._ack_timeout,
         )
@@ -328,7 +327,7 @@ class ReliableSender:
     def stats(self) -> SenderStats:
         """Return a snapshot of the counters; see :class:`SenderStats`."""
         link = self._link
-        pending = len(self._outbox.storage) if not self._closed else 0
+        pending = self._outbox.pending
         return SenderStats(
             pending=pending,
             sent=link.sent,

@@ -95,6 +95,7 @@ __all__ = [
     "Data",
     "ErrorReply",
     "Hello",
+    "Packed",
     "Refuse",
     "Welcome",
     "Withheld",
@@ -107,7 +108,10 @@ __all__ = [
     "encode_refuse",
     "encode_welcome",
     "frame_cap",
+    "pack",
     "table_entry_size",
+    "unpack",
+    "withhold",
 ]
 
 MAGIC = b"PZR"
@@ -173,41 +177,118 @@ class Data(NamedTuple):
     number: int
     #: Layout 0: the messages' lengths. Layout 1: per message its frames' lengths (a tuple;
     #: an int for a single-frame message), or a :class:`Withheld`.
-    layout: Sequence[Union[int, Tuple[int, ...], Withheld]]
+    layout: "Layout"
     plain: bool
     blob: bytes
 
     def entries(self, skip: int) -> List[Entry]:
         """The messages with seq ``first + skip`` on (the first ``skip`` are duplicates)."""
-        blob, layout = self.blob, self.layout
-        found: List[Entry] = []
-        append = found.append
-        pos = 0
-        if self.plain:
-            for length in layout[:skip]:
-                pos += length  # type: ignore[operator]
-            for length in layout[skip:]:
-                end = pos + length  # type: ignore[operator]
-                append(blob[pos:end])
-                pos = end
-            return found
-        for i, item in enumerate(layout):
-            if isinstance(item, Withheld):
-                if i >= skip:
-                    append(item)
-            elif isinstance(item, int):
-                if i >= skip:
-                    append(blob[pos : pos + item])
-                pos += item
-            elif i >= skip:
-                frames = []
-                for length in item:
-                    frames.append(blob[pos : pos + length])
-                    pos += length
-                append(frames)
-            else:
-                pos += sum(item)
+        return _cut(self.layout, self.plain, self.blob, skip)
+
+
+class Packed(NamedTuple):
+    """Messages packed as a DATA message carries them (table and blob; see the module
+    docstring); also how the sender's outbox stores a batch."""
+
+    #: How many messages.
+    number: int
+    #: 0: every message a single frame; 1: the general table.
+    layout: int
+    table: bytes
+    blob: bytes
+    #: Bytes of the largest message (the sum of its frames).
+    largest: int
+    #: Frames of the message with the most.
+    frames: int
+
+
+Layout = Sequence[Union[int, Tuple[int, ...], Withheld]]
+
+
+def _cut(layout: Layout, plain: bool, blob: bytes, skip: int) -> List[Entry]:
+    """The messages ``skip`` on, cut out of ``blob`` as ``layout`` says."""
+    found: List[Entry] = []
+    append = found.append
+    pos = 0
+    if plain:
+        for length in layout[:skip]:
+            pos += length  # type: ignore[operator]
+        for length in layout[skip:]:
+            end = pos + length  # type: ignore[operator]
+            append(blob[pos:end])
+            pos = end
         return found
+    for i, item in enumerate(layout):
+        if isinstance(item, Withheld):
+            if i >= skip:
+                append(item)
+        elif isinstance(item, int):
+            if i >= skip:
+                append(blob[pos : pos + item])
+            pos += item
+        elif i >= skip:
+            frames = []
+            for length in item:
+                frames.append(blob[pos : pos + length])
+                pos += length
+            append(frames)
+        else:
+            pos += sum(item)
+    return found
+
+
+def pack(msgs: Sequence[Entry]) -> Packed:
+    """Pack ``msgs`` (messages, or :class:`Withheld`) into a table and a blob."""
+    count = len(msgs)
+    if all(msg.__class__ is bytes for msg in msgs):
+        lengths = [len(msg) for msg in msgs]
+        table = struct.pack(f">{count}I", *lengths)
+        blob = b"".join(msgs)  # type: ignore[arg-type]
+        return Packed(count, 0, table, blob, max(lengths, default=0), 1)
+    parts: List[bytes] = []
+    pieces: List[bytes] = []
+    largest = most = 0
+    for msg in msgs:
+        if isinstance(msg, Withheld):
+            parts.append(_WITHHELD_ENTRY.pack(WITHHELD, msg.size))
+            continue
+        if isinstance(msg, bytes):
+            parts.append(_SINGLE_ENTRY.pack(0, len(msg)))
+            pieces.append(msg)
+            size, width = len(msg), 1
+        else:
+            sizes = [len(frame) for frame in msg]
+            parts.append(struct.pack(f">I{len(sizes)}I", len(sizes), *sizes))
+            pieces.extend(msg)
+            size, width = sum(sizes), len(sizes)
+        largest = max(largest, size)
+        most = max(most, width)
+    return Packed(count, 1, b"".join(parts), b"".join(pieces), largest, most)
+
+
+def unpack(packed: Packed) -> List[Entry]:
+    """The messages of ``packed`` (the inverse of :func:`pack`)."""
+    if packed.layout == 0:
+        layout: Layout = struct.unpack(f">{packed.number}I", packed.table)
+    else:
+        layout = _parse_table(packed.table, packed.number)[0]
+    return _cut(layout, packed.layout == 0, packed.blob, 0)
+
+
+def withhold(packed: Packed, limit: int) -> Packed:
+    """``packed`` with every message above ``limit`` bytes, or of more than
+    :data:`MAX_FRAMES` frames, replaced by a :class:`Withheld`."""
+    if packed.largest <= limit and packed.frames <= MAX_FRAMES:
+        return packed
+    msgs: List[Entry] = []
+    for msg in unpack(packed):
+        if isinstance(msg, Withheld):
+            msgs.append(msg)
+            continue
+        size = len(msg) if isinstance(msg, bytes) else sum(len(frame) for frame in msg)
+        frames = 1 if isinstance(msg, bytes) else len(msg)
+        msgs.append(msg if size <= limit and frames <= MAX_FRAMES else Withheld(size))
+    return pack(msgs)
 
 
 class Welcome(NamedTuple):
@@ -286,29 +367,10 @@ def frame_cap(limit: int) -> int:
     return max(limit, BATCH_BYTES) + FRAME_SLACK
 
 
-def encode_data(
-    sender: bytes, base: int, prev: int, first: int, msgs: Sequence[Entry]
-) -> List[bytes]:
-    """The frames of a DATA message of ``msgs`` (messages, or :class:`Withheld`)."""
-    count = len(msgs)
-    if all(msg.__class__ is bytes for msg in msgs):
-        table = struct.pack(f">{count}I", *map(len, msgs))
-        blob = b"".join(msgs)  # type: ignore[arg-type]
-        head = _DATA.pack(MAGIC, VERSION, DATA, sender, base, prev, first, count, 0)
-        return [head, table, blob]
-    parts: List[bytes] = []
-    pieces: List[bytes] = []
-    for msg in msgs:
-        if isinstance(msg, Withheld):
-            parts.append(_WITHHELD_ENTRY.pack(WITHHELD, msg.size))
-        elif isinstance(msg, bytes):
-            parts.append(_SINGLE_ENTRY.pack(0, len(msg)))
-            pieces.append(msg)
-        else:
-            parts.append(struct.pack(f">I{len(msg)}I", len(msg), *map(len, msg)))
-            pieces.extend(msg)
-    head = _DATA.pack(MAGIC, VERSION, DATA, sender, base, prev, first, count, 1)
-    return [head, b"".join(parts), b"".join(pieces)]
+def encode_data(sender: bytes, base: int, prev: int, first: int, packed: Packed) -> List[bytes]:
+    """The frames of a DATA message of the messages in ``packed``."""
+    head = _DATA.pack(MAGIC, VERSION, DATA, sender, base, prev, first, packed.number, packed.layout)
+    return [head, packed.table, packed.blob]
 
 
 def table_entry_size(msg: Entry) -> int:
