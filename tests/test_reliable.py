@@ -154,16 +154,14 @@ def test_a_gap_is_not_stored_and_asks_for_a_resend(
 
 
 def test_a_sender_ahead_of_the_receiver_continues_from_its_base(
-    tmp_path: pathlib.Path, sockets: SocketTracker, caplog: pytest.LogCaptureFixture
+    tmp_path: pathlib.Path, sockets: SocketTracker
 ) -> None:
     with serve(sockets, tmp_path / "central") as served:
         raw = RawSender(sockets, served.endpoint, SENDER)
         raw.data([b"1"], first=1)
         assert raw.ack().high == 1
-        with caplog.at_level(logging.WARNING, logger="persizmq"):
-            raw.data([b"10", b"11"], first=10, base=10)  # it holds nothing below 10
-            assert raw.ack().high == 11
-        assert "holds nothing below seq 10" in caplog.text
+        raw.data([b"10", b"11"], first=10, base=10)  # it holds nothing below 10
+        assert raw.ack().high == 11
         # A new sender starts wherever its outbox starts.
         other = RawSender(sockets, served.endpoint, bytes(range(1, 17)))
         other.data([b"x"], first=42, base=42)

@@ -117,15 +117,17 @@ class Intake:
             high = self.highs.get(sender, 0)
         known = high
         if data.base - 1 > high:
+            # Nothing below base is held by the sender: numbers it left unused (a restart
+            # skips to its next reserved block), or — for a sender this receiver knew —
+            # messages it acknowledged and no longer has (another directory, a power cut with
+            # sync="never").
             known = data.base - 1
             if high and sender not in self.pending:
-                self.log.log(
-                    logging.WARNING,
-                    "regressed",
-                    f"persizmq: sender {sender.hex()} holds nothing below seq {data.base}, but "
-                    f"this receiver has only up to {high}: messages it acknowledged before are "
-                    f"not in its storage (another directory, or sync='never' and a power cut); "
-                    f"continuing from {data.base}",
+                _LOGGER.debug(
+                    "persizmq: sender %s continues at seq %d (this receiver has up to %d)",
+                    sender.hex(),
+                    data.base,
+                    high,
                 )
         last = data.first + data.number - 1
         flags = 0

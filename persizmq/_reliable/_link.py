@@ -85,7 +85,7 @@ class Link:
         self.window = window
         self.ack_timeout = ack_timeout
         self.sender = outbox.sender_id
-        self.durable_first = outbox.storage.sync == "periodic"
+        self.durable_first = outbox.mode == "periodic"
         self.unsent: Deque[Batch] = collections.deque()
         self.unacked: Deque[Batch] = collections.deque()
         self.in_flight = 0  # messages in unacked

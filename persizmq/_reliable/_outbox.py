@@ -202,9 +202,15 @@ class Outbox:
         :raises CorruptionError: the directory holds a queue not written by a sender, or its
             identity file is damaged.
         """
+        _fs.check_sync_mode(sync)
+        #: The sender's ``sync`` mode. ``"always"`` is kept by an fsync after each add (what
+        #: send returns for is durable); the storage itself runs ``"periodic"``, so that pops
+        #: are not fsynced one by one: a pop lost in a power cut only sends a message again,
+        #: which the receiver recognises.
+        self.mode = sync
         self.storage = PersistentStorage(
             directory,
-            sync=sync,
+            sync="periodic" if sync == "always" else sync,
             sync_interval=sync_interval,
             max_messages=max_messages,
             max_bytes=max_bytes,
@@ -280,6 +286,8 @@ class Outbox:
             seq += len(chunk)
         try:
             self.storage.add_messages([_record(batch) for batch in batches])
+            if self.mode == "always":
+                self.storage.sync_now()
         except BaseException as exc:
             if not nothing_stored(exc):
                 # Maybe stored: these numbers are never given again, and the disk is read

@@ -53,9 +53,11 @@ new seq is ``known + 1``, or whose ``prev <= known`` (nothing in between exists)
 its new messages are stored in order. Anything else is a **gap** (messages in between were lost
 on the way, for example in a connection that broke): nothing of it is stored and the ACK says
 "resend from high + 1". So per sender the receiver stores each seq once and in increasing order.
-A ``base - 1`` above a known sender's high means the receiver lost what it had acknowledged
-(a storage with ``sync="never"`` after a power cut, or another directory): it is logged and
-the receiver continues from ``base``.
+A ``base - 1`` above a known sender's high is what a restarted sender sends (it skips the rest
+of its reserved block, see ``_outbox``); it is also what a receiver that lost what it had
+acknowledged sees (a storage with ``sync="never"`` after a power cut, or another directory).
+The two cannot be told apart on the wire: the receiver continues from ``base`` and logs it at
+debug level only.
 
 **Acknowledgements.** ACK carries the receiver's durable high: cumulative, so a lost ACK is
 repaired by the next one. The receiver sends it after the data is durable under its storage's
