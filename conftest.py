@@ -2,6 +2,9 @@
 
 import pytest
 
+# The Redis/Valkey server fixtures (redis_server, redis_server_factory, ...).
+pytest_plugins = ["tests._redis_server"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Register ``--run-slow``."""

@@ -109,6 +109,21 @@ def _rss(args: Dict[str, Any]) -> object:
     return scale.record_rss(pathlib.Path(args["dir"]), int(args["n"]), checkpoints)
 
 
+def _topics_update(args: Dict[str, Any]) -> object:
+    from bench import topics
+
+    directory = pathlib.Path(args["dir"])
+    return topics.update_case(
+        str(args["case"]), directory, int(args["topics"]), int(args["updates"])
+    )
+
+
+def _topics_open(args: Dict[str, Any]) -> object:
+    from bench import topics
+
+    return topics.open_case(str(args["case"]), pathlib.Path(args["dir"]), int(args["topics"]))
+
+
 _TASKS: Dict[str, Callable[[Dict[str, Any]], object]] = {
     "versions": lambda _: _versions(),
     "storage": _storage,
@@ -120,6 +135,8 @@ _TASKS: Dict[str, Callable[[Dict[str, Any]], object]] = {
     "scale-build": _scale_build,
     "scale-open": _scale_open,
     "rss": _rss,
+    "topics-update": _topics_update,
+    "topics-open": _topics_open,
 }
 
 

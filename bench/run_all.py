@@ -2,9 +2,10 @@
 
 The report starts with the machine (CPU, cores, memory, kernel, Python, the file system the
 queues are written to, the load average), then the storage table, the end-to-end loss table,
-the scale tables and the burst table, and ends with the SPEC section 7 targets, each marked met
-or NOT MET, and the load average again (other work on a shared machine shows up in the
-figures).
+the scale tables, the burst table, the Redis Streams tables (one per Redis/Valkey server
+binary found), the asyncio tables and the topic-store table, and ends with the SPEC section 7,
+10, 11 and 12 targets, each marked met or NOT MET, and the load average again (other work on a
+shared machine shows up in the figures).
 
 Run from the repository root: ``python3 bench/run_all.py [--quick] [--dir DIR] [--no-anchors]``
 (a few minutes; ``--quick`` about a minute). The first run creates ``bench/.venv-anchors/``
@@ -21,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as a script: make ``bench`` and the repo's persizmq importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import _common, burst, end_to_end, scale, storage
+from bench import _common, burst, end_to_end, redis_stream, scale, storage, topics
+from bench import aio as aio_bench
 
 __all__ = ["main"]
 
@@ -72,13 +74,13 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     _common.add_arguments(parser)
     parser.add_argument(
         "--only",
-        choices=("storage", "end_to_end", "scale", "burst"),
+        choices=("storage", "end_to_end", "scale", "burst", "redis", "aio", "topics"),
         action="append",
         help="run only these parts (repeatable); default: all four",
     )
     args = parser.parse_args(argv)
     profile = _common.PROFILES[args.profile]
-    parts = args.only or ["storage", "end_to_end", "scale", "burst"]
+    parts = args.only or ["storage", "end_to_end", "scale", "burst", "redis", "aio", "topics"]
     started = time.monotonic()
     report, anchors, fsync = _header(args, profile, argv)
     out("\n".join(report))
@@ -100,10 +102,22 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
             sc = scale.run(profile, args.dir, anchors, _progress)
             lines = scale.render(sc)
             targets += scale.targets(sc)
-        else:
+        elif part == "burst":
             bursts = burst.run(profile, args.dir, _progress)
             lines = burst.render(bursts)
             targets += burst.targets(bursts)
+        elif part == "redis":
+            rs = redis_stream.run(profile, args.dir, anchors, _progress)
+            lines = redis_stream.render(rs)
+            targets += redis_stream.targets(rs)
+        elif part == "aio":
+            measured = aio_bench.run(profile, args.dir, anchors, _progress)
+            lines = aio_bench.render(measured)
+            targets += aio_bench.targets(measured)
+        else:
+            tp = topics.run(profile, args.dir, _progress)
+            lines = topics.render(tp)
+            targets += topics.targets(tp)
         out("\n".join(lines))
         out(f"load before: {load}; after: {_common.load_average()}")
         out("")

@@ -17,10 +17,13 @@ __all__ = [
     "LockedError",
     "MessageTooLargeError",
     "MessageTypeError",
+    "MissingDependencyError",
     "PersizmqError",
     "ProtocolError",
     "QueueFullError",
     "RoleError",
+    "ServerError",
+    "ServerUnavailableError",
     "StorageWriteError",
 ]
 
@@ -79,3 +82,18 @@ class StorageWriteError(PersizmqError, OSError):
     ``errno`` is the operating system's error number. Messages stored before stay intact, and
     the storage can be written again once the cause is gone.
     """
+
+
+class MissingDependencyError(PersizmqError, ImportError):
+    """An optional backend was asked for but its client library is not installed; the message
+    names the extra to install (for example ``pip install 'persizmq[redis]'``)."""
+
+
+class ServerError(PersizmqError, OSError):
+    """A server-backed storage cannot be used: the server refused a command, the key holds
+    something else than a stream, the server is too old or a read-only replica."""
+
+
+class ServerUnavailableError(ServerError, ConnectionError):
+    """The server of a server-backed storage cannot be reached: it is down, the address is
+    wrong or it stopped answering. For an add, the outcome is unknown (see ``persizmq.Storage``)."""

@@ -5,11 +5,11 @@ returned whole). Anything else that exposes the buffer protocol (``bytearray``, 
 ``zmq.Frame``) is accepted and comes back as ``bytes``; ``str`` is refused, since its encoding
 would be a guess.
 
-A record *body* is one kind byte followed by the payload:
-
-* ``KIND_SINGLE`` (0): the payload is the message's bytes;
-* ``KIND_MULTIPART`` (1): ``u32 frame count``, then per frame ``u32 length`` and its bytes
-  (little-endian).
+The *payload* of a multipart message is its frame table: ``u32 frame count``, then per frame
+``u32 length`` and its bytes (little-endian); a single-frame message's payload is its bytes.
+The segment log (``persizmq._engine._format``) keeps whether a record is multipart in the
+record's tag. The latest-message storage stores a *body*: one kind byte, ``KIND_SINGLE`` (0)
+or ``KIND_MULTIPART`` (1), then the payload (:func:`encode_body`, :func:`decode_body`).
 """
 
 import struct

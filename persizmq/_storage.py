@@ -15,15 +15,17 @@ import math
 import os
 import pathlib
 import sys
+import zlib
 from types import TracebackType
 from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Tuple, Type
 
 from persizmq import _fs
 from persizmq._checks import check_choice, check_optional_int, check_seconds
 from persizmq._engine import _format, _registry
-from persizmq._engine._consumer import Consumer
+from persizmq._engine._consumer import Consumer, Holder, Mark, ThreadMark
 from persizmq._engine._ledger import Ledger
-from persizmq._engine._position import POSITION_FILE, RESERVATION_FILE
+from persizmq._engine._position import POSITION_FILE, RESERVATION_FILE, PositionLog
+from persizmq._engine._position import check as position_check
 from persizmq._engine._queue import Options, Queue
 from persizmq._engine._segment import QUARANTINE_DIR
 from persizmq._errors import (
@@ -45,6 +47,18 @@ ROLES = ("both", "producer", "consumer", "reader")
 _SINGLE = _format.KIND_SINGLE
 _MULTIPART = _format.KIND_MULTIPART
 _MAX_PAYLOAD = _format.MAX_PAYLOAD
+
+# The lean paths of add_message, front and pop_front (see "Lean paths" in the class): what they
+# use, bound once.
+_RECORD = _format.RECORD_HEADER_SIZE
+_SINGLE_TAG = _format.KIND_SINGLE << _format.KIND_SHIFT
+_SEED_TAG, _SEED_LENGTH = _format.SEED_TAG, _format.SEED_LENGTH
+_pack_record = _format.pack_record_header_into
+_crc32 = zlib.crc32
+_pack_slot = PositionLog.SLOT.pack_into
+_SLOT_SIZE = PositionLog.SLOT.size
+_SLOTS = PositionLog.SLOTS
+_check_slot = position_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +213,13 @@ class PersistentStorage:
                 stale=lambda queue: queue.durability.failed is not None,
                 check=lambda queue: queue.check_compatible(options, self._produce),
             )
+        # The lean paths apply to this object (its role allows them); the open queue decides
+        # the rest under its lock.
+        self._lean_add = self._produce
+        self._lean_read = role in ("both", "consumer")
+        self._lean_pop = self._lean_read and sync != "always"
+        #: What front() showed each thread (see "Holding" in persizmq._engine._consumer).
+        self._held: Holder = ThreadMark()
         self._closed = False
 
     # ------------------------------------------------------------------ producing
@@ -216,6 +237,30 @@ class PersistentStorage:
             add whose fsync failed may or may not have been stored — do not add it again).
         :raises ClosedError: the storage was closed.
         """
+        if isinstance(msg, bytes) and self._lean_add:  # the lean path: see the class docstring
+            queue = self._queue
+            length = len(msg)
+            with queue.lock:
+                writer = queue.writer
+                if queue.fast_add and length <= self._limit and queue.durability.failed is None:
+                    assert writer is not None
+                    pos = writer.pos
+                    end = pos + _RECORD + length
+                    index = writer.index
+                    if end <= writer.fast_end and index < writer.fast_index:
+                        tag = _SINGLE_TAG | index
+                        salt = writer.salt
+                        data = writer.map
+                        seed = (salt ^ (tag * _SEED_TAG) ^ (length * _SEED_LENGTH)) & 0xFFFFFFFF
+                        _pack_record(data, pos, salt, tag, length, _crc32(msg, seed))
+                        data[pos + _RECORD : end] = msg
+                        writer.pos = end
+                        writer.index = index + 1
+                        writer.dirty = True
+                        queue.added += 1
+                        if queue.waiters:
+                            queue.cond.notify_all()
+                        return
         record = _encode(msg, self._limit)
         if record is None:
             return
@@ -281,32 +326,93 @@ class PersistentStorage:
         :raises ClosedError: the storage was closed.
         :raises StorageWriteError: the fsync that the message needed failed (fail-stop).
         """
+        if self._lean_read:  # the lean path: a message read ahead and known durable
+            queue = self._queue
+            with queue.lock:
+                consumer = queue.consumer
+                assert consumer is not None
+                i = consumer.ahead_i
+                if i < consumer.ahead_ok and not queue.closing:
+                    msg = consumer.ahead[i][0]
+                    self._held.pops = consumer.pops
+                    return msg if isinstance(msg, bytes) else list(msg)
         if timeout is not None:
             timeout = (
                 check_seconds("timeout", timeout, allow_zero=True) if timeout != math.inf else None
             )
         self._check("read from", self._consume)
-        return self._queue.front(block, timeout)
+        return self._queue.front(block, timeout, self._held)
 
     def try_front(self) -> Tuple[bool, Optional[Message]]:
         """Non-blocking :meth:`front` for event loops: ``(True, message or None)`` when the
         answer needed no fsync, ``(False, None)`` when it does (call :meth:`front` from a
         worker thread then)."""
         self._check("read from", self._consume)
-        return self._queue.try_front()
+        return self._queue.try_front(self._held)
 
     def pop_front(self) -> bool:
         """Remove the oldest pending message; return False if there was none.
 
-        After :meth:`front`, this removes the message front returned; if that one is already
-        gone (dropped by ``overflow="drop_oldest"``, or popped by another thread) nothing else
-        is removed. Once this returns, the message never comes back after a crash of the process
-        (and, in ``"always"`` mode, after a power cut).
+        After :meth:`front`, this removes the message front returned to this thread; if that one
+        is already gone (dropped by ``overflow="drop_oldest"``, or popped by another thread or
+        another storage object) nothing else is removed. Without a :meth:`front` before it (in
+        this thread, since its last pop) it removes the oldest message. Once this returns, the
+        message never comes back after a crash of the process (and, in ``"always"`` mode, after
+        a power cut).
 
         :raises ClosedError: the storage was closed.
         """
+        if self._lean_pop:  # the lean path: the message read ahead, one store into the log
+            queue = self._queue
+            with queue.lock:
+                consumer = queue.consumer
+                assert consumer is not None
+                i = consumer.ahead_i
+                held = self._held
+                mark = held.pops
+                plog = consumer.plog
+                data = None if plog is None else plog._map
+                if (
+                    i < len(consumer.ahead)
+                    and (mark is None or mark == consumer.pops)
+                    and plog is not None
+                    and data is not None
+                    and not queue.closing
+                    and queue.durability.failed is None
+                ):
+                    end = consumer.ahead[i][1]
+                    consumer.ahead_i = i + 1
+                    cursor = consumer.cursor
+                    index = cursor.index + 1
+                    cursor.pos = end
+                    cursor.index = index
+                    base = cursor.base
+                    offset = base + index
+                    slot = plog._slot + 1
+                    if slot >= _SLOTS:
+                        slot = 0
+                    plog._previous = plog._slot
+                    plog._slot = slot
+                    _pack_slot(
+                        data,
+                        slot * _SLOT_SIZE,
+                        offset,
+                        base,
+                        end,
+                        _check_slot(offset, base, end),
+                    )
+                    consumer.pos_dirty = True
+                    held.pops = None
+                    consumer.pops += 1
+                    consumer.popped += 1
+                    return True
         self._check("pop from", self._consume and self._role != "reader")
-        return self._queue.pop()
+        return self._queue.pop(self._held)
+
+    def _one_consumer_across_threads(self) -> None:
+        """Let :meth:`pop_front` refer to the last :meth:`front` of any thread of this object
+        (the asyncio layer: one consumer whose calls run on the loop or in its worker)."""
+        self._held = Mark()
 
     # ------------------------------------------------------------------ listening
 
@@ -314,12 +420,12 @@ class PersistentStorage:
         """Call ``callback()`` after every add in this process (see :class:`persizmq.Notifying`)."""
         self._check("listen to", True)
         with self._queue.lock:
-            self._queue.listeners = [*self._queue.listeners, callback]
+            self._queue.set_listeners([*self._queue.listeners, callback])
 
     def remove_listener(self, callback: Callable[[], None]) -> None:
         """Stop calling ``callback``; one that is not registered is ignored."""
         with self._queue.lock:
-            self._queue.listeners = [cb for cb in self._queue.listeners if cb is not callback]
+            self._queue.set_listeners([cb for cb in self._queue.listeners if cb is not callback])
 
     # ------------------------------------------------------------------ inspection
 
@@ -373,6 +479,7 @@ class PersistentStorage:
         """Return a snapshot of counts and sizes; see :class:`StorageStats`."""
         self._check("take the stats of", True)
         queue = self._queue
+        queue.durability.flush_unlinks()  # the counts of files are exact
         with queue.lock:
             queue.check_open("take the stats of")
             pending, pending_bytes = queue.pending()
@@ -443,6 +550,7 @@ class PersistentStorage:
         if self._closed:
             return
         self._closed = True
+        self._lean_add = self._lean_read = self._lean_pop = False
         _release(self._queue, self._produce, self._consume, blocking=True)
 
     def _check(self, what: str, allowed: bool) -> None:
@@ -479,6 +587,7 @@ class PersistentStorage:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        self._lean_add = self._lean_read = self._lean_pop = False
         if sys.is_finalizing() or _registry.exiting():
             return
         queue, produce, consume = self._queue, self._produce, self._consume

@@ -1,8 +1,10 @@
-"""The threaded subscriber: receive from a ZeroMQ SUB socket in a background thread.
+"""The threaded subscriber: receive from a ZeroMQ socket in a background thread.
 
-:class:`ThreadedSubscriber` owns the caller's socket while it runs, hands every message to a
-callback (for example ``PersistentStorage.add_message``) and reports the callback's exceptions
-to ``on_exception`` without ever stopping because of them.
+:class:`ThreadedSubscriber` owns the caller's socket (SUB, XSUB, PULL, PAIR or DEALER) while it
+runs, hands every message to a callback (for example ``PersistentStorage.add_message``) and
+reports the callback's exceptions to ``on_exception`` without ever stopping because of them.
+With ``sequence_frame`` it also counts the gaps in the publisher's sequence numbers
+(:mod:`persizmq._sequence`).
 """
 
 # Theory of operation
@@ -46,6 +48,12 @@ to ``on_exception`` without ever stopping because of them.
 # (``ENOTSOCK`` when it was closed under the subscriber, for example) is reported once to
 # ``on_exception`` and ends the thread, since the socket cannot be trusted any more. Exceptions
 # from the callback never end it: they are counted, reported, and the next message is processed.
+#
+# Sequence numbers. With ``sequence_frame``, every message passes through a ``SequenceTracker``
+# before it is delivered (or queued for the storage's ``add_messages``); a gap it reports goes to
+# ``on_gap`` right away, on this thread, so ``on_gap`` sees a gap before the message that
+# revealed it is stored. What ``on_gap`` raises is logged, as a failing ``on_exception`` is; the
+# message is delivered all the same.
 
 import logging
 import os
@@ -54,12 +62,13 @@ import sys
 import threading
 import warnings
 from types import TracebackType
-from typing import Any, Callable, List, Optional, Set, Tuple, Type, overload
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, overload
 
 import zmq
 
 from persizmq._errors import InvalidArgumentError, MessageTypeError
 from persizmq._protocol import Storage, is_storage_add, nothing_stored
+from persizmq._sequence import Gap, SequenceStats, SequenceTracker
 
 __all__ = ["ThreadedSubscriber"]
 
@@ -73,7 +82,29 @@ Callback = Callable[[Any], object]
 #: What the subscriber calls with an exception raised by the callback or by the socket.
 ExceptionCallback = Callable[[Exception], object]
 
-_SOCKET_TYPES = frozenset((zmq.SUB, zmq.XSUB))
+#: What the subscriber calls with every gap in the sequence numbers (``sequence_frame``).
+GapCallback = Callable[[Gap], object]
+
+_SOCKET_TYPES = frozenset((zmq.SUB, zmq.XSUB, zmq.PULL, zmq.PAIR, zmq.DEALER))
+_ACCEPTED = "SUB, XSUB, PULL, PAIR or DEALER"
+# Why each socket type that cannot be a receiver of this kind is refused (see the class doc).
+_SEND_ONLY = "it only sends"
+_REFUSED: Dict[int, str] = {
+    zmq.PUB: _SEND_ONLY,
+    zmq.PUSH: _SEND_ONLY,
+    zmq.XPUB: "it receives only subscriptions, never messages",
+    zmq.REQ: "a REQ socket must send a request before each receive, and the subscriber never sends",
+    zmq.REP: (
+        "a REP socket must answer every request before it can receive the next, and the "
+        "subscriber never answers"
+    ),
+    zmq.ROUTER: (
+        "a ROUTER prefixes every message with the routing id of its connection (meaningless once "
+        "stored) and its peers usually wait for replies; for one-way messages from many senders "
+        "use PULL, or DEALER"
+    ),
+    zmq.STREAM: "a STREAM socket carries raw TCP bytes, not ZeroMQ messages",
+}
 _MAX_INT64 = 2**63 - 1
 _UNSET: object = object()
 _NAMES_CALLBACK_FIRST = ("callback", "subscriber", "on_exception")
@@ -102,7 +133,7 @@ def _check_socket(subscriber: object) -> "zmq.Socket[Any]":
     """Check that ``subscriber`` is a synchronous zmq socket (not its type yet)."""
     if not isinstance(subscriber, zmq.Socket):
         raise MessageTypeError(
-            f"expected subscriber to be a zmq.Socket of type SUB or XSUB, got "
+            f"expected subscriber to be a zmq.Socket of type {_ACCEPTED}, got "
             f"{_describe(subscriber)}"
         )
     zmq_asyncio = sys.modules.get("zmq.asyncio")
@@ -115,7 +146,7 @@ def _check_socket(subscriber: object) -> "zmq.Socket[Any]":
 
 
 def _check_socket_type(sock: "zmq.Socket[Any]") -> None:
-    """Check that ``sock`` is open and of type SUB or XSUB (the caller owns it meanwhile)."""
+    """Check that ``sock`` is open and of a receiving type (the caller owns it meanwhile)."""
     if sock.closed:
         raise InvalidArgumentError("expected subscriber to be an open socket, got a closed one")
     try:
@@ -131,8 +162,10 @@ def _check_socket_type(sock: "zmq.Socket[Any]") -> None:
             found = zmq.SocketType(socket_type).name
         except ValueError:
             found = str(socket_type)
+        why = _REFUSED.get(socket_type, "draft socket types are not supported")
         raise MessageTypeError(
-            f"expected subscriber to be a zmq.Socket of type SUB or XSUB, got a {found} socket"
+            f"expected subscriber to be a zmq.Socket of type {_ACCEPTED}, got a {found} "
+            f"socket: {why}"
         )
 
 
@@ -152,8 +185,42 @@ def _set_max_message_size(sock: "zmq.Socket[Any]", size: int) -> None:
         )
 
 
+def _make_tracker(
+    sequence_frame: object, on_gap: object, start: object
+) -> Optional[SequenceTracker]:
+    """Check ``sequence_frame``, ``on_gap`` and ``start``; return the tracker to use, if any."""
+    if on_gap is not None and not callable(on_gap):
+        raise MessageTypeError(
+            f"expected on_gap to be None or a callable taking one persizmq.Gap, got "
+            f"{_describe(on_gap)}"
+        )
+    if sequence_frame is None:
+        if on_gap is not None or start is not None:
+            what = "on_gap" if on_gap is not None else "sequence_start"
+            raise InvalidArgumentError(
+                f"expected sequence_frame=N (the index of the sequence frame) with {what}, got "
+                f"sequence_frame=None"
+            )
+        return None
+    if isinstance(sequence_frame, bool) or not isinstance(sequence_frame, int):
+        raise MessageTypeError(
+            f"expected sequence_frame to be None or an int >= 0, got {_describe(sequence_frame)}"
+        )
+    if sequence_frame < 0:
+        raise InvalidArgumentError(
+            f"expected sequence_frame to be an int >= 0 (1 for [topic, seq, body]), got "
+            f"{sequence_frame}"
+        )
+    if start is not None and not isinstance(start, SequenceStats):
+        raise MessageTypeError(
+            f"expected sequence_start to be None or a persizmq.SequenceStats, got "
+            f"{_describe(start)}"
+        )
+    return SequenceTracker(sequence_frame, start)
+
+
 class ThreadedSubscriber:
-    """Receive from a SUB (or XSUB) socket in a background thread and call ``callback`` per message.
+    """Receive from a ZeroMQ socket in a background thread and call ``callback`` per message.
 
     The three call forms of persizmq 1.0.x work::
 
@@ -167,9 +234,16 @@ class ThreadedSubscriber:
         split it into one call per frame, losing its boundaries). With ``multipart=True`` every
         message arrives as a ``list[bytes]``. The attribute ``callback`` may be reassigned while
         running; the next message goes to the new callable.
-    :param subscriber: a ``zmq.Socket`` of type SUB, or XSUB, already connected (or bound) and
-        subscribed — the subscriptions of an XSUB socket are messages you send on it, so send
-        them before constructing. The subscriber owns the socket until :meth:`shutdown`
+    :param subscriber: a ``zmq.Socket`` that receives, already connected (or bound): SUB (and
+        subscribed) or XSUB — the subscriptions of an XSUB socket are messages you send on it,
+        so send them before constructing; PULL (the receiving end of a PUSH pipeline, fair-queued
+        over its senders); PAIR; or DEALER (what its peers send; the subscriber never sends on
+        it). Refused, with the reason in the error: the send-only PUB, PUSH and XPUB (which
+        receives only subscriptions); REQ and REP, whose strict send/receive alternation a
+        receiver that never sends would break (the peer would wait forever for its reply);
+        ROUTER, which prefixes every message with its connection's routing id and whose peers
+        usually expect replies (use PULL for one-way messages from many senders); STREAM (raw
+        TCP); and the draft types. The subscriber owns the socket until :meth:`shutdown`
         returns (ZeroMQ sockets are not thread-safe: do not use it meanwhile); it never closes
         it.
     :param on_exception: called in the background thread with every exception that the
@@ -186,15 +260,38 @@ class ThreadedSubscriber:
         ``RuntimeWarning`` says so. To limit an existing connection, set ``zmq.MAXMSGSIZE``
         yourself before ``connect()``.
     :param batch_size: the most messages drained per wake-up before the thread polls again.
+    :param sequence_frame: ``None`` (the default) or the index of a sequence frame: an 8-byte
+        big-endian number counted per topic from 1, as :class:`~persizmq.SequencedPublisher`
+        sends (``[topic, seq, body...]``: ``sequence_frame=1``). The topic is the first frame
+        (all messages share one numbering with ``sequence_frame=0``). The subscriber then
+        counts, per topic and in total, ``gaps``, the ``missing`` messages in them,
+        ``duplicates`` and ``restarts`` (the number back at 1); see
+        :meth:`sequence_stats`. The first message of a topic with a number above 1 counts as a
+        gap too (the subscriber cannot tell a message lost at the high-water mark from one sent
+        before it listened). A message whose sequence frame is missing, is not 8 bytes or is 0
+        is counted as ``malformed``. Every message, whatever its number, is still delivered
+        whole, sequence frame included: a stored message keeps the number that lets a consumer
+        or a later replay detect gaps and duplicates again, and a storage of the frames as they
+        arrived is what can be trusted when the numbering itself is broken.
+    :param on_gap: called in the background thread with a :class:`~persizmq.Gap` (``topic``,
+        ``expected``, ``received``, ``missing``) for every gap, before the message that revealed
+        it is handed to the callback. Duplicates and restarts are only counted. If it raises,
+        that is logged (as when ``on_exception`` raises) and the message is delivered all the
+        same. Needs ``sequence_frame``.
+    :param sequence_start: ``None``, or counters to go on from: a :meth:`sequence_stats`
+        snapshot, for example one that a previous run saved. With the topics' last numbers in
+        it, a restarted receiver counts as missing only what it did not receive while it was
+        down. Needs ``sequence_frame``.
 
     The background thread also ends, without a report, when the socket's context is terminated
     (``ETERM``); :attr:`operational` is then False and the caller closes the socket.
 
-    :raises MessageTypeError: ``subscriber`` is not a ``zmq.Socket`` of type SUB or XSUB,
-        ``callback`` is not callable, ``on_exception`` is neither callable nor ``None``, or an
-        option has the wrong type.
+    :raises MessageTypeError: ``subscriber`` is not a ``zmq.Socket`` of a receiving type,
+        ``callback`` is not callable, ``on_exception`` or ``on_gap`` is neither callable nor
+        ``None``, or an option has the wrong type.
     :raises InvalidArgumentError: the socket is closed, or a running subscriber already owns
-        it; ``max_message_size`` or ``batch_size`` is < 1.
+        it; ``max_message_size`` or ``batch_size`` is < 1, ``sequence_frame`` < 0, or ``on_gap``
+        is given without ``sequence_frame``.
     """
 
     @overload
@@ -207,6 +304,9 @@ class ThreadedSubscriber:
         multipart: bool = False,
         max_message_size: Optional[int] = None,
         batch_size: int = 256,
+        sequence_frame: Optional[int] = None,
+        on_gap: Optional[GapCallback] = None,
+        sequence_start: Optional[SequenceStats] = None,
     ) -> None: ...
 
     @overload
@@ -219,6 +319,9 @@ class ThreadedSubscriber:
         multipart: bool = False,
         max_message_size: Optional[int] = None,
         batch_size: int = 256,
+        sequence_frame: Optional[int] = None,
+        on_gap: Optional[GapCallback] = None,
+        sequence_start: Optional[SequenceStats] = None,
     ) -> None: ...
 
     def __init__(
@@ -230,6 +333,9 @@ class ThreadedSubscriber:
         multipart: object = False,
         max_message_size: object = None,
         batch_size: object = 256,
+        sequence_frame: object = None,
+        on_gap: object = None,
+        sequence_start: object = None,
     ) -> None:
         """Check the arguments, take over the socket and start the background thread."""
         given = {"callback": callback, "subscriber": subscriber, "on_exception": on_exception}
@@ -271,11 +377,14 @@ class ThreadedSubscriber:
         if max_message_size is not None:
             max_message_size = _check_positive_int("max_message_size", max_message_size, _MAX_INT64)
         self._batch_size = _check_positive_int("batch_size", batch_size, _MAX_INT64)
+        self._tracker = _make_tracker(sequence_frame, on_gap, sequence_start)
 
         #: The callable that gets every message; may be reassigned while running.
         self.callback: Callback = cb
         #: The callable that gets the exceptions (``None``: log them); may be reassigned.
         self.on_exception: Optional[ExceptionCallback] = oe
+        #: The callable that gets the gaps (``None``: only count them); may be reassigned.
+        self.on_gap: Optional[GapCallback] = on_gap  # type: ignore[assignment]
         self._socket: zmq.Socket[Any] = sock
         self._multipart = multipart
         self._received = 0
@@ -304,7 +413,7 @@ class ThreadedSubscriber:
             raise
 
     def _claim_socket(self) -> None:
-        """Register the socket as in use, then check that it is an open SUB or XSUB socket."""
+        """Register the socket as in use, then check that it is open and of a receiving type."""
         sock = self._socket
         with _IN_USE_LOCK:
             if id(sock) in _IN_USE:
@@ -356,7 +465,7 @@ class ThreadedSubscriber:
         finally:
             self._release()
 
-    def _receive_loop(self) -> None:  # noqa: PLR0912 (the hot loop stays in one frame on purpose)
+    def _receive_loop(self) -> None:  # noqa: PLR0912, PLR0915 (the hot loop stays in one frame on purpose)
         """Poll, drain up to ``batch_size`` messages, repeat until a stop is requested."""
         sock = self._socket
         recv = sock.recv
@@ -366,6 +475,8 @@ class ThreadedSubscriber:
         multipart = self._multipart
         noblock = zmq.NOBLOCK
         again = zmq.Again
+        tracker = self._tracker
+        check = tracker.check if tracker is not None else None
         last_callback: Callback = self.callback
         batching = is_storage_add(last_callback)
         stored: List[Any] = []  # messages for the storage's add_messages, in order
@@ -393,6 +504,10 @@ class ThreadedSubscriber:
                         msg = [frame.bytes]
                     else:
                         msg = frame.bytes
+                    if check is not None:
+                        gap = check(msg)
+                        if gap is not None:
+                            self._gap(gap)
                     callback = self.callback
                     if callback is not last_callback:
                         if stored:
@@ -406,6 +521,16 @@ class ThreadedSubscriber:
             finally:
                 if stored:
                     self._store(last_callback, stored)
+
+    def _gap(self, gap: Gap) -> None:
+        """Hand a gap to ``on_gap``; log what it raises."""
+        handler = self.on_gap
+        if handler is None:
+            return
+        try:
+            handler(gap)
+        except Exception:  # a failing handler must not stop the subscriber
+            _LOGGER.exception("on_gap of %r raised while handling %r", self, gap)
 
     def _deliver(self, callback: Callback, msg: object) -> None:
         """Hand one message to the callback; report what it raises."""
@@ -464,6 +589,48 @@ class ThreadedSubscriber:
         return self._errors
 
     @property
+    def sequence_frame(self) -> Optional[int]:
+        """The index of the sequence frame, or ``None`` if sequence numbers are not checked."""
+        return None if self._tracker is None else self._tracker.sequence_frame
+
+    @property
+    def gaps(self) -> int:
+        """Gaps found in the sequence numbers, over all topics (0 without ``sequence_frame``)."""
+        return 0 if self._tracker is None else self._tracker.gaps
+
+    @property
+    def missing(self) -> int:
+        """Messages missing in those gaps, over all topics."""
+        return 0 if self._tracker is None else self._tracker.missing
+
+    @property
+    def duplicates(self) -> int:
+        """Messages whose number was not above the highest seen on their topic (and not 1)."""
+        return 0 if self._tracker is None else self._tracker.duplicates
+
+    @property
+    def restarts(self) -> int:
+        """Times a topic's numbering started again at 1 (a publisher restarted)."""
+        return 0 if self._tracker is None else self._tracker.restarts
+
+    @property
+    def malformed(self) -> int:
+        """Messages whose sequence frame was missing, not 8 bytes long, or 0."""
+        return 0 if self._tracker is None else self._tracker.malformed
+
+    def sequence_stats(self) -> SequenceStats:
+        """Return the sequence counters, in total and per topic (a snapshot).
+
+        :raises InvalidArgumentError: the subscriber was built without ``sequence_frame``.
+        """
+        if self._tracker is None:
+            raise InvalidArgumentError(
+                "expected a subscriber built with sequence_frame=N to have sequence stats, got "
+                "one built without it"
+            )
+        return self._tracker.snapshot()
+
+    @property
     def multipart(self) -> bool:
         """Whether every message is delivered as a ``list[bytes]``."""
         return self._multipart
@@ -514,7 +681,8 @@ class ThreadedSubscriber:
             state = "stopping"
         else:
             state = "stopped"
+        gaps = "" if self._tracker is None else f" gaps={self.gaps} missing={self.missing}"
         return (
             f"<ThreadedSubscriber {state} received={self._received} errors={self._errors} "
-            f"multipart={self._multipart}>"
+            f"multipart={self._multipart}{gaps}>"
         )

@@ -7,7 +7,20 @@ benchmark scripts from rotting as the library changes.
 import pathlib
 from typing import List
 
-from bench import _burst_child, _common, burst, end_to_end, receive_cost, run_all, scale, storage
+from bench import (
+    _burst_child,
+    _common,
+    burst,
+    end_to_end,
+    receive_cost,
+    redis_stream,
+    run_all,
+    scale,
+    storage,
+    topics,
+)
+from bench import aio as aio_bench
+from tests._redis_server import Server
 
 
 def test_storage_cases_in_process(tmp_path: pathlib.Path) -> None:
@@ -38,6 +51,13 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "Bursts:",
         "burst capture, persizmq record",
         "CPU per message of the receive paths",
+        "Redis Streams",
+        "asyncio: consuming a durable backlog",
+        "AsyncQueue async for, sync=always",
+        "listener stand-in",
+        "Topic store: 300 topics",
+        "SQLite INSERT OR REPLACE",
+        "topic store: open 100,000 topics",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for
@@ -118,3 +138,27 @@ def test_machine_description_and_tables() -> None:
     assert any(line.startswith("CPU:") for line in lines)
     table = _common.render_table(["a", "b"], [["1", "22"]], "lr")
     assert table == ["a   b", "-  --", "1  22"]
+
+
+def test_redis_stream_cases(redis_server: Server) -> None:
+    for case in redis_stream.CASES:
+        assert redis_stream.measure(case, redis_server.url, 100) > 0
+
+
+def test_aio_rounds(tmp_path: pathlib.Path) -> None:
+    for case in aio_bench.CONSUME_CASES:
+        for drain in aio_bench.DRAINS:
+            assert aio_bench.consume_round(case, drain, 30, tmp_path / f"{case}-{drain}") > 0
+    for case in aio_bench.LATENCY_CASES:
+        samples = aio_bench.latency_round(case, 3, tmp_path / case.replace(" ", "_"))
+        assert len(samples) == 3
+        assert all(s > 0 for s in samples)
+
+
+def test_topic_store_cases(tmp_path: pathlib.Path) -> None:
+    for case in topics.CASES:
+        built = topics.update_case(case, tmp_path / case, 50, 200)
+        assert built["rate"] > 0
+        assert built["allocated"] > 0
+        opened = topics.open_case(case, tmp_path / case, 50)
+        assert opened["open"] > 0

@@ -1,8 +1,12 @@
 """Every example of README.rst runs, and so do the storage examples of the 1.0.x README.
 
-The examples connect to ``ipc:///tmp/persizmq-example.zeromq`` and use
-``/tmp/persizmq-example``; the tests substitute a private endpoint and directory (and nothing
-else) and run them while a publisher keeps sending on that endpoint.
+The subscriber examples connect to ``ipc:///tmp/persizmq-example.zeromq``; the tests run them
+while a publisher keeps sending ``hello`` on that endpoint. The examples of the other patterns
+bring their own sockets (``inproc://``, or ``ipc://`` under ``/tmp/persizmq-example``). Every
+example keeps its files under ``/tmp/persizmq-example``; the tests substitute a private
+endpoint and directory for those two (and change nothing else). An example that names the
+Redis server ``redis://localhost:6379/0`` runs against each server the tests start (the
+``redis_server`` fixture), with that URL and a stream name of its own substituted.
 """
 
 import contextlib
@@ -16,6 +20,8 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import zmq
 
+from tests._redis_server import Server
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.rst"
 # The 1.0.x README as the user handed it to us (outside the repository; optional).
@@ -27,6 +33,20 @@ def readme_examples() -> List[str]:
     text = README.read_text(encoding="utf-8")
     pattern = r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)"
     return [textwrap.dedent(m.group(1)) for m in re.finditer(pattern, text, re.M)]
+
+
+#: The server URL a README example that needs Redis names; replaced by the fixture's.
+REDIS_URL = "redis://localhost:6379/0"
+
+
+def plain_examples() -> List[str]:
+    """The examples that need no server."""
+    return [code for code in readme_examples() if REDIS_URL not in code]
+
+
+def redis_examples() -> List[str]:
+    """The examples that need a Redis/Valkey server."""
+    return [code for code in readme_examples() if REDIS_URL in code]
 
 
 def legacy_examples() -> List[str]:
@@ -84,20 +104,72 @@ def run_example(code: str, endpoint: str, directory: pathlib.Path) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("index", range(len(readme_examples())))
+#: What the examples of the patterns print (each line must appear, in this order).
+PATTERN_OUTPUT = {
+    "PULL": ["stored: [b'job', b'0']", "stored: [b'job', b'1']", "stored: [b'job', b'2']"],
+    "SequencedPublisher": [
+        "Gap(topic=b'temperature', expected=2, received=5)",
+        "gaps: 1 missing: 3",
+        "TopicSequenceStats(last=5, received=2, gaps=1, missing=3, duplicates=0, restarts=0, "
+        "malformed=0)",
+    ],
+    "PersistentTopicStorage": [
+        "b'temperature 22.0'",
+        "[b'humidity', b'temperature', b'wind']",
+        "{b'wind': [b'wind', b'3 m/s']}",
+        "2 topics",
+    ],
+    "serve-latest": ["joined late: b'temperature 21.5'", "after the restart: b'wind 3'"],
+}
+
+
+def expected_output(code: str) -> List[str]:
+    """The lines an example must print: ``b'hello'`` for the subscriber examples."""
+    if "ipc:///tmp/persizmq-example.zeromq" in code:
+        return ["b'hello'"]
+    found = [lines for key, lines in PATTERN_OUTPUT.items() if key in code]
+    assert len(found) == 1, f"no expected output for the example:\n{code}"
+    return found[0]
+
+
+@pytest.mark.parametrize("index", range(len(plain_examples())))
 def test_readme_example_runs(index: int, tmp_path: pathlib.Path) -> None:
-    code = readme_examples()[index]
+    code = plain_examples()[index]
+    endpoint = f"ipc://{tmp_path}/example.zeromq"
+    expected = expected_output(code)
+    code = code.replace("ipc:///tmp/persizmq-example.zeromq", endpoint)
+    code = code.replace("/tmp/persizmq-example", str(tmp_path / "dir"))
+    assert "/tmp/persizmq-example" not in code
+    printed = run_example(code, endpoint, tmp_path / "dir")
+    position = 0
+    for line in expected:
+        found = printed.find(line, position)
+        assert found >= 0, f"{line!r} not printed (in order):\n{printed}"
+        position = found + len(line)
+    assert "exception" not in printed, printed
+
+
+@pytest.mark.parametrize("index", range(len(redis_examples())))
+def test_readme_redis_example_runs(
+    index: int, tmp_path: pathlib.Path, redis_server: Server, stream_name: str
+) -> None:
+    code = redis_examples()[index]
     endpoint = f"ipc://{tmp_path}/example.zeromq"
     assert "ipc:///tmp/persizmq-example.zeromq" in code
     code = code.replace("ipc:///tmp/persizmq-example.zeromq", endpoint)
-    code = code.replace("/tmp/persizmq-example", str(tmp_path / "dir"))
+    code = code.replace(REDIS_URL, redis_server.url).replace('"readings"', repr(stream_name))
     printed = run_example(code, endpoint, tmp_path / "dir")
     assert "b'hello'" in printed, printed
     assert "exception" not in printed, printed
 
 
-def test_readme_has_the_three_examples() -> None:
-    assert len(readme_examples()) == 3
+def test_readme_has_the_examples() -> None:
+    """The subscriber and storage examples, asyncio's, one per pattern, and Redis's."""
+    plain = plain_examples()
+    assert len(plain) == 4 + len(PATTERN_OUTPUT)
+    assert sum("ipc:///tmp/persizmq-example.zeromq" in code for code in plain) == 4
+    assert any("persizmq.aio.AsyncSubscriber" in code for code in plain)
+    assert len(redis_examples()) == 1
 
 
 @pytest.mark.skipif(not LEGACY_README.exists(), reason="the 1.0.x README is not beside the repo")

@@ -609,11 +609,23 @@ def test_bad_option_values(
     ThreadedSubscriber(good_callback, subscriber=sub).shutdown()
 
 
-@pytest.mark.parametrize("socket_type", [zmq.PUB, zmq.PULL, zmq.DEALER, zmq.XPUB])
-def test_socket_of_the_wrong_type(sockets: SocketTracker, socket_type: int) -> None:
+@pytest.mark.parametrize(
+    ("socket_type", "reason"),
+    [
+        (zmq.PUB, "it only sends"),
+        (zmq.PUSH, "it only sends"),
+        (zmq.XPUB, "receives only subscriptions"),
+        (zmq.REQ, "must send a request before each receive"),
+        (zmq.REP, "must answer every request"),
+        (zmq.ROUTER, "routing id"),
+        (zmq.STREAM, "raw TCP"),
+    ],
+)
+def test_socket_of_the_wrong_type(sockets: SocketTracker, socket_type: int, reason: str) -> None:
     sock = sockets(socket_type)
     name = zmq.SocketType(socket_type).name
-    with pytest.raises(MessageTypeError, match=rf"SUB or XSUB, got a {name} socket"):
+    expected = rf"SUB, XSUB, PULL, PAIR or DEALER, got a {name} socket: .*{reason}"
+    with pytest.raises(MessageTypeError, match=expected):
         ThreadedSubscriber(good_callback, subscriber=sock)
 
 

@@ -11,10 +11,12 @@ stderr and an exit status (see ``_main``):
 * ``_inspect`` -- ``stats`` and ``peek`` (*readers*: no lock, nothing changed), ``pop`` and
   ``drain`` (the *consumer*);
 * ``_replay`` -- ``replay`` (the consumer; a reader with ``--keep``);
+* ``_serve_latest`` -- ``serve-latest``, the persistent last-value cache (a topic store);
 * ``_bench``, ``_demo`` -- the benchmark table of the checkout, the self-contained demo.
 
 Shared by them: ``_base`` (exit statuses, :class:`CliError`, argument types), ``_output``
-(message lines, sizes, the progress line), ``_signals`` (stop signals that never deadlock) and
+(message lines, sizes, the progress line), ``_signals`` (stop signals that never deadlock),
+``_gaps`` (the sequence counters that ``record --sequence-frame`` keeps for ``stats``) and
 ``_dirs`` -- everything the command line knows about the storages' files on disk, kept in that
 one module. Who holds which role of a directory is the storages' two-process contract (see
 ``persizmq._storage``): a recorder and a consumer work on one directory at the same time.
@@ -38,6 +40,7 @@ from persizmq._cli._main import COMMANDS, build_parser, main
 from persizmq._cli._output import FORMATS, format_message
 from persizmq._cli._record import MIN_PERIOD_DIR, STATUS_INTERVAL_ENV, cmd_record
 from persizmq._cli._replay import cmd_replay
+from persizmq._cli._serve_latest import cmd_serve_latest
 
 __all__ = [
     "COMMANDS",
@@ -58,6 +61,7 @@ __all__ = [
     "cmd_pop",
     "cmd_record",
     "cmd_replay",
+    "cmd_serve_latest",
     "cmd_stats",
     "format_message",
     "main",

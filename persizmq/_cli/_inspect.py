@@ -22,9 +22,10 @@ import itertools
 import json
 import sys
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import persizmq
+from persizmq._cli import _gaps
 from persizmq._cli._base import EXIT_INTERRUPTED, EXIT_OK, PROG, CliError, add_command, count
 from persizmq._cli._dirs import (
     existing_storage,
@@ -32,6 +33,14 @@ from persizmq._cli._dirs import (
     queue_stats,
     read_latest,
     require_queue,
+)
+from persizmq._cli._location import (
+    consumer_options,
+    is_stream,
+    open_stream,
+    stream_stats,
+    take_stream,
+    write_stream_stats,
 )
 from persizmq._cli._output import (
     FORMATS,
@@ -49,15 +58,26 @@ from persizmq._message import Message
 
 __all__ = ["cmd_drain", "cmd_peek", "cmd_pop", "cmd_stats", "register"]
 
+_WHERE = "storage directory, or a stream: redis://HOST[:PORT][/DB]?stream=NAME[&group=G]"
 _TAKE_BATCH_MESSAGES = 10_000
 _TAKE_BATCH_BYTES = 8 << 20
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """``persizmq stats DIR [--json]``: counts and sizes; reads without taking any lock."""
-    directory, kind = existing_storage(args.dir)
     out = Sink.stdout()
-    info = queue_stats(directory) if kind == "queue" else latest_stats(directory)
+    if is_stream(args.dir):  # length, pending per consumer, lag
+        info = stream_stats(args.dir)
+        if not args.json:
+            write_stream_stats(info, out)
+            return EXIT_OK
+        kind = "stream"
+    else:
+        directory, kind = existing_storage(args.dir)
+        info = queue_stats(directory) if kind == "queue" else latest_stats(directory)
+        gaps = _gaps.summary(directory)  # kept by 'record --sequence-frame N'
+        if gaps is not None:
+            info["gaps"] = gaps
     if args.json:
         out.write(json.dumps(info, indent=2) + "\n")
         return EXIT_OK
@@ -88,14 +108,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
             rows.append(("latest", "no message"))
         rows.append(("on disk", human_bytes(info["disk_bytes"])))
         rows.append(("written", info["newest"] or "-"))
+    if gaps is not None:
+        rows += _gaps.describe(gaps)
     out.write("".join(f"{key:<12} {value}\n" for key, value in rows))
     return EXIT_OK
 
 
 def cmd_peek(args: argparse.Namespace) -> int:
     """``persizmq peek DIR [-n N] [--format F]``: print the first N messages, remove nothing."""
-    directory, kind = existing_storage(args.dir)
     out = Sink.stdout()
+    if is_stream(args.dir):  # what the group has not acknowledged; nothing is delivered
+        with open_stream(args.dir) as stream:
+            out.write(
+                "".join(
+                    format_message(m, args.format) + "\n" for m in itertools.islice(stream, args.n)
+                )
+            )
+        return EXIT_OK
+    directory, kind = existing_storage(args.dir)
     if kind == "latest":
         found = read_latest(directory)
         if found is not None and args.n >= 1:
@@ -170,13 +200,22 @@ def _take(
     return taken
 
 
+def _open_consumer(location: str, command: str, limit: Optional[int]) -> Tuple[Any, Any]:
+    """The storage that ``pop``/``drain`` consume (a queue directory or a stream), and the
+    function that takes its messages at least once."""
+    if is_stream(location):
+        return open_stream(location, **consumer_options(limit)), take_stream
+    directory, kind = existing_storage(location)
+    require_queue(directory, kind, command)
+    return persizmq.PersistentStorage(directory, role="consumer"), _take
+
+
 def cmd_pop(args: argparse.Namespace) -> int:
     """``persizmq pop DIR [-n N] [--format F]``: print the first N messages and remove them."""
-    directory, kind = existing_storage(args.dir)
-    require_queue(directory, kind, "pop")
     out = Sink.stdout()
-    with persizmq.PersistentStorage(directory, role="consumer") as storage, StopSignals() as stop:
-        taken = _take(storage, out, args.format, limit=args.n, stop=stop, on_batch=lambda _: None)
+    storage, take = _open_consumer(args.dir, "pop", args.n)
+    with storage, StopSignals() as stop:
+        taken = take(storage, out, args.format, limit=args.n, stop=stop, on_batch=lambda _: None)
     if stop.requested:
         raise CliError(f"interrupted by {stop.name} after {taken} messages", EXIT_INTERRUPTED)
     return EXIT_OK
@@ -184,14 +223,13 @@ def cmd_pop(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     """``persizmq drain DIR [-o FILE] [--format F]``: write out and remove everything pending."""
-    directory, kind = existing_storage(args.dir)
-    require_queue(directory, kind, "drain")
     with contextlib.ExitStack() as stack:
         if args.output is None:
             out = Sink.stdout()
         else:  # unbuffered: Sink writes every byte itself (and the lines are ASCII)
             out = Sink(stack.enter_context(open(args.output, "ab", buffering=0)), repr(args.output))
-        storage = stack.enter_context(persizmq.PersistentStorage(directory, role="consumer"))
+        storage, take = _open_consumer(args.dir, "drain", None)
+        stack.enter_context(storage)
         stop = stack.enter_context(StopSignals())
         progress = Progress(sys.stderr, isatty(sys.stderr))
         rate = Rate()
@@ -204,7 +242,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
             )
 
         try:
-            taken = _take(storage, out, args.format, limit=None, stop=stop, on_batch=show)
+            taken = take(storage, out, args.format, limit=None, stop=stop, on_batch=show)
         finally:
             progress.finish()
         remaining = len(storage)
@@ -237,18 +275,18 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     stats = add_command(
         subcommands, "stats", cmd_stats, "pending count, bytes on disk, segments, oldest/newest"
     )
-    stats.add_argument("dir", metavar="DIR", help="storage directory")
+    stats.add_argument("dir", metavar="DIR", help=_WHERE)
     stats.add_argument("--json", action="store_true", help="print one JSON object")
 
     peek = add_command(
         subcommands, "peek", cmd_peek, "print the first pending messages without removing them"
     )
-    peek.add_argument("dir", metavar="DIR", help="storage directory")
+    peek.add_argument("dir", metavar="DIR", help=_WHERE)
     peek.add_argument("-n", type=count, default=1, metavar="N", help="how many (default: 1)")
     _add_format(peek)
 
     pop = add_command(subcommands, "pop", cmd_pop, "print the first pending messages, remove them")
-    pop.add_argument("dir", metavar="DIR", help="storage directory")
+    pop.add_argument("dir", metavar="DIR", help=_WHERE)
     pop.add_argument("-n", type=count, default=1, metavar="N", help="how many (default: 1)")
     _add_format(pop)
 
@@ -258,7 +296,7 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         cmd_drain,
         "write out every pending message, one a line, and remove it",
     )
-    drain.add_argument("dir", metavar="DIR", help="storage directory")
+    drain.add_argument("dir", metavar="DIR", help=_WHERE)
     drain.add_argument(
         "-o",
         "--output",

@@ -3,10 +3,12 @@
 Theory of operation
 ===================
 
-``record`` is the *producer* of its directory: a SUB socket, a
-:class:`~persizmq.ThreadedSubscriber`, the filters and ``PersistentStorage(role="producer")``
-(or a ``PersistentLatestStorage`` with ``--latest``). So an application, ``pop``, ``drain`` or
-``replay`` can consume the same directory at the same time.
+``record`` is the *producer* of its directory: a SUB socket (a PULL socket with ``--pull``, the
+receiving end of a PUSH pipeline), a :class:`~persizmq.ThreadedSubscriber`, the filters and
+``PersistentStorage(role="producer")`` (or a ``PersistentLatestStorage`` with ``--latest``). So
+an application, ``pop``, ``drain`` or ``replay`` can consume the same directory at the same time.
+With ``--sequence-frame N`` the subscriber counts the gaps in the publishers' sequence numbers;
+the counters show in the status line and are kept in the directory for ``stats`` (``_gaps``).
 
 It builds, in this order: the stop-signal handlers; a SUB socket (``LINGER`` 0, the burst
 buffers below, the ``--topic`` subscriptions, then ``connect``/``bind`` of every endpoint, so a
@@ -62,6 +64,7 @@ import zmq
 
 import persizmq
 import persizmq.filter
+from persizmq._cli import _gaps
 from persizmq._cli._base import (
     EXIT_OK,
     EXIT_USAGE,
@@ -70,15 +73,18 @@ from persizmq._cli._base import (
     add_command,
     count,
     describe,
+    number_type,
     open_endpoint,
     seconds,
     size_bytes,
 )
 from persizmq._cli._dirs import kinds_present, latest_disk_bytes
+from persizmq._cli._location import is_stream, open_stream, parse_stream
 from persizmq._cli._output import Progress, Rate, human_bytes, isatty, notice
 from persizmq._cli._signals import StopSignals
 from persizmq._message import Message
 from persizmq._protocol import nothing_stored
+from persizmq._sequence import SequenceStats, SequenceTracker
 
 __all__ = [
     "MIN_PERIOD_DIR",
@@ -242,10 +248,25 @@ class _Recorder:
         self.args = args
         self.endpoints: List[str] = list(args.endpoints)
         self.directory = pathlib.Path(args.dir)
-        if "://" in args.dir:
+        self.shown = args.dir  # where the messages go, as the messages name it
+        self.stream = is_stream(args.dir)
+        if self.stream:
+            self.shown = parse_stream(args.dir).shown  # the password hidden
+            if args.latest or args.max_bytes is not None:
+                raise CliError(
+                    "a stream is a queue bounded by --max-messages: --latest and --max-bytes "
+                    "need a storage directory",
+                    EXIT_USAGE,
+                )
+        elif "://" in args.dir:
             raise CliError(
                 f"expected the last argument to be the storage directory, got {args.dir!r}, "
                 f"which looks like an endpoint: persizmq record ENDPOINT [ENDPOINT ...] DIR",
+                EXIT_USAGE,
+            )
+        if args.pull and args.topic:
+            raise CliError(
+                "--topic subscribes a SUB socket; a PULL socket (--pull) takes every message",
                 EXIT_USAGE,
             )
         if args.latest and (args.max_messages is not None or args.max_bytes is not None):
@@ -257,16 +278,19 @@ class _Recorder:
         self.tty = isatty(sys.stderr)
         self.interval = _status_interval(args, self.tty)
         self.counters = _RecordCounters()
-        self.queue: Optional[persizmq.PersistentStorage] = None
+        self.queue: Optional[Any] = None  # a PersistentStorage or a RedisStreamStorage
         self.latest: Optional[persizmq.PersistentLatestStorage] = None
         self.chain: Optional[_Chain] = None
         self.rate = Rate()
         self.progress = Progress(sys.stderr, self.tty)
         self.errors_shown = 0
+        self.subscriber: Optional[persizmq.ThreadedSubscriber] = None
+        #: With --sequence-frame: counts the messages the socket held when the thread stopped.
+        self.leftover_tracker: Optional[SequenceTracker] = None
 
     def _check_kind(self) -> None:
         """Refuse a directory that holds the other kind of storage (a queue for ``--latest``)."""
-        if not self.directory.is_dir():
+        if self.stream or not self.directory.is_dir():
             return  # created by the storage (a file there is the storage's error)
         kinds = kinds_present(self.directory)
         shown = repr(str(self.directory))
@@ -284,7 +308,11 @@ class _Recorder:
     def open_storage(self) -> None:
         """Open the storage (as the producer) and build the filter chain."""
         args = self.args
-        if args.latest:
+        if self.stream:  # durability is the server's (appendonly, appendfsync): --sync is moot
+            self.queue = open_stream(
+                args.dir, create=True, max_messages=args.max_messages, overflow="drop_newest"
+            )
+        elif args.latest:
             self.latest = persizmq.PersistentLatestStorage(self.directory, sync=args.sync)
         else:
             # A recorder must not die of a full queue: beyond a bound it drops and counts the
@@ -300,7 +328,9 @@ class _Recorder:
         max_size = None if args.max_size is None else persizmq.filter.MaxSize(args.max_size)
         min_period = None
         if args.min_period is not None:
-            min_period = persizmq.filter.MinPeriod(args.min_period, self.directory / MIN_PERIOD_DIR)
+            min_period = persizmq.filter.MinPeriod(
+                args.min_period, None if self.stream else self.directory / MIN_PERIOD_DIR
+            )
         self.chain = _Chain(self.counters, max_size, min_period, self.queue, self.latest)
 
     def close_storage(self) -> None:
@@ -310,16 +340,40 @@ class _Recorder:
         if self.latest is not None:
             self.latest.close()
 
+    def sequence_stats(self) -> Optional[SequenceStats]:
+        """The gap counters (``None`` without ``--sequence-frame``)."""
+        if self.leftover_tracker is not None:
+            return self.leftover_tracker.snapshot()
+        if self.subscriber is None or self.subscriber.sequence_frame is None:
+            return None
+        return self.subscriber.sequence_stats()
+
+    def save_sequence(self) -> None:
+        """Keep the gap counters in the directory for ``persizmq stats``."""
+        stats = self.sequence_stats()
+        if stats is not None and self.args.sequence_frame is not None:
+            try:
+                _gaps.save(self.directory, self.args.sequence_frame, stats)
+            except OSError as err:
+                notice(f"{PROG} record: cannot keep the sequence counters: {describe(err)}")
+
+    def sequence_start(self) -> Optional[SequenceStats]:
+        """The counters of a previous run to go on from (same --sequence-frame), if any."""
+        found = _gaps.load(self.directory) if self.directory.is_dir() else None
+        if found is None or found[0] != self.args.sequence_frame:
+            return None
+        return found[2]
+
     def snapshot(self, received: int) -> Dict[str, int]:
         """The numbers of the status line."""
         if self.queue is not None:
             stats = self.queue.stats()
             stored, pending = stats.added, stats.pending
-            disk, dropped = stats.disk_bytes, stats.dropped_newest
+            disk, dropped = getattr(stats, "disk_bytes", 0), stats.dropped_newest
         else:
             disk = latest_disk_bytes(self.directory)
             stored, pending, dropped = self.counters.stored, 1 if disk else 0, 0
-        return {
+        numbers = {
             "received": received,
             "stored": stored,
             "pending": pending,
@@ -328,6 +382,10 @@ class _Recorder:
             "dropped": dropped,
             "errors": self.counters.errors,
         }
+        sequence = self.sequence_stats()
+        if sequence is not None:
+            numbers.update(_gaps.status_fields(sequence))
+        return numbers
 
     def show_status(self, received: int) -> None:
         """Print the status: in place on a terminal, a plain line otherwise."""
@@ -339,6 +397,11 @@ class _Recorder:
                 f"pending {numbers['pending']:,}  disk {human_bytes(numbers['disk_bytes'])}  "
                 f"filtered {numbers['filtered']:,}"
             )
+            if "gaps" in numbers:
+                text += f"  gaps {numbers['gaps']:,}  missing {numbers['missing']:,}"
+                for name in ("duplicates", "restarts", "malformed"):
+                    if numbers[name]:
+                        text += f"  {name} {numbers[name]:,}"
             if numbers["dropped"]:
                 text += f"  dropped {numbers['dropped']:,}"
             if numbers["errors"]:
@@ -372,6 +435,8 @@ class _Recorder:
                 return
             msg: Message = frames if (self.args.multipart or len(frames) > 1) else frames[0]
             self.counters.leftover += 1
+            if self.leftover_tracker is not None:
+                self.leftover_tracker.check(msg)
             assert self.chain is not None
             try:
                 self.chain.add_message(msg)
@@ -383,12 +448,12 @@ class _Recorder:
         args = self.args
         with StopSignals() as stop:
             context: zmq.Context[Any] = zmq.Context()
-            sock: zmq.Socket[Any] = context.socket(zmq.SUB)
+            sock: zmq.Socket[Any] = context.socket(zmq.PULL if args.pull else zmq.SUB)
             try:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.RCVHWM, receive_hwm(self.endpoints))
                 sock.setsockopt(zmq.RCVBUF, RECORD_RCVBUF)
-                for topic in args.topic or [""]:
+                for topic in [] if args.pull else args.topic or [""]:
                     # The bytes as typed: argv arrives decoded with surrogate escapes.
                     sock.setsockopt(zmq.SUBSCRIBE, os.fsencode(topic))
                 for endpoint in self.endpoints:
@@ -396,22 +461,30 @@ class _Recorder:
                 # After the endpoints, so that a typo in one does not create the directory.
                 self.open_storage()
                 assert self.chain is not None
+                frame = args.sequence_frame
+                start = self.sequence_start() if frame is not None else None
                 subscriber = persizmq.ThreadedSubscriber(
                     self.chain.add_message,
                     subscriber=sock,
                     on_exception=self.counters.on_exception,
                     multipart=args.multipart,
+                    sequence_frame=frame,
+                    sequence_start=start,
                 )
+                self.subscriber = subscriber
                 try:
                     failure = self._loop(stop, subscriber)
                 finally:
                     subscriber.shutdown()
                     self.progress.finish()
                 received = subscriber.received
+                if frame is not None:
+                    self.leftover_tracker = SequenceTracker(frame, subscriber.sequence_stats())
                 if failure is None:
                     self.drain_leftovers(sock)
                     received += self.counters.leftover
                 final = self.snapshot(received)
+                self.save_sequence()
             finally:
                 sock.close(linger=0)
                 context.term()
@@ -425,11 +498,13 @@ class _Recorder:
     def _loop(self, stop: StopSignals, subscriber: persizmq.ThreadedSubscriber) -> Optional[str]:
         """Wait for a stop signal, showing the status; return why it failed, if it did."""
         args = self.args
-        verb = "bound to" if args.bind else "connected to"
+        verb = ("pulling, bound to" if args.bind else "pulling from") if args.pull else None
+        verb = verb or ("bound to" if args.bind else "connected to")
         kind = "latest message" if args.latest else "queue"
+        mode = "stream, durability of the server" if self.stream else f"{kind}, sync={args.sync}"
         notice(
             f"{PROG} record: {verb} {', '.join(self.endpoints)}; recording into "
-            f"{self.directory} ({kind}, sync={args.sync}); stop with Ctrl-C or SIGTERM"
+            f"{self.shown} ({mode}); stop with Ctrl-C or SIGTERM"
         )
         interval = self.interval
         tick = min(interval, 0.5) if interval > 0 else 0.5
@@ -443,6 +518,7 @@ class _Recorder:
             if interval > 0 and now >= next_status:
                 next_status = now + interval
                 self.show_status(subscriber.received)
+                self.save_sequence()
         return None
 
     def _summary(self, numbers: Dict[str, int], stop: StopSignals) -> None:
@@ -450,6 +526,8 @@ class _Recorder:
         why = f"stopped by {stop.name}" if stop.requested else "stopped"
         dropped = f", dropped {numbers['dropped']:,} (queue full)" if numbers["dropped"] else ""
         errors = f", errors {numbers['errors']:,}" if numbers["errors"] else ""
+        if "gaps" in numbers:
+            errors += f", {numbers['gaps']:,} gaps with {numbers['missing']:,} missing"
         pending = (
             f"{numbers['pending']:,} pending"
             if self.queue is not None
@@ -457,7 +535,7 @@ class _Recorder:
         )
         notice(
             f"{PROG} record: {why}; received {received:,}, stored {numbers['stored']:,}, "
-            f"filtered {numbers['filtered']:,}{dropped}{errors}; {pending} in {self.directory}"
+            f"filtered {numbers['filtered']:,}{dropped}{errors}; {pending} in {self.shown}"
         )
 
 
@@ -481,8 +559,26 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     record.add_argument(
         "endpoints", nargs="+", metavar="ENDPOINT", help="ZeroMQ endpoint(s) of the publisher(s)"
     )
-    record.add_argument("dir", metavar="DIR", help="storage directory (created if missing)")
+    record.add_argument(
+        "dir",
+        metavar="DIR",
+        help="storage directory (created if missing), or a stream: "
+        "redis://HOST[:PORT][/DB]?stream=NAME[&group=G] (stream and group created if missing)",
+    )
     record.add_argument("--bind", action="store_true", help="bind the endpoints, don't connect")
+    record.add_argument(
+        "--pull",
+        action="store_true",
+        help="receive on a PULL socket (from PUSH senders) instead of subscribing with SUB",
+    )
+    record.add_argument(
+        "--sequence-frame",
+        type=number_type(int, 0, "a frame index >= 0"),
+        metavar="N",
+        help="frame N of every message is an 8-byte big-endian sequence number per topic (1 for "
+        "persizmq.SequencedPublisher's [topic, seq, body]): count gaps, show them in the status "
+        f"and keep them in DIR/{_gaps.SEQUENCE_FILE} for 'persizmq stats'",
+    )
     record.add_argument(
         "--topic",
         action="append",

@@ -30,6 +30,7 @@ from persizmq._cli._base import (
     seconds,
 )
 from persizmq._cli._dirs import existing_storage, require_queue
+from persizmq._cli._location import is_stream, open_stream, parse_stream
 from persizmq._cli._output import Progress, Rate, first_frame, format_message, isatty, notice
 from persizmq._cli._signals import StopSignals
 from persizmq._message import Message
@@ -61,9 +62,7 @@ def _matches(msg: Message, topics: Set[bytes]) -> bool:
 class _Replayer:
     """The state of one ``persizmq replay`` run."""
 
-    def __init__(
-        self, args: argparse.Namespace, storage: persizmq.PersistentStorage, stop: StopSignals
-    ) -> None:
+    def __init__(self, args: argparse.Namespace, storage: Any, stop: StopSignals) -> None:  # noqa: ANN401 (a queue directory or a stream)
         """Remember the arguments; the socket is made by :meth:`run`."""
         self.args = args
         self.storage = storage
@@ -174,11 +173,16 @@ class _Replayer:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``persizmq replay DIR ENDPOINT [--bind] [--rate R] [--keep]``: publish pending messages."""
-    directory, kind = existing_storage(args.dir)
-    require_queue(directory, kind, "replay")
-    role = "reader" if args.keep else "consumer"
-    sync = "never" if args.keep else "periodic"
-    storage = persizmq.PersistentStorage(directory, role=role, sync=sync)
+    storage: Any
+    if is_stream(args.dir):  # --keep iterates what the group has not acknowledged
+        storage = open_stream(args.dir)
+        directory: Any = parse_stream(args.dir).shown
+    else:
+        directory, kind = existing_storage(args.dir)
+        require_queue(directory, kind, "replay")
+        role = "reader" if args.keep else "consumer"
+        sync = "never" if args.keep else "periodic"
+        storage = persizmq.PersistentStorage(directory, role=role, sync=sync)
     with storage, StopSignals() as stop:
         total = len(storage)
         if total == 0:
@@ -224,7 +228,9 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "publish the pending messages on an XPUB socket once a subscriber joined, removing "
         "each after it was sent unless --keep",
     )
-    replay.add_argument("dir", metavar="DIR", help="storage directory")
+    replay.add_argument(
+        "dir", metavar="DIR", help="storage directory, or a stream: redis://...?stream=NAME"
+    )
     replay.add_argument("endpoint", metavar="ENDPOINT", help="ZeroMQ endpoint")
     replay.add_argument("--bind", action="store_true", help="bind the endpoint, don't connect")
     replay.add_argument("--rate", type=positive, metavar="R", help="at most R messages a second")

@@ -11,14 +11,23 @@ position naming the later one was stored — and at open, the segments before th
 crash between the two steps) are deleted.
 
 ``front()`` decodes the message at the cursor and caches it, so the following ``pop_front()``
-costs one store into the position log. *Holding*: ``front()`` notes how many pops had happened
-when it returned; if something else popped since (``overflow="drop_oldest"`` making room, or
-another thread), ``pop_front()`` knows the message it was asked to remove is already gone and
-removes nothing else — a message is never popped unseen because another was dropped.
+costs one store into the position log. *Holding*: ``front()`` notes, in the caller's
+:class:`Mark` (one per storage object and thread), how many pops had happened when it
+returned; if something popped since (``overflow="drop_oldest"`` making room, another storage
+object, another thread), that caller's ``pop_front()`` knows the message it was shown is
+already gone and removes nothing else — a message is never popped unseen because another was
+dropped or taken. A pop clears the caller's mark; a pop without a mark removes the oldest.
 
 Durability of what ``front()`` returns (``"periodic"`` and ``"always"``): with the producer in
 this process, its watermark of completed fsyncs says; without it, the consumer fsyncs the
 segment it reads (and, once per segment, the directory) itself, in the queue's fsync rounds.
+
+Reading ahead. When the consumer reaches a message by the general walk of the cursor, it also
+decodes and validates the plain messages that follow it in the same segment (up to
+:data:`_AHEAD`), so the next ``front()``/``pop_front()`` pairs cost a list lookup and a store
+into the position log; one fsync round covers the whole run before ``front()`` returns its
+first message. The run never crosses a batch record, a segment end or damage: those are the
+general walk's.
 
 A reader (``readonly``) takes no lock and writes nothing, ever: it follows the consumer's
 position from its file, skips damage without setting it aside, and deletes nothing.
@@ -28,7 +37,9 @@ import contextlib
 import logging
 import os
 import pathlib
-from typing import Optional, Tuple
+import threading
+import zlib
+from typing import List, Optional, Protocol, Tuple
 
 from persizmq import _fs
 from persizmq._engine import _format
@@ -41,15 +52,41 @@ from persizmq._engine._segment import Segment, list_bases, quarantine
 from persizmq._errors import CorruptionError, StorageWriteError
 from persizmq._message import Message, decode_multipart
 
-__all__ = ["CONSUMER_LOCK", "Consumer"]
+__all__ = ["CONSUMER_LOCK", "Consumer", "Holder", "Mark", "ThreadMark"]
 
 _LOGGER = logging.getLogger("persizmq")
 
 CONSUMER_LOCK = "consumer.lock"
 _HEADER = _format.SEGMENT_HEADER_SIZE
+_RECORD = _format.RECORD_HEADER_SIZE
+#: How many messages are decoded and validated ahead at most (one fsync round covers them).
+_AHEAD = 256
+_MASK32 = 0xFFFFFFFF
 
 #: Where the message :meth:`Consumer.front` returned comes from, to pop it.
 _FILES, _V2, _LOG = 0, 1, 2
+
+
+class Holder(Protocol):
+    """Where :meth:`Consumer.front` notes what it handed one caller (see "Holding")."""
+
+    pops: Optional[int]
+
+
+class Mark:
+    """What :meth:`Consumer.front` handed one caller: the number of pops then, or None."""
+
+    __slots__ = ("pops",)
+
+    def __init__(self) -> None:
+        """No mark."""
+        self.pops: Optional[int] = None
+
+
+class ThreadMark(threading.local):
+    """A :class:`Mark` per thread (the default of a storage object)."""
+
+    pops: Optional[int] = None
 
 
 class Consumer:
@@ -88,8 +125,14 @@ class Consumer:
         self.popped = 0
         #: Pops (of any kind) so far: see "Holding" in the module docstring.
         self.pops = 0
-        self.held: Optional[int] = None
-        self._cache: Optional[Tuple[Message, int, int, int]] = None  # msg, source, end, offset
+        self._cache: Optional[Tuple[Message, int, int]] = None  # a legacy front: msg, source, end
+        #: The run of messages from the cursor on, decoded and validated ahead, in the cursor's
+        #: segment: ``(message, end position)``. ``ahead_i`` is the first not yet popped (the
+        #: cursor stands before it); the first ``ahead_ok`` need no more fsync before
+        #: ``front()`` returns them. See "Reading ahead" in the module docstring.
+        self.ahead: List[Tuple[Message, int]] = []
+        self.ahead_i = 0
+        self.ahead_ok = 0
         self.pos_dirty = False
         self.durable: Tuple[int, int] = (-1, 0)  # without the producer: fsynced by us
         self._want: Tuple[int, int] = (-1, 0)
@@ -151,20 +194,22 @@ class Consumer:
         """
         if self.following:
             self.follow()
+        i = self.ahead_i
+        if i < len(self.ahead):
+            run_msg, run_end = self.ahead[i]
+            return run_msg, self.cursor.base, run_end
         cached = self._cache
         if cached is not None:
-            held, source, end, offset = cached
-            if source != _LOG or offset == self.cursor.offset:
-                return held, (self.cursor.base if source == _LOG else -1), end
+            return cached[0], -1, cached[2]
         if len(self.files):
             found = self.files.front()
             if found is not None:
-                self._cache = (found, _FILES, 0, -1)
+                self._cache = (found, _FILES, 0)
                 return found, -1, 0
         if self.v2 is not None and len(self.v2):
             got = self.v2.front(self._on_v2_damage)
             if got is not None:
-                self._cache = (got[0], _V2, got[1], -1)
+                self._cache = (got[0], _V2, got[1])
                 return got[0], -1, got[1]
         while True:
             peeked = self.cursor.peek(writer)
@@ -182,23 +227,87 @@ class Consumer:
                 assert seg is not None
                 self._on_damage(seg, self.cursor.pos, end)
                 self.cursor.pos, self.cursor.index = end, self.cursor.index + 1
-        self._cache = (msg, _LOG, end, self.cursor.offset)
+        self._read_ahead(msg, end, writer)
         return msg, self.cursor.base, end
 
-    def pop(self, writer: WriterEnd, dropping: bool = False) -> bool:
+    def _read_ahead(self, first: Message, end: int, writer: WriterEnd) -> None:
+        """Start a new run with ``first`` and the plain messages that follow it in the segment."""
+        ahead = [(first, end)]
+        seg = self.cursor.seg
+        if seg is not None and seg.map is not None:
+            data, salt = seg.map, seg.salt
+            limit = self.cursor.limit()
+            if writer is not None and writer[0] == self.cursor.base:
+                limit = min(limit, writer[1])
+            pos, index = end, self.cursor.index + 1
+            unpack, crc32 = _format.unpack_record_header, zlib.crc32
+            single = _format.KIND_SINGLE << _format.KIND_SHIFT
+            multipart = _format.KIND_MULTIPART << _format.KIND_SHIFT
+            seed_tag, seed_length = _format.SEED_TAG, _format.SEED_LENGTH
+            while len(ahead) < _AHEAD and pos + _RECORD <= limit:
+                # _format.check_record, inlined: this loop is the consumer's hot path.
+                sync, tag, length, crc = unpack(data, pos)
+                stop = pos + _RECORD + length
+                kind = tag - index
+                if sync != salt or kind not in (single, multipart) or stop > limit:
+                    break
+                payload = data[pos + _RECORD : stop]
+                if (
+                    crc32(payload, (salt ^ (tag * seed_tag) ^ (length * seed_length)) & _MASK32)
+                    != crc
+                ):
+                    break
+                if kind == single:
+                    msg: Message = payload
+                else:
+                    try:
+                        msg = decode_multipart(payload, str(seg.path))
+                    except CorruptionError:
+                        break  # the general path sets it aside when it gets there
+                ahead.append((msg, stop))
+                pos, index = stop, index + 1
+        self.ahead, self.ahead_i, self.ahead_ok = ahead, 0, 0
+
+    def forget_ahead(self) -> None:
+        """Drop the run read ahead (the cursor moved by other means)."""
+        self.ahead, self.ahead_i, self.ahead_ok = [], 0, 0
+
+    def ahead_end(self) -> int:
+        """Where the last message read ahead ends (what a group fsync must cover)."""
+        return self.ahead[-1][1] if self.ahead else 0
+
+    def pop(self, writer: WriterEnd, held: Optional[Holder] = None) -> bool:
         """Remove the oldest pending message; False if there is none (see "Holding").
 
-        ``dropping``: an overflow making room, which pops whatever is oldest.
+        ``held``: the caller's mark, cleared; None for an overflow making room, which pops
+        whatever is oldest.
         """
-        if not dropping:
-            if self.held is not None and self.held != self.pops:
-                self.held = None
-                return True  # the message front() returned was popped meanwhile
-            self.held = None
+        if held is not None:
+            mark, held.pops = held.pops, None
+            if mark is not None and mark != self.pops:
+                return True  # the message front() showed this caller was popped meanwhile
         self.durability.check()  # fail-stop: a pop is a write of the position
         found = self.front(writer)
         if found is None:
             return False
+        cursor = self.cursor
+        if self.ahead_i < len(self.ahead):  # a message of the segment log
+            end = self.ahead[self.ahead_i][1]
+            before = cursor.pos, cursor.index
+            self.ahead_i += 1
+            cursor.pos, cursor.index = end, cursor.index + 1
+            if not self.readonly:
+                try:
+                    self._store_position()
+                except StorageWriteError:
+                    cursor.pos, cursor.index = before  # not popped: the message stays in front
+                    self.ahead_i -= 1
+                    if self.plog is not None:
+                        self.plog.undo()
+                    raise
+            self.pops += 1
+            self.popped += 1
+            return True
         cached = self._cache
         assert cached is not None
         self._cache = None
@@ -207,37 +316,23 @@ class Consumer:
             if source == _FILES:
                 self.files.paths.popleft()
                 self.files._front = None
-            elif source == _V2:
+            else:
                 assert self.v2 is not None
                 self.v2.off, self.v2.pending = end, self.v2.pending - 1
-            else:
-                self.cursor.pos, self.cursor.index = end, self.cursor.index + 1
             return True
         if source == _FILES:
             self.files.pop(self._fsync_directory_if_always)
-        elif source == _V2:
+        else:
             assert self.v2 is not None
             self.v2.pop(end)
             self.pos_dirty = True
-        else:
-            cursor = self.cursor
-            before = cursor.pos, cursor.index
-            cursor.pos, cursor.index = end, cursor.index + 1
-            try:
-                self._store_position()
-            except StorageWriteError:
-                cursor.pos, cursor.index = before  # not popped: the message stays in front
-                self._cache = cached
-                if self.plog is not None:
-                    self.plog.undo()
-                raise
         self.pops += 1
         self.popped += 1
         return True
 
-    def hold(self) -> None:
-        """Note that :meth:`front` handed the current message out."""
-        self.held = self.pops
+    def hold(self, held: Holder) -> None:
+        """Note in the caller's mark that :meth:`front` handed it the current message."""
+        held.pops = self.pops
 
     def _store_position(self) -> None:
         plog = self.plog
@@ -257,19 +352,19 @@ class Consumer:
     # ------------------------------------------------------------------ cursor callbacks
 
     def _on_leave(self, base: int) -> None:
-        self._cache = None
+        self.forget_ahead()
         self.ledger.drop(base)
         if self.readonly:
             return
         self._store_position()
-        self._unlink(base)
+        self.durability.unlink_later(self.directory / _format.segment_name(base))
 
     def _unlink(self, base: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / _format.segment_name(base))
 
     def _on_damage(self, seg: Segment, start: int, stop: int) -> None:
-        self._cache = None
+        self.forget_ahead()
         region = b"" if seg.map is None else seg.map[start:stop]
         self._report_damage(seg.name, start, region)
 
@@ -361,11 +456,13 @@ class Consumer:
                 self.v2 = V2Log(self.directory, self.sync, readonly=True)
             self.files.forget()
             self._cache = None
+            self.forget_ahead()
             self.cursor.seek(offset, base, pos)
             self.ledger.drop_below(self.cursor.base)
 
     def close(self) -> None:
         """Release every descriptor, mapping and the lock; idempotent."""
+        self.forget_ahead()
         self.cursor.close()
         if self.plog is not None:
             self.plog.close()

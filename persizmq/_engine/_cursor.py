@@ -157,6 +157,10 @@ class Cursor:
     def _at_seal_end(self) -> bool:
         return self.seal is not None and self.pos >= self.seal[1]
 
+    def limit(self) -> int:
+        """How far records of the current segment may reach (its mapping, or its seal)."""
+        return self._limit()
+
     def _limit(self) -> int:
         seg = self.seg
         assert seg is not None
@@ -191,6 +195,12 @@ class Cursor:
                     continue
                 if verdict is None and not self._complete(writer):
                     return None  # the producer is still writing the batch
+                if self._durable_region(writer):
+                    # Damage inside a batch that was complete (bit rot): its messages are
+                    # delivered as they are, the damaged one set aside when it is reached.
+                    self.pos = end
+                    continue
+                # Otherwise a batch cut short: a torn tail.
             elif self._look_again(writer):
                 continue
             if self._classify(writer) is _Act.WAIT:
@@ -224,6 +234,13 @@ class Cursor:
                 return None if seg.map[pos:stop].count(0) == stop - pos else False
             pos, index = found[2], index + 1
         return True
+
+    def _durable_region(self, writer: WriterEnd) -> bool:
+        """Whether the records at the cursor were complete when written (damage, not a tear):
+        before the producer's end in this process, or below the checkpoint."""
+        if writer is not None and writer[0] == self.base:
+            return self.pos < writer[1]
+        return self.pos < self.checkpoint
 
     def _complete(self, writer: WriterEnd) -> bool:
         """Whether nobody writes to the current segment any more."""
@@ -266,15 +283,23 @@ class Cursor:
                 seg.path,
                 self.pos,
             )
-        self.finished = True
+        self._finish()
         return _Act.MOVED
+
+    def _finish(self) -> None:
+        """Nothing more to read in this segment: stand at its end, so that what it held counts
+        as passed (the messages of a torn or damaged tail are not pending any more)."""
+        if self.seal is not None:
+            self.index = max(self.index, self.seal[0] - self.base)
+            self.pos = max(self.pos, self.seal[1])
+        self.finished = True
 
     def _resync(self, limit: int, writer_index: Optional[int]) -> _Act:
         """Set aside the damaged bytes at the cursor; stand at the next valid record."""
         seg = self.seg
         assert seg is not None
         assert seg.map is not None
-        found = _format.find_resync(seg.map, self.pos + 1, limit, seg.salt, self.index)
+        found = _format.find_resync(seg.map, self.pos, limit, seg.salt, self.index)
         if found is not None:
             self.on_damage(seg, self.pos, found[0])
             self.pos, self.index = found
@@ -291,7 +316,7 @@ class Cursor:
             else self.pos + len(seg.map[self.pos : limit].rstrip(b"\0"))
         )
         self.on_damage(seg, self.pos, max(stop, self.pos + 1))
-        self.finished = True
+        self._finish()
         return _Act.MOVED
 
     def _next_segment(self) -> bool:

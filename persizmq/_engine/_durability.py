@@ -89,10 +89,18 @@ class Durability:
         self.participants: List[Participant] = []
         self._round_done = threading.Condition(lock)
         self._inflight = False
+        self._round_thread = 0  # the thread that runs the round in flight
         self._rounds = 0  # completed rounds, successful or not
         self._thread: Optional[threading.Thread] = None
         self._wake = threading.Event()
+        self._wanted = False  # a round was asked for (sync_round_until)
         self._stopping = False
+        #: Consumed segments to delete (their position is stored): freeing a file's pages costs
+        #: milliseconds, which the background thread spends instead of the consumer.
+        self.unlinks: List[pathlib.Path] = []
+        self._unlinks_lock = threading.Lock()  # guards the list
+        self._unlinking = threading.Lock()  # held while deleting: flush waits for the thread
+        self._unlinker = 0  # the thread that holds it
 
     # ------------------------------------------------------------------ fail-stop
 
@@ -141,8 +149,11 @@ class Durability:
         self.check()
         works = [w for w in (p.sync_work() for p in self.participants) if w is not None]
         if not works:
+            self._rounds += 1  # a round with nothing to do is done at once
+            self._round_done.notify_all()
             return
         self._inflight = True
+        self._round_thread = threading.get_ident()
         error: Optional[OSError] = None
         what = ""
         self.lock.release()
@@ -172,6 +183,26 @@ class Durability:
         for work in works:
             work.done()
 
+    def sync_round_until(self, deadline: float) -> bool:
+        """Have a complete round run, waiting (lock held) at most until ``deadline``
+        (``time.monotonic()``); False on time-out. The background thread runs it when there
+        is one (an fsync cannot be interrupted: a caller with a time-out must not be in it).
+        """
+        if self._thread is None or self._stopping:
+            self.sync_round()
+            return True
+        target = self._rounds + (2 if self._inflight else 1)  # one that starts after now
+        self._wanted = True
+        self._wake.set()
+        while self._rounds < target:
+            self.check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._round_done.wait(remaining)
+        self.check()
+        return True
+
     def wait_round(self, timeout: Optional[float]) -> bool:
         """Wait (lock held) until the round under way ends; return False on time-out."""
         if not self._inflight:
@@ -184,11 +215,31 @@ class Durability:
             self._round_done.wait(remaining)
         return True
 
+    def busy_here(self) -> bool:
+        """Whether this thread is inside a round or a deletion (a finalizer that the garbage
+        collector runs there must not wait for it: it would wait for itself)."""
+        here = threading.get_ident()
+        return (self._inflight and self._round_thread == here) or self._unlinker == here
+
+    def after_fork(self, lock: threading.Lock) -> None:
+        """In a child made by ``fork()``: no thread, no round, fresh locks (a lock the parent
+        held at the fork would stay held for ever), and nothing more to do."""
+        self.lock = lock
+        self._round_done = threading.Condition(lock)
+        self._inflight = False
+        self._thread = None
+        self._stopping = True
+        self._unlinks_lock = threading.Lock()
+        self._unlinking = threading.Lock()
+        self._unlinker = 0
+        self.unlinks = []
+
     # ------------------------------------------------------------------ background thread
 
     def start(self) -> None:
-        """Start the background thread of ``"periodic"`` mode (idempotent)."""
-        if self._thread is not None or self.sync != "periodic":
+        """Start the background thread (idempotent): the fsync rounds of ``"periodic"`` mode,
+        and in ``"periodic"`` and ``"never"`` mode the deletion of consumed segments."""
+        if self._thread is not None or self.sync == "always":
             return
         self._thread = threading.Thread(
             target=_run,
@@ -215,8 +266,37 @@ class Durability:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def unlink_later(self, path: pathlib.Path) -> None:
+        """Delete a consumed segment soon, in the background thread (lock held); at once in
+        ``"always"`` mode, which has no such thread."""
+        if self._thread is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        with self._unlinks_lock:
+            self.unlinks.append(path)
+        self._wake.set()
+
+    def flush_unlinks(self) -> None:
+        """Delete the consumed segments still waiting (the queue's lock held or not); when it
+        returns, the deletions the background thread had under way are done too."""
+        with self._unlinking:
+            self._unlinker = threading.get_ident()
+            try:
+                with self._unlinks_lock:
+                    paths, self.unlinks = self.unlinks, []
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            finally:
+                self._unlinker = 0
+
     def background_round(self) -> None:
         """One round of the background thread; failures are recorded, never raised."""
+        self.flush_unlinks()
+        wanted, self._wanted = self._wanted, False
+        if self.sync != "periodic" and not wanted:
+            return
         if not self.lock.acquire(timeout=self.interval):
             return
         try:

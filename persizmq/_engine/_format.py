@@ -52,8 +52,10 @@ single-frame message), :data:`KIND_MULTIPART` (the frame table of ``persizmq._me
 :data:`KIND_BATCH` (not a message: it opens an atomic batch of ``count`` messages and carries
 key/value metadata, see :func:`encode_batch`); its index is that of the batch's first message.
 Kind 0 is never valid, so zero-filled space is never a record. ``crc`` is ``zlib.crc32`` of the
-payload, seeded with a value mixed from the salt, the tag and the length, so a damaged header
-fails as surely as a damaged payload.
+payload, seeded with ``(salt ^ (tag * 0x9E3779B1) ^ (length * 0x85EBCA77)) mod 2**32`` (see
+:func:`record_seed`), so a damaged header fails as surely as a damaged payload.
+
+Bytes 20..23 (flags) and 28..31 of the header are written as zero and ignored when read.
 """
 
 import mmap
@@ -78,6 +80,8 @@ __all__ = [
     "MAX_SEGMENT_BYTES",
     "RECORD_HEADER_SIZE",
     "SEAL_AT",
+    "SEED_LENGTH",
+    "SEED_TAG",
     "SEGMENT_HEADER_SIZE",
     "SEGMENT_SUFFIX",
     "Buffer",
@@ -180,9 +184,14 @@ def new_salt() -> int:
             return salt
 
 
+#: The odd multipliers that mix a record's tag and length into its CRC seed.
+SEED_TAG = 0x9E3779B1
+SEED_LENGTH = 0x85EBCA77
+
+
 def record_seed(salt: int, tag: int, length: int) -> int:
     """Return the CRC seed of a record: its header fields mixed, so each one is checked."""
-    return (salt ^ (tag * 0x9E3779B1) ^ (length * 0x85EBCA77)) & _MASK32
+    return (salt ^ (tag * SEED_TAG) ^ (length * SEED_LENGTH)) & _MASK32
 
 
 def encode_record(payload: bytes, kind: int, salt: int, index: int) -> bytes:
@@ -300,24 +309,52 @@ def check_record(
 
 
 def find_resync(
-    buf: Buffer, start: int, limit: int, salt: int, min_index: int
+    buf: Buffer, damaged: int, limit: int, salt: int, index: int
 ) -> Optional[Tuple[int, int]]:
-    """Find the first valid record in ``buf[start:limit]`` whose index is at least
-    ``min_index``; return ``(position, index)`` or None.
+    """Find where the records go on after the damaged record at ``damaged`` (which should have
+    carried ``index``): return ``(position, index)`` of the next valid record in
+    ``buf[damaged + 1:limit]``, or None.
 
-    One pass: candidates are found by searching for the salt (C speed); each is checked with
-    :func:`check_record` for the index it claims, which must be plausible (at least
-    ``min_index``, and no larger than the bytes before it could hold).
+    Candidates are found in one pass by searching for the salt (C speed); a candidate must be a
+    valid record (:func:`check_record`) carrying a plausible index: at least ``index``, and no
+    more than the bytes since ``damaged`` could hold. Of the candidates that could be the very
+    next record (index ``index`` or ``index + 1``), the one where the damaged record's own CRC
+    says its payload ends wins (its length field was what broke), else the one its length
+    field points at (its salt, tag, payload or CRC broke); if neither holds (more than one
+    field broke), the last of the candidates that claim the lowest index — a record image
+    inside a payload comes before the real record that claims the same index. So a record
+    image inside the damaged record's payload, which would need the segment's random salt to
+    validate at all, is not taken for the next record when a single field is damaged.
     """
     salt_bytes = _U32.pack(salt)
-    pos = start
-    while True:
+    header = _RECORD.unpack_from(buf, damaged) if damaged + RECORD_HEADER_SIZE <= limit else None
+    nearest: List[Tuple[int, int]] = []  # candidates for the very next record
+    first: Optional[Tuple[int, int]] = None
+    pos = damaged + 1
+    while len(nearest) < 64:
         pos = buf.find(salt_bytes, pos, limit)
         if pos < 0 or pos + RECORD_HEADER_SIZE > limit:
-            return None
-        tag = _U32.unpack_from(buf, pos + 4)[0]
-        index = tag & INDEX_MASK
-        most = min_index + (pos - start) // RECORD_HEADER_SIZE + 1
-        if min_index <= index <= most and check_record(buf, pos, limit, salt, index) is not None:
-            return pos, index
+            break
+        claimed = _U32.unpack_from(buf, pos + 4)[0] & INDEX_MASK
+        most = index + (pos - damaged) // RECORD_HEADER_SIZE + 1
+        if index <= claimed <= most and check_record(buf, pos, limit, salt, claimed) is not None:
+            if first is None:
+                first = (pos, claimed)
+            if claimed > index + 1:
+                break  # a later record: the very next one must have come before
+            nearest.append((pos, claimed))
         pos += 1
+    if header is not None:  # the damaged record's own fields, one of which broke
+        _sync, tag, length, crc = header
+        start = damaged + RECORD_HEADER_SIZE
+        for candidate in nearest:  # where its CRC says its payload ends (the length broke)
+            at = candidate[0]
+            if zlib.crc32(buf[start:at], record_seed(salt, tag, at - start)) == crc:
+                return candidate
+        for candidate in nearest:  # where its length says it ends (salt, tag, payload, CRC)
+            if candidate[0] == start + length:
+                return candidate
+    if nearest:  # two claims of one index: all but the last lie inside a payload
+        lowest = min(claimed for _at, claimed in nearest)
+        return [c for c in nearest if c[1] == lowest][-1]
+    return first

@@ -37,6 +37,9 @@ class Ledger:
         #: The live segment as discovered by walking (views without the producer).
         self.tail: Optional[Tail] = None
         self._tail_seg: Optional[Segment] = None
+        #: Segments before this base are consumed (their files may linger until the background
+        #: thread deletes them): never counted again.
+        self.floor = -1
 
     def close(self) -> None:
         """Release the tail's mapping; idempotent."""
@@ -53,7 +56,8 @@ class Ledger:
         self.bytes += data_end - _HEADER
 
     def drop(self, base: int) -> None:
-        """Forget a segment (the consumer left it)."""
+        """Forget a segment (the consumer left it): it is never counted again."""
+        self.floor = max(self.floor, base + 1)
         found = self.closed.pop(base, None)
         if found is not None:
             self.messages -= found[0] - base
@@ -64,6 +68,7 @@ class Ledger:
 
     def drop_below(self, base: int) -> None:
         """Forget every segment before ``base``."""
+        self.floor = max(self.floor, base)
         for old in [b for b in self.closed if b < base]:
             self.drop(old)
         if self.tail is not None and self.tail[0] < base:
@@ -74,7 +79,9 @@ class Ledger:
         """Learn every segment from the files (a view without the producer): sealed ones from
         their headers, unsealed ones by walking them; the newest unsealed one is the tail."""
         for base in bases:
-            if base in self.closed or (self.tail is not None and self.tail[0] == base):
+            if base < self.floor or base in self.closed:
+                continue
+            if self.tail is not None and self.tail[0] == base:
                 continue
             seg = Segment.open(self.directory, base, writable=False)
             if seg is None:
@@ -94,7 +101,7 @@ class Ledger:
 
     def discover_tail(self) -> None:
         """Look for what the producer in another process appended: new segments, new records."""
-        known = max([*self.closed, *([self.tail[0]] if self.tail else [])], default=-1)
+        known = max([*self.closed, *([self.tail[0]] if self.tail else []), self.floor - 1])
         bases = [b for b in list_bases(self.directory) if b > known]
         if self.tail is not None:
             seg = self._tail_seg

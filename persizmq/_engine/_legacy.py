@@ -5,7 +5,8 @@
   numeric order, and each is deleted when popped; leftover ``.bin.tmp`` files are removed. Any
   other name (``2024.bin``, say) is a foreign entry and left alone.
 * persizmq 2.0.0 kept a segment log of its own: ``NNN.seg`` files (20-digit indices, magic
-  ``PZMQSEG2``, records ``<u32 length><u32 crc><u8 kind>`` and a seal with the record count)
+  ``PZMQSEG2`` -- a ``.seg`` without it is a foreign entry --, records
+  ``<u32 length><u32 crc><u8 kind>`` and a seal with the record count)
   and a circular position log ``consumer.pos`` (see ``_v2_position``). Its pending messages are
   delivered next, read with the 2.0.0 rules; popping them writes ``consumer.pos`` as 2.0.0 did,
   and once all are consumed the 2.0.0 files are removed. (Format 2 carries no offsets: after
@@ -127,7 +128,9 @@ class V2Log:
         self.sync = sync
         self.readonly = readonly
         self.segments = sorted(
-            int(m.group(1)) for m in map(_V2_RE.match, os.listdir(directory)) if m is not None
+            int(m.group(1))
+            for m in map(_V2_RE.match, os.listdir(directory))
+            if m is not None and _is_v2_segment(directory / m.group(0))
         )
         self.log: Optional[_v2_position.PositionLog] = None
         self.pending = 0
@@ -218,7 +221,8 @@ class V2Log:
             self.log.close()
             self.log = None
         for name in os.listdir(self.directory):
-            if _V2_RE.match(name) or name == _v2_position.POSITION_FILE:
+            v2 = _V2_RE.match(name) is not None and _is_v2_segment(self.directory / name)
+            if v2 or name == _v2_position.POSITION_FILE:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.directory / name)
         _LOGGER.info("persizmq: every persizmq 2.0.0 message in %s was consumed", self.directory)
@@ -232,6 +236,17 @@ class V2Log:
         if self.log is not None:
             self.log.close()
             self.log = None
+
+
+def _is_v2_segment(path: pathlib.Path) -> bool:
+    """Whether ``path`` is a 2.0.0 segment: its content starts with the 2.0.0 magic (or is a
+    prefix of it: created just before a crash). Any other ``NNN.seg`` is a foreign entry."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(_V2_MAGIC))
+    except OSError:
+        return False
+    return _V2_MAGIC.startswith(head) if len(head) < len(_V2_MAGIC) else head == _V2_MAGIC
 
 
 def _count(data: bytes) -> Tuple[int, int]:

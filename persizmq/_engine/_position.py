@@ -5,7 +5,9 @@ Theory of operation
 ===================
 
 ``consumer.offset`` is exactly 4096 bytes: 128 slots of 32 bytes,
-``<u64 offset><u64 segment base><u64 byte position><u64 check>``. ``offset`` is the logical
+``<u64 offset><u64 segment base><u64 byte position><u64 check>``, where ``check`` is
+``(offset * 0x9E3779B97F4A7C15 + base * 0xC2B2AE3D27D4EB4F + position * 0x165667B19E3779F9 +
+0x27D4EB2F165667C5) mod 2**64``. ``offset`` is the logical
 offset of the next message to deliver; base and position say where its record (or a batch
 record before it) starts, so that opening needs no scan. ``check`` mixes the three fields with
 odd multipliers and a non-zero constant: a torn store (a process killed in the middle of one)
@@ -29,7 +31,8 @@ yet. Before the producer writes a message at or beyond it, it stores a larger re
 (unless ``sync="never"``) fsyncs it. A producer that opens starts at the reservation, so an
 offset that was used — even by a message that a power cut then lost with its file — is never
 used again. The file is 32 bytes: two slots ``<u64 reservation><u64 check>`` written
-alternately; the larger valid one counts.
+alternately, ``check`` being the position check of ``(reservation, 0, 0)``; the larger valid
+one counts.
 """
 
 import contextlib
@@ -71,6 +74,10 @@ def _check(offset: int, base: int, position: int) -> int:
         + position * 0x165667B19E3779F9
         + 0x27D4EB2F165667C5
     ) & _MASK
+
+
+#: The check value of a position entry (see the module docstring).
+check = _check
 
 
 def _best(data: bytes) -> Optional[Tuple[int, Position]]:
@@ -126,6 +133,10 @@ class PositionLog:
 
     __slots__ = ("_fd", "_map", "_previous", "_slot", "path", "position")
 
+    #: The layout of a slot, for the facade's lean pop path (which stores an entry itself).
+    SLOT = _SLOT
+    SLOTS = _SLOTS
+
     def __init__(self, directory: pathlib.Path, sync: str) -> None:
         """Open the log, creating or repairing it.
 
@@ -157,9 +168,9 @@ class PositionLog:
             raise
         best = _best(self._map[:])
         self._slot = -1 if best is None else best[0]
-        #: The stored position, or None for a new log.
+        #: The position stored when the log was opened, or None for a new log.
         self.position: Optional[Position] = None if best is None else best[1]
-        self._previous: Optional[Tuple[int, Optional[Position]]] = None
+        self._previous = -1
 
     def write(self, offset: int, base: int, position: int) -> None:
         """Store the position after the newest entry (a store into the page cache)."""
@@ -167,22 +178,20 @@ class PositionLog:
         if slot >= _SLOTS:
             slot = 0
         assert self._map is not None
-        self._previous = (self._slot, self.position)
+        self._previous = self._slot
         self._slot = slot
         _SLOT.pack_into(
             self._map, slot * _SLOT.size, offset, base, position, _check(offset, base, position)
         )
-        self.position = (offset, base, position)
 
     def undo(self) -> None:
         """Take the last :meth:`write` back (its fsync failed): its slot is zeroed, so the
         entry before it is the position again."""
         assert self._map is not None
-        assert self._previous is not None
+        assert self._previous >= -1
         start = self._slot * _SLOT.size
         self._map[start : start + _SLOT.size] = bytes(_SLOT.size)
-        self._slot, self.position = self._previous
-        self._previous = None
+        self._slot = self._previous
 
     def fileno(self) -> int:
         """The log's descriptor (for fsync rounds, which duplicate it)."""

@@ -16,6 +16,16 @@ Waiting: ``front(block=True)`` waits on a condition of the queue's lock; adds in
 wake it; a producer in another process is polled for, 1 ms up to 50 ms apart. The time-out
 holds whatever the wait meets (damage, fsync rounds): every step checks the deadline.
 
+Closing. Once the last handle's close has begun (``closing``; its fsync rounds release the
+lock), nothing is accepted any more: an add then would land after the seal that close wrote,
+where the next open would not look. A finalizer (``blocking=False``) never waits: if the lock
+is busy, or the garbage collector ran it inside a fsync round or a deletion of this queue, it
+leaves the release to the registry's reaper thread.
+
+Fork. In a child made by ``fork()`` every queue inherited is closed at once, without touching
+a file (its maps are shared with the parent, whose queue goes on): the child's handles raise
+:class:`ClosedError`, dropping them changes nothing on disk.
+
 Bounds (``max_messages``, ``max_bytes``) are checked before anything is written, and a batch
 is admitted as that many single adds would be. ``"drop_oldest"`` makes room by popping through
 the consumer, so a message a reader holds from ``front()`` is counted as dropped and the next
@@ -23,12 +33,14 @@ the consumer, so a message a reader holds from ``front()`` is counted as dropped
 """
 
 import logging
+import os
 import pathlib
 import threading
 import time
+import weakref
 from typing import Callable, List, Mapping, NamedTuple, Optional, Tuple
 
-from persizmq._engine._consumer import Consumer
+from persizmq._engine._consumer import Consumer, Holder
 from persizmq._engine._cursor import WriterEnd
 from persizmq._engine._durability import Durability
 from persizmq._engine._format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
@@ -50,6 +62,20 @@ Record = Tuple[bytes, int]
 
 
 _BOUNDS = ("max_messages", "max_bytes", "overflow")
+
+
+class _Release:
+    """Release, at the end of a ``with`` block, a lock acquired before it."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        """Nothing: the lock is held already."""
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Release the lock."""
+        self._lock.release()
 
 
 class Options(NamedTuple):
@@ -88,6 +114,20 @@ class Queue:
         self.dropped_oldest = 0
         self.dropped_newest = 0
         self.bounded = options.max_messages is not None or options.max_bytes is not None
+        #: Whether an add of one single-frame message may take the facade's lean path: a
+        #: producer here, no bound, no fsync per add, no listener, open (see _update_fast).
+        self.fast_add = False
+        self.forked_from: Optional[int] = None
+        _ALL.add(self)
+
+    def after_fork(self) -> None:
+        """In a child made by ``fork()``: closed, touching nothing (see the module docstring)."""
+        self.forked_from = os.getppid()
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.durability.after_fork(self.lock)
+        self.closed = self.closing = True
+        self.fast_add = False
 
     @property
     def options(self) -> Options:
@@ -109,6 +149,7 @@ class Queue:
                 **{name: getattr(options, name) for name in _BOUNDS}
             )
             self.bounded = options.max_messages is not None or options.max_bytes is not None
+            self._update_fast()
 
     # ------------------------------------------------------------------ parts
 
@@ -153,6 +194,7 @@ class Queue:
                     self.ledger.drop_below(self.consumer.cursor.base)
             self.producers += produce
             self.consumers += consume
+            self._update_fast()
         if not self.readonly:
             self.durability.start()
         return True
@@ -172,6 +214,8 @@ class Queue:
         try:
             if self.closed:
                 return True
+            if not blocking and self.durability.busy_here():
+                return None  # a finalizer inside a round or a deletion: never wait for itself
             self.producers -= produce
             self.consumers -= consume
             if self.producers > 0 or self.consumers > 0:
@@ -187,12 +231,29 @@ class Queue:
             return True
         finally:
             self.lock.release()
-            if closing:
+            if closing and blocking:
                 self.durability.stop()
+
+    def _update_fast(self) -> None:
+        """Recompute :attr:`fast_add` after anything it depends on changed (lock held)."""
+        self.fast_add = (
+            self.writer is not None
+            and not self.closed
+            and not self.bounded
+            and self.sync != "always"
+            and not self.listeners
+        )
+
+    def set_listeners(self, listeners: List[Callable[[], None]]) -> None:
+        """Replace the listeners (lock held)."""
+        self.listeners = listeners
+        self._update_fast()
 
     def _drop_writer(self) -> None:
         writer = self.writer
         assert writer is not None
+        self.fast_add = False
+        self.cond.notify_all()  # a blocked front() polls for another process's producer now
         try:
             writer.seal_for_close()
             if self.sync != "never":
@@ -206,6 +267,7 @@ class Queue:
             self.durability.participants.remove(writer)
             writer.close_files()
             self.writer = None
+            self._update_fast()
 
     def _drop_consumer(self) -> None:
         consumer = self.consumer
@@ -237,7 +299,8 @@ class Queue:
             self.durability.stop()
 
     def _close_locked(self) -> None:
-        self.closing = True
+        self.closing = True  # from now on nothing is accepted (see "Closing")
+        self.fast_add = False
         self.durability.wait_round(None)
         try:
             if self.writer is not None:
@@ -245,7 +308,9 @@ class Queue:
             if self.sync != "never" or self.durability.failed is not None:
                 self.durability.sync_round()
         finally:
+            self.durability.flush_unlinks()
             self.closed = True
+            self.fast_add = False
             if self.writer is not None:
                 self.writer.close_files()
             if self.consumer is not None:
@@ -262,8 +327,14 @@ class Queue:
         return writer.base, writer.pos, writer.index
 
     def check_open(self, what: str) -> None:
-        """Raise ClosedError if the queue is closed (lock held)."""
-        if self.closed:
+        """Raise ClosedError if the queue is closed or closing (lock held)."""
+        if self.closing:
+            if self.forked_from is not None:
+                raise ClosedError(
+                    f"cannot {what} {str(self.directory)!r} in this process: the storage was "
+                    f"opened by process {self.forked_from} before a fork(); storages are not "
+                    f"shared across fork(): open it again in this process"
+                )
             raise ClosedError(f"cannot {what} {str(self.directory)!r}: the storage is closed")
 
     # ------------------------------------------------------------------ adding
@@ -278,7 +349,7 @@ class Queue:
             accepted = len(records)
             if self.bounded:
                 records, accepted = self._admit(records)
-            if records:
+            if records or meta is not None:
                 if len(records) == 1 and meta is None:
                     writer.append(*records[0])
                 else:
@@ -369,7 +440,7 @@ class Queue:
         if len(kept) < len(fitting):
             free_count = free_bytes = -1  # a batch message was dropped: no older one stays
         while free_count < 0 or len(kept) > free_count or kept_bytes > free_bytes:
-            if not consumer.pop(writer_end, dropping=True):
+            if not consumer.pop(writer_end):
                 break
             consumer.popped -= 1
             self.dropped_oldest += 1
@@ -380,8 +451,9 @@ class Queue:
 
     # ------------------------------------------------------------------ consuming
 
-    def front(self, block: bool, timeout: Optional[float]) -> Optional[Message]:
-        """The oldest pending message (lock NOT held); see the module docstring."""
+    def front(self, block: bool, timeout: Optional[float], held: Holder) -> Optional[Message]:
+        """The oldest pending message (lock NOT held), noted in ``held``; see the module
+        docstring."""
         deadline = None if timeout is None else time.monotonic() + timeout
         poll = _POLL_MIN
         with self.lock:
@@ -391,11 +463,14 @@ class Queue:
                 assert consumer is not None
                 found = consumer.front(self.writer_end())
                 if found is not None:
-                    msg, base, end = found
-                    if base < 0 or self.sync == "never" or not self._needs_sync(base, end):
-                        consumer.hold()
+                    msg, base, _end = found
+                    if self._durable_enough(consumer, base):
+                        consumer.hold(held)
                         return list(msg) if msg.__class__ is list else msg
-                    self.durability.sync_round()  # releases the lock meanwhile
+                    if deadline is None or not block:
+                        self.durability.sync_round()  # releases the lock meanwhile
+                    elif not self.durability.sync_round_until(deadline):
+                        return None
                     continue
                 if not block:
                     return None
@@ -413,6 +488,19 @@ class Queue:
                 if self.writer is None:
                     poll = min(poll * 2, _POLL_MAX)
 
+    def _durable_enough(self, consumer: Consumer, base: int) -> bool:
+        """Whether the front message may be returned without an fsync round first (lock held).
+
+        The round, when one is needed, covers the whole run read ahead, so the messages after
+        the front are known durable too (``consumer.ahead_ok``): group commit.
+        """
+        if base < 0 or self.sync == "never" or consumer.ahead_i < consumer.ahead_ok:
+            return True
+        if self._needs_sync(base, consumer.ahead_end()):
+            return False
+        consumer.ahead_ok = len(consumer.ahead)
+        return True
+
     def _needs_sync(self, base: int, end: int) -> bool:
         writer = self.writer
         if writer is not None:
@@ -421,28 +509,33 @@ class Queue:
         assert consumer is not None
         return consumer.want_durable(base, end)
 
-    def try_front(self) -> Tuple[bool, Optional[Message]]:
-        """``(True, message or None)`` if answering needs no fsync, else ``(False, None)``."""
-        with self.lock:
+    def try_front(self, held: Holder) -> Tuple[bool, Optional[Message]]:
+        """``(True, message or None)`` if answering needs no fsync and no wait, else
+        ``(False, None)`` — also when the lock is busy (an event loop must never wait for a
+        thread that is in the middle of an fsync)."""
+        if not self.lock.acquire(blocking=False):
+            return False, None
+        with _Release(self.lock):
             self.check_open("read from")
             consumer = self.consumer
             assert consumer is not None
             found = consumer.front(self.writer_end())
             if found is None:
                 return True, None
-            msg, base, end = found
-            if base >= 0 and self.sync != "never" and self._needs_sync(base, end):
+            msg, base, _end = found
+            if not self._durable_enough(consumer, base):
                 return False, None
-            consumer.hold()
+            consumer.hold(held)
             return True, (list(msg) if msg.__class__ is list else msg)
 
-    def pop(self) -> bool:
-        """Remove the oldest pending message (lock NOT held)."""
+    def pop(self, held: Holder) -> bool:
+        """Remove the oldest pending message, or nothing if the one ``held`` was shown is gone
+        (lock NOT held)."""
         with self.lock:
             self.check_open("pop from")
             consumer = self.consumer
             assert consumer is not None
-            return consumer.pop(self.writer_end())
+            return consumer.pop(self.writer_end(), held)
 
     # ------------------------------------------------------------------ counting
 
@@ -464,7 +557,21 @@ class Queue:
         return max(0, messages), max(0, nbytes)
 
     def sync_now(self) -> None:
-        """Fsync everything written so far, whatever the mode (lock NOT held)."""
+        """Fsync everything written so far, whatever the mode (lock NOT held); delete the
+        consumed segments still waiting for the background thread."""
         with self.lock:
             self.check_open("sync")
             self.durability.sync_round()
+        self.durability.flush_unlinks()
+
+
+#: Every queue of this process, for the fork hook.
+_ALL: "weakref.WeakSet[Queue]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for queue in list(_ALL):
+        queue.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

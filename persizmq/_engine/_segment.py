@@ -22,7 +22,7 @@ import os
 import pathlib
 import re
 import stat
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from persizmq import _fs
 from persizmq._engine import _format
@@ -70,9 +70,16 @@ class Segment:
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
 
     @classmethod
-    def create(cls, directory: pathlib.Path, base: int, size: int) -> "Segment":
-        """Create segment ``base`` with ``size`` bytes reserved, its header written, renamed into
-        place; return it open for writing. The caller makes the directory entry durable.
+    def create(
+        cls,
+        directory: pathlib.Path,
+        base: int,
+        size: int,
+        first: Optional[Callable[[int], bytes]] = None,
+    ) -> "Segment":
+        """Create segment ``base`` with ``size`` bytes reserved, its header written (and the
+        record ``first(salt)`` after it, if given), renamed into place; return it open for
+        writing. The caller makes the directory entry durable.
 
         :raises StorageWriteError: the disk refused (ENOSPC, EFBIG, EACCES...); nothing is left.
         """
@@ -91,6 +98,8 @@ class Segment:
             )
             os.posix_fallocate(fd, 0, size)
             os.pwrite(fd, _format.encode_header(base, salt), 0)
+            if first is not None:
+                os.pwrite(fd, first(salt), _format.SEGMENT_HEADER_SIZE)
             os.rename(tmp, path)
         except OSError as err:
             if fd >= 0:
@@ -202,7 +211,10 @@ def _check_regular(path: pathlib.Path, mode: int) -> None:
 
 
 def quarantine(directory: pathlib.Path, name: str, start: int, region: bytes) -> str:
-    """Keep damaged bytes in ``quarantine/<name>@<start>-<end>.bin``; return where (or why not)."""
+    """Keep damaged bytes in ``quarantine/<name>@<start>-<end>.bin``; return where (or why not).
+
+    A region of missing bytes (a file cut short) is recorded too, as an empty file.
+    """
     target_dir = directory / QUARANTINE_DIR
     target = target_dir / f"{name}@{start}-{start + len(region)}.bin"
     try:

@@ -32,7 +32,11 @@ Recovery, when the producer opens:
   may have the file mapped), reported in ``stats().torn_tail_bytes`` and the segment is sealed
   at its good end. Below the checkpoint nothing is changed: damage there is bit rot, which the
   consumer sets aside while it still delivers what follows;
-* a segment whose header is damaged is left to the consumer (which sets it aside whole);
+* a segment whose header is damaged is left to the consumer, which sets it aside whole (also
+  one that a power cut left empty or zero-filled just after its creation: whether it held
+  messages cannot be told, so it is reported like damage);
+* ``stats().torn_tail_bytes`` counts, in a sealed segment, the bytes from the good end to the
+  seal's data end; in an unsealed one, to the last non-zero byte;
 * a new segment is started at the reservation.
 
 Metadata of atomic batches (``add_messages(..., meta=...)``) is kept in memory; each new
@@ -45,8 +49,10 @@ import errno
 import logging
 import os
 import pathlib
+import re
+import struct
 import zlib
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from persizmq import _fs
 from persizmq._engine import _format
@@ -97,6 +103,13 @@ class Writer:
         self.ledger = ledger
         self.lock_fd = _fs.acquire_lock(directory / PRODUCER_LOCK, "producer")
         self.seg: Optional[Segment] = None
+        #: For the lean add path of the facade: the write segment's map and salt, and how far
+        #: records may go without :meth:`make_room` (position) and without a new reservation or
+        #: a roll-over (index). 0 when there is no write segment.
+        self.map: Any = None
+        self.salt = 0
+        self.fast_end = 0
+        self.fast_index = 0
         self.reservation: Optional[Reservation] = None
         self.rolled: List[Segment] = []
         self.meta: Dict[bytes, bytes] = {}
@@ -118,12 +131,13 @@ class Writer:
         self.reservation = Reservation(self.directory, self.sync)
         bases = list_bases(self.directory)
         end = 0
+        last_valid = max((b for b in bases if _valid_header(self.directory, b)), default=None)
         for base in bases:
             seg = Segment.open(self.directory, base, writable=True)
             if seg is None:
                 continue
             try:
-                closed = self._recover(seg, is_last=base == bases[-1])
+                closed = self._recover(seg, is_last=base == last_valid)
                 if self.sync != "never":  # what a crashed run left in the page cache
                     _fdatasync_at_open(seg)
             finally:
@@ -210,6 +224,12 @@ class Writer:
         if header is None:
             return
         limit = seg.size if header.seal is None else min(seg.size, header.seal[1])
+        # Only a segment that holds batch records needs the walk: look for the header of one
+        # (the salt, then a tag of kind 3 in its most significant byte) at C speed first.
+        pattern = re.escape(struct.pack("<I", seg.salt)) + b"...[\x30-\x3f]"
+        if re.compile(pattern, re.DOTALL).search(seg.map, _HEADER, limit) is None:
+            self.meta = {}
+            return
         pos, index = _HEADER, 0
         meta: Dict[bytes, bytes] = {}
         while True:
@@ -260,11 +280,14 @@ class Writer:
             raise StorageWriteError(
                 errno.EFBIG, f"a segment of {size} bytes is larger than a segment may be"
             )
-        seg = Segment.create(self.directory, base, size)
-        record = b""
-        if snapshot:
-            record = _format.encode_record(snapshot, _format.KIND_BATCH, seg.salt, 0)
-        return seg, cap, record
+
+        def first(salt: int) -> bytes:
+            return _format.encode_record(snapshot, _format.KIND_BATCH, salt, 0)
+
+        # The snapshot is written before the file gets its name: a segment is never seen
+        # without the metadata that was current when it was created.
+        seg = Segment.create(self.directory, base, size, first if snapshot else None)
+        return seg, cap, first(seg.salt) if snapshot else b""
 
     def _switch(self, seg: Segment, cap: int, snapshot: bytes) -> None:
         """Make ``seg`` (just created) the write segment."""
@@ -274,11 +297,10 @@ class Writer:
         self.pos = _HEADER
         self.cap = cap
         self.dir_dirty = True
-        if snapshot:
-            assert seg.map is not None
-            seg.map[_HEADER : _HEADER + len(snapshot)] = snapshot
+        if snapshot:  # already in the file (see _new_segment)
             self.pos += len(snapshot)
             self.dirty = True
+        self._limits()
         if self.sync == "always":
             self.durability.fsync_directory()
             self.dir_dirty = False
@@ -317,6 +339,7 @@ class Writer:
             old.map.close()
             old.map = None
         self.seg = None
+        self._limits()
         try:
             if self.sync == "periodic":
                 self.rolled.append(old)
@@ -356,6 +379,17 @@ class Writer:
                 )
             seg.grow(target)
         self._reserve(self.base + self.index + count)
+        self._limits()
+
+    def _limits(self) -> None:
+        """Recompute what the lean add path may do without :meth:`make_room`."""
+        seg = self.seg
+        if seg is None or seg.map is None or self.reservation is None:
+            self.map, self.salt, self.fast_end, self.fast_index = None, 0, 0, 0
+            return
+        self.map, self.salt = seg.map, seg.salt
+        self.fast_end = min(seg.size, self.cap)
+        self.fast_index = min(_format.MAX_INDEX + 1, self.reservation.value - self.base)
 
     # ------------------------------------------------------------------ appending
 
@@ -454,6 +488,7 @@ class Writer:
 
     def close_files(self) -> None:
         """Close every descriptor and mapping and release the lock; idempotent."""
+        self.map, self.fast_end, self.fast_index = None, 0, 0
         for seg in [*self.rolled, *([self.seg] if self.seg is not None else [])]:
             seg.close()
         self.rolled = []
@@ -470,6 +505,15 @@ class Writer:
     def end(self) -> Tuple[int, int, int]:
         """``(base, position, index)`` of the end of the log."""
         return self.base, self.pos, self.index
+
+
+def _valid_header(directory: pathlib.Path, base: int) -> bool:
+    """Whether segment ``base`` has a valid header (it can hold the metadata snapshot)."""
+    try:
+        with open(directory / _format.segment_name(base), "rb") as file:
+            return _format.parse_header(file.read(_HEADER), base) is not None
+    except OSError:
+        return False
 
 
 def _fdatasync_at_open(seg: Segment) -> None:

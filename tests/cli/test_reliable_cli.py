@@ -83,13 +83,14 @@ def test_forward_moves_a_queue_to_serve_exactly_once(tmp_path: pathlib.Path) -> 
             for msg in msgs[1000:]:
                 producer.add_message(msg)
         wait_until(lambda: len(stored(central)) >= len(msgs), DEADLINE, "all messages served")
+        # The plain status lines (every 0.2 s here): at least one of each before the stop.
+        wait_until(lambda: "stored=3000" in serve.output(), DEADLINE, "serve's status line")
+        wait_until(lambda: "acknowledged=3000" in forward.output(), DEADLINE, "forward's status")
         assert forward.stop() == 0, forward.output()
         assert serve.stop() == 0, serve.output()
     assert contents(central) == msgs
     assert stored(edge) == []
     assert stored(edge / "forward-outbox") == []
-    assert "stored=" in serve.output()  # the plain status line
-    assert "acknowledged=" in forward.output()
     assert "stopped by SIGTERM" in forward.output()
     assert "stored 3,000, duplicates 0" in serve.output()
 

@@ -1,0 +1,304 @@
+"""Compaction: rewrite the newest record of every topic into one file, drop everything else.
+
+Theory of operation
+===================
+
+As in Kafka's compacted topics, the log keeps every update until a compaction keeps only the
+newest per topic. It runs in a background thread once the dead bytes (superseded records and
+tombstones) reach twice the live ones (so the disk holds at most about three times the live
+data, and about 1.2 times right after) and at least ``compact_min_bytes``; or when asked
+(``compact()``). Steps:
+
+1. *Roll*: a new plain log file of the next generation is created (header and directory entry
+   fsynced) and becomes the active file; the old one is unmapped and cut to its last record;
+   every older file is now immutable and *covered*. The
+   index is copied (a C-speed ``dict.copy``) under the lock: it names the newest record of every
+   topic, all in covered files.
+2. *Copy*: the records of the copy are written, in the order of their locations (file
+   generation, then offset: their ``seq`` order), to ``G.tlog.tmp``, where G is the highest
+   covered generation and the header says ``covers_from`` = the lowest covered one. Each record
+   is moved byte for byte; only its CRC changes, by :func:`_format.crc_delta` for the new salt,
+   so a damaged body stays detectably damaged. The copy runs outside the lock; puts and deletes
+   go on into the new active file.
+3. *Commit*: the temporary file is fsynced, renamed over ``G.tlog`` (the old file G is replaced
+   atomically) and the directory fsynced -- in every ``sync`` mode, since the files it replaces
+   go away next. A crash before the rename leaves the old files (the ``.tmp`` is removed on
+   open); after it, the new file, whose ``covers_from`` tells the next open to remove the
+   covered files that are still there. Either way the state is the old or the new one, never
+   a mix.
+4. *Switch*: the index entries that still point to the record that was copied (not updated or
+   deleted meanwhile) are pointed to the copy, in chunks under the lock; reads go to the old
+   descriptors until the last chunk is done, then those are closed and the covered files
+   removed.
+
+A failed fsync is fail-stop, as everywhere in the store. Another failure (a full disk while
+copying) removes the temporary file, leaves the store as it was, and is tried again later.
+``close()`` stops a compaction between chunks; whatever it did not commit is not on disk.
+"""
+
+import contextlib
+import logging
+import mmap
+import operator
+import os
+import struct
+import time
+from typing import Dict, List, Tuple
+
+from persizmq import _fs
+from persizmq._topics import _format
+from persizmq._topics._core import LOC_OFFSET_MASK, LOC_SIZE_MASK, RETRY_AFTER, TopicCore
+from persizmq._topics._files import LogFile, create_file, quarantine
+from persizmq._topics._format import FILE_HEADER_SIZE
+
+__all__ = ["run"]
+
+_LOGGER = logging.getLogger("persizmq")
+_LENGTH_CRC = struct.Struct("<II")
+_HEADER = _format.RECORD_HEADER_SIZE
+_CHUNK_RECORDS = 4096
+
+
+class _Stopped(Exception):  # noqa: N818 (a signal, not an error)
+    """``close()`` asked the compaction to stop."""
+
+
+def run(core: TopicCore, *, raise_errors: bool = False) -> None:
+    """Compact ``core`` (its ``_compacting`` flag is set by the caller); never raises unless
+    ``raise_errors``."""
+    started = time.monotonic()
+    try:
+        _compact(core)
+    except _Stopped:
+        pass
+    except Exception:
+        with core._lock:
+            core._compact_retry_at = time.monotonic() + RETRY_AFTER
+        if raise_errors:
+            raise
+        _LOGGER.exception("persizmq: compacting %s failed; tried again later", core.directory)
+    else:
+        with core._lock:
+            core.compactions += 1
+            core.last_compaction_seconds = time.monotonic() - started
+            core._compact_retry_at = 0.0
+    finally:
+        with core._wake:
+            core._compacting = False
+            core._wake.notify_all()
+
+
+def _compact(core: TopicCore) -> None:
+    with core._lock:
+        if not core._writable:
+            raise _Stopped
+        generation = core._next_generation
+        core._next_generation += 1
+    active = create_file(
+        core.directory, generation, generation, 2 * generation, durable=core._durable, tmp=False
+    )
+    try:
+        core.map_for_writing(active)
+    except BaseException:
+        os.close(active.fd)
+        raise
+    with core._lock:
+        covered = list(core._files.values())
+        core.unmap(core._active)  # immutable from now on, without its reserved room
+        core._files[active.fid] = active
+        core._active = active
+        snapshot = core._index.copy()
+        core._dirty = set()  # the topics put or deleted from now on: see _switch
+    try:
+        target = max(covered, key=operator.attrgetter("generation"))
+        covers_from = min(log.covers_from for log in covered)
+        fid = 2 * target.generation + (1 - (target.fid & 1))
+        out = create_file(
+            core.directory, target.generation, covers_from, fid, durable=False, tmp=True
+        )
+        try:
+            topics = sorted(snapshot, key=snapshot.__getitem__)  # by location: file, offset
+            locs = list(map(snapshot.__getitem__, topics))
+            del snapshot
+            newlocs, damaged = _copy(core, locs, covered, out)
+        except BaseException:
+            os.close(out.fd)
+            with contextlib.suppress(OSError):
+                out.path.unlink()
+            raise
+        _commit(core, out, target)
+        with core._lock:
+            if core._stopping:  # committed: the next open reads the new file
+                os.close(out.fd)
+                raise _Stopped
+            core._files[out.fid] = out  # from now on the store owns it (and close() closes it)
+            core._disk += out.size - FILE_HEADER_SIZE
+        _switch(core, covered, out, (topics, newlocs, damaged))
+    finally:
+        with core._lock:
+            core._dirty = None
+
+
+def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
+    """fsync the compacted file, rename it over the target, fsync the directory."""
+    tmp_path = out.path
+    committed = False
+    try:
+        try:
+            os.fsync(out.fd)
+        except OSError as err:
+            with core._lock:
+                core._fail(err, tmp_path)
+            raise
+        os.replace(tmp_path, target.path)
+        committed = True
+        out.path = target.path
+        try:
+            _fs.fsync_directory(core.directory)
+        except OSError as err:
+            with core._lock:
+                core._fail(err, core.directory)
+            raise
+    except BaseException:
+        os.close(out.fd)
+        if not committed:
+            with contextlib.suppress(OSError):
+                tmp_path.unlink()
+        raise
+    out.synced = out.size
+
+
+def _copy(
+    core: TopicCore, locs: List[int], covered: List[LogFile], out: LogFile
+) -> Tuple[List[int], Dict[int, int]]:
+    """Write the records at ``locs`` to ``out``; return their new locations (-1: damaged) and
+    the damaged ones (position in ``locs`` -> old location)."""
+    salts = {log.fid: log.salt for log in covered}
+    maps: Dict[int, mmap.mmap] = {}
+    try:
+        for log in covered:
+            maps[log.fid] = mmap.mmap(log.fd, log.size, prot=mmap.PROT_READ)
+        return _copy_records(core, locs, maps, salts, out)
+    finally:
+        for view in maps.values():
+            view.close()
+
+
+def _copy_records(
+    core: TopicCore,
+    locs: List[int],
+    maps: Dict[int, mmap.mmap],
+    salts: Dict[int, int],
+    out: LogFile,
+) -> Tuple[List[int], Dict[int, int]]:
+    """The hot loop of :func:`_copy`: move every record, re-sealed for ``out``'s salt."""
+    newlocs: List[int] = []
+    damaged: Dict[int, int] = {}
+    parts: List[bytes] = []
+    append = parts.append
+    new_append = newlocs.append
+    unpack = _LENGTH_CRC.unpack_from
+    pack = _LENGTH_CRC.pack
+    bits = out.bits
+    pos = out.size
+    current = -1
+    view: mmap.mmap = mmap.mmap(-1, 1)
+    deltas: Dict[int, int] = {}
+    salt_xor = 0
+    last_length = -1
+    delta = 0
+    offset_mask = LOC_OFFSET_MASK
+    size_mask = LOC_SIZE_MASK
+    header = _HEADER
+    for start in range(0, len(locs), _CHUNK_RECORDS):
+        if core._stopping:
+            raise _Stopped
+        for loc in locs[start : start + _CHUNK_RECORDS]:
+            fid = loc >> 72
+            if fid != current:
+                current = fid
+                view = maps[fid]
+                deltas = {}
+                last_length = -1
+                salt_xor = salts[fid] ^ out.salt
+            offset = (loc >> 32) & offset_mask
+            size = loc & size_mask
+            length, crc = unpack(view, offset)
+            if length + header != size:  # the length field was damaged since it was read
+                damaged[len(newlocs)] = loc
+                new_append(-1)
+                name = _format.file_name(fid >> 1)
+                record = view[offset : offset + size]
+                quarantine(core.directory, name, offset, record, "a damaged record (compaction)")
+                continue
+            if length != last_length:  # the records of a topic store have a few lengths
+                last_length = length
+                found = deltas.get(length)
+                if found is None:
+                    found = deltas[length] = _format.crc_delta(length, salt_xor)
+                delta = found
+            append(pack(length, crc ^ delta))
+            append(view[offset + 8 : offset + size])
+            new_append(bits | (pos << 32) | size)
+            pos += size
+        _write(out, parts)
+    _write(out, parts)
+    return newlocs, damaged
+
+
+def _write(out: LogFile, parts: List[bytes]) -> None:
+    """Append the pieces to the compacted file and forget them."""
+    data = b"".join(parts)
+    parts.clear()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(out.fd, view) :]
+    out.size += len(data)
+
+
+def _switch(
+    core: TopicCore,
+    covered: List[LogFile],
+    out: LogFile,
+    copied: Tuple[List[bytes], List[int], Dict[int, int]],
+) -> None:
+    """Replace the index by one that points at the copies (``copied``: the topics, the new
+    locations and the damaged ones, see :func:`_copy`), then close and remove the covered files.
+
+    The new index is built outside the lock (at C speed); then, under the lock, the topics put
+    or deleted since the copy began (``core._dirty``) take their current entries, and the new
+    index replaces the old one in one step.
+    """
+    topics, newlocs, damaged = copied
+    index = dict(zip(topics, newlocs))
+    for position in damaged:
+        del index[topics[position]]
+    with core._lock:
+        if core._stopping:
+            raise _Stopped
+        current = core._index
+        dirty = core._dirty
+        assert dirty is not None
+        for topic in dirty:
+            loc = current.get(topic)
+            if loc is None:
+                index.pop(topic, None)
+            else:
+                index[topic] = loc
+        for position, loc in damaged.items():
+            topic = topics[position]
+            core.corrupt_regions += 1
+            core.quarantined_bytes += loc & LOC_SIZE_MASK
+            if topic not in dirty:
+                core._live -= loc & LOC_SIZE_MASK
+        core._index = index
+        core._dirty = None
+        for log in covered:
+            del core._files[log.fid]
+            core._disk -= log.size - FILE_HEADER_SIZE
+        core.reclaimed_bytes += max(0, sum(log.size for log in covered) - out.size)
+    for log in covered:
+        os.close(log.fd)
+        if log.path != out.path:
+            with contextlib.suppress(FileNotFoundError):
+                log.path.unlink()

@@ -1,0 +1,577 @@
+"""PersistentTopicStorage: the API, persistence, sharing a directory, compaction, failures.
+
+The crash trials (kill -9, power loss, torn tails, bit flips) are in ``test_topics_crash.py``.
+"""
+
+import errno
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Dict, List, Optional
+
+import pytest
+import zmq
+
+import persizmq
+from persizmq import Message
+from persizmq._errors import (
+    ClosedError,
+    DirectoryError,
+    InvalidArgumentError,
+    LockedError,
+    MessageTypeError,
+    StorageWriteError,
+)
+from tests._helpers import SocketTracker, wait_until
+
+
+def contents(storage: persizmq.PersistentTopicStorage) -> Dict[bytes, Message]:
+    """Every topic and its newest message."""
+    return dict(storage.items())
+
+
+def log_files(directory: pathlib.Path) -> List[str]:
+    """The names of the store's log files."""
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tlog"))
+
+
+# --- the API -----------------------------------------------------------------------------------
+
+
+def test_newest_message_per_topic(tmp_path: pathlib.Path) -> None:
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        assert storage.latest(b"a") is None
+        assert len(storage) == 0
+        storage.add_message(b"a first")
+        storage.add_message(b"b first")
+        storage.add_message(b"a second")
+        storage.add_message(b"no-space-at-all")
+        storage.add_message(b" empty topic")
+        storage.add_message([b"m", b"frame 1", b""])
+        storage.add_message(None)  # ignored, as by every storage
+        assert storage.latest(b"a") == b"a second"
+        assert storage.latest(b"b") == b"b first"
+        assert storage.latest(b"no-space-at-all") == b"no-space-at-all"
+        assert storage.latest(b"") == b" empty topic"
+        assert storage.latest(b"m") == [b"m", b"frame 1", b""]
+        assert storage.topics() == [b"", b"a", b"b", b"m", b"no-space-at-all"]
+        assert storage.topics(b"n") == [b"no-space-at-all"]
+        assert len(storage) == 5
+        assert b"a" in storage
+        assert b"c" not in storage
+        assert "a" not in storage  # a str is never a topic
+        assert list(storage.items(b"a")) == [(b"a", b"a second")]
+        assert storage.delete(b"a") is True
+        assert storage.delete(b"a") is False
+        assert storage.latest(b"a") is None
+        assert len(storage) == 4
+        stats = storage.stats()
+        assert (stats.topics, stats.updates, stats.deletes) == (4, 6, 1)
+        assert stats.disk_bytes >= stats.live_bytes > 0
+        assert stats.failure is None
+        assert repr(storage).endswith("topics=4>")
+    assert repr(storage) == "<PersistentTopicStorage closed>"
+
+
+def test_bytes_like_messages_and_topics(tmp_path: pathlib.Path) -> None:
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        storage.add_message(bytearray(b"x 1"))
+        storage.add_message(memoryview(b"y 1"))
+        storage.add_message((b"z", bytearray(b"2")))
+        assert storage.latest(bytearray(b"x")) == b"x 1"
+        assert storage.latest(memoryview(b"y")) == b"y 1"
+        assert storage.latest(b"z") == [b"z", b"2"]
+
+
+def test_topic_of(tmp_path: pathlib.Path) -> None:
+    """A topic that is not part of the message is stored beside it."""
+
+    def by_key(msg: Message) -> bytes:
+        frames = msg if isinstance(msg, list) else [msg]
+        return frames[-1][-3:]
+
+    with persizmq.PersistentTopicStorage(tmp_path, topic_of=by_key) as storage:
+        storage.add_message(b"xyz xyz")  # topic b"xyz" happens to be its start
+        storage.add_message(b"ignored abc")  # topic b"abc", not a prefix
+        storage.add_message([b"first", b"xxdef"])  # topic b"def", not the first frame
+        storage.add_message([b"ghi", b"ghi"])  # the first frame is the topic
+        assert storage.topics() == [b"abc", b"def", b"ghi", b"xyz"]
+        assert storage.latest(b"abc") == b"ignored abc"
+        assert storage.latest(b"def") == [b"first", b"xxdef"]
+        assert storage.latest(b"xyz") == b"xyz xyz"
+        assert storage.latest(b"ghi") == [b"ghi", b"ghi"]
+    # Reopened without topic_of: the stored topics stay what they were.
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        assert storage.topics() == [b"abc", b"def", b"ghi", b"xyz"]
+        assert storage.latest(b"def") == [b"first", b"xxdef"]
+
+
+def test_topic_of_may_name_an_empty_multipart_message(tmp_path: pathlib.Path) -> None:
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        with pytest.raises(MessageTypeError, match="first frame"):
+            storage.add_message([])
+        assert len(storage) == 0
+    with persizmq.PersistentTopicStorage(tmp_path, topic_of=lambda msg: b"empty") as storage:
+        storage.add_message([])
+        assert storage.latest(b"empty") == []
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda s: s.add_message("text"), MessageTypeError, "got a str"),
+        (lambda s: s.add_message(3), MessageTypeError, "got a int"),
+        (lambda s: s.add_message([b"ok", "text"]), MessageTypeError, "frame 1"),
+        (lambda s: s.latest("a"), MessageTypeError, "topic to be bytes, got a str.*encode"),
+        (lambda s: s.delete(None), MessageTypeError, "topic to be bytes, got a NoneType"),
+        (lambda s: s.topics("a"), MessageTypeError, "prefix to be bytes"),
+        (lambda s: s.add_messages([b"ok", "text"]), MessageTypeError, "got a str"),
+    ],
+)
+def test_bad_arguments(tmp_path: pathlib.Path, call: Any, error: type, match: str) -> None:
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        with pytest.raises(error, match=match):
+            call(storage)
+        assert len(storage) == 0  # a refused batch stores nothing
+
+
+def test_topic_of_returning_a_str_is_refused(tmp_path: pathlib.Path) -> None:
+    def text_topic(msg: Message) -> Any:
+        return "a"
+
+    with (
+        persizmq.PersistentTopicStorage(tmp_path, topic_of=text_topic) as storage,
+        pytest.raises(MessageTypeError, match=r"topic_of\(msg\) to be bytes, got a str"),
+    ):
+        storage.add_message(b"x")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sync": "sometimes"}, InvalidArgumentError, "sync"),
+        ({"sync": 1}, MessageTypeError, "sync"),
+        ({"sync_interval": 0}, InvalidArgumentError, "sync_interval"),
+        ({"compact_min_bytes": -1}, InvalidArgumentError, "compact_min_bytes to be >= 0"),
+        ({"compact_min_bytes": 1.5}, MessageTypeError, "compact_min_bytes to be an int"),
+        ({"topic_of": b"x"}, MessageTypeError, "topic_of to be None or a callable"),
+    ],
+)
+def test_bad_options(
+    tmp_path: pathlib.Path, kwargs: Dict[str, Any], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        persizmq.PersistentTopicStorage(tmp_path, **kwargs)
+    persizmq.PersistentTopicStorage(tmp_path).close()  # nothing was left locked
+
+
+def test_bad_directory(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(DirectoryError, match="is a file"):
+        persizmq.PersistentTopicStorage(tmp_path / "file")
+    with pytest.raises(MessageTypeError, match=r"str or a pathlib\.Path"):
+        persizmq.PersistentTopicStorage(b"/tmp")  # type: ignore[arg-type]
+
+
+def test_add_messages_stores_a_batch(tmp_path: pathlib.Path) -> None:
+    with persizmq.PersistentTopicStorage(tmp_path, sync="always") as storage:
+        assert storage.add_messages([b"a 1", None, b"b 1", [b"c", b"x"], b"a 2"]) == 4
+        assert storage.add_messages([]) == 0
+        assert contents(storage) == {b"a": b"a 2", b"b": b"b 1", b"c": [b"c", b"x"]}
+        assert storage.stats().unsynced_bytes == 0
+    with persizmq.PersistentTopicStorage(tmp_path, sync="always") as storage:
+        assert contents(storage) == {b"a": b"a 2", b"b": b"b 1", b"c": [b"c", b"x"]}
+
+
+def test_closed_storage_refuses_everything(tmp_path: pathlib.Path) -> None:
+    storage = persizmq.PersistentTopicStorage(tmp_path)
+    storage.close()
+    storage.close()  # idempotent
+    assert storage.closed
+    for call in (
+        lambda: storage.add_message(b"a"),
+        lambda: storage.latest(b"a"),
+        lambda: storage.delete(b"a"),
+        lambda: len(storage),
+        lambda: b"a" in storage,
+        storage.stats,
+        storage.sync_now,
+        storage.topics,
+    ):
+        with pytest.raises(ClosedError, match="closed"):
+            call()
+
+
+# --- persistence and sharing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", ["always", "periodic", "never"])
+def test_reopen_finds_everything(tmp_path: pathlib.Path, sync: str) -> None:
+    expected: Dict[bytes, Message] = {}
+    with persizmq.PersistentTopicStorage(tmp_path, sync=sync) as storage:
+        for i in range(500):
+            topic = b"t%d" % (i % 37)
+            msg: Message = [topic, b"%d" % i] if i % 3 else topic + b" %d" % i
+            storage.add_message(msg)
+            expected[topic] = msg
+        storage.delete(b"t5")
+        del expected[b"t5"]
+    with persizmq.PersistentTopicStorage(tmp_path, sync=sync) as storage:
+        assert contents(storage) == expected
+        assert storage.stats().corrupt_regions == storage.stats().torn_tail_bytes == 0
+
+
+def test_a_second_object_shares_the_open_store(tmp_path: pathlib.Path) -> None:
+    """SPEC section 2: the 1.0.x way of simulating a restart works, within one process."""
+    first = persizmq.PersistentTopicStorage(tmp_path)
+    first.add_message(b"a 1")
+    second = persizmq.PersistentTopicStorage(str(tmp_path) + "/")  # spelled differently
+    assert second.latest(b"a") == b"a 1"
+    second.add_message(b"a 2")
+    assert first.latest(b"a") == b"a 2"
+    first.close()
+    second.add_message(b"b 1")  # the store stays open while one object is
+    assert second.latest(b"b") == b"b 1"
+    with pytest.raises(ClosedError):
+        first.latest(b"a")
+    second.close()
+    with persizmq.PersistentTopicStorage(tmp_path) as third:
+        assert contents(third) == {b"a": b"a 2", b"b": b"b 1"}
+
+
+def test_conflicting_options_name_both_values(tmp_path: pathlib.Path) -> None:
+    with persizmq.PersistentTopicStorage(tmp_path, sync="always"):
+        with pytest.raises(InvalidArgumentError, match=r"sync='never'.*sync='always'"):
+            persizmq.PersistentTopicStorage(tmp_path, sync="never")
+        with pytest.raises(InvalidArgumentError, match=r"sync_interval=2\.0.*sync_interval=1\.0"):
+            persizmq.PersistentTopicStorage(tmp_path, sync="always", sync_interval=2.0)
+        # topic_of belongs to each object: no conflict.
+        other = persizmq.PersistentTopicStorage(tmp_path, sync="always", topic_of=lambda m: b"x")
+        other.add_message(b"anything")
+        other.close()
+
+
+def test_del_releases_the_directory(tmp_path: pathlib.Path) -> None:
+    storage = persizmq.PersistentTopicStorage(tmp_path)
+    storage.add_message(b"a 1")
+    del storage
+    code = (
+        "import persizmq, sys; s = persizmq.PersistentTopicStorage(sys.argv[1]); "
+        "print(s.latest(b'a'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=False
+    )
+    assert done.stdout.strip() == "b'a 1'", done.stderr
+
+
+def test_another_process_gets_locked_error(tmp_path: pathlib.Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import persizmq, sys; s = persizmq.PersistentTopicStorage(sys.argv[1]); "
+            "print('open', flush=True); sys.stdin.read()",
+            str(tmp_path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(LockedError, match=r"topics\.lock"):
+            persizmq.PersistentTopicStorage(tmp_path)
+    finally:
+        holder.communicate("", timeout=10)
+    persizmq.PersistentTopicStorage(tmp_path).close()  # free again once it is gone
+
+
+def test_foreign_entries_are_left_alone(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "00000000000000000001.tlog.bak").write_bytes(b"not a log")
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        storage.add_message(b"a 1")
+        storage.compact()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "sub").is_dir()
+    assert (tmp_path / "00000000000000000001.tlog.bak").read_bytes() == b"not a log"
+
+
+def test_a_script_that_never_closes_exits_with_its_data(tmp_path: pathlib.Path) -> None:
+    for sync in ("always", "periodic", "never"):
+        directory = tmp_path / sync
+        code = (
+            "import persizmq, sys\n"
+            "s = persizmq.PersistentTopicStorage(\n"
+            "    sys.argv[1], sync=sys.argv[2], compact_min_bytes=4096\n"
+            ")\n"
+            "for i in range(3000): s.add_message(b't%d %d' % (i % 7, i))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(directory), sync],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        with persizmq.PersistentTopicStorage(directory) as storage:
+            assert storage.latest(b"t3") == b"t3 2999"
+            assert len(storage) == 7
+
+
+# --- compaction --------------------------------------------------------------------------------
+
+
+def test_background_compaction_keeps_the_newest_and_bounds_the_disk(tmp_path: pathlib.Path) -> None:
+    with persizmq.PersistentTopicStorage(tmp_path, compact_min_bytes=16 << 10) as storage:
+        for i in range(20_000):
+            storage.add_message(b"t%d %d" % (i % 100, i) + b"." * 50)
+        wait_until(lambda: storage.stats().compactions >= 1)
+        expected = {b"t%d" % t: b"t%d %d" % (t, 19_900 + t) + b"." * 50 for t in range(100)}
+        assert contents(storage) == expected
+        storage.compact()
+        stats = storage.stats()
+        assert stats.dead_bytes == 0
+        assert stats.disk_bytes <= 2 * stats.live_bytes
+        assert stats.reclaimed_bytes > 0
+        assert len(log_files(tmp_path)) == 2  # the compacted file and the active one
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        assert contents(storage) == expected
+
+
+def test_compaction_while_others_write_and_delete(tmp_path: pathlib.Path) -> None:
+    """Three threads put and delete while compactions run back to back (at least five happen
+    while they write): the end state is that of the last operation on every topic."""
+    storage = persizmq.PersistentTopicStorage(tmp_path, compact_min_bytes=0)
+    last: Dict[bytes, Optional[bytes]] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    deadline = time.monotonic() + 30
+
+    def writer(n: int) -> None:
+        i = 0
+        while i < 3000 or (storage.stats().compactions < 5 and time.monotonic() < deadline):
+            topic = b"w%d-%d" % (n, i % 50)
+            with lock:  # the order of the operations on a topic is known
+                if i % 13 == 0:
+                    storage.delete(topic)
+                    last[topic] = None
+                else:
+                    storage.add_message(topic + b" %d" % i)
+                    last[topic] = topic + b" %d" % i
+            i += 1
+
+    def compactor() -> None:
+        while not stop.is_set():
+            storage.compact()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    compacting = threading.Thread(target=compactor)
+    compacting.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stop.set()
+    compacting.join()
+    assert storage.stats().compactions >= 5
+    expected = {t: m for t, m in last.items() if m is not None}
+    assert contents(storage) == expected
+    storage.close()
+    with persizmq.PersistentTopicStorage(tmp_path) as reopened:
+        assert contents(reopened) == expected
+
+
+def test_close_during_a_compaction_in_another_thread(tmp_path: pathlib.Path) -> None:
+    """close() stops a compaction that another thread runs and waits for it; nothing is lost."""
+    storage = persizmq.PersistentTopicStorage(tmp_path, compact_min_bytes=1 << 40)
+    storage.add_messages([b"t%d %d" % (i % 20_000, i) + b"." * 60 for i in range(60_000)])
+    failures: List[BaseException] = []
+
+    def compact() -> None:
+        try:
+            storage.compact()
+        except BaseException as exc:  # noqa: BLE001 (checked by the test thread)
+            failures.append(exc)
+
+    thread = threading.Thread(target=compact)
+    thread.start()
+    wait_until(lambda: any(tmp_path.glob("*.tmp")) or not thread.is_alive())
+    storage.close()
+    thread.join()
+    assert not failures
+    with persizmq.PersistentTopicStorage(tmp_path) as reopened:
+        assert len(reopened) == 20_000
+        assert reopened.latest(b"t7") == b"t7 %d" % 40_007 + b"." * 60
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_leftover_temporary_file_is_removed(tmp_path: pathlib.Path) -> None:
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        storage.add_message(b"a 1")
+    (tmp_path / "00000000000000000001.tlog.tmp").write_bytes(b"half a compaction")
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        assert storage.latest(b"a") == b"a 1"
+    assert not (tmp_path / "00000000000000000001.tlog.tmp").exists()
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+
+def test_failed_fsync_is_fail_stop(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = persizmq.PersistentTopicStorage(tmp_path, sync="always")
+    storage.add_message(b"a 1")
+    real = os.fdatasync
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StorageWriteError, match="whether the last write is on disk is unknown"):
+        storage.add_message(b"a 2")
+    monkeypatch.setattr(os, "fdatasync", real)  # the disk "recovers": the store must not
+    for call in (
+        lambda: storage.add_message(b"b 1"),
+        lambda: storage.delete(b"a"),
+        storage.sync_now,
+    ):
+        with pytest.raises(StorageWriteError, match=r"injected.*accepts no writes") as info:
+            call()
+        assert info.value.errno == errno.EIO
+    assert storage.latest(b"a") in (b"a 1", b"a 2")  # reads go on
+    assert "injected" in (storage.stats().failure or "")
+    with pytest.raises(StorageWriteError, match="injected"):
+        storage.close()
+    assert storage.closed
+    with persizmq.PersistentTopicStorage(
+        tmp_path, sync="always"
+    ) as reopened:  # the truth from disk
+        reopened.add_message(b"b 1")
+        assert reopened.latest(b"b") == b"b 1"
+
+
+def test_failed_periodic_fsync_stops_the_writes(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = persizmq.PersistentTopicStorage(tmp_path, sync="periodic", sync_interval=0.01)
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    storage.add_message(b"a 1")
+    wait_until(lambda: storage.stats().failure is not None)
+    with pytest.raises(StorageWriteError, match="injected"):
+        storage.add_message(b"a 2")
+    assert storage.latest(b"a") == b"a 1"
+    with pytest.raises(StorageWriteError):
+        storage.close()
+
+
+def test_no_room_for_a_record_stores_nothing(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room is reserved with posix_fallocate before a record is written through the mapping:
+    when the disk refuses it, the add raises and nothing of it is stored (never a SIGBUS)."""
+    from persizmq._topics import _core
+
+    storage = persizmq.PersistentTopicStorage(tmp_path)
+    storage.add_message(b"a 1")
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    monkeypatch.setattr(_core, "_fallocate", full)
+    big = b"big " + b"x" * (1 << 20)  # more than the room reserved ahead
+    with pytest.raises(StorageWriteError, match="nothing of this call was stored") as info:
+        storage.add_message(big)
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(StorageWriteError):
+        storage.add_messages([b"b 1", big])
+    storage.add_message(b"c 1")  # fits the room already reserved: not fail-stop
+    monkeypatch.undo()
+    storage.add_message(big)
+    assert contents(storage) == {b"a": b"a 1", b"c": b"c 1", b"big": big}
+    storage.close()
+    with persizmq.PersistentTopicStorage(tmp_path) as reopened:
+        assert contents(reopened) == {b"a": b"a 1", b"c": b"c 1", b"big": big}
+        assert reopened.stats().torn_tail_bytes == 0
+
+
+def test_a_full_disk(tmp_path: pathlib.Path) -> None:
+    """On a real 1 MiB tmpfs: adds fail with ENOSPC once it is full, what was stored stays
+    readable, and the store reopens with it."""
+    from tests._reliab_util import mounted, tmpfs_unavailable
+
+    reason = tmpfs_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    target = tmp_path / "small"
+    with mounted(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], target):
+        stored: Dict[bytes, bytes] = {}
+        with persizmq.PersistentTopicStorage(target / "store", compact_min_bytes=1 << 40) as s:
+            error: Optional[StorageWriteError] = None
+            for i in range(100_000):
+                msg = b"t%d " % i + b"x" * 500
+                try:
+                    s.add_message(msg)
+                except StorageWriteError as exc:
+                    error = exc
+                    break
+                stored[b"t%d" % i] = msg
+            assert error is not None
+            assert error.errno == errno.ENOSPC
+            assert 500 < len(stored) < 2100
+            assert contents(s) == stored
+        with persizmq.PersistentTopicStorage(target / "store") as reopened:  # still full
+            assert contents(reopened) == stored
+            with pytest.raises(StorageWriteError, match="No space left"):
+                reopened.add_message(b"more " + b"x" * 500_000)
+
+
+def test_damage_found_when_reading_is_never_returned(tmp_path: pathlib.Path) -> None:
+    storage = persizmq.PersistentTopicStorage(tmp_path)
+    storage.add_message(b"a " + b"x" * 100)
+    storage.add_message(b"b 1")
+    (name,) = log_files(tmp_path)
+    with open(tmp_path / name, "r+b") as file:  # bit rot under the open store
+        file.seek(40 + 21 + 50)
+        byte = file.read(1)
+        file.seek(40 + 21 + 50)
+        file.write(bytes([byte[0] ^ 0x10]))
+    assert storage.latest(b"a") is None
+    assert storage.latest(b"b") == b"b 1"
+    stats = storage.stats()
+    assert (stats.corrupt_regions, stats.topics) == (1, 1)
+    assert list((tmp_path / "quarantine").iterdir())
+    storage.close()
+
+
+# --- with a subscriber -------------------------------------------------------------------------
+
+
+def test_a_subscriber_keeps_the_newest_per_topic(
+    tmp_path: pathlib.Path, sockets: SocketTracker
+) -> None:
+    pull = sockets(zmq.PULL)
+    endpoint = f"inproc://topics-{uuid.uuid4().hex}"
+    pull.bind(endpoint)
+    push = sockets(zmq.PUSH)
+    push.connect(endpoint)
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        with persizmq.ThreadedSubscriber(storage.add_message, subscriber=pull) as threaded:
+            for i in range(5000):
+                push.send_multipart([b"sensor-%d" % (i % 10), b"%d" % i])
+            wait_until(lambda: threaded.received == 5000)
+        assert contents(storage) == {
+            b"sensor-%d" % s: [b"sensor-%d" % s, b"%d" % (4990 + s)] for s in range(10)
+        }
