@@ -27,9 +27,10 @@ def _sender(argv: List[str]) -> int:
 
     outbox, endpoint, name, incarnation, log, sync = argv[:6]
     count = int(argv[6]) if len(argv) > 6 else 0
-    sender = persizmq.ReliableSender(
-        outbox, endpoint, sync=sync, ack_timeout=0.3, window=rng_window()
-    )
+    # The last incarnation ("finish") sends the backlog with a wide window: a window of 1 is one
+    # round trip (and one fsync) per message, too slow for a backlog of thousands.
+    window = 1000 if count else rng_window()
+    sender = persizmq.ReliableSender(outbox, endpoint, sync=sync, ack_timeout=0.3, window=window)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     prefix = f"{name}:{incarnation}:".encode()
     if count:
