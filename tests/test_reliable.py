@@ -23,7 +23,7 @@ from persizmq import (
     ReliableReceiver,
     ReliableSender,
 )
-from persizmq._reliable import _wire
+from persizmq._reliable import _outbox, _wire
 from persizmq._reliable._outbox import ID_FILE
 from tests._helpers import SocketTracker, wait_until
 from tests._reliable_util import DEADLINE, FakeReceiver, RawSender, serve
@@ -314,6 +314,33 @@ def test_a_gap_reply_makes_the_sender_resend(
         assert again.first == 1
         fake.answer(routing, _wire.encode_ack(data.sender, 2))
         assert sender.flush(DEADLINE)
+
+
+@pytest.mark.parametrize("window", [8, 1000])
+def test_a_backlog_beyond_the_in_memory_copy_is_read_from_disk_once_in_order(
+    tmp_path: pathlib.Path,
+    sockets: SocketTracker,
+    monkeypatch: pytest.MonkeyPatch,
+    window: int,
+) -> None:
+    # The outbox keeps only a few of its latest batches in memory: the link reads the others
+    # from disk, one iteration across reads; a restart in the middle reads the backlog anew.
+    monkeypatch.setattr(_outbox, "_FRESH_MESSAGES", 4)
+    monkeypatch.setattr(_outbox, "_FRESH_BYTES", 64)
+    msgs = [b"%d" % i for i in range(1500)]
+    with serve(sockets, tmp_path / "central") as served:
+        with ReliableSender(tmp_path / "outbox", served.endpoint, window=window) as sender:
+            for start in range(0, 700, 7):
+                sender.send_many(msgs[start : start + 7])
+            assert sender.flush(DEADLINE)
+            sender.send_many(msgs[700:1000])
+        with ReliableSender(tmp_path / "outbox", served.endpoint, window=window) as sender:
+            for start in range(1000, 1500, 100):
+                sender.send_many(msgs[start : start + 100])
+            assert sender.flush(DEADLINE)
+            assert sender.stats().pending == 0
+        assert served.receiver.stats().duplicates == 0
+    assert contents(tmp_path / "central") == msgs
 
 
 def test_reconnect_resends_and_stores_nothing_twice(
