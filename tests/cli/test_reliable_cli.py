@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 from types import TracebackType
-from typing import Any, Collection, List, Optional, Type
+from typing import Any, Callable, Collection, List, Optional, Type
 
 import pytest
 
@@ -59,6 +59,15 @@ class Command:
             self.proc.wait()
 
 
+def wait_for(predicate: Callable[[], object], what: str, *commands: Command) -> None:
+    """``wait_until`` with the commands' logs in the failure's message."""
+    try:
+        wait_until(predicate, DEADLINE, what)
+    except AssertionError as err:
+        logs = "\n".join(f"--- {c.log.name}:\n{c.output()[-3000:]}" for c in commands)
+        raise AssertionError(f"{err}\n{logs}") from None
+
+
 def numbered(count: int, start: int = 0) -> List[Any]:
     msgs: List[Any] = [b"message %06d" % i for i in range(start, start + count)]
     msgs[1] = [b"topic", b"multipart %06d" % (start + 1)]
@@ -82,10 +91,10 @@ def test_forward_moves_a_queue_to_serve_exactly_once(tmp_path: pathlib.Path) -> 
         with persizmq.PersistentStorage(edge, role="producer") as producer:
             for msg in msgs[1000:]:
                 producer.add_message(msg)
-        wait_until(lambda: len(stored(central)) >= len(msgs), DEADLINE, "all messages served")
+        wait_for(lambda: len(stored(central)) >= len(msgs), "all served", serve, forward)
         # The plain status lines (every 0.2 s here): at least one of each before the stop.
-        wait_until(lambda: "stored=3000" in serve.output(), DEADLINE, "serve's status line")
-        wait_until(lambda: "acknowledged=3000" in forward.output(), DEADLINE, "forward's status")
+        wait_for(lambda: "stored=3000" in serve.output(), "serve's status line", serve)
+        wait_for(lambda: "acknowledged=3000" in forward.output(), "forward's status", forward)
         assert forward.stop() == 0, forward.output()
         assert serve.stop() == 0, serve.output()
     assert contents(central) == msgs
@@ -107,10 +116,13 @@ def test_forward_killed_and_restarted_loses_nothing(tmp_path: pathlib.Path) -> N
         with Command(
             tmp_path / "forward.log", "forward", str(edge), endpoint, "--batch", str(batch)
         ) as forward:
-            wait_until(lambda: len(stored(central)) > 1000, DEADLINE, "some messages served")
+            wait_for(lambda: len(stored(central)) > 1000, "some served", serve, forward)
             forward.stop(signal.SIGKILL)
         with Command(tmp_path / "forward2.log", "forward", str(edge), endpoint) as forward:
-            wait_until(lambda: len(set(map(repr, stored(central)))) >= len(msgs), DEADLINE)
+            everything = len(msgs)
+            wait_for(
+                lambda: len(set(map(repr, stored(central)))) >= everything, "all", serve, forward
+            )
             assert forward.stop() == 0
         assert serve.stop() == 0
     got = contents(central)
@@ -129,10 +141,10 @@ def test_serve_restart_keeps_what_it_acknowledged(tmp_path: pathlib.Path) -> Non
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with Command(tmp_path / "forward.log", "forward", str(edge), endpoint) as forward:
         with Command(tmp_path / "serve.log", "serve", endpoint, str(central)) as serve:
-            wait_until(lambda: len(stored(central)) > 100, DEADLINE, "some messages served")
+            wait_for(lambda: len(stored(central)) > 100, "some served", serve, forward)
             serve.stop(signal.SIGKILL)
         with Command(tmp_path / "serve2.log", "serve", endpoint, str(central)) as serve:
-            wait_until(lambda: len(stored(central)) >= len(msgs), DEADLINE, "all served")
+            wait_for(lambda: len(stored(central)) >= len(msgs), "all served", serve, forward)
             assert serve.stop() == 0
         assert forward.stop() == 0
     assert contents(central) == msgs  # exactly once, across a SIGKILL of the receiver
