@@ -37,17 +37,17 @@ def test_demo_chain(tmp_path: pathlib.Path) -> None:
         "demo",
         "--chain",
         "--messages",
-        "2000",
+        "1000",
         "--rate",
-        "5000",
+        "10000",
         env={"TMPDIR": str(tmp_path)},
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("lost", "duplicates", "out of order"):
         assert re.search(rf"^\s*{row}\s+0\b", result.stdout, re.MULTILINE), result.stdout
-    assert re.search(r"^\s*sent\s+2,000\b", result.stdout, re.MULTILINE), result.stdout
-    assert re.search(r"^\s*consumed\s+2,000\b", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^\s*sent\s+1,000\b", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^\s*consumed\s+1,000\b", result.stdout, re.MULTILINE), result.stdout
     assert "SIGKILL persizmq serve" in result.stdout
     assert "stages exited with record 0, forward 0, serve 0" in result.stdout
     assert "OK:" in result.stdout

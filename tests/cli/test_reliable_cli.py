@@ -106,7 +106,7 @@ def test_forward_moves_a_queue_to_serve_exactly_once(tmp_path: pathlib.Path) -> 
 
 def test_forward_killed_and_restarted_loses_nothing(tmp_path: pathlib.Path) -> None:
     edge, central = tmp_path / "edge", tmp_path / "central"
-    msgs = numbered(20000)
+    msgs = numbered(6000)
     fill(edge, [])
     with persizmq.PersistentStorage(edge) as storage:
         storage.add_messages(msgs)
@@ -134,7 +134,7 @@ def test_forward_killed_and_restarted_loses_nothing(tmp_path: pathlib.Path) -> N
 
 def test_serve_restart_keeps_what_it_acknowledged(tmp_path: pathlib.Path) -> None:
     edge, central = tmp_path / "edge", tmp_path / "central"
-    msgs = numbered(5000)
+    msgs = numbered(3000)
     fill(edge, [])
     with persizmq.PersistentStorage(edge) as storage:
         storage.add_messages(msgs)
