@@ -42,6 +42,8 @@ class Command:
         return self.log.read_text(errors="replace")
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
+        if signum != signal.SIGKILL:  # a SIGTERM before the handlers are installed kills it
+            wait_until(lambda: "stop with Ctrl-C" in self.output(), DEADLINE, "started")
         self.proc.send_signal(signum)
         return self.proc.wait(timeout=DEADLINE)
 
