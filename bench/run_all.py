@@ -3,9 +3,9 @@
 The report starts with the machine (CPU, cores, memory, kernel, Python, the file system the
 queues are written to, the load average), then the storage table, the end-to-end loss table,
 the scale tables, the burst table, the Redis Streams tables (one per Redis/Valkey server
-binary found), the asyncio tables and the topic-store table, and ends with the SPEC section 7,
-10, 11 and 12 targets, each marked met or NOT MET, and the load average again (other work on a
-shared machine shows up in the figures).
+binary found), the asyncio tables, the topic-store table and the store-and-forward table, and
+ends with the SPEC section 7, 10, 11, 12 and 13 targets, each marked met or NOT MET, and the
+load average again (other work on a shared machine shows up in the figures).
 
 Run from the repository root: ``python3 bench/run_all.py [--quick] [--dir DIR] [--no-anchors]``
 (a few minutes; ``--quick`` about a minute). The first run creates ``bench/.venv-anchors/``
@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as a script: make ``bench`` and the repo's persizmq importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import _common, burst, end_to_end, redis_stream, scale, storage, topics
+from bench import _common, burst, end_to_end, redis_stream, reliable, scale, storage, topics
 from bench import aio as aio_bench
 
 __all__ = ["main"]
@@ -65,6 +65,49 @@ def _header(
     return report, anchors, fsync
 
 
+def _run_part(
+    part: str,
+    profile: _common.Profile,
+    args: argparse.Namespace,
+    anchors: Optional[str],
+    fsync: Dict[str, float],
+) -> Tuple[List[str], List[_common.Target]]:
+    """Run one part of the report; return its table and its targets."""
+    if part == "storage":
+        result = storage.run(profile, args.dir, anchors, _progress)
+        lines = storage.render(result, fsync, profile.batch)
+        found = storage.targets(result, fsync)
+    elif part == "end_to_end":
+        e2e = end_to_end.run(profile, args.dir, anchors, _progress)
+        lines = end_to_end.render(e2e)
+        found = end_to_end.targets(e2e)
+    elif part == "scale":
+        sc = scale.run(profile, args.dir, anchors, _progress)
+        lines = scale.render(sc)
+        found = scale.targets(sc)
+    elif part == "burst":
+        bursts = burst.run(profile, args.dir, _progress)
+        lines = burst.render(bursts)
+        found = burst.targets(bursts)
+    elif part == "redis":
+        rs = redis_stream.run(profile, args.dir, anchors, _progress)
+        lines = redis_stream.render(rs)
+        found = redis_stream.targets(rs)
+    elif part == "aio":
+        measured = aio_bench.run(profile, args.dir, anchors, _progress)
+        lines = aio_bench.render(measured)
+        found = aio_bench.targets(measured)
+    elif part == "reliable":
+        rel = reliable.run(profile, args.dir, _progress)
+        lines = reliable.render(rel)
+        found = reliable.targets(rel)
+    else:
+        tp = topics.run(profile, args.dir, _progress)
+        lines = topics.render(tp)
+        found = topics.targets(tp)
+    return lines, found
+
+
 def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = print) -> int:
     """Run the benchmarks; print the report with ``out`` and the progress on stderr.
 
@@ -74,13 +117,22 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     _common.add_arguments(parser)
     parser.add_argument(
         "--only",
-        choices=("storage", "end_to_end", "scale", "burst", "redis", "aio", "topics"),
+        choices=("storage", "end_to_end", "scale", "burst", "redis", "aio", "topics", "reliable"),
         action="append",
-        help="run only these parts (repeatable); default: all four",
+        help="run only these parts (repeatable); default: all of them",
     )
     args = parser.parse_args(argv)
     profile = _common.PROFILES[args.profile]
-    parts = args.only or ["storage", "end_to_end", "scale", "burst", "redis", "aio", "topics"]
+    parts = args.only or [
+        "storage",
+        "end_to_end",
+        "scale",
+        "burst",
+        "redis",
+        "aio",
+        "topics",
+        "reliable",
+    ]
     started = time.monotonic()
     report, anchors, fsync = _header(args, profile, argv)
     out("\n".join(report))
@@ -90,34 +142,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     for part in parts:
         _progress(f"{part} ... ({time.monotonic() - started:.0f} s)")
         load = _common.load_average()
-        if part == "storage":
-            result = storage.run(profile, args.dir, anchors, _progress)
-            lines = storage.render(result, fsync, profile.batch)
-            targets += storage.targets(result, fsync)
-        elif part == "end_to_end":
-            e2e = end_to_end.run(profile, args.dir, anchors, _progress)
-            lines = end_to_end.render(e2e)
-            targets += end_to_end.targets(e2e)
-        elif part == "scale":
-            sc = scale.run(profile, args.dir, anchors, _progress)
-            lines = scale.render(sc)
-            targets += scale.targets(sc)
-        elif part == "burst":
-            bursts = burst.run(profile, args.dir, _progress)
-            lines = burst.render(bursts)
-            targets += burst.targets(bursts)
-        elif part == "redis":
-            rs = redis_stream.run(profile, args.dir, anchors, _progress)
-            lines = redis_stream.render(rs)
-            targets += redis_stream.targets(rs)
-        elif part == "aio":
-            measured = aio_bench.run(profile, args.dir, anchors, _progress)
-            lines = aio_bench.render(measured)
-            targets += aio_bench.targets(measured)
-        else:
-            tp = topics.run(profile, args.dir, _progress)
-            lines = topics.render(tp)
-            targets += topics.targets(tp)
+        lines, found = _run_part(part, profile, args, anchors, fsync)
+        targets += found
         out("\n".join(lines))
         out(f"load before: {load}; after: {_common.load_average()}")
         out("")

@@ -6,6 +6,8 @@ crash-safe FIFO queue on disk), :class:`PersistentLatestStorage` (only the newes
 :class:`PersistentTopicStorage` (the newest message per topic) are such callbacks, and the
 filters of :mod:`persizmq.filter` can be chained in front of them. :class:`SequencedPublisher`
 numbers messages per topic so that a subscriber with ``sequence_frame`` counts what was lost.
+:class:`ReliableSender` and :class:`ReliableReceiver` are an acknowledged link (store and
+forward): every message sent is stored exactly once by the receiver, across crashes of both.
 :class:`RedisStreamStorage` keeps the queue in a Redis or Valkey stream, and
 :mod:`persizmq.aio` does the same for asyncio programs (``AsyncSubscriber``, and
 ``AsyncQueue`` to await any storage's messages).
@@ -23,6 +25,7 @@ from persizmq._errors import (
     MessageTypeError,
     MissingDependencyError,
     PersizmqError,
+    ProtocolError,
     QueueFullError,
     RoleError,
     ServerError,
@@ -32,6 +35,7 @@ from persizmq._errors import (
 from persizmq._latest import PersistentLatestStorage
 from persizmq._message import Message, MessageLike
 from persizmq._protocol import Notifying, StatsLike, Storage
+from persizmq._reliable import ReceiverStats, ReliableReceiver, ReliableSender, SenderStats
 from persizmq._sequence import Gap, SequencedPublisher, SequenceStats, TopicSequenceStats
 from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
 from persizmq._subscriber import ThreadedSubscriber
@@ -80,10 +84,15 @@ __all__ = [
     "PersistentStorage",
     "PersistentTopicStorage",
     "PersizmqError",
+    "ProtocolError",
     "QueueFullError",
+    "ReceiverStats",
     "RedisStreamStats",
     "RedisStreamStorage",
+    "ReliableReceiver",
+    "ReliableSender",
     "RoleError",
+    "SenderStats",
     "SequenceStats",
     "SequencedPublisher",
     "ServerError",

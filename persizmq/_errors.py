@@ -19,6 +19,7 @@ __all__ = [
     "MessageTypeError",
     "MissingDependencyError",
     "PersizmqError",
+    "ProtocolError",
     "QueueFullError",
     "RoleError",
     "ServerError",
@@ -41,6 +42,12 @@ class InvalidArgumentError(PersizmqError, ValueError):
 
 class MessageTooLargeError(PersizmqError, ValueError):
     """A message is larger than the configured ``max_message_size``; nothing was stored."""
+
+
+class ProtocolError(PersizmqError, ValueError):
+    """A message of the acknowledged transport (:class:`~persizmq.ReliableSender` ->
+    :class:`~persizmq.ReliableReceiver`) is malformed, of an unknown protocol version, or breaks
+    the protocol; the peer that sent it is told and the message is not stored."""
 
 
 class QueueFullError(PersizmqError, queue.Full):

@@ -58,6 +58,9 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "Topic store: 300 topics",
         "SQLite INSERT OR REPLACE",
         "topic store: open 100,000 topics",
+        "Store and forward: 100-byte messages",
+        "bare DEALER -> ROUTER loop",
+        "acknowledged transport, 100 B, periodic",
     ):
         assert expected in report, expected
     assert "persizmq 1.0.3 loss" not in report  # no anchors were asked for

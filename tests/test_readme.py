@@ -13,6 +13,10 @@ import contextlib
 import io
 import pathlib
 import re
+import signal
+import socket
+import subprocess
+import sys
 import textwrap
 import threading
 from typing import Any, Dict, Iterator, List
@@ -20,7 +24,10 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import zmq
 
+import persizmq
+from tests._helpers import wait_until
 from tests._redis_server import Server
+from tests.cli._util import child_env, contents
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.rst"
@@ -120,6 +127,10 @@ PATTERN_OUTPUT = {
         "2 topics",
     ],
     "serve-latest": ["joined late: b'temperature 21.5'", "after the restart: b'wind 3'"],
+    "ReliableSender": [
+        "acknowledged: True",
+        "[b'reading 0', b'reading 1', b'reading 2', [b'sensor-1', b'reading 3']]",
+    ],
 }
 
 
@@ -197,3 +208,56 @@ def test_document_is_valid_restructured_text(name: str) -> None:
         text, settings_overrides={"warning_stream": warnings, "report_level": 2}
     )
     assert warnings.getvalue() == "", warnings.getvalue()
+
+
+def store_and_forward_commands() -> List[List[str]]:
+    """The two commands of README "Store and forward" (``$ persizmq serve|forward ...``)."""
+    text = README.read_text(encoding="utf-8")
+    found = re.findall(r"^    \$ persizmq (serve|forward) (.*)$", text, re.MULTILINE)
+    return [[command, *rest.split()] for command, rest in found]
+
+
+def test_readme_store_and_forward_commands_run(tmp_path: pathlib.Path) -> None:
+    commands = store_and_forward_commands()
+    assert [argv[0] for argv in commands] == ["serve", "forward"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    local = {"tcp://*:5700": f"tcp://127.0.0.1:{port}"}
+    local["tcp://central-host:5700"] = local["tcp://*:5700"]
+    msgs = [b"reading %d" % i for i in range(500)]
+    with persizmq.PersistentStorage(tmp_path / "readings") as readings:  # as 'record' would
+        readings.add_messages(msgs)
+    env = child_env({"PERSIZMQ_STATUS_INTERVAL": "0", "PYTHONPATH": str(ROOT)})
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "persizmq", *[local.get(arg, arg) for arg in argv]],
+            cwd=tmp_path,  # the README's directories are relative
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for argv in commands
+    ]
+    try:
+        central = tmp_path / "central"
+
+        def served() -> bool:
+            return any(central.glob("*.log")) and len(contents(central)) >= len(msgs)
+
+        wait_until(served, 30.0, "every message at the central host")
+        codes = []
+        for proc in reversed(procs):  # forward first, then serve
+            proc.send_signal(signal.SIGTERM)
+            codes.append(proc.wait(timeout=30))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            assert proc.stderr is not None
+            proc.stderr.close()
+    assert codes == [0, 0]
+    assert contents(tmp_path / "central") == msgs
+    assert contents(tmp_path / "readings") == []

@@ -338,6 +338,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Sink.stdout()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="persizmq-demo-"))
     try:
+        if args.chain:
+            from persizmq._cli._chain import ChainDemo  # noqa: PLC0415 (it imports this module)
+
+            return ChainDemo(workdir, args.messages, args.rate, out).run()
         return _Demo(workdir, args.messages, args.rate, out).run()
     finally:
         if args.keep_dir:
@@ -362,3 +366,10 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "--rate", type=positive, default=2000.0, metavar="R", help="msg/s (default: 2000)"
     )
     demo.add_argument("--keep-dir", action="store_true", help="keep the temporary directory")
+    demo.add_argument(
+        "--chain",
+        action="store_true",
+        help="the store-and-forward chain instead: publisher -> record -> forward -> serve -> "
+        "consumer, each a process, with a SIGKILL of serve; exit 0 only if every message "
+        "arrived exactly once",
+    )

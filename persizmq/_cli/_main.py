@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Tuple
 import zmq
 
 import persizmq
-from persizmq._cli import _bench, _demo, _inspect, _record, _replay, _serve_latest
+from persizmq._cli import _bench, _demo, _inspect, _record, _reliable, _replay, _serve_latest
 from persizmq._cli._base import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -47,7 +47,15 @@ from persizmq._errors import PersizmqError
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The command groups, in the order of ``persizmq --help``; each has ``register(subcommands)``.
-COMMANDS: Tuple[CommandGroup, ...] = (_record, _inspect, _replay, _serve_latest, _bench, _demo)
+COMMANDS: Tuple[CommandGroup, ...] = (
+    _record,
+    _inspect,
+    _replay,
+    _serve_latest,
+    _reliable,
+    _bench,
+    _demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

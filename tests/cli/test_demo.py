@@ -30,3 +30,25 @@ def test_demo_with_stdout_closed_is_one_line(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 1, result.stderr
     assert_one_error_line(result.stderr, "standard output is closed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_chain(tmp_path: pathlib.Path) -> None:
+    result = run_cli(
+        "demo",
+        "--chain",
+        "--messages",
+        "1000",
+        "--rate",
+        "10000",
+        env={"TMPDIR": str(tmp_path)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("lost", "duplicates", "out of order"):
+        assert re.search(rf"^\s*{row}\s+0\b", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^\s*sent\s+1,000\b", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^\s*consumed\s+1,000\b", result.stdout, re.MULTILINE), result.stdout
+    assert "SIGKILL persizmq serve" in result.stdout
+    assert "stages exited with record 0, forward 0, serve 0" in result.stdout
+    assert "OK:" in result.stdout
+    assert list(tmp_path.iterdir()) == []
