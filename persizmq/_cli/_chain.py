@@ -17,7 +17,6 @@ every message arrived exactly once, in order, and every stage exited with 0.
 """
 
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -39,39 +38,6 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-class _ReopeningConsumer(_DemoConsumer):
-    """The central host's application, which opens its queue again whenever it ran dry.
-
-    A workaround of an engine defect (``tests/test_review_engine.py``,
-    ``test_consumer_process_delivers_an_atomic_batch_that_grew_the_segment``): a consumer in
-    another process than the producer does not see an atomic batch written beyond the part of
-    the segment it mapped, and ``serve`` stores each round as one atomic batch. A fresh handle
-    maps the whole file. Remove this class once that test passes.
-    """
-
-    def __init__(self, directory: pathlib.Path, total: int) -> None:
-        """Consume from the queue in ``directory``; messages are numbered ``0 .. total-1``."""
-        self.directory = directory
-        with persizmq.PersistentStorage(directory, role="reader") as probe:
-            super().__init__(probe, total)
-
-    def run(self) -> None:
-        """Pop until told to stop, with a new handle after each 0.1 s without a message."""
-        try:
-            while not self._stop_event.is_set():
-                with persizmq.PersistentStorage(self.directory, role="consumer") as storage:
-                    self.storage = storage
-                    while not self._stop_event.is_set():
-                        msg = storage.front(block=True, timeout=0.1)
-                        if msg is None:
-                            break
-                        self.count(msg)
-                        storage.pop_front()
-                        self.consumed += 1
-        except BaseException as exc:  # noqa: BLE001 (reported by the demo)
-            self.failure = exc
 
 
 class ChainDemo(_Demo):
@@ -139,13 +105,15 @@ class ChainDemo(_Demo):
             pub.bind(self.endpoint)
             self.endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
             self.say(f"publisher: XPUB socket bound to {self.endpoint}")
-            persizmq.PersistentStorage(self.central_dir).close()  # the consumer opens it now
-            consumer = _ReopeningConsumer(self.central_dir, self.total)
+            # The central host's application: a consumer process of its own would do the same.
+            central = persizmq.PersistentStorage(self.central_dir, role="consumer")
+            consumer = _DemoConsumer(central, self.total)
             consumer.start()
             try:
                 self._chain_story(pub, consumer)
             finally:
                 consumer.stop()
+                central.close()
             with persizmq.PersistentStorage(self.central_dir, role="reader") as reader:
                 pending = len(reader)
         finally:
