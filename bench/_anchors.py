@@ -1,6 +1,6 @@
-"""The anchors' virtualenv: persizmq 1.0.3 and the peer queues, apart from persizmq 2.
+"""The anchors' virtualenv: persizmq 1.0.3 and the peer queues, apart from persizmq 3.
 
-persizmq 1.0.3 and persizmq 2 are both imported as ``persizmq``, so the peers live in a private
+persizmq 1.0.3 and persizmq 3 are both imported as ``persizmq``, so the peers live in a private
 virtualenv, ``bench/.venv-anchors/``, created on first use with the running interpreter
 (``python3 -m venv``) and filled from PyPI with :data:`PACKAGES`. Their measurements run in
 child processes of that virtualenv's ``python`` (see :mod:`bench._worker`), which print JSON

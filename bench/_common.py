@@ -72,7 +72,7 @@ class Profile:
     e2e_min_n: int
     #: End to end: trials per (rate, receiver); a rate counts as lossless if all were.
     e2e_rounds: int
-    #: Scale: pending messages of the persizmq 2 queue that is opened, and of the 1.0.3 one.
+    #: Scale: pending messages of the persizmq 3 queue that is opened, and of the 1.0.3 one.
     scale_n: int
     scale_n_v1: int
     #: Scale: how many times each queue is opened (the table shows the median).
@@ -403,5 +403,5 @@ def add_arguments(parser: "argparse.ArgumentParser") -> None:
     parser.add_argument(
         "--no-anchors",
         action="store_true",
-        help="measure persizmq 2 only: no virtualenv with persizmq 1.0.3 and the peer queues",
+        help="measure persizmq 3 only: no virtualenv with persizmq 1.0.3 and the peer queues",
     )

@@ -1,7 +1,7 @@
 """Child-process entry point of the benchmarks.
 
 ``python bench/_worker.py ROLE TASK JSON_ARGS`` runs one task and prints its result as JSON on
-the last line of stdout. ROLE ``repo`` puts the repository first on ``sys.path`` (persizmq 2);
+the last line of stdout. ROLE ``repo`` puts the repository first on ``sys.path`` (persizmq 3);
 ROLE ``anchors`` is for the anchors' virtualenv: the repository goes *last*, so that
 ``import persizmq`` finds the virtualenv's persizmq 1.0.3 while ``import bench`` still works.
 The directory of this file is taken off ``sys.path`` either way, so no module of ``bench/``

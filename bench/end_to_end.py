@@ -8,7 +8,7 @@ The receiver connects a SUB socket, sets up, says it is ready, and counts. Three
 
 * ``bare``: a bare pyzmq loop, ``poller.poll()`` then ``recv()`` per message, persisting
   nothing; the best a Python receiver does on this machine;
-* ``p2``: persizmq 2 ``ThreadedSubscriber(callback=storage.add_message, ...)`` into a
+* ``p2``: persizmq 3 ``ThreadedSubscriber(callback=storage.add_message, ...)`` into a
   ``PersistentStorage`` (``sync="periodic"``, the default);
 * ``v1``: persizmq 1.0.3 ``ThreadedSubscriber`` into its ``PersistentStorage`` (in the
   anchors' virtualenv).
@@ -17,7 +17,7 @@ The slow joiner is handled by the handshake: the publisher starts only after its
 received the subscription *and* the receiver said it is ready. When the publisher process has
 exited (all its messages handed to TCP or dropped at the high-water mark), the receiver is told
 so and stops once it has all N messages or nothing new arrived for a quiet time. "Persisted" is
-``len(storage)`` (persizmq 2) or the number of ``.bin`` files (1.0.3) after the subscriber was
+``len(storage)`` (persizmq 3) or the number of ``.bin`` files (1.0.3) after the subscriber was
 shut down; loss = 1 - persisted / N (``bare``: 1 - received / N).
 
 Run: ``python3 bench/end_to_end.py [--quick] [--dir DIR] [--no-anchors]``.
@@ -60,7 +60,7 @@ __all__ = [
 KINDS = ("bare", "p2", "v1")
 LABELS = {
     "bare": "bare pyzmq loop",
-    "p2": "persizmq 2",
+    "p2": "persizmq 3",
     "v1": "persizmq 1.0.3",
 }
 MESSAGE_SIZE = 100
@@ -431,7 +431,7 @@ def render(result: E2EResult) -> List[str]:
         shown = f"{best:,} msgs/s" if best is not None else "none (lost at the lowest rate)"
         lines.append(f"highest lossless rate, {LABELS[kind]}: {shown}")
     lines.append(
-        "sent/s: the rate the publisher achieved (median); persizmq 2 = ThreadedSubscriber -> "
+        "sent/s: the rate the publisher achieved (median); persizmq 3 = ThreadedSubscriber -> "
         'PersistentStorage.add_message, sync="periodic"; lossless = zero loss in every round '
         "at that rate and all lower ones. The high-water marks and the loopback TCP buffers "
         "absorb a burst of some 30,000 messages, so a receiver somewhat slower than the rate "
@@ -447,7 +447,7 @@ def targets(result: E2EResult) -> List[Target]:
     bare = highest_lossless(result["bare"])
     ours = highest_lossless(result["p2"])
     measured = (
-        f"persizmq 2 {fmt_rate(ours) if ours else 'none'} vs bare "
+        f"persizmq 3 {fmt_rate(ours) if ours else 'none'} vs bare "
         f"{fmt_rate(bare) if bare else 'none'} msgs/s"
     )
     met = None if bare is None else (ours is not None and ours >= bare)

@@ -1,4 +1,4 @@
-"""Run every benchmark of persizmq 2 side by side with its peers and print one report.
+"""Run every benchmark of persizmq 3 side by side with its peers and print one report.
 
 The report starts with the machine (CPU, cores, memory, kernel, Python, the file system the
 queues are written to, the load average), then the storage table, the end-to-end loss table,
@@ -37,7 +37,7 @@ def _header(
 ) -> Tuple[List[str], Optional[str], Dict[str, float]]:
     """The machine description, the anchors' interpreter (if any) and the fsync latency."""
     report: List[str] = [
-        f"persizmq 2 benchmarks ({profile.name} run, "
+        f"persizmq 3 benchmarks ({profile.name} run, "
         f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')})",
         "command: python3 bench/run_all.py"
         + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
@@ -55,7 +55,7 @@ def _header(
             shown = ", ".join(f"{k} {v}" for k, v in versions.items())
             report.append(f"anchors:     {shown} (in {_anchors.VENV_DIR})")
         except RuntimeError as err:
-            report.append(f"anchors:     unavailable, persizmq 2 only ({err})")
+            report.append(f"anchors:     unavailable, persizmq 3 only ({err})")
     with _common.scratch_dir(args.dir, "bench-fsync-") as probe:
         fsync = _common.fsync_latency(probe)
     report.append(

@@ -1,10 +1,10 @@
 """Scale benchmark: opening a large queue, its disk use, and memory while recording.
 
-* Open: a persizmq 2 queue with 1,000,000 pending 100-byte messages (built with
+* Open: a persizmq 3 queue with 1,000,000 pending 100-byte messages (built with
   ``add_messages`` in batches) is opened several times, each time in the same fresh child
   process; the table shows the median time of the constructor (and of the first ``front()``).
   For comparison, a persizmq 1.0.3 directory of 100,000 messages (one ``.bin`` file each, as
-  1.0.3 writes them) is opened by 1.0.3 (in the anchors' virtualenv) and by persizmq 2, which
+  1.0.3 writes them) is opened by 1.0.3 (in the anchors' virtualenv) and by persizmq 3, which
   reads 1.0.x directories. The page cache is warm in every case (nothing is dropped).
 * Disk use: allocated bytes (``st_blocks``) and apparent bytes (``st_size``) of the directory
   against the payload bytes.
@@ -53,7 +53,7 @@ def _payload(i: int) -> bytes:
 
 
 def build_p2(directory: pathlib.Path, n: int, batch: int = BUILD_BATCH) -> Dict[str, float]:
-    """Fill a persizmq 2 queue in ``directory`` with ``n`` messages via ``add_messages``."""
+    """Fill a persizmq 3 queue in ``directory`` with ``n`` messages via ``add_messages``."""
     import persizmq
 
     start = time.perf_counter()
@@ -124,7 +124,7 @@ def _rss_kib(field: str = "VmRSS") -> int:
 
 
 def record_rss(directory: pathlib.Path, n: int, checkpoints: Sequence[int]) -> Dict[str, Any]:
-    """Record ``n`` messages one by one into a fresh persizmq 2 queue; sample the RSS."""
+    """Record ``n`` messages one by one into a fresh persizmq 3 queue; sample the RSS."""
     import persizmq
 
     pad = b"r" * (MESSAGE_SIZE - 8)
@@ -168,7 +168,7 @@ def run(
     result: ScaleResult = {"n": profile.scale_n, "n_v1": profile.scale_n_v1}
     with _common.scratch_dir(base, "bench-scale-") as scratch:
         queue = scratch / "p2"
-        log(f"  scale: building a persizmq 2 queue of {profile.scale_n:,} messages ...")
+        log(f"  scale: building a persizmq 3 queue of {profile.scale_n:,} messages ...")
         args = {"dir": str(queue), "n": profile.scale_n, "batch": BUILD_BATCH}
         result["build"] = _worker(None, "scale-build", args, 600)
         result["disk"] = disk_use(queue)
@@ -220,12 +220,12 @@ def render(result: ScaleResult) -> List[str]:
             ]
         )
 
-    add_row(f"persizmq 2, {n:,} pending", result["open"], result["disk"], payload)
+    add_row(f"persizmq 3, {n:,} pending", result["open"], result["disk"], payload)
     add_row(
         f"persizmq 1.0.3, {n_v1:,} pending", result.get("open_v1"), result["disk_v1"], payload_v1
     )
     add_row(
-        "persizmq 2 opening that 1.0.3 dir", result["open_v1_by_p2"], result["disk_v1"], payload_v1
+        "persizmq 3 opening that 1.0.3 dir", result["open_v1_by_p2"], result["disk_v1"], payload_v1
     )
     rss = result["rss"]
     base_kib = rss["samples"][0][1]
@@ -242,7 +242,7 @@ def render(result: ScaleResult) -> List[str]:
             rows,
             "lrrrrrr",
         ),
-        f"persizmq 2 queue built with add_messages x{BUILD_BATCH:,} in "
+        f"persizmq 3 queue built with add_messages x{BUILD_BATCH:,} in "
         f"{result['build']['seconds']:.2f} s ({n / result['build']['seconds']:,.0f} msgs/s).",
         "",
         f"Memory while recording {rss['pending']:,} messages with add_message "

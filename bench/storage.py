@@ -1,6 +1,6 @@
-"""Storage benchmark: add and consume rates of persizmq 2 against 1.0.3 and peer disk queues.
+"""Storage benchmark: add and consume rates of persizmq 3 against 1.0.3 and peer disk queues.
 
-For every case (persizmq 2 in each ``sync`` mode, ``add_messages`` group commit in ``"always"``
+For every case (persizmq 3 in each ``sync`` mode, ``add_messages`` group commit in ``"always"``
 mode, and the anchors) and every message size (100 B, 4 KiB), a round opens a fresh queue in a
 fresh directory, times a loop of N adds, then a loop of N consumes, and closes it. Rounds are
 interleaved (round 1 of every case, then round 2, ...; each in a fresh child process, in an
@@ -12,7 +12,7 @@ persizmq (1.0.3 and 2), ``pop()`` for queuelib, ``get_nowait()`` for persist-que
 ``Queue`` (``autosave=True``: the position is written per get) and its ``SQLiteQueue``
 (``auto_commit=True``), ``popleft()`` for diskcache's ``Deque``.
 
-persizmq 2 runs in a child process of this interpreter with the repository on ``sys.path``;
+persizmq 3 runs in a child process of this interpreter with the repository on ``sys.path``;
 the anchors in a child of the anchors' virtualenv (:mod:`bench._anchors`).
 
 Run: ``python3 bench/storage.py [--quick] [--dir DIR] [--no-anchors]``.
@@ -47,10 +47,10 @@ SIZES = (100, 4096)
 P2_CASES = ("p2-periodic", "p2-never", "p2-always", "p2-batch")
 ANCHOR_CASES = ("v1", "queuelib", "pq-file", "pq-sqlite", "diskcache")
 LABELS = {
-    "p2-periodic": 'persizmq 2 sync="periodic"',
-    "p2-never": 'persizmq 2 sync="never"',
-    "p2-always": 'persizmq 2 sync="always"',
-    "p2-batch": 'persizmq 2 "always" add_messages',
+    "p2-periodic": 'persizmq 3 sync="periodic"',
+    "p2-never": 'persizmq 3 sync="never"',
+    "p2-always": 'persizmq 3 sync="always"',
+    "p2-batch": 'persizmq 3 "always" add_messages',
     "v1": "persizmq 1.0.3 PersistentStorage",
     "queuelib": "queuelib FifoDiskQueue",
     "pq-file": "persist-queue Queue (file)",
@@ -102,7 +102,7 @@ def _persizmq_loops(
 
     def add_batches(n: int) -> None:
         chunk = [payload] * (batch or 1)
-        add_many = getattr(storage, "add_messages")  # noqa: B009 (persizmq 2 only)
+        add_many = getattr(storage, "add_messages")  # noqa: B009 (persizmq 3 only)
         for _ in range(n // len(chunk)):
             add_many(chunk)
 
@@ -283,7 +283,7 @@ def _median_of(result: StorageResult, case: str, size: int, what: str) -> Option
 def render(
     result: StorageResult, fsync: Optional[Dict[str, float]] = None, batch: Optional[int] = None
 ) -> List[str]:
-    """The storage table: median rates, their spread and the ratio to persizmq 2 periodic."""
+    """The storage table: median rates, their spread and the ratio to persizmq 3 periodic."""
     rows: List[List[str]] = []
     for size in SIZES:
         ref_add = _median_of(result, _REFERENCE, size, "add")
@@ -310,7 +310,7 @@ def render(
     rounds = max((len(s["add"]) for c in result.values() for s in c.values()), default=0)
     lines = [
         f"Storage: messages/s, median of {rounds} interleaved round(s); 'x p2' = rate / "
-        'persizmq 2 sync="periodic" at the same size; +-: half the range of the rounds',
+        'persizmq 3 sync="periodic" at the same size; +-: half the range of the rounds',
         *_common.render_table(
             [
                 "size",

@@ -1,4 +1,4 @@
-"""Smoke test of bench/: the persizmq 2 parts of every benchmark run at a tiny size.
+"""Smoke test of bench/: the persizmq 3 parts of every benchmark run at a tiny size.
 
 No anchors' virtualenv is created and nothing is timed or compared: this only keeps the
 benchmark scripts from rotting as the library changes.
@@ -40,11 +40,11 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
     for expected in (
         "CPU:",
         "fdatasync",
-        'persizmq 2 sync="periodic"',
-        'persizmq 2 "always" add_messages',
+        'persizmq 3 sync="periodic"',
+        'persizmq 3 "always" add_messages',
         "highest lossless rate, bare pyzmq loop",
-        "highest lossless rate, persizmq 2",
-        "persizmq 2, 3,000 pending",
+        "highest lossless rate, persizmq 3",
+        "persizmq 3, 3,000 pending",
         "VmRSS",
         "SPEC 7 target",
         "end to end lossless",
