@@ -19,6 +19,7 @@ process — by a timer that backs off from 1 ms to 50 ms and runs only while som
 
 import asyncio
 import math
+import sys
 from types import TracebackType
 from typing import Any, Iterable, List, Optional, Tuple, Type
 
@@ -36,11 +37,15 @@ def _backend_for(storage: Storage) -> AsyncBackend:
     """The asyncio side of ``storage``.
 
     Every storage gets :class:`~persizmq._aio_local.LocalBackend`, which decides from the
-    storage what may run on the loop. This is the seam where a storage backed by a server plugs
-    in a native asyncio backend (an object following
-    :class:`~persizmq._aio_local.AsyncBackend`: for Redis Streams, redis-py's asyncio client with
-    the storage's group and consumer and a blocking ``XREADGROUP`` instead of polling).
+    storage what may run on the loop; a :class:`~persizmq.RedisStreamStorage` gets its
+    subclass :class:`~persizmq._aio_redis.RedisBackend`, woken by the server (a blocking
+    ``XREAD`` through redis-py's asyncio client) when any client adds to the stream.
     """
+    redis_storage = sys.modules.get("persizmq._redis._storage")  # imported if storage is one
+    if redis_storage is not None and isinstance(storage, redis_storage.RedisStreamStorage):
+        from persizmq._aio_redis import RedisBackend  # noqa: PLC0415 (needs redis-py)
+
+        return RedisBackend(storage)
     return LocalBackend(storage)
 
 
