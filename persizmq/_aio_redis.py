@@ -100,9 +100,7 @@ class RedisBackend(LocalBackend):
                 if reply and self._watching and not self._closed:
                     last = await self._newest_id(client)
                     self._check()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 (the polling timer goes on waking the waiters)
+        except Exception:  # noqa: BLE001 (the polling timer goes on waking the waiters; a cancel passes)
             _log.debug(
                 "the XREAD wake-up of %r stopped; polling only", self._storage, exc_info=True
             )

@@ -14,7 +14,9 @@ server runs in one worker thread per queue or subscriber, started only when such
 (see :mod:`persizmq._aio_worker` for the rules). A waiting ``front()`` is a future on the loop,
 woken by the storage's callback (:class:`persizmq.Notifying`) through the loop's own wake-up
 descriptor, or — for a storage that does not call back, or whose producer may be another
-process — by a timer that backs off from 1 ms to 50 ms and runs only while someone waits.
+process — by a timer that backs off from 1 ms to 50 ms and runs only while someone waits; a
+:class:`~persizmq.RedisStreamStorage` is also woken by the server (a blocking ``XREAD``, see
+:mod:`persizmq._aio_redis`).
 """
 
 import asyncio

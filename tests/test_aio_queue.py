@@ -10,6 +10,7 @@ conditions are polled with deadlines (``until``), awaits run under deadlines (``
 import asyncio
 import math
 import pathlib
+import socket
 import subprocess
 import sys
 import threading
@@ -598,5 +599,39 @@ def test_a_redis_add_by_another_client_is_seen(
         run(body)
         other.close()
         assert len(storage) == 0
+    finally:
+        storage.close()
+
+
+def test_a_failing_redis_wake_up_leaves_the_timer(
+    tmp_path: pathlib.Path, request: pytest.FixtureRequest
+) -> None:
+    # The follower cannot reach its server (here: a port nobody listens on): it ends, and the
+    # polling timer still finds what another client adds.
+    kind = next((k for k in REDIS_KINDS if k in find_binaries()), REDIS_KINDS[0])
+    storage = open_kind(kind, tmp_path, request)
+    try:
+        other = persizmq.RedisStreamStorage(
+            request.getfixturevalue("redis_servers").get(kind).url,
+            storage.stream,
+            consumer="recorder",
+        )
+
+        async def body() -> None:
+            async with AsyncQueue(storage) as queue:
+                got = queue._backend
+                assert isinstance(got, RedisBackend)
+                with socket.socket() as probe:  # a free port, closed again: refused
+                    probe.bind(("127.0.0.1", 0))
+                    got._url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+                waiter = asyncio.create_task(queue.front())
+                await until(lambda: waiting(queue) == 1)
+                await until(lambda: not got.following)  # it gave up
+                add_in_thread(other, b"seen by the timer")
+                assert await within(waiter, 10) == b"seen by the timer"
+                assert await queue.pop_front()
+
+        run(body)
+        other.close()
     finally:
         storage.close()
