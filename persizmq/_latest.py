@@ -1,73 +1,34 @@
 """PersistentLatestStorage: keep only the newest message, on disk.
 
-On-disk layout (all in ``persistent_dir``, other entries are left alone):
-
-* ``latest.lock`` -- the ``flock`` that makes one storage object the only opener;
-* ``latest.0.msg`` and ``latest.1.msg`` -- two slots, each holding one complete message;
-  the valid slot with the higher sequence number is the newest message, the other one is a
-  previous message to fall back on if the newest turns out damaged;
-* ``latest.msg.tmp`` -- a slot being written (removed on open if a crash left it);
-* ``*.corrupt`` -- damaged slots set aside for inspection, never read again.
-
-A slot file is a 32-byte header followed by the message body of ``_message.encode_body``.
-Header, little-endian::
-
-    offset size  field
-         0    8  magic b"PZMQLAST"
-         8    2  format version (1)
-        10    2  flags (0, reserved)
-        12    8  sequence number (u64, +1 per stored message)
-        20    8  body length in bytes (u64)
-        28    4  CRC32 (zlib.crc32) of bytes 0..27 followed by the body
-
-A slot is valid only if its size is exactly 32 + body length, the magic and the CRC match and
-its body decodes. A later format version must keep these 32 bytes' layout.
-
-Every write goes to ``latest.msg.tmp`` and is renamed over one of the slots, so a killed process
-leaves each slot either old or new, never half-written. Which slot is replaced:
-
-* normally the one *not* holding the newest message, so the previous message stays on disk;
-* with ``sync="periodic"``, while the newest message is not fsynced yet, that unsynced slot is
-  replaced again. So the last fsynced message -- in particular every message that
-  :meth:`PersistentLatestStorage.message` returned -- is never overwritten before a newer one is
-  durable, and survives a power cut.
-
-Every object opened on the same directory in this process shares one open store (see
-``_engine._registry``): adds from any of them replace the one newest message, and each object
-has its own :attr:`~PersistentLatestStorage.new_message` flag (``True`` when the store holds a
-message newer than the last one that object's ``message()`` returned; a new object over a store
-that holds a message starts with it ``True``, as after a restart). The lock file goes with the
-last object closed; another process gets :class:`LockedError`.
-
-persizmq 1.0.x kept the message as the raw content of ``persistent_message.bin``; when no slot
-exists it is read, converted to a slot (fsynced) and then removed; a leftover 1.0.x
-``persistent_message.tmp`` is removed.
+The files and their checks are in ``_latest_format``; the open store of a directory, shared by
+the objects opened on it in this process (its slot choice, fail-stop and ``fork()`` rules), in
+``_latest_store``. This module is the public class.
 """
 
 import contextlib
-import errno
-import logging
-import os
 import pathlib
-import struct
 import sys
-import threading
-import zlib
 from types import TracebackType
-from typing import List, NamedTuple, Optional, Tuple, Type
+from typing import Optional, Type
 
 from persizmq import _fs
 from persizmq._checks import check_optional_int, check_seconds
 from persizmq._engine import _registry
-from persizmq._engine._durability import Durability, SyncWork
-from persizmq._engine._registry import lock_wait
-from persizmq._errors import (
-    ClosedError,
-    CorruptionError,
-    MessageTooLargeError,
-    StorageWriteError,
+from persizmq._errors import ClosedError, MessageTooLargeError
+from persizmq._latest_format import (
+    FORMAT_VERSION,
+    LEGACY_FILE,
+    LEGACY_TMP_FILE,
+    LOCK_FILE,
+    MAGIC,
+    SLOT_FILES,
+    TMP_FILE,
+    DamagedError,
+    parse_slot,
+    payload_size,
 )
-from persizmq._message import KIND_SINGLE, Message, decode_body, encode_body
+from persizmq._latest_store import LatestStore, StoreOptions
+from persizmq._message import Message, decode_body, encode_body
 
 __all__ = [
     "FORMAT_VERSION",
@@ -80,434 +41,9 @@ __all__ = [
     "PersistentLatestStorage",
 ]
 
-_LOGGER = logging.getLogger("persizmq")
-
-MAGIC = b"PZMQLAST"
-FORMAT_VERSION = 1
-LOCK_FILE = "latest.lock"
-SLOT_FILES = ("latest.0.msg", "latest.1.msg")
-TMP_FILE = "latest.msg.tmp"
-LEGACY_FILE = "persistent_message.bin"
-LEGACY_TMP_FILE = "persistent_message.tmp"
-
-# magic, version, flags, sequence, body length -- then the CRC32.
-_PREFIX = struct.Struct("<8sHHQQ")
-_CRC = struct.Struct("<I")
-_HEADER_SIZE = _PREFIX.size + _CRC.size  # 32
-_U32 = struct.Struct("<I")
-
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
-
-
-class _DamagedError(Exception):
-    """A slot file failed its checks; the argument says how."""
-
-
-class _Options(NamedTuple):
-    """The options that belong to the open store (two objects must agree on them)."""
-
-    sync: str
-    sync_interval: float
-
-
-def _fsync_slot(dir_fd: int, name: str) -> None:
-    """Make the slot ``name`` durable: its content, then the directory entry renamed to it."""
-    fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.fsync(dir_fd)
-
-
-def _payload_size(body: bytes) -> int:
-    """Return the message's payload size (sum of frames) from its encoded body."""
-    if body[0] == KIND_SINGLE:
-        return len(body) - 1
-    count: int = _U32.unpack_from(body, 1)[0]
-    return len(body) - 5 - 4 * count
-
-
-def _parse_slot(data: bytes) -> Tuple[int, Message]:
-    """Return ``(sequence, message)`` of a slot file's content.
-
-    :raises _DamagedError: the content failed a check.
-    :raises CorruptionError: the slot is intact but written by a newer format version.
-    """
-    if len(data) < _HEADER_SIZE:
-        raise _DamagedError(f"{len(data)} bytes, shorter than the {_HEADER_SIZE}-byte header")
-    magic, version, _flags, sequence, length = _PREFIX.unpack_from(data, 0)
-    if magic != MAGIC:
-        raise _DamagedError(f"expected the magic {MAGIC!r}, found {magic!r}")
-    if len(data) != _HEADER_SIZE + length:
-        raise _DamagedError(
-            f"the header announces a {length}-byte body, the file holds "
-            f"{len(data) - _HEADER_SIZE} bytes after the header"
-        )
-    (stored_crc,) = _CRC.unpack_from(data, _PREFIX.size)
-    view = memoryview(data)
-    crc = zlib.crc32(view[_HEADER_SIZE:], zlib.crc32(view[: _PREFIX.size]))
-    if crc != stored_crc:
-        raise _DamagedError(f"CRC32 mismatch: stored {stored_crc:#010x}, computed {crc:#010x}")
-    if version != FORMAT_VERSION:
-        raise CorruptionError(
-            f"expected format version {FORMAT_VERSION}, found {version}: the file was written "
-            f"by a newer persizmq; open the directory with that version"
-        )
-    if length == 0:
-        raise _DamagedError("the body is empty, expected at least its kind byte")
-    try:
-        message = decode_body(view[_HEADER_SIZE:], "slot")
-    except CorruptionError as err:
-        raise _DamagedError(str(err)) from None
-    return sequence, message
-
-
-class _LatestStore:
-    """The open latest-message store of one directory, shared by the objects opened on it."""
-
-    def __init__(self, directory: pathlib.Path, options: _Options) -> None:
-        """Take the directory's lock and load the newest message.
-
-        :raises LockedError: another process holds the directory.
-        :raises CorruptionError: the stored message was written by a newer persizmq.
-        """
-        self.directory = self._dir = directory
-        self._options = options
-        self._sync = options.sync
-        self.lock = threading.Lock()
-        self._closed_cond = threading.Condition(self.lock)
-        self.closed = False
-        self.closing = False
-        self.users = 0
-        self._message: Optional[Message] = None
-        self._sequence = 0  # of the newest stored message; 0 when none
-        self._newest_slot: Optional[int] = None
-        self._newest_synced = True
-        self._pending_sync: Optional[str] = None  # a slot written but not yet fsynced
-        self._dir_fd = -1
-        self._lock_fd = _fs.acquire_lock(directory / LOCK_FILE, "PersistentLatestStorage")
-        self.durability = Durability(self.lock, directory, options.sync, options.sync_interval)
-        self.durability.participants.append(self)
-        try:
-            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._load()
-        except BaseException:
-            self._release()
-            raise
-        self.durability.start()
-
-    @property
-    def options(self) -> _Options:
-        """The options two objects must agree on."""
-        return self._options
-
-    @property
-    def sequence(self) -> int:
-        """The sequence number of the newest stored message (0: none)."""
-        return self._sequence
-
-    # ------------------------------------------------------------------ opening
-
-    def _load(self) -> None:
-        dir_fd = self._dir_fd
-        for name in (TMP_FILE, LEGACY_TMP_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=dir_fd)
-
-        present, valid, damaged = self._scan_slots()
-        if valid:
-            sequence, slot, message = max(valid, key=lambda entry: entry[0])
-            self._sequence = sequence
-            self._newest_slot = slot
-            self._message = message
-            for name, reason in damaged:
-                _LOGGER.warning(
-                    "persizmq: the latest-message file %s is damaged (%s); using the valid "
-                    "message with sequence number %d from %s",
-                    self._dir / name,
-                    reason,
-                    sequence,
-                    SLOT_FILES[slot],
-                )
-        elif damaged:
-            _LOGGER.error(
-                "persizmq: no valid latest message in %s: %s; starting empty",
-                self._dir,
-                "; ".join(f"{name} is damaged ({reason})" for name, reason in damaged),
-            )
-        for name, _reason in damaged:
-            self._quarantine(name)
-
-        if not present:
-            self._migrate_legacy()
-
-        if self._sync != "never":
-            if self._newest_slot is not None:
-                # Whatever a previous run left unsynced becomes durable before it is relied on.
-                _fsync_slot(dir_fd, SLOT_FILES[self._newest_slot])
-            elif damaged:
-                os.fsync(dir_fd)
-
-    def _scan_slots(
-        self,
-    ) -> Tuple[bool, List[Tuple[int, int, Message]], List[Tuple[str, str]]]:
-        """Return whether any slot exists, the valid ones and the damaged ones."""
-        valid: List[Tuple[int, int, Message]] = []  # (sequence, slot, message)
-        damaged: List[Tuple[str, str]] = []  # (name, reason)
-        present = False
-        for slot, name in enumerate(SLOT_FILES):
-            try:
-                data = self._read(name)
-            except FileNotFoundError:
-                continue
-            present = True
-            try:
-                sequence, message = _parse_slot(data)
-            except _DamagedError as err:
-                damaged.append((name, str(err)))
-            except CorruptionError as err:
-                raise CorruptionError(f"{str(self._dir / name)!r}: {err}") from None
-            else:
-                valid.append((sequence, slot, message))
-        return present, valid, damaged
-
-    def _read(self, name: str) -> bytes:
-        fd = os.open(name, _READ_FLAGS, dir_fd=self._dir_fd)
-        try:
-            size = os.fstat(fd).st_size
-            chunks = []
-            while True:
-                chunk = os.read(fd, max(size, 65536))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
-
-    def _quarantine(self, name: str) -> None:
-        """Move a damaged slot aside (``<name>.corrupt``, ``.corrupt.1``, ...) for inspection."""
-        dir_fd = self._dir_fd
-        target = f"{name}.corrupt"
-        counter = 0
-        while True:
-            try:
-                os.stat(target, dir_fd=dir_fd)
-            except FileNotFoundError:
-                break
-            counter += 1
-            target = f"{name}.corrupt.{counter}"
-        os.rename(name, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        _LOGGER.warning(
-            "persizmq: moved the damaged %s to %s", self._dir / name, self._dir / target
-        )
-
-    def _migrate_legacy(self) -> None:
-        dir_fd = self._dir_fd
-        try:
-            data = self._read(LEGACY_FILE)
-        except FileNotFoundError:
-            return
-        # Converted with an fsync whatever the mode, since the 1.0.x file is removed afterwards.
-        body = encode_body(data)
-        assert body is not None
-        self._write(body, data, durable=True)
-        os.unlink(LEGACY_FILE, dir_fd=dir_fd)
-        os.fsync(dir_fd)
-        _LOGGER.info(
-            "persizmq: converted the persizmq 1.0.x message %s (%d bytes) to %s",
-            self._dir / LEGACY_FILE,
-            len(data),
-            SLOT_FILES[self._newest_slot or 0],
-        )
-
-    # ------------------------------------------------------------------ used by the objects
-
-    def add(self, body: bytes, message: Message) -> None:
-        """Store ``body`` (the encoded ``message``) as the newest message."""
-        with self.lock:
-            if self.closed:
-                raise ClosedError("cannot add a message: the PersistentLatestStorage is closed")
-            self.durability.check()
-            self._write(body, message, durable=self._sync == "always")
-
-    def newest(self) -> Tuple[Optional[Message], int]:
-        """``(message, sequence)`` of the newest message, fsynced first if it is not yet."""
-        with self.lock:
-            if self.closed:
-                raise ClosedError("cannot read the message: the PersistentLatestStorage is closed")
-            if not self._newest_synced:
-                self.durability.check()
-                self._sync_newest()
-            return self._message, self._sequence
-
-    def sync_work(self) -> Optional[SyncWork]:
-        """For a fsync round of the background thread: the newest slot, if not yet synced."""
-        name = self._pending_sync
-        if self.closed or name is None or self._newest_synced:
-            return None
-        try:
-            fd = os.open(name, _READ_FLAGS, dir_fd=self._dir_fd)
-        except FileNotFoundError:
-            return None
-        sequence = self._sequence
-
-        def done() -> None:
-            if self._sequence == sequence:
-                self._newest_synced = True
-                self._pending_sync = None
-
-        return SyncWork([fd], True, done, str(self._dir / name))
-
-    def periodic_sync(self) -> None:
-        """Fsync the newest message if it was written since the last sync."""
-        with self.lock:
-            if self.closed or self._newest_synced:
-                return
-            self._sync_newest()
-
-    def attach(self) -> bool:
-        """One more object uses the store; False if it was closed meanwhile."""
-        with self.lock:
-            while self.closing and not self.closed:  # its last object is closing it
-                self._closed_cond.wait()
-            if self.closed:
-                return False
-            self.users += 1
-            return True
-
-    def detach(self, blocking: bool = True) -> Optional[bool]:
-        """One object fewer; the last one closes the store. None if ``blocking`` is False and
-        the lock was busy (nothing changed)."""
-        if not self.lock.acquire(timeout=lock_wait(blocking)):
-            return None
-        try:
-            self.users -= 1
-            if self.users > 0:
-                return False
-            self.closing = True
-            try:
-                self.durability.wait_round(None)
-            finally:
-                self.closed = True
-                self.durability.stop_nowait()
-                self._release()
-                self._closed_cond.notify_all()
-        finally:
-            self.lock.release()
-        self.durability.stop()
-        return True
-
-    def close(self, timeout: Optional[float] = None) -> None:
-        """Fsync what is pending (unless ``sync="never"``) and release the directory."""
-        if self.closed:
-            return
-        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
-            _LOGGER.warning("persizmq: could not close %s: it stayed busy", self._dir)
-            return
-        try:
-            if self.closed:
-                return
-            self.closing = True
-            try:
-                self.durability.wait_round(None)
-            finally:
-                self.closed = True
-                self.durability.stop_nowait()
-                self._release()
-                self._closed_cond.notify_all()
-        finally:
-            self.lock.release()
-        self.durability.stop()
-
-    def _release(self) -> None:
-        """A last fsync if one is pending, then the directory and its lock."""
-        if self._dir_fd >= 0:
-            if self._pending_sync is not None and self.durability.failed is None:
-                try:
-                    _fsync_slot(self._dir_fd, self._pending_sync)
-                except OSError:
-                    _LOGGER.exception("persizmq: the final fsync of the latest message failed")
-                self._pending_sync = None
-            os.close(self._dir_fd)
-            self._dir_fd = -1
-        if self._lock_fd >= 0:
-            _fs.release_lock(self._lock_fd)
-            self._lock_fd = -1
-
-    # ------------------------------------------------------------------ writing
-
-    def _write(self, body: bytes, message: Message, *, durable: bool) -> None:
-        """Store ``body`` as the next sequence number; the caller holds the lock."""
-        dir_fd = self._dir_fd
-        newest = self._newest_slot
-        if newest is None:
-            slot = 0
-        elif self._newest_synced:
-            slot = 1 - newest
-        else:
-            slot = newest  # keep the last durable message, replace the unsynced one
-        sequence = self._sequence + 1
-        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, sequence, len(body))
-        header = prefix + _CRC.pack(zlib.crc32(body, zlib.crc32(prefix)))
-        name = SLOT_FILES[slot]
-        try:
-            fd = os.open(TMP_FILE, _WRITE_FLAGS, _fs.FILE_MODE, dir_fd=dir_fd)
-            try:
-                written = os.writev(fd, (header, body))
-                if written < _HEADER_SIZE + len(body):
-                    _write_rest(fd, header + body, written)
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(TMP_FILE, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(TMP_FILE, dir_fd=dir_fd)
-            raise StorageWriteError(
-                err.errno if err.errno is not None else errno.EIO,
-                f"cannot write the latest message to {str(self._dir / name)!r}: "
-                f"{err.strerror}; the previous message is kept",
-            ) from err
-        # The new message is in place: from here on it is the newest, even if an fsync fails.
-        self._sequence = sequence
-        self._newest_slot = slot
-        self._message = message
-        if durable:
-            try:
-                os.fsync(dir_fd)
-            except OSError as err:
-                self._newest_synced = False
-                self._pending_sync = name
-                raise StorageWriteError(
-                    err.errno if err.errno is not None else errno.EIO,
-                    f"stored the latest message in {str(self._dir / name)!r}, but the fsync of "
-                    f"the directory failed: {err.strerror}; it may not survive a power cut",
-                ) from err
-            self._newest_synced = True
-            self._pending_sync = None
-        elif self._sync == "periodic":
-            self._newest_synced = False
-            self._pending_sync = name
-        else:
-            self._newest_synced = True  # "never": nothing will ever be fsynced
-
-    def _sync_newest(self) -> None:
-        """Fsync the newest slot and the directory; the caller holds the lock."""
-        assert self._newest_slot is not None
-        name = SLOT_FILES[self._newest_slot]
-        try:
-            _fsync_slot(self._dir_fd, name)
-        except OSError as err:
-            raise StorageWriteError(
-                err.errno if err.errno is not None else errno.EIO,
-                f"cannot fsync the latest message {str(self._dir / name)!r}: {err.strerror}",
-            ) from err
-        self._newest_synced = True
-        self._pending_sync = None
+# The command line (persizmq._cli._dirs) reads slots through these names.
+_parse_slot = parse_slot
+_DamagedError = DamagedError
 
 
 class PersistentLatestStorage:
@@ -527,6 +63,10 @@ class PersistentLatestStorage:
 
     In every mode a killed process loses nothing that ``add_message`` accepted, and damage on
     disk is never returned: a damaged newest slot falls back to the previous good message.
+
+    A failed fsync is fail-stop: from then on :meth:`add_message`, :meth:`periodic_sync`,
+    :meth:`close` and a :meth:`message` whose newest message is not yet durable raise
+    :class:`StorageWriteError` naming it; opening the directory again starts from the disk.
 
     The storage is thread-safe. It holds a lock on the directory until :meth:`close` (or the
     end of a ``with`` block, or the object is garbage-collected), so a second opener -- in this
@@ -554,18 +94,19 @@ class PersistentLatestStorage:
         :raises DirectoryError: ``persistent_dir`` is not a usable directory.
         :raises LockedError: another process holds the directory.
         :raises CorruptionError: the stored message was written by a newer persizmq.
+        :raises StorageWriteError: an fsync (or another write) of the opening failed.
         """
         self._closed = True  # until opened, so that __del__ of a failed open is quiet
         sync = _fs.check_sync_mode(sync)
         interval = check_seconds("sync_interval", sync_interval, allow_zero=False)
         self._max_message_size = check_optional_int("max_message_size", max_message_size, 1)
         self._dir = _fs.open_directory(persistent_dir, "persistent_dir")
-        options = _Options(sync, interval)
-        self._store: _LatestStore = _registry.open_shared(
+        options = StoreOptions(sync, interval)
+        self._store: LatestStore = _registry.open_shared(
             "latest",
             self._dir,
             options=options,
-            create=lambda: _LatestStore(self._dir, options),
+            create=lambda: LatestStore(self._dir, options),
             attach=lambda store: store.attach(),
             stale=lambda store: store.durability.failed is not None,
         )
@@ -607,15 +148,15 @@ class PersistentLatestStorage:
             another object with the buffer protocol (stored as ``bytes``).
         :raises MessageTypeError: ``msg`` is a ``str`` or not bytes-like.
         :raises MessageTooLargeError: ``msg`` is larger than ``max_message_size``.
-        :raises StorageWriteError: writing failed (for example a full disk); the previous
-            message is kept.
+        :raises StorageWriteError: writing failed (for example a full disk; the previous
+            message is kept), or an fsync failed, now or before (fail-stop).
         :raises ClosedError: the storage is closed.
         """
         body = encode_body(msg)
         if body is None:
             return
         if self._max_message_size is not None:
-            size = _payload_size(body)
+            size = payload_size(body)
             if size > self._max_message_size:
                 raise MessageTooLargeError(
                     f"expected a message of at most max_message_size={self._max_message_size} "
@@ -636,7 +177,8 @@ class PersistentLatestStorage:
         this returns survives a power cut.
 
         :raises ClosedError: the storage is closed.
-        :raises StorageWriteError: the fsync failed.
+        :raises StorageWriteError: the message is not durable and an fsync failed, now or
+            before (fail-stop).
         """
         if self._closed:
             raise ClosedError("cannot read the message: the PersistentLatestStorage is closed")
@@ -648,7 +190,10 @@ class PersistentLatestStorage:
 
     def periodic_sync(self) -> None:
         """Fsync the newest message if it was written since the last sync (a no-op once
-        closed)."""
+        closed).
+
+        :raises StorageWriteError: an fsync failed, now or before (fail-stop).
+        """
         if not self._closed:
             self._store.periodic_sync()
 
@@ -658,6 +203,9 @@ class PersistentLatestStorage:
 
         Idempotent; afterwards :meth:`add_message` and :meth:`message` raise
         :class:`ClosedError`.
+
+        :raises StorageWriteError: an fsync failed, now or before (fail-stop; the object is
+            closed and the directory released anyway).
         """
         if self._closed:
             return
@@ -666,7 +214,7 @@ class PersistentLatestStorage:
         _registry.release_shared(store, store.detach)
 
     @staticmethod
-    def _release(store: _LatestStore, blocking: bool) -> bool:
+    def _release(store: LatestStore, blocking: bool) -> bool:
         return _registry.release_shared(store, store.detach, blocking)
 
     def __enter__(self) -> "PersistentLatestStorage":
@@ -701,10 +249,3 @@ class PersistentLatestStorage:
             f"<{type(self).__name__} persistent_dir={str(self._dir)!r} sync={self._sync!r} "
             f"{state} new_message={self.new_message}>"
         )
-
-
-def _write_rest(fd: int, data: bytes, done: int) -> None:
-    """Finish a short write: write ``data[done:]`` to ``fd``."""
-    view = memoryview(data)[done:]
-    while view:
-        view = view[os.write(fd, view) :]

@@ -27,7 +27,9 @@ example above, a message that is too large never counts as the "previous accepte
   continues where the previous one stopped. Within one process, every ``MinPeriod`` over one
   directory shares that state (the second of two filters built on it sees what the first let
   through); the directory is locked (``min_period.lock``) while one is alive, so a filter in
-  another process gets :class:`~persizmq.LockedError`.
+  another process gets :class:`~persizmq.LockedError`. That state is not shared across
+``fork()``: in the child, a ``MinPeriod`` over a directory that it inherited raises
+:class:`~persizmq.ClosedError` saying so (build a new one there; the parent's goes on).
 
 Both filters are safe to call from several threads.
 """
@@ -40,6 +42,7 @@ import pathlib
 import sys
 import threading
 import time
+import weakref
 from types import TracebackType
 from typing import NamedTuple, Optional, Type, TypeVar
 
@@ -47,7 +50,12 @@ from persizmq import _fs
 from persizmq._checks import check_seconds
 from persizmq._engine import _registry
 from persizmq._engine._registry import lock_wait
-from persizmq._errors import InvalidArgumentError, MessageTypeError, StorageWriteError
+from persizmq._errors import (
+    ClosedError,
+    InvalidArgumentError,
+    MessageTypeError,
+    StorageWriteError,
+)
 
 __all__ = ["MaxSize", "MinPeriod"]
 
@@ -160,10 +168,12 @@ class _PeriodState:
         """Lock the directory and read the stored timestamp."""
         self.directory = directory
         self.closed = False
+        self.forked_from: Optional[int] = None  # the parent's pid, in a child of fork()
         self.users = 0
         self.lock = threading.Lock()
         self.file = directory / TIMESTAMP_FILE
         self._lock_fd = _fs.acquire_lock(directory / LOCK_FILE, "MinPeriod")
+        _ALL.add(self)
         # Last accepted message in this process on the monotonic clock: immune to clock jumps.
         self.last_monotonic: Optional[float] = None
         # Wall-clock time of the last accepted message, as stored (possibly by another run).
@@ -206,6 +216,38 @@ class _PeriodState:
                 _fs.release_lock(self._lock_fd)
         finally:
             self.lock.release()
+
+    def check_not_forked(self) -> None:
+        """Raise :class:`ClosedError` in a child of ``fork()`` (see :meth:`after_fork`)."""
+        if self.forked_from is not None:
+            raise ClosedError(
+                f"cannot filter with the MinPeriod of {str(self.directory)!r} in this process: "
+                f"it was opened by process {self.forked_from} before a fork(); a MinPeriod "
+                f"over a directory is not shared across fork(): build it again in this process"
+            )
+
+    def after_fork(self) -> None:
+        """In a child made by ``fork()``: closed and refusing use. A fresh lock (one the parent
+        held at the fork would stay held for ever); the child's copy of the lock descriptor is
+        closed, so the parent's lock lives on in the parent alone."""
+        self.forked_from = os.getppid()
+        self.lock = threading.Lock()
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+
+
+#: Every directory state of this process, for the fork hook.
+_ALL: "weakref.WeakSet[_PeriodState]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for state in list(_ALL):
+        state.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class MinPeriod:
@@ -286,10 +328,14 @@ class MinPeriod:
 
         An accepted message's time becomes the new reference (and is stored in
         ``persistent_dir``, if given). ``None`` passes through as ``None`` and counts as nothing.
+
+        :raises ClosedError: the filter's directory state was inherited through ``fork()``.
         """
         if msg is None:
             return None
         state = self._state
+        if state.file is not None:
+            state.check_not_forked()
         with state.lock:
             now_wall = time.time()
             now_monotonic = time.monotonic()

@@ -823,3 +823,26 @@ def test_a_forked_child_is_told_to_open_the_storage_again(tmp_path: pathlib.Path
         assert answer == b"fork"
         s.add_message(b"after")
         assert list(s) == [b"before", b"after"]
+
+
+def test_a_forked_child_does_not_keep_the_parent_locked_out(tmp_path: pathlib.Path) -> None:
+    # A flock lasts while any copy of its descriptor is open: the child must drop its copies,
+    # or the parent cannot close and reopen the directory while the child runs.
+    directory = tmp_path / "q"
+    s = persizmq.PersistentStorage(directory)
+    s.add_message(b"m")
+    go_read, go_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child: waits until the parent is done)
+        os.close(go_write)
+        os.read(go_read, 1)
+        os._exit(0)
+    os.close(go_read)
+    try:
+        s.close()
+        with persizmq.PersistentStorage(directory) as again:
+            assert again.front() == b"m"
+    finally:
+        os.write(go_write, b"x")
+        os.close(go_write)
+        os.waitpid(pid, 0)

@@ -123,6 +123,8 @@ def test_add_message_until_full_then_consume_and_add_again(tmpfs: pathlib.Path, 
             consumed.append(front)
             assert storage.pop_front()
         assert numbers(consumed) == list(range(1, 61))
+        # The consumed files are deleted by the background thread (sync_now() waits for it).
+        storage.sync_now()
         assert free_pages(tmpfs) >= 8
         storage.add_message(msg(end))
         storage.add_messages([msg(end + 1), msg(end + 2)])

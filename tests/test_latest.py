@@ -662,3 +662,52 @@ def test_write_failure_in_process(tmp_path: pathlib.Path, monkeypatch: pytest.Mo
     with PersistentLatestStorage(tmp_path) as reopened:
         assert reopened.message() == b"before"
     assert not (tmp_path / "latest.msg.tmp").exists()
+
+
+_GC_IN_ROUND_CHILD = """
+    import gc, json, os, sys, threading
+    import persizmq
+    d = sys.argv[1]
+
+    class Holder:
+        def __init__(self, storage):
+            self.storage = storage
+            self.me = self  # a reference cycle: only the cyclic GC frees it
+
+    gc.disable()
+    storage = persizmq.PersistentLatestStorage(d, sync="periodic", sync_interval=0.05)
+    storage.add_message(b"m1")
+    Holder(storage)
+    del storage  # garbage now: the last object of the store, left to the cyclic GC
+    real, fired, busy = os.fdatasync, threading.Event(), []
+
+    def fdatasync(fd):
+        # the collection lands in the I/O phase of the background thread's round
+        if not busy and sys._getframe(1).f_code.co_name == "sync_round":
+            busy.append(1)
+            gc.collect()
+            fired.set()  # the finalizer returned
+        return real(fd)
+
+    os.fdatasync = fdatasync
+    fired.wait()  # (never set if the finalizer hangs: the test's time-out tells)
+    os.fdatasync = real
+    # Reopening needs the collected object's release, left to the registry's reaper.
+    with persizmq.PersistentLatestStorage(d, sync="periodic", sync_interval=0.05) as again:
+        print(json.dumps({"fired": fired.is_set(), "message": again.message().decode()}))
+"""
+
+
+def test_a_finalizer_inside_the_background_round_does_not_deadlock(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The garbage collector may run a finalizer in the background thread while its round has
+    # the lock released for the fsync: closing the store there must not wait for that round
+    # (its own thread), or the store stays "closing" for ever and every later open hangs.
+    from tests._review_util import run_child
+
+    got = run_child(_GC_IN_ROUND_CHILD, str(tmp_path / "latest"), timeout=20)
+    assert not got["hung"], "the finalizer waited for its own thread's round"
+    assert got["returncode"] == 0, got["stderr"]
+    assert got["fired"]
+    assert got["message"] == "m1"

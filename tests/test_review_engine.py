@@ -455,3 +455,44 @@ def test_iteration_never_yields_a_2_0_0_message_popped_meanwhile(tmp_path: pathl
             assert s.front() is not None
             assert s.pop_front()
         assert list(iterator) == [b"old-2", b"new"]
+
+
+def test_running_out_of_descriptors_in_front_is_a_persizmq_error_and_recoverable(
+    tmp_path: pathlib.Path,
+) -> None:
+    got = run_child(
+        """
+        import json, os, resource, sys
+        import persizmq
+        s = persizmq.PersistentStorage(sys.argv[1], sync="never", segment_size=4096)
+        s.add_message(b"a" * 3000)
+        s.add_message(b"b" * 3000)  # a second segment: front() must open it
+        assert s.front()[:1] == b"a" and s.pop_front()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
+        try:
+            s.front()
+            error = None
+        except Exception as exc:
+            error = [type(exc).__name__, isinstance(exc, persizmq.PersizmqError), str(exc)]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        after = s.front()
+        print(json.dumps({"error": error, "after": None if after is None else after[:1].decode()}))
+        """,
+        str(tmp_path / "q"),
+    )
+    assert got["returncode"] == 0, got["stderr"]
+    assert got["error"] is not None, "front() did not fail: the limit was not reached"
+    assert got["error"][1], got["error"]
+    assert "open files" in got["error"][2]
+    assert got["after"] == "b", "the failed front() lost its place"
+
+
+def test_front_with_a_zero_timeout_returns_a_message_that_needs_an_fsync_first(
+    tmp_path: pathlib.Path,
+) -> None:
+    """``timeout=0`` is queue.Queue's "do not wait": like ``block=False``, it does the fsync a
+    pending message needs (bounding the wait for a slow fsync made it return None)."""
+    with persizmq.PersistentStorage(tmp_path / "q", sync_interval=3600) as s:
+        s.add_message(b"m")
+        assert s.front(block=True, timeout=0) == b"m"

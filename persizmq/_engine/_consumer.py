@@ -48,7 +48,7 @@ from persizmq._engine._durability import Durability, SyncWork
 from persizmq._engine._ledger import Ledger
 from persizmq._engine._legacy import LegacyFiles, V2Log, remove_legacy_tmp
 from persizmq._engine._position import PositionLog, read_position
-from persizmq._engine._segment import Segment, list_bases, quarantine
+from persizmq._engine._segment import Segment, list_bases, quarantine, reserve_holes
 from persizmq._errors import CorruptionError, StorageWriteError
 from persizmq._message import Message, decode_multipart
 
@@ -139,17 +139,31 @@ class Consumer:
         self.durable: Tuple[int, int] = (-1, 0)  # without the producer: fsynced by us
         self._want: Tuple[int, int] = (-1, 0)
         self._dir_synced = -1
+        #: A reader released its cursor's mapping between calls (see :meth:`release`).
+        self._released = False
         try:
             if not readonly:
                 remove_legacy_tmp(directory)
             self.files = LegacyFiles(directory)
             self.v2 = V2Log(directory, sync, readonly)
+            if not readonly:
+                self._reserve_holes()
             self._seek_position(in_process_producer)
             if not readonly:
                 self.plog = PositionLog(directory, sync)
         except BaseException:
             self.close()
             raise
+
+    def _reserve_holes(self) -> None:
+        """Before the cursor touches a mapping: reserve the blocks of the segments still to
+        read that have holes (a sparse copy on a full disk: ``ENOSPC`` now, never ``SIGBUS``).
+        The segments before the position's are deleted, not reserved."""
+        position = read_position(self.directory)
+        start = 0 if position is None else position[1]
+        for base in list_bases(self.directory):
+            if base >= start:
+                reserve_holes(self.directory, base)
 
     def _seek_position(self, in_process_producer: bool) -> None:
         position = read_position(self.directory)
@@ -443,19 +457,31 @@ class Consumer:
 
     def sync_work(self) -> Optional[SyncWork]:
         """For a round: the position log(s), and what ``front()`` needs made durable."""
-        fds = []
+        sources = []
         if self.pos_dirty:
             if self.plog is not None:
-                fds.append(os.dup(self.plog.fileno()))
+                sources.append(self.plog.fileno())
             if self.v2 is not None and self.v2.fileno() >= 0:
-                fds.append(os.dup(self.v2.fileno()))
-        self.pos_dirty = False
+                sources.append(self.v2.fileno())
         want = self._want
         directory = False
         seg = self.cursor.seg
         if want > self.durable and seg is not None and seg.base == want[0]:
-            fds.append(os.dup(seg.fd))
+            sources.append(seg.fd)
             directory = self._dir_synced != want[0]
+        # Every duplicate first, state changed only after: a failed dup (EMFILE) keeps the
+        # position dirty and is fail-stop, as a failed fsync is.
+        fds: List[int] = []
+        try:
+            for fd in sources:
+                fds.append(os.dup(fd))  # noqa: PERF401 (the ones taken before a failure are closed)
+        except OSError as err:
+            for fd in fds:
+                os.close(fd)
+            raise self.durability.fail(
+                err, f"duplicating a descriptor of {str(self.directory)!r} for an fsync round"
+            ) from err
+        self.pos_dirty = False
         if not fds:
             return None
 
@@ -468,8 +494,38 @@ class Consumer:
 
     # ------------------------------------------------------------------ reader
 
+    def release(self) -> None:
+        """A reader at the end of a call: drop the cursor's mapping, keeping its place, so that
+        an idle reader holds none on a segment the consumer deletes meanwhile (in this process
+        or another; SPEC §4). :meth:`follow` maps it again when the cursor is needed."""
+        if not self.following:
+            return
+        self.ledger.release()
+        if self.cursor.seg is not None:
+            self.cursor.close()
+            self._released = True
+
     def follow(self) -> None:
         """A reader: move past what the consumer popped since the reader last looked."""
+        self._follow()
+        cursor = self.cursor
+        if self._released and cursor.seg is None and self._cursor_needed():
+            # The cursor is needed again: map its segment, standing where it stood (its seal,
+            # checkpoint and place still describe that file); gone: to where the offset is.
+            self._released = False
+            cursor.seg = Segment.open(self.directory, cursor.base, writable=False)
+            if cursor.seg is None:
+                cursor.seek(cursor.offset, cursor.base, cursor.pos)
+                self.ledger.drop_below(cursor.base)
+
+    def _cursor_needed(self) -> bool:
+        """Whether this call may need the cursor's segment: to read on, or for the fsync that
+        makes the run read ahead durable (the round fsyncs the segment through the mapping's
+        descriptor). A run known durable is served without it."""
+        i = self.ahead_i
+        return i >= len(self.ahead) or (self.sync != "never" and i >= self.ahead_ok)
+
+    def _follow(self) -> None:
         position = read_position(self.directory)
         if len(self.files):  # the consumer deletes them as it pops them
             self.files = LegacyFiles(self.directory)

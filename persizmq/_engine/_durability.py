@@ -147,7 +147,7 @@ class Durability:
         while self._inflight:
             self._round_done.wait()
         self.check()
-        works = [w for w in (p.sync_work() for p in self.participants) if w is not None]
+        works = self._collect()
         if not works:
             self._rounds += 1  # a round with nothing to do is done at once
             self._round_done.notify_all()
@@ -182,6 +182,23 @@ class Durability:
             raise self.fail(error, what)
         for work in works:
             work.done()
+
+    def _collect(self) -> List[SyncWork]:
+        """What every participant hands over for a round (lock held). If one cannot (a failed
+        dup: fail-stop), the duplicates the others handed over are closed before it raises."""
+        works: List[SyncWork] = []
+        try:
+            for participant in self.participants:
+                work = participant.sync_work()
+                if work is not None:
+                    works.append(work)
+        except BaseException:
+            for work in works:
+                for fd in work.fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            raise
+        return works
 
     def sync_round_until(self, deadline: float) -> bool:
         """Have a complete round run, waiting (lock held) at most until ``deadline``

@@ -47,6 +47,11 @@ class Ledger:
             self._tail_seg.close()
             self._tail_seg = None
 
+    def release(self) -> None:
+        """Drop the tail's mapping but keep its figures (a reader between calls: the segment
+        may be deleted meanwhile); :meth:`discover_tail` maps it again."""
+        self.close()
+
     def add(self, base: int, end_offset: int, data_end: int) -> None:
         """Record a closed segment."""
         if base in self.closed:
@@ -103,6 +108,10 @@ class Ledger:
         """Look for what the producer in another process appended: new segments, new records."""
         known = max([*self.closed, *([self.tail[0]] if self.tail else []), self.floor - 1])
         bases = [b for b in list_bases(self.directory) if b > known]
+        if self.tail is not None and self._tail_seg is None:  # released (a reader)
+            self._tail_seg = Segment.open(self.directory, self.tail[0], writable=False)
+            if self._tail_seg is None:  # consumed and deleted meanwhile
+                self.tail = None
         if self.tail is not None:
             seg = self._tail_seg
             if seg is not None:

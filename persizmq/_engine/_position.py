@@ -19,8 +19,9 @@ entry costs at most one message delivered twice (at least once), never one skipp
 The file is memory-mapped: a pop is a 32-byte store into the page cache, no system call; it
 survives the death of the process, and ``fdatasync`` makes it survive a power cut. Its blocks
 are allocated when it is created, so popping — the way a full disk gets freed — never needs
-new space. A file of another size (torn creation, damage) is read for its best entry and
-replaced atomically.
+new space; the producer creates it (empty) when it opens, so that a queue filled by a producer
+alone can still be drained once the disk is full. A file of another size (torn creation,
+damage) is read for its best entry and replaced atomically.
 
 A position names an offset, never only a byte position in a file: it cannot point into a
 different file that happens to carry an old name (segment names are never reused, see
@@ -40,7 +41,7 @@ import mmap
 import os
 import pathlib
 import struct
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from persizmq import _fs
 from persizmq._errors import StorageWriteError
@@ -51,6 +52,7 @@ __all__ = [
     "Position",
     "PositionLog",
     "Reservation",
+    "ensure_position_log",
     "read_position",
     "read_reservation",
 ]
@@ -128,6 +130,57 @@ def _create(path: pathlib.Path, size: int, content: bytes, sync: str) -> None:
         ) from err
 
 
+def ensure_position_log(
+    directory: pathlib.Path,
+    fdatasync: Optional[Callable[[int, str], None]],
+    fsync_directory: Optional[Callable[[], None]],
+) -> None:
+    """Create an empty, fully allocated ``consumer.offset`` if there is none (the producer at
+    open, so that a consumer can drain the queue once the disk is full: popping needs no new
+    space). Never replaces a log that exists: the file is linked into place, so a consumer
+    that created it meanwhile keeps its own. ``fdatasync`` and ``fsync_directory`` (None in
+    ``"never"`` mode) raise what a failed fsync must (fail-stop).
+
+    :raises OSError: the disk refused (the caller decides; a full disk is no reason to refuse
+        to open).
+    """
+    path = directory / POSITION_FILE
+    tmp = directory / (POSITION_FILE + ".producer.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a producer killed here
+    if os.path.lexists(path):
+        return
+    fd = os.open(
+        tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, _fs.FILE_MODE
+    )
+    try:
+        try:
+            os.posix_fallocate(fd, 0, _SIZE)
+            if fdatasync is not None:
+                fdatasync(fd, str(path))
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):  # the consumer was faster
+            os.link(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    if fsync_directory is not None:
+        fsync_directory()
+
+
+def _reserve(fd: int, path: pathlib.Path) -> None:
+    """Allocate the log's blocks (a no-op unless a copy made it sparse)."""
+    try:
+        os.posix_fallocate(fd, 0, _SIZE)
+    except OSError as err:
+        raise StorageWriteError(
+            err.errno or 0,
+            f"cannot reserve the {_SIZE} bytes of {str(path)!r} (a sparse copy on a full "
+            f"disk?): {err.strerror}; free some space and open it again",
+        ) from err
+
+
 class PositionLog:
     """The consumer's writable position log (only the consumer role holds one)."""
 
@@ -161,6 +214,7 @@ class PositionLog:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         self._fd = fd
         try:
+            _reserve(fd, self.path)  # a sparse copy on a full disk: ENOSPC now, never SIGBUS
             self._map = mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

@@ -32,6 +32,7 @@ the consumer, so a message a reader holds from ``front()`` is counted as dropped
 ``pop_front()`` removes nothing else (``_consumer``, "Holding").
 """
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -128,6 +129,13 @@ class Queue:
         self.durability.after_fork(self.lock)
         self.closed = self.closing = True
         self.fast_add = False
+        # The child's copies of the directory locks: a flock lasts while any copy of its
+        # descriptor is open, so keeping them would lock the parent out of a reopen.
+        for part in (self.writer, self.consumer):
+            if part is not None and part.lock_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(part.lock_fd)
+                part.lock_fd = -1
 
     @property
     def options(self) -> Options:
@@ -454,6 +462,22 @@ class Queue:
     def front(self, block: bool, timeout: Optional[float], held: Holder) -> Optional[Message]:
         """The oldest pending message (lock NOT held), noted in ``held``; see the module
         docstring."""
+        if self.readonly:
+            try:
+                return self._front(block, timeout, held)
+            finally:
+                self._release_reader()
+        return self._front(block, timeout, held)
+
+    def _release_reader(self) -> None:
+        """A reader between calls holds no segment mapping (``Consumer.release``)."""
+        with self.lock:
+            if self.consumer is not None:
+                self.consumer.release()
+
+    def _front(self, block: bool, timeout: Optional[float], held: Holder) -> Optional[Message]:
+        if timeout == 0:  # queue.Queue's "no wait": as block=False (the fsync a message needs
+            block = False  # is not a wait for one to arrive; front() and the model agree)
         deadline = None if timeout is None else time.monotonic() + timeout
         poll = _POLL_MIN
         with self.lock:
@@ -519,12 +543,16 @@ class Queue:
             self.check_open("read from")
             consumer = self.consumer
             assert consumer is not None
-            found = consumer.front(self.writer_end())
-            if found is None:
-                return True, None
-            msg, base, _end = found
-            if not self._durable_enough(consumer, base):
-                return False, None
+            try:
+                found = consumer.front(self.writer_end())
+                if found is None:
+                    return True, None
+                msg, base, _end = found
+                if not self._durable_enough(consumer, base):
+                    return False, None
+            finally:
+                if self.readonly:
+                    consumer.release()
             consumer.hold(held)
             return True, (list(msg) if msg.__class__ is list else msg)
 
@@ -535,14 +563,20 @@ class Queue:
             self.check_open("pop from")
             consumer = self.consumer
             assert consumer is not None
-            return consumer.pop(self.writer_end(), held)
+            popped = consumer.pop(self.writer_end(), held)
+            if self.readonly:
+                consumer.release()
+            return popped
 
     # ------------------------------------------------------------------ counting
 
     def pending(self) -> Tuple[int, int]:
         """``(messages, bytes)`` pending (lock held)."""
         if self.consumer is not None:
-            return self.consumer.pending(self.writer_end())
+            pending = self.consumer.pending(self.writer_end())
+            if self.readonly:
+                self.consumer.release()
+            return pending
         writer = self.writer
         assert writer is not None
         position = read_position(self.directory)

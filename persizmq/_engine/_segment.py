@@ -5,12 +5,16 @@ what is in it). The rules that keep a mapping safe, by construction:
 
 * A file's space is reserved with ``posix_fallocate`` before anything is stored through a
   mapping of it, so a full disk is an ``ENOSPC`` (or ``EFBIG`` under ``RLIMIT_FSIZE``) when the
-  producer creates or grows the file, never a ``SIGBUS`` when it stores a record.
+  producer creates or grows the file, never a ``SIGBUS`` when it stores a record. The same
+  holds for files persizmq did not write itself (a sparse copy of a queue): the producer
+  reserves every segment it opens, and the consumer every segment with holes, at open.
 * A segment file only ever grows; nothing truncates it (another process may have it mapped, and
   touching a page past the end of a file is ``SIGBUS``). A torn tail is zeroed, not cut off.
-* A new segment is written under a temporary name (``NNN.log.tmp``) — reserved, header written
-  — and renamed into place, so every ``NNN.log`` starts with a complete header; a leftover
-  ``.tmp`` (a producer killed half-way) is removed by the next producer.
+* A new segment is written under a temporary name (``NNN.log.tmp``) — reserved, header (and
+  metadata snapshot) written, mapped, and in ``"always"`` mode fdatasynced — and renamed into
+  place, so every ``NNN.log`` starts with a complete header (in ``"always"`` mode also after a
+  power cut); a leftover ``.tmp`` (a producer killed half-way) is removed by the
+  next producer. A failure before the rename leaves no name behind.
 * Opening tolerates a file that vanishes (the consumer in another process deleted it): the
   caller gets None and lists the directory again.
 """
@@ -36,6 +40,8 @@ __all__ = [
     "list_bases",
     "quarantine",
     "remove_tmp",
+    "reserve_holes",
+    "reserve_space",
 ]
 
 QUARANTINE_DIR = "quarantine"
@@ -44,8 +50,26 @@ _TMP_RE = re.compile(r"^\d{20}\.log\.tmp$")
 
 
 def list_bases(directory: pathlib.Path) -> List[int]:
-    """Return the base offsets of the segment files in ``directory``, ascending."""
-    return _format.list_segment_bases(os.listdir(directory))
+    """Return the base offsets of the segment files in ``directory``, ascending.
+
+    :raises DirectoryError: the directory cannot be listed (out of descriptors, say).
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError as err:
+        raise _unusable(err, f"cannot list the storage directory {str(directory)!r}") from err
+    return _format.list_segment_bases(names)
+
+
+def _unusable(err: OSError, what: str) -> DirectoryError:
+    """The error for a file or listing the engine needs and cannot have; nothing changed."""
+    hint = ""
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        hint = " (close descriptors this process does not need, or raise `ulimit -n`)"
+    return DirectoryError(
+        err.errno if err.errno is not None else errno.EIO,
+        f"{what}: {err.strerror or err}{hint}; nothing was changed, try again",
+    )
 
 
 def has_valid_header(directory: pathlib.Path, base: int) -> bool:
@@ -71,6 +95,54 @@ def remove_tmp(directory: pathlib.Path) -> None:
         if _TMP_RE.match(name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(directory / name)
+
+
+def reserve_space(fd: int, size: int, path: pathlib.Path) -> None:
+    """Reserve the blocks of the first ``size`` bytes of an existing file before it is mapped
+    (a no-op where they are allocated): a hole — a sparse copy, a restore — on a full disk is
+    then an ``ENOSPC`` here, never a ``SIGBUS`` when a page of the mapping is touched.
+
+    :raises StorageWriteError: the disk refused; nothing was changed.
+    """
+    if size <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        raise StorageWriteError(
+            err.errno if err.errno is not None else errno.EIO,
+            f"cannot reserve the {size} bytes of {str(path)!r} (a sparse file on a full "
+            f"disk?): {err.strerror}; free some space and open it again",
+        ) from err
+
+
+def reserve_holes(directory: pathlib.Path, base: int) -> None:
+    """The consumer at open: reserve the blocks of segment ``base`` if the file has holes (a
+    sparse copy), so that reading it through a mapping on a full disk is never a ``SIGBUS``.
+    A file without holes costs one ``lseek``; a vanished one is nothing to do.
+
+    :raises StorageWriteError: the disk refused.
+    """
+    path = directory / _format.segment_name(base)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise StorageWriteError(
+            err.errno if err.errno is not None else errno.EIO,
+            f"cannot open {str(path)!r} to reserve its space: {err.strerror}",
+        ) from err
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            sparse = size > 0 and os.lseek(fd, 0, os.SEEK_HOLE) < size
+        except OSError:  # SEEK_HOLE unsupported: reserve (a no-op where allocated)
+            sparse = True
+        if sparse:
+            reserve_space(fd, size, path)
+    finally:
+        os.close(fd)
 
 
 class Segment:
@@ -101,18 +173,25 @@ class Segment:
         base: int,
         size: int,
         first: Optional[Callable[[int], bytes]] = None,
+        fdatasync: Optional[Callable[[int, str], None]] = None,
     ) -> "Segment":
         """Create segment ``base`` with ``size`` bytes reserved, its header written (and the
-        record ``first(salt)`` after it, if given), renamed into place; return it open for
-        writing. The caller makes the directory entry durable.
+        record ``first(salt)`` after it, if given), mapped, made durable with ``fdatasync(fd,
+        what)`` if given, and only then renamed into place; return it open for writing. The
+        caller makes the directory entry durable.
 
-        :raises StorageWriteError: the disk refused (ENOSPC, EFBIG, EACCES...); nothing is left.
+        The name appears only once the file is complete: a failure leaves nothing, so the name
+        is free to be created again — nobody can have seen it.
+
+        :raises StorageWriteError: the disk refused (ENOSPC, EFBIG, EACCES, the mapping...);
+            nothing is left. A failure of ``fdatasync`` is whatever it raises (fail-stop).
         """
         name = _format.segment_name(base)
         path = directory / name
         tmp = directory / (name + TMP_SUFFIX)
         salt = _format.new_salt()
         fd = -1
+        segment: Optional[Segment] = None
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -125,22 +204,25 @@ class Segment:
             os.pwrite(fd, _format.encode_header(base, salt), 0)
             if first is not None:
                 os.pwrite(fd, first(salt), _format.SEGMENT_HEADER_SIZE)
+            segment = cls(path, base, fd, size, writable=True, salt=salt)
+            if fdatasync is not None:
+                fdatasync(fd, str(tmp))
             os.rename(tmp, path)
-        except OSError as err:
-            if fd >= 0:
+        except BaseException as err:
+            if segment is not None:
+                segment.close()
+            elif fd >= 0:
                 os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(err, StorageWriteError) or not isinstance(err, OSError):
+                raise
             raise StorageWriteError(
                 err.errno if err.errno is not None else errno.EIO,
                 f"cannot create the segment {str(path)!r} ({size} bytes): {err.strerror}; "
                 f"nothing was stored, the stored messages are intact",
             ) from err
-        try:
-            return cls(path, base, fd, size, writable=True, salt=salt)
-        except BaseException:
-            os.close(fd)
-            raise
+        return segment
 
     @classmethod
     def open(cls, directory: pathlib.Path, base: int, writable: bool) -> Optional["Segment"]:
@@ -152,10 +234,20 @@ class Segment:
             fd = os.open(path, flags)
         except FileNotFoundError:
             return None
+        except OSError as err:
+            raise _unusable(err, f"cannot open the segment {str(path)!r}") from err
         try:
             st = os.fstat(fd)
             _check_regular(path, st.st_mode)
+            if writable:  # the producer: before anything touches a page of the mapping
+                reserve_space(fd, st.st_size, path)
             segment = cls(path, base, fd, st.st_size, writable=writable, salt=0)
+        except (DirectoryError, StorageWriteError):
+            os.close(fd)
+            raise
+        except OSError as err:  # mmap: out of descriptors (it takes one) or of address space
+            os.close(fd)
+            raise _unusable(err, f"cannot map the segment {str(path)!r}") from err
         except BaseException:
             os.close(fd)
             raise
@@ -174,7 +266,10 @@ class Segment:
         size = os.fstat(self.fd).st_size
         if size <= self.size:
             return False
-        self._remap(size)
+        try:
+            self._remap(size)
+        except OSError as err:  # the old mapping stays: nothing changed
+            raise _unusable(err, f"cannot map the segment {str(self.path)!r} again") from err
         return True
 
     def grow(self, size: int) -> None:
