@@ -5,29 +5,31 @@ durable with ``sync_now()``, as a backlog is), then times one way of draining it
 synchronous ``front()`` + ``pop_front()`` loop (the anchor), ``async for`` over an
 ``AsyncQueue``, or an ``await queue.front()`` + ``await queue.pop_front()`` loop. The three run
 in one process, round after round, in an order rotated per round; the table shows the medians
-and the ratio to the synchronous loop (SPEC section 11 target: at least 0.5x). Cases: each
-``sync`` mode, and ``"periodic"`` with a stand-in for ``try_front()`` — a subclass that answers
-``(True, front())``, which is what a real ``try_front`` answers for a backlog that is already
-durable (PersistentStorage does not have one yet; without it every ``front()`` of a
-``"periodic"`` storage goes through the worker thread).
+and the ratio to the synchronous loop (SPEC section 11 target: at least 0.5x), and the spread
+of the ratio over the rounds. Cases: each ``sync`` mode of a plain PersistentStorage. In
+``"periodic"`` mode the queue asks the engine's ``try_front()`` on the loop, and goes to the
+worker thread only when it answers that an fsync is needed (never, for a durable backlog).
 
-Latency. A task waits in ``await queue.front()``; another task (or a thread) adds one message;
-the figure is the time from just before the add to the waiter's return (median and p99 over
-all samples of all rounds). Producers: ``AsyncQueue.add_message`` in another task (the queue
-wakes its waiters itself), and ``storage.add_message`` in another thread, as a
-ThreadedSubscriber would — seen by the polling timer today, and by the storage's listener
-(``persizmq.Notifying``) with a subclass that calls listeners after every add, standing in for
-the listener the disk engine will have.
+Latency. A task waits in ``await queue.front()``; another task, thread or process adds one
+message; the figure is the time from just before the add to the waiter's return (median and
+p99 over all samples of all rounds). Producers: ``AsyncQueue.add_message`` in another task
+(the queue wakes its waiters itself); ``storage.add_message`` in another thread, as a
+ThreadedSubscriber would (the engine calls the queue's listener, ``persizmq.Notifying``); and
+a ``role="producer"`` storage in a child process, which a listener cannot see: the waiting
+queue (``role="consumer"``) finds it with its polling timer (1 ms, doubling up to 50 ms while
+someone waits). Across processes both sides read ``time.monotonic()`` (CLOCK_MONOTONIC, the
+same clock in every process on Linux).
 
 Run: ``python3 bench/aio.py [--quick] [--dir DIR]`` (anchors are not used).
 """
 
 import asyncio
 import pathlib
+import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make ``bench`` and the repo's persizmq importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -40,13 +42,14 @@ from persizmq.aio import AsyncQueue
 __all__ = ["AioResult", "main", "render", "run", "targets"]
 
 SIZE = 100
-CONSUME_CASES = ("periodic", "periodic+try_front", "never", "always")
+CONSUME_CASES = ("periodic", "never", "always")
 DRAINS = ("sync", "async for", "await front+pop")
 LATENCY_CASES = (
     "never: AsyncQueue.add_message in another task",
     "periodic: AsyncQueue.add_message in another task",
-    "never: add_message in a thread, polling",
-    "never: add_message in a thread, listener stand-in",
+    "never: add_message in another thread (listener)",
+    "periodic: add_message in another thread (listener)",
+    "never: producer in another process (polling)",
 )
 #: Messages per consume round by profile; ``"always"`` fsyncs every pop, so fewer.
 _CONSUME_N = {"full": 20_000, "quick": 5_000, "smoke": 100}
@@ -57,36 +60,7 @@ _LATENCY_N = {"full": 300, "quick": 100, "smoke": 5}
 AioResult = Dict[str, Dict[str, Any]]
 
 
-class _TryFront(persizmq.PersistentStorage):
-    """Stand-in for PersistentStorage.try_front on a durable backlog (see the module doc)."""
-
-    def try_front(self) -> Tuple[bool, Optional[persizmq.Message]]:
-        return True, self.front()
-
-
-class _Listening(persizmq.PersistentStorage):
-    """Stand-in for the disk engine's listeners: calls them after every add."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 (passed through)
-        super().__init__(*args, **kwargs)
-        self._listeners: List[Callable[[], None]] = []
-
-    def add_listener(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
-
-    def remove_listener(self, callback: Callable[[], None]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-
-    def add_message(self, msg: Optional[persizmq.MessageLike]) -> None:
-        super().add_message(msg)
-        for callback in list(self._listeners):
-            callback()
-
-
 def _open(case: str, directory: pathlib.Path) -> persizmq.PersistentStorage:
-    if case == "periodic+try_front":
-        return _TryFront(directory, sync="periodic")
     return persizmq.PersistentStorage(directory, sync=case)
 
 
@@ -143,66 +117,137 @@ def consume_round(case: str, drain: str, n: int, directory: pathlib.Path) -> flo
     return n / elapsed
 
 
-async def _latency_samples(case: str, storage: persizmq.PersistentStorage, n: int) -> List[float]:
+#: The child process of the cross-process case: adds a message for every line on stdin and
+#: prints the ``time.monotonic()`` read just before the add.
+_PRODUCER_CHILD = """
+import sys, time, persizmq
+with persizmq.PersistentStorage(sys.argv[1], sync=sys.argv[2], role="producer") as s:
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        start = time.monotonic()
+        s.add_message(b"x" * int(sys.argv[3]))
+        print(repr(start), flush=True)
+"""
+
+
+class _Producer:
+    """Adds one message when asked, from a task, a thread or a child process (see the doc)."""
+
+    def __init__(self, case: str, directory: pathlib.Path, sync: str) -> None:
+        self.kind = "process" if "process" in case else "thread" if "thread" in case else "task"
+        self.clock = time.monotonic if self.kind == "process" else time.perf_counter
+        self._go = threading.Event()
+        self._done = threading.Event()
+        self._started: List[float] = []
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self._child: Optional[subprocess.Popen[str]] = None
+        self._storage: Optional[persizmq.PersistentStorage] = None
+        if self.kind == "process":
+            self._child = subprocess.Popen(
+                [sys.executable, "-c", _PRODUCER_CHILD, str(directory), sync, str(SIZE)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=_common.REPO_ROOT,
+            )
+
+    def start_thread(self, storage: persizmq.PersistentStorage) -> None:
+        """For the thread case: start the thread that adds to ``storage``."""
+        self._storage = storage
+        if self.kind == "thread":
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._storage is not None
+        while True:
+            self._go.wait()
+            self._go.clear()
+            if self._stop:
+                return
+            self._started.append(time.perf_counter())
+            self._storage.add_message(b"x" * SIZE)
+            self._done.set()
+
+    async def add(self, queue: AsyncQueue) -> Optional[float]:
+        """Start one add; return its start time now (task) or None (see :meth:`finish`)."""
+        if self.kind == "task":
+            start = time.perf_counter()
+            await queue.add_message(b"x" * SIZE)
+            return start
+        if self.kind == "thread":
+            self._started.clear()
+            self._go.set()
+            return None
+        assert self._child is not None
+        assert self._child.stdin is not None
+        self._child.stdin.write("go\n")
+        self._child.stdin.flush()
+        return None
+
+    async def finish(self) -> float:
+        """After the waiter returned: wait until the add returned too; its start time."""
+        if self.kind == "thread":
+            while not self._done.is_set():  # the add (and its listener calls) returned too
+                await asyncio.sleep(0)
+            self._done.clear()
+            return self._started[0]
+        assert self._child is not None
+        assert self._child.stdout is not None
+        return float(self._child.stdout.readline())
+
+    def close(self) -> None:
+        """Stop the thread or the child process."""
+        if self._thread is not None:
+            self._stop = True
+            self._go.set()
+            self._thread.join(5)
+        if self._child is not None:
+            assert self._child.stdin is not None
+            self._child.stdin.write("\n")
+            self._child.stdin.close()
+            self._child.wait(30)
+
+
+async def _latency_samples(
+    producer: _Producer, storage: persizmq.PersistentStorage, n: int
+) -> List[float]:
     """Time ``n`` wake-ups of a waiting front() (see the module doc)."""
     samples: List[float] = []
-    in_thread = "thread" in case
-    go = threading.Event()
-    done = threading.Event()
-    started: List[float] = []
-    stop = False
-
-    def producer() -> None:
-        while True:
-            go.wait()
-            go.clear()
-            if stop:
-                return
-            started.append(time.perf_counter())
-            storage.add_message(b"x" * SIZE)
-            done.set()
-
-    thread = threading.Thread(target=producer, daemon=True) if in_thread else None
-    if thread is not None:
-        thread.start()
+    clock = producer.clock
     async with AsyncQueue(storage) as queue:
         for _ in range(n):
             returned: List[float] = []
 
             async def wait(queue: AsyncQueue = queue, returned: List[float] = returned) -> None:
                 await queue.front()
-                returned.append(time.perf_counter())
+                returned.append(clock())
 
             waiter = asyncio.create_task(wait())
             while not queue._backend._waiters:  # type: ignore[attr-defined]
                 await asyncio.sleep(0)  # until the waiter is registered
-            if in_thread:
-                started.clear()
-                go.set()
-                await waiter
-                samples.append(returned[0] - started[0])
-                while not done.is_set():  # the add (and its listener calls) returned too
-                    await asyncio.sleep(0)
-                done.clear()
-            else:
-                start = time.perf_counter()
-                await queue.add_message(b"x" * SIZE)
-                await waiter
-                samples.append(returned[0] - start)
+            start = await producer.add(queue)
+            await waiter
+            if start is None:
+                start = await producer.finish()
+            samples.append(returned[0] - start)
             assert await queue.pop_front()
-    if thread is not None:
-        stop = True
-        go.set()
-        thread.join(5)
     return samples
 
 
 def latency_round(case: str, n: int, directory: pathlib.Path) -> List[float]:
     """One round of ``n`` wake-ups for ``case``, in a fresh directory; seconds each."""
     sync = case.split(":", 1)[0]
-    cls = _Listening if "listener" in case else persizmq.PersistentStorage
-    with cls(directory, sync=sync) as storage:
-        return asyncio.run(_latency_samples(case, storage, n))
+    role = "consumer" if "process" in case else "both"
+    with persizmq.PersistentStorage(directory, sync=sync, role=role) as storage:
+        producer = _Producer(case, directory, sync)
+        try:
+            producer.start_thread(storage)
+            return asyncio.run(_latency_samples(producer, storage, n))
+        finally:
+            producer.close()
 
 
 def run(
@@ -245,6 +290,13 @@ def _ratios(result: AioResult, case: str) -> Dict[str, float]:
     return {d: _common.median(rates[d]) / anchor for d in DRAINS}
 
 
+def _round_ratios(result: AioResult, case: str, drain: str) -> str:
+    """The lowest and highest ratio of ``drain`` to the synchronous loop of the same round."""
+    rates = result["consume"][case]
+    ratios = [a / s for a, s in zip(rates[drain], rates["sync"])]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def render(result: AioResult) -> List[str]:
     """The consume table and the latency table."""
     rows = []
@@ -257,6 +309,7 @@ def render(result: AioResult) -> List[str]:
                 fmt_rate(_common.median(rates["sync"])),
                 fmt_rate(_common.median(rates["async for"])),
                 f"{ratios['async for']:.2f}",
+                _round_ratios(result, case, "async for"),
                 fmt_rate(_common.median(rates["await front+pop"])),
                 f"{ratios['await front+pop']:.2f}",
             ]
@@ -265,9 +318,9 @@ def render(result: AioResult) -> List[str]:
         f"asyncio: consuming a durable backlog of {SIZE}-byte messages (msgs/s, medians of "
         f"{len(result['consume'][CONSUME_CASES[0]]['sync'])} interleaved rounds)",
         *_common.render_table(
-            ["sync=", "front+pop", "async for", "x sync", "await front+pop", "x sync"],
+            ["sync=", "front+pop", "async for", "x sync", "rounds", "await front+pop", "x sync"],
             rows,
-            "lrrrrr",
+            "lrrrrrr",
         ),
         "",
         "asyncio: from an add to the return of a waiting front() (all samples of all rounds)",

@@ -14,11 +14,14 @@ server runs in one worker thread per queue or subscriber, started only when such
 (see :mod:`persizmq._aio_worker` for the rules). A waiting ``front()`` is a future on the loop,
 woken by the storage's callback (:class:`persizmq.Notifying`) through the loop's own wake-up
 descriptor, or — for a storage that does not call back, or whose producer may be another
-process — by a timer that backs off from 1 ms to 50 ms and runs only while someone waits.
+process — by a timer that backs off from 1 ms to 50 ms and runs only while someone waits; a
+:class:`~persizmq.RedisStreamStorage` is also woken by the server (a blocking ``XREAD``, see
+:mod:`persizmq._aio_redis`).
 """
 
 import asyncio
 import math
+import sys
 from types import TracebackType
 from typing import Any, Iterable, List, Optional, Tuple, Type
 
@@ -36,11 +39,15 @@ def _backend_for(storage: Storage) -> AsyncBackend:
     """The asyncio side of ``storage``.
 
     Every storage gets :class:`~persizmq._aio_local.LocalBackend`, which decides from the
-    storage what may run on the loop. This is the seam where a storage backed by a server plugs
-    in a native asyncio backend (an object following
-    :class:`~persizmq._aio_local.AsyncBackend`: for Redis Streams, redis-py's asyncio client with
-    the storage's group and consumer and a blocking ``XREADGROUP`` instead of polling).
+    storage what may run on the loop; a :class:`~persizmq.RedisStreamStorage` gets its
+    subclass :class:`~persizmq._aio_redis.RedisBackend`, woken by the server (a blocking
+    ``XREAD`` through redis-py's asyncio client) when any client adds to the stream.
     """
+    redis_storage = sys.modules.get("persizmq._redis._storage")  # imported if storage is one
+    if redis_storage is not None and isinstance(storage, redis_storage.RedisStreamStorage):
+        from persizmq._aio_redis import RedisBackend  # noqa: PLC0415 (needs redis-py)
+
+        return RedisBackend(storage)
     return LocalBackend(storage)
 
 

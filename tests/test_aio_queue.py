@@ -10,15 +10,18 @@ conditions are polled with deadlines (``until``), awaits run under deadlines (``
 import asyncio
 import math
 import pathlib
+import socket
 import subprocess
 import sys
 import threading
+import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
 import persizmq
 from persizmq._aio_local import POLL_MAX, LocalBackend
+from persizmq._aio_redis import RedisBackend
 from persizmq.aio import AsyncQueue
 from tests._aio_support import (
     NotifyingStorage,
@@ -29,6 +32,7 @@ from tests._aio_support import (
     until,
     within,
 )
+from tests._redis_server import ServerPool, find_binaries
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -53,9 +57,26 @@ KINDS: Dict[str, StorageFactory] = {
 }
 
 
-@pytest.fixture(params=sorted(KINDS))
+#: RedisStreamStorage on each kind of server found (tests/_redis_server.py): no ``sync``
+#: attribute, so every call runs in the worker; it calls back after adds through this object,
+#: and polling finds the adds of other objects and hosts.
+REDIS_KINDS = ("redis", "valkey")
+
+
+def open_kind(kind: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> Any:
+    """A fresh storage of ``kind`` (a stream of its own on a shared server for Redis kinds)."""
+    if kind in REDIS_KINDS:
+        if kind not in find_binaries():
+            pytest.skip(f"no {kind} server binary on this machine (see tests/_redis_server.py)")
+        servers: ServerPool = request.getfixturevalue("redis_servers")
+        stream = f"aio-{uuid.uuid4().hex[:12]}"
+        return persizmq.RedisStreamStorage(servers.get(kind).url, stream, claim_idle=30.0)
+    return KINDS[kind](tmp_path)
+
+
+@pytest.fixture(params=[*sorted(KINDS), *REDIS_KINDS])
 def storage(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Any:
-    made = KINDS[request.param](tmp_path)
+    made = open_kind(str(request.param), tmp_path, request)
     yield made
     made.close()
 
@@ -245,9 +266,13 @@ def test_closing_wakes_waiting_fronts(storage: Any) -> None:
     assert len(storage) == 0  # the storage itself stays open and usable
 
 
-@pytest.mark.parametrize("kind", ["notifying-never", "disk-periodic", "disk-never", "plain"])
-def test_a_thousand_idle_waiters_create_no_threads(kind: str, tmp_path: pathlib.Path) -> None:
-    storage = KINDS[kind](tmp_path)
+@pytest.mark.parametrize(
+    "kind", ["notifying-never", "disk-periodic", "disk-never", "plain", *REDIS_KINDS]
+)
+def test_a_thousand_idle_waiters_create_no_threads(
+    kind: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest
+) -> None:
+    storage = open_kind(kind, tmp_path, request)
 
     async def body() -> None:
         async with AsyncQueue(storage) as queue:
@@ -258,7 +283,7 @@ def test_a_thousand_idle_waiters_create_no_threads(kind: str, tmp_path: pathlib.
             if backend(queue)._polling:  # the timer has backed off to its slowest tick
                 await until(lambda: backend(queue)._interval >= POLL_MAX)
             assert thread_count() == before
-            if kind == "notifying-never":  # woken by the listener alone: no timer runs
+            if kind not in ("plain", *REDIS_KINDS):  # woken by the listener alone: no timer
                 assert not backend(queue)._polling
                 assert backend(queue)._timer is None
             await queue.add_message(b"for everyone")
@@ -274,6 +299,70 @@ def test_a_thousand_idle_waiters_create_no_threads(kind: str, tmp_path: pathlib.
         run(body)
     finally:
         storage.close()
+
+
+@pytest.mark.parametrize("sync", ["periodic", "never", "always"])
+def test_the_disk_engine_wakes_waiters_by_its_listener(sync: str, tmp_path: pathlib.Path) -> None:
+    # PersistentStorage calls back after adds (persizmq.Notifying) and, with role="both", no
+    # other process adds: a waiter is woken from another thread without any polling timer.
+    with persizmq.PersistentStorage(tmp_path / "q", sync=sync) as storage:
+        assert isinstance(storage, persizmq.Notifying)
+
+        async def body() -> None:
+            async with AsyncQueue(storage) as queue:
+                assert backend(queue)._notifying
+                assert not backend(queue)._polling
+                waiter = asyncio.create_task(queue.front())
+                await until(lambda: waiting(queue) == 1)
+                assert backend(queue)._watching
+                assert backend(queue)._timer is None
+                add_in_thread(storage, b"from a thread")
+                assert await within(waiter) == b"from a thread"
+                assert not backend(queue)._watching  # the listener is gone with the waiter
+                assert await queue.pop_front()
+
+        run(body)
+        assert len(storage) == 0
+
+
+def test_periodic_disk_front_needs_the_worker_only_for_an_fsync(tmp_path: pathlib.Path) -> None:
+    # A durable backlog is answered by try_front() on the loop; a message added since the last
+    # fsync must be made durable before front() returns it, and that fsync runs in the worker.
+    fronts: List[int] = []  # the threads that called front()
+
+    class Recording(persizmq.PersistentStorage):
+        def front(
+            self, block: bool = False, timeout: Optional[float] = None
+        ) -> Optional[persizmq.Message]:
+            fronts.append(threading.get_ident())
+            return super().front(block, timeout)
+
+    with Recording(tmp_path / "q", sync="periodic", sync_interval=3600) as storage:
+        storage.add_messages([b"m%d" % i for i in range(100)])
+        storage.sync_now()
+
+        async def body() -> int:
+            async with AsyncQueue(storage) as queue:
+                count = 0
+                async for _ in queue:
+                    count += 1
+                    if count == 100:
+                        assert await queue.pop_front()
+                        break
+                assert not backend(queue).worker_started
+                assert fronts == []  # every look was a try_front() on the loop
+                await queue.add_message(b"fresh")
+                assert storage.try_front() == (False, None)  # not durable yet
+                assert await queue.front() == b"fresh"
+                assert backend(queue).worker_started
+                assert storage.try_front() == (True, b"fresh")  # durable now
+                assert await queue.pop_front()
+            return threading.get_ident()
+
+        loop_thread = run(body)
+        assert fronts
+        assert loop_thread not in fronts
+        assert len(storage) == 0
 
 
 def test_blocking_calls_run_off_the_loop_thread() -> None:
@@ -471,3 +560,78 @@ def test_bad_arguments_and_loops() -> None:
     run(second)
     assert id(queue.storage) == id(storage)
     assert not queue.closed
+
+
+@pytest.mark.parametrize("polling", [True, False], ids=["with-timer", "server-wake-up-only"])
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+def test_a_redis_add_by_another_client_is_seen(
+    kind: str, polling: bool, tmp_path: pathlib.Path, request: pytest.FixtureRequest
+) -> None:
+    # Another host's recorder adds through a storage object of its own: no listener here sees
+    # it; the server does (a blocking XREAD of the queue's follower task), and the polling
+    # timer too. Without the timer the follower alone must wake the waiter, again and again.
+    storage = open_kind(kind, tmp_path, request)
+    try:
+        other = persizmq.RedisStreamStorage(
+            request.getfixturevalue("redis_servers").get(kind).url,
+            storage.stream,
+            consumer="recorder",
+        )
+
+        async def body() -> None:
+            queue = AsyncQueue(storage)
+            got = queue._backend
+            assert isinstance(got, RedisBackend)
+            got._polling = polling
+            for index in range(3):
+                waiter = asyncio.create_task(queue.front())
+                await until(lambda: waiting(queue) == 1)
+                assert got.following
+                assert (got._timer is not None) == polling
+                add_in_thread(other, b"from the recorder %d" % index)
+                assert await within(waiter, 10) == b"from the recorder %d" % index
+                assert await queue.pop_front()
+            assert await queue.front(timeout=0) is None
+            await queue.aclose()
+            assert not got.following
+            assert got._client is None  # its connection was closed
+
+        run(body)
+        other.close()
+        assert len(storage) == 0
+    finally:
+        storage.close()
+
+
+def test_a_failing_redis_wake_up_leaves_the_timer(
+    tmp_path: pathlib.Path, request: pytest.FixtureRequest
+) -> None:
+    # The follower cannot reach its server (here: a port nobody listens on): it ends, and the
+    # polling timer still finds what another client adds.
+    kind = next((k for k in REDIS_KINDS if k in find_binaries()), REDIS_KINDS[0])
+    storage = open_kind(kind, tmp_path, request)
+    try:
+        other = persizmq.RedisStreamStorage(
+            request.getfixturevalue("redis_servers").get(kind).url,
+            storage.stream,
+            consumer="recorder",
+        )
+
+        async def body() -> None:
+            async with AsyncQueue(storage) as queue:
+                got = queue._backend
+                assert isinstance(got, RedisBackend)
+                with socket.socket() as probe:  # a free port, closed again: refused
+                    probe.bind(("127.0.0.1", 0))
+                    got._url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+                waiter = asyncio.create_task(queue.front())
+                await until(lambda: waiting(queue) == 1)
+                await until(lambda: not got.following)  # it gave up
+                add_in_thread(other, b"seen by the timer")
+                assert await within(waiter, 10) == b"seen by the timer"
+                assert await queue.pop_front()
+
+        run(body)
+        other.close()
+    finally:
+        storage.close()

@@ -54,7 +54,7 @@ def test_run_all_smoke(tmp_path: pathlib.Path) -> None:
         "Redis Streams",
         "asyncio: consuming a durable backlog",
         "AsyncQueue async for, sync=always",
-        "listener stand-in",
+        "producer in another process (polling)",
         "Topic store: 300 topics",
         "SQLite INSERT OR REPLACE",
         "topic store: open 100,000 topics",

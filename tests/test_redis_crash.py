@@ -30,11 +30,15 @@ from tests._redis_server import Server
 REPO_ROOT = pathlib.Path(persizmq.__file__).resolve().parent.parent
 
 # A consumer process: processes (appends to its file, flushed) before it pops; stops once the
-# group has nothing left and nobody else holds anything.
+# group has nothing left and nobody else holds anything. It says "ready" once connected and
+# starts on a line from stdin, so that the three start together (a late one would otherwise
+# find the stream drained, and a victim that never consumed tests nothing).
 _CONSUMER = """
 import sys, persizmq
 url, stream, name, out = sys.argv[1:5]
 s = persizmq.RedisStreamStorage(url, stream, consumer=name, claim_idle=0.3, prefetch=20)
+print("ready", flush=True)
+sys.stdin.readline()
 with open(out, "ab", buffering=0) as log:
     while True:
         msg = s.front(block=True, timeout=0.1)
@@ -81,10 +85,19 @@ def _consumer_trial(redis_server: Server, tmp_path: pathlib.Path, trial: int, co
         subprocess.Popen(
             [sys.executable, "-c", _CONSUMER, redis_server.url, stream, f"c{i}", str(out)],
             env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         for i, out in enumerate(outs)
     ]
     try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
         victim = random.randrange(3)
         target = random.randint(5, 60)
         wait_until(
@@ -92,7 +105,11 @@ def _consumer_trial(redis_server: Server, tmp_path: pathlib.Path, trial: int, co
             timeout=30,
             message="the victim processed some messages",
         )
+        alive = procs[victim].poll() is None
         procs[victim].send_signal(signal.SIGKILL)
+        killed_after = len(_lines(outs[victim]))
+        with RedisStreamStorage(redis_server.url, stream, consumer="check", create=False) as look:
+            held = look.stats().consumers.get(f"c{victim}", 0)  # left to be claimed
         for proc in procs:
             proc.wait(60)
     finally:
@@ -100,6 +117,7 @@ def _consumer_trial(redis_server: Server, tmp_path: pathlib.Path, trial: int, co
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+    assert alive, f"trial {trial}: the victim had ended before it was killed (nothing tested)"
     survivors = [i for i in range(3) if i != victim]
     for i in survivors:
         assert procs[i].returncode == 0, f"consumer c{i} failed in trial {trial}"
@@ -110,6 +128,12 @@ def _consumer_trial(redis_server: Server, tmp_path: pathlib.Path, trial: int, co
         assert stats.pending == 0
         assert stats.length == 0  # acknowledged entries were deleted
         assert check.front() is None
+    # What the trial checked (seen with ``pytest -s``; the closing notes count trials by it).
+    print(
+        f"consumer trial {trial} ({redis_server.binary.label}): {count} messages, "
+        f"{len(processed)} processed ({len(processed) - count} redelivered), "
+        f"c{victim} killed after processing {killed_after}, holding {held} for the others"
+    )
 
 
 def test_a_server_killed_mid_stream_loses_no_acknowledged_add_or_pop(
@@ -182,3 +206,8 @@ def _server_trial(server: Server, trial: int) -> None:
     assert not popped_set & set(rest), f"trial {trial}: popped messages came back"
     missing = set(added) - popped_set - set(rest) - set(uncertain)
     assert not missing, f"trial {trial}: {len(missing)} acknowledged adds lost"
+    print(
+        f"server trial {trial} ({server.binary.label}): {len(added)} adds returned, "
+        f"{len(popped)} pops returned, {len(rest)} pending after the restart, "
+        f"{len(uncertain)} pop(s) cut off by the kill"
+    )
