@@ -347,6 +347,16 @@ class PersistentStorage:
         """Non-blocking :meth:`front` for event loops: ``(True, message or None)`` when the
         answer needed no fsync, ``(False, None)`` when it does (call :meth:`front` from a
         worker thread then)."""
+        if self._lean_read:  # the lean path of front(): a message read ahead, known durable
+            queue = self._queue
+            with queue.lock:
+                consumer = queue.consumer
+                assert consumer is not None
+                i = consumer.ahead_i
+                if i < consumer.ahead_ok and not queue.closing:
+                    msg = consumer.ahead[i][0]
+                    self._held.pops = consumer.pops
+                    return True, msg if isinstance(msg, bytes) else list(msg)
         self._check("read from", self._consume)
         return self._queue.try_front(self._held)
 

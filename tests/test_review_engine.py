@@ -496,3 +496,17 @@ def test_front_with_a_zero_timeout_returns_a_message_that_needs_an_fsync_first(
     with persizmq.PersistentStorage(tmp_path / "q", sync_interval=3600) as s:
         s.add_message(b"m")
         assert s.front(block=True, timeout=0) == b"m"
+
+
+def test_try_front_holds_its_message_like_front(tmp_path: pathlib.Path) -> None:
+    d = tmp_path / "q"
+    with persizmq.PersistentStorage(d) as a, persizmq.PersistentStorage(d) as b:
+        a.add_messages([b"m0", b"m1", b"m2"])
+        a.sync_now()
+        assert a.try_front() == (True, b"m0")  # reads ahead: the lean path answers next
+        assert a.pop_front()
+        assert a.try_front() == (True, b"m1")
+        assert b.front() == b"m1"
+        assert b.pop_front()
+        assert a.pop_front()  # m1 is gone already: nothing else is removed
+        assert list(a) == [b"m2"]
