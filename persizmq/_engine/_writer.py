@@ -66,7 +66,7 @@ from persizmq._engine import _format
 from persizmq._engine._durability import Durability, SyncWork
 from persizmq._engine._ledger import Ledger
 from persizmq._engine._position import Reservation, ensure_position_log, read_position
-from persizmq._engine._segment import Segment, list_bases, remove_tmp
+from persizmq._engine._segment import Segment, has_valid_header, list_bases, remove_tmp
 from persizmq._errors import StorageWriteError
 
 __all__ = ["MAX_ROLLED", "PRODUCER_LOCK", "Writer"]
@@ -139,7 +139,7 @@ class Writer:
         self._ensure_position_log()
         bases = list_bases(self.directory)
         end = 0
-        last_valid = max((b for b in bases if _valid_header(self.directory, b)), default=None)
+        last_valid = max((b for b in bases if has_valid_header(self.directory, b)), default=None)
         for base in bases:
             seg = Segment.open(self.directory, base, writable=True)
             if seg is None:
@@ -559,15 +559,6 @@ class Writer:
     def end(self) -> Tuple[int, int, int]:
         """``(base, position, index)`` of the end of the log."""
         return self.base, self.pos, self.index
-
-
-def _valid_header(directory: pathlib.Path, base: int) -> bool:
-    """Whether segment ``base`` has a valid header (it can hold the metadata snapshot)."""
-    try:
-        with open(directory / _format.segment_name(base), "rb") as file:
-            return _format.parse_header(file.read(_HEADER), base) is not None
-    except OSError:
-        return False
 
 
 def _fdatasync_at_open(seg: Segment) -> None:
