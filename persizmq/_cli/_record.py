@@ -95,6 +95,7 @@ __all__ = [
     "cmd_record",
     "receive_hwm",
     "register",
+    "status_interval",
 ]
 
 #: Environment variable: the default of ``record --status-interval`` (seconds, 0 = off).
@@ -142,7 +143,12 @@ class _RecordCounters:
         self.last_error = exc
 
 
-def _status_interval(args: argparse.Namespace, tty: bool) -> float:
+def status_interval(args: argparse.Namespace, tty: bool) -> float:
+    """Seconds between status lines: ``--status-interval``, else the environment variable
+    :data:`STATUS_INTERVAL_ENV`, else 0.25 s on a terminal and 5 s otherwise.
+
+    :raises CliError: the environment variable is not a number of seconds >= 0.
+    """
     if args.status_interval is not None:
         return float(args.status_interval)
     env = os.environ.get(STATUS_INTERVAL_ENV)
@@ -276,7 +282,7 @@ class _Recorder:
             )
         self._check_kind()
         self.tty = isatty(sys.stderr)
-        self.interval = _status_interval(args, self.tty)
+        self.interval = status_interval(args, self.tty)
         self.counters = _RecordCounters()
         self.queue: Optional[Any] = None  # a PersistentStorage or a RedisStreamStorage
         self.latest: Optional[persizmq.PersistentLatestStorage] = None

@@ -32,7 +32,6 @@ ends the command with exit 1.
 import argparse
 import datetime
 import itertools
-import os
 import pathlib
 import sys
 import time
@@ -56,7 +55,7 @@ from persizmq._cli._base import (
 )
 from persizmq._cli._dirs import existing_storage, kinds_present, require_queue
 from persizmq._cli._output import Progress, Rate, human_bytes, isatty, notice
-from persizmq._cli._record import STATUS_INTERVAL_ENV
+from persizmq._cli._record import STATUS_INTERVAL_ENV, status_interval
 from persizmq._cli._signals import StopSignals
 from persizmq._reliable import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -64,27 +63,7 @@ __all__ = ["FORWARD_OUTBOX", "cmd_forward", "cmd_serve", "register"]
 
 #: The default outbox of ``forward``: a sub-directory of the queue it drains.
 FORWARD_OUTBOX = "forward-outbox"
-_TTY_INTERVAL = 0.25
-_PLAIN_INTERVAL = 5.0
 _IDLE_WAIT = 0.05
-
-
-def _interval(args: argparse.Namespace, tty: bool) -> float:
-    if args.status_interval is not None:
-        return float(args.status_interval)
-    env = os.environ.get(STATUS_INTERVAL_ENV)
-    if env:
-        try:
-            value = float(env)
-        except ValueError:
-            value = -1.0
-        if not value >= 0:
-            raise CliError(
-                f"expected {STATUS_INTERVAL_ENV} to be a number of seconds >= 0, got {env!r}",
-                EXIT_USAGE,
-            )
-        return value
-    return _TTY_INTERVAL if tty else _PLAIN_INTERVAL
 
 
 class _Status:
@@ -94,7 +73,7 @@ class _Status:
         """Show it as ``args`` and the environment say."""
         self.command = command
         self.tty = isatty(sys.stderr)
-        self.interval = _interval(args, self.tty)
+        self.interval = status_interval(args, self.tty)
         self.progress = Progress(sys.stderr, self.tty)
         self.rate = Rate()
         self.next = time.monotonic() + self.interval
