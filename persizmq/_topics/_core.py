@@ -114,6 +114,9 @@ class TopicCore:
         self._compacting = False
         self._dirty: Optional[Set[bytes]] = None  # topics changed while a compaction copies
         self._compact_retry_at = 0.0
+        #: Whether compactions copy in a helper process (see ``_copier``); cleared when one
+        #: cannot be started.
+        self.use_helper = True
         self._syncer: Optional[threading.Thread] = None
         self._compactor: Optional[threading.Thread] = None
         self._zero_counters()
