@@ -19,21 +19,26 @@ data, and about 1.2 times right after) and at least ``compact_min_bytes``; or wh
    covered generation and the header says ``covers_from`` = the lowest covered one. Each record
    is moved byte for byte; only its CRC changes, by :func:`_format.crc_delta` for the new salt,
    so a damaged body stays detectably damaged. The copy runs outside the lock; puts and deletes
-   go on into the new active file.
+   go on into the new active file. The copying is ``_copier``'s: for a compaction of at least
+   :data:`HELPER_MIN_RECORDS` records, in a helper process (this thread only sends it the
+   locations and waits, so the copying never competes with the writer for the GIL); for a
+   smaller one, or when no helper can run, here. Either way only this process fsyncs, renames
+   and removes files.
 3. *Commit*: the temporary file is fsynced, renamed over ``G.tlog`` (the old file G is replaced
    atomically) and the directory fsynced -- in every ``sync`` mode, since the files it replaces
    go away next. A crash before the rename leaves the old files (the ``.tmp`` is removed on
    open); after it, the new file, whose ``covers_from`` tells the next open to remove the
    covered files that are still there. Either way the state is the old or the new one, never
    a mix.
-4. *Switch*: the index entries that still point to the record that was copied (not updated or
-   deleted meanwhile) are pointed to the copy, in chunks under the lock; reads go to the old
-   descriptors until the last chunk is done, then those are closed and the covered files
+4. *Switch*: a new index that points at the copies is built outside the lock; under the lock
+   the topics put or deleted since the roll (``_dirty``) take their current entries and the new
+   index replaces the old one; then the old descriptors are closed and the covered files
    removed.
 
 A failed fsync is fail-stop, as everywhere in the store. Another failure (a full disk while
 copying) removes the temporary file, leaves the store as it was, and is tried again later.
-``close()`` stops a compaction between chunks; whatever it did not commit is not on disk.
+``close()`` stops a compaction between chunks (a helper is killed); whatever it did not commit
+is not on disk.
 """
 
 import contextlib
@@ -203,7 +208,15 @@ def _in_helper(
     core: TopicCore, locs: List[int], sources: List[_copier.Source], target: Tuple[int, ...]
 ) -> Optional[_copier.Copied]:
     """Run the copying in a helper process; None if no helper could do it (then this process
-    copies, and does from now on if the helper could not even start)."""
+    copies, now and from now on)."""
+    if not os.path.basename(sys.executable or "").startswith(("python", "pypy")):
+        # Embedded in another program (sys.executable is that program, or empty): running it
+        # with our arguments could do anything.
+        core.use_helper = False
+        _LOGGER.info(
+            "persizmq: %r is not a Python interpreter; compactions copy here", sys.executable
+        )
+        return None
     fds = [fd for _, fd, _, _ in sources] + [target[0]]
     try:
         helper = subprocess.Popen(  # noqa: S603 (this interpreter, on a file of this package)
@@ -240,8 +253,9 @@ def _in_helper(
             helper.kill()
             helper.communicate()
     if helper.returncode != 0:
+        core.use_helper = False  # not again: whatever broke it may well break it again
         _LOGGER.warning(
-            "persizmq: the compaction helper failed (exit status %s: %s); copying here",
+            "persizmq: the compaction helper failed (exit status %s: %s); compactions copy here",
             helper.returncode,
             errors.decode(errors="replace").strip()[-500:],
         )
