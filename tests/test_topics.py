@@ -466,16 +466,18 @@ def test_damage_found_by_a_compaction_is_set_aside(tmp_path: pathlib.Path, copie
     for i in range(50):
         storage.add_message(b"c%d %d" % (i, i))
     (name,) = log_files(tmp_path)
-    with open(tmp_path / name, "r+b") as file:  # bit rot in a's length field, under the store
-        file.seek(40)
-        byte = file.read(1)
-        file.seek(40)
-        file.write(bytes([byte[0] ^ 0x04]))
+    with open(tmp_path / name, "r+b") as file:  # bit rot in length fields, under the store
+        c30 = 40 + (21 + 102) + (21 + 3) + sum(21 + len(b"c%d %d" % (i, i)) for i in range(30))
+        for offset in (40, c30):  # a's, and c30's
+            file.seek(offset)
+            byte = file.read(1)
+            file.seek(offset)
+            file.write(bytes([byte[0] ^ 0x04]))
     storage.compact()
-    expected = {b"b": b"b 1", **{b"c%d" % i: b"c%d %d" % (i, i) for i in range(50)}}
+    expected = {b"b": b"b 1", **{b"c%d" % i: b"c%d %d" % (i, i) for i in range(50) if i != 30}}
     assert contents(storage) == expected
     stats = storage.stats()
-    assert (stats.corrupt_regions, stats.dead_bytes) == (1, 0)
+    assert (stats.corrupt_regions, stats.dead_bytes) == (2, 0)
     assert list((tmp_path / "quarantine").iterdir())
     storage.close()
     with persizmq.PersistentTopicStorage(tmp_path) as reopened:

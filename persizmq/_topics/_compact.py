@@ -45,7 +45,6 @@ import contextlib
 import logging
 import operator
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -205,7 +204,10 @@ def _copy(
 
 
 def _in_helper(
-    core: TopicCore, locs: List[int], sources: List[_copier.Source], target: Tuple[int, ...]
+    core: TopicCore,
+    locs: List[int],
+    sources: List[_copier.Source],
+    target: Tuple[int, int, int, int],
 ) -> Optional[_copier.Copied]:
     """Run the copying in a helper process; None if no helper could do it (then this process
     copies, now and from now on)."""
@@ -230,9 +232,7 @@ def _in_helper(
         core.use_helper = False
         _LOGGER.warning("persizmq: no helper process for compactions (%s); copying here", err)
         return None
-    request = pickle.dumps(
-        {"locs": locs, "sources": sources, "out": target}, protocol=pickle.HIGHEST_PROTOCOL
-    )
+    request = _copier.encode_request(locs, sources, target)
     try:
         assert helper.stdin is not None
         with contextlib.suppress(BrokenPipeError):  # it died: its exit status says why
@@ -260,8 +260,12 @@ def _in_helper(
             errors.decode(errors="replace").strip()[-500:],
         )
         return None
-    copied: _copier.Copied = pickle.loads(answer)  # noqa: S301 (our own helper's answer)
-    return copied
+    try:
+        return _copier.decode_answer(answer, locs, target[3])
+    except ValueError as err:
+        core.use_helper = False
+        _LOGGER.warning("persizmq: the compaction helper answered nonsense (%s); copying here", err)
+        return None
 
 
 def _switch(

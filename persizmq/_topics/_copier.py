@@ -21,8 +21,8 @@ nothing. Everything that decides the state on disk (the fsync, the rename, the d
 the removal of the covered files) stays in the store's process, so a crash of either process at
 any moment leaves what a crash of the copying thread would leave. A helper whose parent died
 sees its stdin end and the descriptors it holds still point at the same inodes: at worst it
-writes into a ``.tmp`` file that the next open removes. Request and answer are pickles over its
-stdin and stdout (only the store's own child reads or writes them).
+writes into a ``.tmp`` file that the next open removes. Request and answer go over its stdin
+and stdout as a JSON line and arrays of 64-bit numbers (no code-loading deserialiser).
 
 Within one chunk of records of one file, the work runs at C speed (``map`` over slices of the
 mapping, one ``struct`` call for all the (length, CRC) fields of the chunk, ``map(xor, ...)``),
@@ -30,18 +30,27 @@ not record by record in Python; a chunk in which a record's length field is dama
 again record by record, setting that record aside.
 """
 
+import array
 import bisect
+import json
 import mmap
 import os
-import pickle
 import struct
 import sys
 import zlib
 from itertools import accumulate, chain, repeat
 from operator import add, and_, lshift, or_, rshift, sub, xor
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-__all__ = ["Copied", "Source", "copy_records", "main"]
+__all__ = [
+    "Copied",
+    "Source",
+    "copy_records",
+    "decode_answer",
+    "encode_answer",
+    "encode_request",
+    "main",
+]
 
 #: The size of a record's header (``_format.RECORD_HEADER_SIZE``; this module imports nothing of
 #: persizmq, see the module docstring).
@@ -183,11 +192,66 @@ def _pwrite_all(fd: int, data: bytearray, pos: int) -> None:
         pos += written
 
 
+def encode_request(locs: List[int], sources: List[Source], out: Tuple[int, int, int, int]) -> bytes:
+    """The request to a helper: a JSON line (the files), then every location as two unsigned
+    64-bit halves (native order: the helper runs on this machine), at C speed."""
+    head = json.dumps({"count": len(locs), "sources": sources, "out": out}).encode()
+    high = array.array("Q", map(rshift, locs, repeat(64)))
+    low = array.array("Q", map(and_, locs, repeat((1 << 64) - 1)))
+    return b"".join((head, b"\n", high.tobytes(), low.tobytes()))
+
+
+def encode_answer(copied: Copied, locs: List[int]) -> bytes:
+    """The answer of a helper: a JSON line (where the file ends, the damaged records by their
+    position in ``locs``, hex), then the new offset of every record (signed 64-bit, -1:
+    damaged)."""
+    newlocs, damaged, end = copied
+    offsets = array.array("q", map(and_, map(rshift, newlocs, repeat(32)), repeat(OFFSET_MASK)))
+    bad = [i for i, loc in enumerate(newlocs) if loc < 0] if damaged else []
+    for i in bad:
+        offsets[i] = -1
+    found = dict(damaged)
+    records = [[i, found[locs[i]].hex()] for i in bad]
+    head = json.dumps({"end": end, "damaged": records}).encode()
+    return b"".join((head, b"\n", offsets.tobytes()))
+
+
+def decode_answer(answer: bytes, locs: List[int], out_fid: int) -> Copied:
+    """The :data:`Copied` of a helper's answer to the request for ``locs``.
+
+    :raises ValueError: the answer is not one (a helper that broke).
+    """
+    line, _, rest = answer.partition(b"\n")
+    head = json.loads(line)
+    offsets = array.array("q")
+    offsets.frombytes(rest)
+    if len(offsets) != len(locs):
+        raise ValueError(f"expected {len(locs)} offsets from the helper, got {len(offsets)}")
+    sizes = map(and_, locs, repeat(SIZE_MASK))
+    placed = map(or_, map(lshift, offsets, repeat(32)), sizes)
+    newlocs = list(map(or_, placed, repeat(out_fid << FID_SHIFT)))
+    damaged = []
+    for i, data in head["damaged"]:
+        newlocs[i] = -1
+        damaged.append((locs[i], bytes.fromhex(data)))
+    return newlocs, damaged, int(head["end"])
+
+
 def main() -> int:
-    """The helper process: a pickled request on stdin, the pickled :data:`Copied` on stdout."""
-    request: Dict[str, Any] = pickle.load(sys.stdin.buffer)  # noqa: S301 (our own parent's)
-    copied = copy_records(request["locs"], request["sources"], request["out"])
-    pickle.dump(copied, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    """The helper process: a request (:func:`encode_request`) on stdin, the answer
+    (:func:`encode_answer`) on stdout."""
+    data = sys.stdin.buffer.read()
+    line, _, rest = data.partition(b"\n")
+    head = json.loads(line)
+    count = head["count"]
+    high, low = array.array("Q"), array.array("Q")
+    high.frombytes(rest[: 8 * count])
+    low.frombytes(rest[8 * count :])
+    locs = list(map(or_, map(lshift, high, repeat(64)), low))
+    sources = [tuple(source) for source in head["sources"]]
+    copied = copy_records(locs, sources, tuple(head["out"]))
+    assert copied is not None
+    sys.stdout.buffer.write(encode_answer(copied, locs))
     sys.stdout.flush()
     return 0
 
