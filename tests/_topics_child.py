@@ -123,6 +123,10 @@ def main() -> None:
     """Apply operations until killed (see the module docstring)."""
     directory, sync, start, log_path, interval, compact_min = sys.argv[1:7]
     crash_at = sys.argv[7] if len(sys.argv) > 7 else None
+    if "PERSIZMQ_TEST_HELPER_MIN" in os.environ:  # copy in a helper process from this size on
+        from persizmq._topics import _compact
+
+        _compact.HELPER_MIN_RECORDS = int(os.environ["PERSIZMQ_TEST_HELPER_MIN"])
     storage = persizmq.PersistentTopicStorage(
         directory,
         sync=sync,

@@ -348,7 +348,16 @@ def test_background_compaction_keeps_the_newest_and_bounds_the_disk(tmp_path: pa
         assert contents(storage) == expected
 
 
-def test_compaction_while_others_write_and_delete(tmp_path: pathlib.Path) -> None:
+@pytest.fixture(params=["thread", "helper"])
+def copier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Compactions copy in their own thread, or in a helper process whatever their size."""
+    from persizmq._topics import _compact
+
+    monkeypatch.setattr(_compact, "HELPER_MIN_RECORDS", 0 if request.param == "helper" else 1 << 30)
+    return str(request.param)
+
+
+def test_compaction_while_others_write_and_delete(tmp_path: pathlib.Path, copier: str) -> None:
     """Three threads put and delete while compactions run back to back (at least five happen
     while they write): the end state is that of the last operation on every topic."""
     storage = persizmq.PersistentTopicStorage(tmp_path, compact_min_bytes=0)
@@ -389,6 +398,91 @@ def test_compaction_while_others_write_and_delete(tmp_path: pathlib.Path) -> Non
     storage.close()
     with persizmq.PersistentTopicStorage(tmp_path) as reopened:
         assert contents(reopened) == expected
+
+
+def test_a_large_compaction_copies_in_a_helper_process(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From HELPER_MIN_RECORDS records on, the copying runs in another process: with the copy
+    in this process made impossible, the compaction still succeeds, and the result reopens."""
+    from persizmq._topics import _compact, _copier
+
+    def not_here(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("copied in the store's process")
+
+    monkeypatch.setattr(_copier, "copy_records", not_here)
+    topics = _compact.HELPER_MIN_RECORDS + 100
+    with persizmq.PersistentTopicStorage(tmp_path, compact_min_bytes=1 << 40) as storage:
+        for i in range(3 * topics):
+            storage.add_message(b"t%d %d" % (i % topics, i) + b"." * (i % 40))
+        storage.delete(b"t5")
+        storage.compact()
+        expected = contents(storage)
+        stats = storage.stats()
+        assert (stats.compactions, stats.dead_bytes, len(expected)) == (1, 0, topics - 1)
+        assert expected[b"t7"] == b"t7 %d" % (2 * topics + 7) + b"." * ((2 * topics + 7) % 40)
+    with persizmq.PersistentTopicStorage(tmp_path) as reopened:
+        assert contents(reopened) == expected
+        assert reopened.stats().corrupt_regions == 0
+
+
+@pytest.mark.parametrize("how", ["no interpreter", "embedded", "the helper fails"])
+def test_without_a_helper_the_compaction_copies_here(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A helper that cannot start (no interpreter; an interpreter embedded in a program that
+    is not Python) or that fails: the compaction copies in its own thread instead, loses
+    nothing, and the next ones do not try a helper again."""
+    from persizmq._topics import _compact, _copier
+
+    monkeypatch.setattr(_compact, "HELPER_MIN_RECORDS", 0)
+    if how == "no interpreter":
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "python-not-here"))
+    elif how == "embedded":
+        monkeypatch.setattr(sys, "executable", "/bin/false")
+    else:
+        script = tmp_path / "failing.py"
+        script.write_text("import sys\nsys.stdout.write('half an answer')\nsys.exit(7)\n")
+        monkeypatch.setattr(_copier, "__file__", str(script))
+    store = tmp_path / "store"
+    with persizmq.PersistentTopicStorage(store, compact_min_bytes=1 << 40) as storage:
+        for i in range(3000):
+            storage.add_message(b"t%d %d" % (i % 300, i))
+        storage.compact()
+        assert storage.stats().dead_bytes == 0
+        assert storage._core.use_helper is False
+        expected = {b"t%d" % t: b"t%d %d" % (t, 2700 + t) for t in range(300)}
+        assert contents(storage) == expected
+    with persizmq.PersistentTopicStorage(store) as reopened:
+        assert contents(reopened) == expected
+
+
+def test_damage_found_by_a_compaction_is_set_aside(tmp_path: pathlib.Path, copier: str) -> None:
+    """A record whose length field is damaged after the store read it: the compaction does not
+    copy it but sets it aside (its topic is forgotten), and copies everything else."""
+    storage = persizmq.PersistentTopicStorage(tmp_path, compact_min_bytes=1 << 40)
+    storage.add_message(b"a " + b"x" * 100)
+    storage.add_message(b"b 1")
+    for i in range(50):
+        storage.add_message(b"c%d %d" % (i, i))
+    (name,) = log_files(tmp_path)
+    with open(tmp_path / name, "r+b") as file:  # bit rot in length fields, under the store
+        c30 = 40 + (21 + 102) + (21 + 3) + sum(21 + len(b"c%d %d" % (i, i)) for i in range(30))
+        for offset in (40, c30):  # a's, and c30's
+            file.seek(offset)
+            byte = file.read(1)
+            file.seek(offset)
+            file.write(bytes([byte[0] ^ 0x04]))
+    storage.compact()
+    expected = {b"b": b"b 1", **{b"c%d" % i: b"c%d %d" % (i, i) for i in range(50) if i != 30}}
+    assert contents(storage) == expected
+    stats = storage.stats()
+    assert (stats.corrupt_regions, stats.dead_bytes) == (2, 0)
+    assert list((tmp_path / "quarantine").iterdir())
+    storage.close()
+    with persizmq.PersistentTopicStorage(tmp_path) as reopened:
+        assert contents(reopened) == expected
+        assert reopened.stats().corrupt_regions == 0
 
 
 def test_close_during_a_compaction_in_another_thread(tmp_path: pathlib.Path) -> None:

@@ -61,12 +61,21 @@ def contents(directory: pathlib.Path, sync: str) -> Tuple[State, persizmq.TopicS
 
 
 def start_child(
-    directory: pathlib.Path, sync: str, first: int, log: pathlib.Path, *extra: str
+    directory: pathlib.Path,
+    sync: str,
+    first: int,
+    log: pathlib.Path,
+    *extra: str,
+    helper_min: Optional[int] = None,
 ) -> "subprocess.Popen[bytes]":
+    env = dict(os.environ)
+    if helper_min is not None:
+        env["PERSIZMQ_TEST_HELPER_MIN"] = str(helper_min)
     return subprocess.Popen(
         [sys.executable, str(CHILD), str(directory), sync, str(first), str(log), "0.05", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=env,
     )
 
 
@@ -115,15 +124,18 @@ def test_sigkill_leaves_exactly_the_acknowledged_state(
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
 @pytest.mark.parametrize("sync", ["always", "never"])
+@pytest.mark.parametrize("copier", ["thread", "helper"])
 def test_a_crash_at_every_step_of_a_compaction(
-    tmp_path: pathlib.Path, point: str, sync: str
+    tmp_path: pathlib.Path, point: str, sync: str, copier: str
 ) -> None:
     """The child applies 500 operations, then dies at ``point`` of a compaction: the store
     holds exactly what it held before (the old state or the new: they hold the same), and
-    opening it leaves no temporary or replaced file behind."""
+    opening it leaves no temporary or replaced file behind; whether the compaction copied in
+    its own thread or in a helper process."""
     directory = tmp_path / "store"
     log = tmp_path / "ops.log"
-    child = start_child(directory, sync, 0, log, "0", point)
+    helper_min = 0 if copier == "helper" else 1 << 30
+    child = start_child(directory, sync, 0, log, "0", point, helper_min=helper_min)
     _, stderr = child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL, stderr.decode(errors="replace")
     acked = [i for i, _ in read_log(log)]

@@ -19,44 +19,51 @@ data, and about 1.2 times right after) and at least ``compact_min_bytes``; or wh
    covered generation and the header says ``covers_from`` = the lowest covered one. Each record
    is moved byte for byte; only its CRC changes, by :func:`_format.crc_delta` for the new salt,
    so a damaged body stays detectably damaged. The copy runs outside the lock; puts and deletes
-   go on into the new active file.
+   go on into the new active file. The copying is ``_copier``'s: for a compaction of at least
+   :data:`HELPER_MIN_RECORDS` records, in a helper process (this thread only sends it the
+   locations and waits, so the copying never competes with the writer for the GIL); for a
+   smaller one, or when no helper can run, here. Either way only this process fsyncs, renames
+   and removes files.
 3. *Commit*: the temporary file is fsynced, renamed over ``G.tlog`` (the old file G is replaced
    atomically) and the directory fsynced -- in every ``sync`` mode, since the files it replaces
    go away next. A crash before the rename leaves the old files (the ``.tmp`` is removed on
    open); after it, the new file, whose ``covers_from`` tells the next open to remove the
    covered files that are still there. Either way the state is the old or the new one, never
    a mix.
-4. *Switch*: the index entries that still point to the record that was copied (not updated or
-   deleted meanwhile) are pointed to the copy, in chunks under the lock; reads go to the old
-   descriptors until the last chunk is done, then those are closed and the covered files
+4. *Switch*: a new index that points at the copies is built outside the lock; under the lock
+   the topics put or deleted since the roll (``_dirty``) take their current entries and the new
+   index replaces the old one; then the old descriptors are closed and the covered files
    removed.
 
 A failed fsync is fail-stop, as everywhere in the store. Another failure (a full disk while
 copying) removes the temporary file, leaves the store as it was, and is tried again later.
-``close()`` stops a compaction between chunks; whatever it did not commit is not on disk.
+``close()`` stops a compaction between chunks (a helper is killed); whatever it did not commit
+is not on disk.
 """
 
 import contextlib
 import logging
-import mmap
 import operator
 import os
-import struct
+import subprocess
+import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from persizmq import _fs
-from persizmq._topics import _format
+from persizmq._topics import _copier
 from persizmq._topics._core import LOC_OFFSET_MASK, LOC_SIZE_MASK, RETRY_AFTER, TopicCore
 from persizmq._topics._files import LogFile, create_file, quarantine
 from persizmq._topics._format import FILE_HEADER_SIZE
 
-__all__ = ["run"]
+__all__ = ["HELPER_MIN_RECORDS", "run"]
 
 _LOGGER = logging.getLogger("persizmq")
-_LENGTH_CRC = struct.Struct("<II")
-_HEADER = _format.RECORD_HEADER_SIZE
-_CHUNK_RECORDS = 4096
+#: A compaction of at least this many records copies in a helper process (see ``_copier``);
+#: a smaller one copies in this thread, sooner than a process would start.
+HELPER_MIN_RECORDS = 16384
+#: Seconds between two looks at ``close()`` while a helper copies.
+_POLL = 0.05
 
 
 class _Stopped(Exception):  # noqa: N818 (a signal, not an error)
@@ -116,10 +123,10 @@ def _compact(core: TopicCore) -> None:
         out = create_file(
             core.directory, target.generation, covers_from, fid, durable=False, tmp=True
         )
+        topics = list(snapshot)
+        locs = list(snapshot.values())
+        del snapshot
         try:
-            topics = sorted(snapshot, key=snapshot.__getitem__)  # by location: file, offset
-            locs = list(map(snapshot.__getitem__, topics))
-            del snapshot
             newlocs, damaged = _copy(core, locs, covered, out)
         except BaseException:
             os.close(out.fd)
@@ -171,89 +178,94 @@ def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
 def _copy(
     core: TopicCore, locs: List[int], covered: List[LogFile], out: LogFile
 ) -> Tuple[List[int], Dict[int, int]]:
-    """Write the records at ``locs`` to ``out``; return their new locations (-1: damaged) and
-    the damaged ones (position in ``locs`` -> old location)."""
-    salts = {log.fid: log.salt for log in covered}
-    maps: Dict[int, mmap.mmap] = {}
-    try:
-        for log in covered:
-            maps[log.fid] = mmap.mmap(log.fd, log.size, prot=mmap.PROT_READ)
-        return _copy_records(core, locs, maps, salts, out)
-    finally:
-        for view in maps.values():
-            view.close()
-
-
-def _copy_records(
-    core: TopicCore,
-    locs: List[int],
-    maps: Dict[int, mmap.mmap],
-    salts: Dict[int, int],
-    out: LogFile,
-) -> Tuple[List[int], Dict[int, int]]:
-    """The hot loop of :func:`_copy`: move every record, re-sealed for ``out``'s salt."""
-    newlocs: List[int] = []
-    damaged: Dict[int, int] = {}
-    parts: List[bytes] = []
-    append = parts.append
-    new_append = newlocs.append
-    unpack = _LENGTH_CRC.unpack_from
-    pack = _LENGTH_CRC.pack
-    bits = out.bits
-    pos = out.size
-    current = -1
-    view: mmap.mmap = mmap.mmap(-1, 1)
-    deltas: Dict[int, int] = {}
-    salt_xor = 0
-    last_length = -1
-    delta = 0
-    offset_mask = LOC_OFFSET_MASK
-    size_mask = LOC_SIZE_MASK
-    header = _HEADER
-    for start in range(0, len(locs), _CHUNK_RECORDS):
-        if core._stopping:
+    """Copy the records at ``locs`` to ``out`` (in a helper process if it can, see
+    ``_copier``); return their new locations (-1: damaged) and the damaged ones (position in
+    ``locs`` -> old location), set aside in ``quarantine/``."""
+    sources = [(log.fid, log.fd, log.size, log.salt) for log in covered]
+    target = (out.fd, out.size, out.salt, out.fid)
+    helper = core.use_helper and len(locs) >= HELPER_MIN_RECORDS
+    copied = _in_helper(core, locs, sources, target) if helper else None
+    if copied is None:
+        copied = _copier.copy_records(locs, sources, target, stop=lambda: core._stopping)
+        if copied is None:
             raise _Stopped
-        for loc in locs[start : start + _CHUNK_RECORDS]:
-            fid = loc >> 72
-            if fid != current:
-                current = fid
-                view = maps[fid]
-                deltas = {}
-                last_length = -1
-                salt_xor = salts[fid] ^ out.salt
-            offset = (loc >> 32) & offset_mask
-            size = loc & size_mask
-            length, crc = unpack(view, offset)
-            if length + header != size:  # the length field was damaged since it was read
-                damaged[len(newlocs)] = loc
-                new_append(-1)
-                name = _format.file_name(fid >> 1)
-                record = view[offset : offset + size]
-                quarantine(core.directory, name, offset, record, "a damaged record (compaction)")
-                continue
-            if length != last_length:  # the records of a topic store have a few lengths
-                last_length = length
-                found = deltas.get(length)
-                if found is None:
-                    found = deltas[length] = _format.crc_delta(length, salt_xor)
-                delta = found
-            append(pack(length, crc ^ delta))
-            append(view[offset + 8 : offset + size])
-            new_append(bits | (pos << 32) | size)
-            pos += size
-        _write(out, parts)
-    _write(out, parts)
+    newlocs, bad, end = copied
+    os.ftruncate(out.fd, end)  # a helper that failed may have written more
+    out.size = end
+    damaged: Dict[int, int] = {}
+    if bad:
+        names = {log.fid: log.path.name for log in covered}
+        for loc, data in bad:
+            offset = (loc >> 32) & LOC_OFFSET_MASK
+            why = "a damaged record (compaction)"
+            quarantine(core.directory, names[loc >> 72], offset, data, why)
+        damaged = {i: locs[i] for i, new in enumerate(newlocs) if new < 0}
     return newlocs, damaged
 
 
-def _write(out: LogFile, parts: List[bytes]) -> None:
-    """Append the pieces to the compacted file and forget them."""
-    data = b"".join(parts)
-    parts.clear()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(out.fd, view) :]
-    out.size += len(data)
+def _in_helper(
+    core: TopicCore,
+    locs: List[int],
+    sources: List[_copier.Source],
+    target: Tuple[int, int, int, int],
+) -> Optional[_copier.Copied]:
+    """Run the copying in a helper process; None if no helper could do it (then this process
+    copies, now and from now on)."""
+    if not os.path.basename(sys.executable or "").startswith(("python", "pypy")):
+        # Embedded in another program (sys.executable is that program, or empty): running it
+        # with our arguments could do anything.
+        core.use_helper = False
+        _LOGGER.info(
+            "persizmq: %r is not a Python interpreter; compactions copy here", sys.executable
+        )
+        return None
+    fds = [fd for _, fd, _, _ in sources] + [target[0]]
+    try:
+        helper = subprocess.Popen(  # noqa: S603 (this interpreter, on a file of this package)
+            [sys.executable, "-I", "-S", _copier.__file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=fds,
+        )
+    except (OSError, ValueError) as err:
+        core.use_helper = False
+        _LOGGER.warning("persizmq: no helper process for compactions (%s); copying here", err)
+        return None
+    request = _copier.encode_request(locs, sources, target)
+    try:
+        assert helper.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # it died: its exit status says why
+            helper.stdin.write(request)  # its first act is to read it all
+            helper.stdin.close()
+        # communicate() with a time-out loses the rest of an input it was given when called
+        # again (CPython's Popen), so the input is sent above, and communicate() only reads.
+        helper.stdin = None
+        while True:
+            try:
+                answer, errors = helper.communicate(timeout=_POLL)
+                break
+            except subprocess.TimeoutExpired:
+                if core._stopping:
+                    raise _Stopped from None
+    finally:
+        if helper.returncode is None:
+            helper.kill()
+            helper.communicate()
+    if helper.returncode != 0:
+        core.use_helper = False  # not again: whatever broke it may well break it again
+        _LOGGER.warning(
+            "persizmq: the compaction helper failed (exit status %s: %s); compactions copy here",
+            helper.returncode,
+            errors.decode(errors="replace").strip()[-500:],
+        )
+        return None
+    try:
+        return _copier.decode_answer(answer, locs, target[3])
+    except ValueError as err:
+        core.use_helper = False
+        _LOGGER.warning("persizmq: the compaction helper answered nonsense (%s); copying here", err)
+        return None
 
 
 def _switch(

@@ -45,6 +45,7 @@ import logging
 import mmap
 import os
 import pathlib
+import struct
 import threading
 import time
 import zlib
@@ -72,7 +73,22 @@ _SIZE_MASK = LOC_SIZE_MASK
 _fallocate = getattr(os, "posix_fallocate", None)
 _HEADER = _format.RECORD_HEADER_SIZE
 _pack = _format.pack_record_header
-_pack_into = _format.pack_record_header_into
+
+
+class _Records(Dict[int, struct.Struct]):
+    """Body length -> the ``struct`` of a whole record (header, then the body), made when first
+    asked for: a put packs a record into the mapping in one call."""
+
+    def __missing__(self, length: int) -> struct.Struct:
+        codec = struct.Struct(f"<IIBQI{length}s")
+        if len(self) < _RECORD_SHAPES:
+            self[length] = codec
+        return codec
+
+
+#: At most this many record shapes are kept (the messages of a topic store have a few lengths).
+_RECORD_SHAPES = 4096
+_RECORDS = _Records()
 _unpack = _format.unpack_record_header
 _crc32 = zlib.crc32
 # The mix of record_seed(), inlined on the write path.
@@ -114,6 +130,9 @@ class TopicCore:
         self._compacting = False
         self._dirty: Optional[Set[bytes]] = None  # topics changed while a compaction copies
         self._compact_retry_at = 0.0
+        #: Whether compactions copy in a helper process (see ``_copier``); cleared when one
+        #: cannot be started.
+        self.use_helper = True
         self._syncer: Optional[threading.Thread] = None
         self._compactor: Optional[threading.Thread] = None
         self._zero_counters()
@@ -286,9 +305,17 @@ class TopicCore:
             if new_end > log.capacity:
                 self._grow(log, new_end)
             view = log.map
-            # Header, then body, straight into the mapping (no record built in between).
-            _pack_into(view, end, length, _crc32(body, log.salt ^ mix), kind, seq, tlen)  # type: ignore[arg-type]  # the active file is mapped
-            view[end + _HEADER : new_end] = body  # type: ignore[index]
+            # Header and body straight into the mapping, in one C call (no record built).
+            _RECORDS[length].pack_into(
+                view,  # type: ignore[arg-type]  # the active file is mapped
+                end,
+                length,
+                _crc32(body, log.salt ^ mix),
+                kind,
+                seq,
+                tlen,
+                body,
+            )
             log.size = new_end
             self._seq = seq + 1
             index = self._index
