@@ -846,3 +846,33 @@ def test_a_forked_child_does_not_keep_the_parent_locked_out(tmp_path: pathlib.Pa
         os.write(go_write, b"x")
         os.close(go_write)
         os.waitpid(pid, 0)
+
+
+def test_walking_many_segments_does_not_list_the_directory_per_segment(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Moving to the next segment listed (and parsed) the whole directory each time: iterating
+    # 2,500 segments took 20 s. The listing of the last look names the next segment already.
+    directory = tmp_path / "q"
+    with persizmq.PersistentStorage(directory, sync="never", segment_size=4096) as s:
+        for i in range(300):
+            s.add_messages([b"%d" % i + b"x" * 3000])
+    segments = len([n for n in os.listdir(directory) if n.endswith(".log")])
+    assert segments >= 250
+    listings = [0]
+    real = os.listdir
+
+    def counting(path: "os.PathLike[str] | str") -> List[str]:
+        listings[0] += 1
+        return real(path)
+
+    with persizmq.PersistentStorage(directory, sync="never", segment_size=4096) as s:
+        monkeypatch.setattr(os, "listdir", counting)
+        assert len(list(s)) == 300
+        drained = 0
+        while s.front() is not None:
+            assert s.pop_front()
+            drained += 1
+        monkeypatch.undo()
+    assert drained == 300
+    assert listings[0] < segments // 10, f"{listings[0]} listings for {segments} segments"

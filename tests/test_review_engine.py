@@ -462,14 +462,22 @@ def test_running_out_of_descriptors_in_front_is_a_persizmq_error_and_recoverable
 ) -> None:
     got = run_child(
         """
-        import json, os, resource, sys
+        import json, os, resource, subprocess, sys
         import persizmq
-        s = persizmq.PersistentStorage(sys.argv[1], sync="never", segment_size=4096)
-        s.add_message(b"a" * 3000)
-        s.add_message(b"b" * 3000)  # a second segment: front() must open it
+        d = sys.argv[1]
+        add = (
+            "import persizmq, sys; s = persizmq.PersistentStorage(sys.argv[1], role='producer', "
+            "segment_size=4096); s.add_message(sys.argv[2].encode() * 3000); s.close()"
+        )
+        subprocess.run([sys.executable, "-c", add, d, "a"], check=True)
+        s = persizmq.PersistentStorage(d, role="consumer", segment_size=4096)
         assert s.front()[:1] == b"a" and s.pop_front()
+        # Another process rolls over to a new segment: front() must list and open it.
+        subprocess.run([sys.executable, "-c", add, d, "b"], check=True)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
+        lowest_free = os.open(os.devnull, os.O_RDONLY)  # a new descriptor takes the lowest
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # none is left
         try:
             s.front()
             error = None

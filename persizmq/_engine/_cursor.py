@@ -339,14 +339,18 @@ class Cursor:
     def _next_segment(self) -> bool:
         """Move to the first segment after the current one; False (staying put) if none yet."""
         left = self.base if self.seg is not None else None
-        for base in self._list():
-            if base <= self.base and self.seg is not None:
-                continue
-            if base < self.base:
-                continue
-            if self._open(base):
-                self.pos, self.index = _HEADER, 0
-                if left is not None:
-                    self.on_leave(left)
-                return True
+        # The listing of the last look first: a segment created since has a higher base than
+        # every one listed then, so the first listed one after the current that still exists
+        # is the next (listing a directory of N segments per segment walked was quadratic).
+        for bases in (self._bases, None):
+            for base in self._list() if bases is None else bases:
+                if base <= self.base and self.seg is not None:
+                    continue
+                if base < self.base:
+                    continue
+                if self._open(base):
+                    self.pos, self.index = _HEADER, 0
+                    if left is not None:
+                        self.on_leave(left)
+                    return True
         return False
