@@ -349,7 +349,9 @@ class PersistentStorage:
         worker thread then)."""
         if self._lean_read:  # the lean path of front(): a message read ahead, known durable
             queue = self._queue
-            with queue.lock:
+            if not queue.lock.acquire(blocking=False):  # an add may hold it through an fsync
+                return False, None
+            try:
                 consumer = queue.consumer
                 assert consumer is not None
                 i = consumer.ahead_i
@@ -357,6 +359,8 @@ class PersistentStorage:
                     msg = consumer.ahead[i][0]
                     self._held.pops = consumer.pops
                     return True, msg if isinstance(msg, bytes) else list(msg)
+            finally:
+                queue.lock.release()
         self._check("read from", self._consume)
         return self._queue.try_front(self._held)
 

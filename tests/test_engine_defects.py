@@ -876,3 +876,43 @@ def test_walking_many_segments_does_not_list_the_directory_per_segment(
         monkeypatch.undo()
     assert drained == 300
     assert listings[0] < segments // 10, f"{listings[0]} listings for {segments} segments"
+
+
+def test_a_vanished_later_segment_never_makes_the_cursor_start_its_segment_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Found by a review: the cursor's listing named a later segment that a restarted producer
+    # then removed (the empty segment a producer killed at a roll-over leaves); failing to open
+    # it reset the cursor, which then walked its own segment again: popped messages came back.
+    from persizmq._engine._segment import Segment
+
+    directory = tmp_path / "q"
+    with persizmq.PersistentStorage(directory, role="producer", sync="never") as producer:
+        for i in range(10):
+            producer.add_message(b"A-%d" % i)
+    Segment.create(directory, 1000, 4096).close()  # valid and empty, as a killed roll-over
+    consumer = persizmq.PersistentStorage(directory, role="consumer", sync="never")
+    try:
+        got = [consumer.front(timeout=1)]
+        assert consumer.pop_front()
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, persizmq\n"
+                "p = persizmq.PersistentStorage(sys.argv[1], role='producer', sync='never')\n"
+                "p.add_messages([b'C-0', b'C-1', b'C-2'])\n"
+                "p.close()\n",
+                str(directory),
+            ],
+            check=True,
+        )
+        while len(got) < 40:
+            msg = consumer.front(timeout=0.5)
+            if msg is None:
+                break
+            got.append(msg)
+            assert consumer.pop_front()
+    finally:
+        consumer.close()
+    assert got == [b"A-%d" % i for i in range(10)] + [b"C-0", b"C-1", b"C-2"]

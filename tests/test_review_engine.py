@@ -518,3 +518,21 @@ def test_try_front_holds_its_message_like_front(tmp_path: pathlib.Path) -> None:
         assert b.pop_front()
         assert a.pop_front()  # m1 is gone already: nothing else is removed
         assert list(a) == [b"m2"]
+
+
+def test_try_front_never_waits_for_the_queue_lock(tmp_path: pathlib.Path) -> None:
+    # An "always" add holds the lock through its fdatasync: an event loop's try_front() must
+    # answer (False, None) then, not wait (the lean path once did).
+    with persizmq.PersistentStorage(tmp_path / "q") as s:
+        s.add_messages([b"m0", b"m1"])
+        s.sync_now()
+        assert s.try_front() == (True, b"m0")  # read ahead: the lean path answers next
+        answers: List[object] = []
+        with s._queue.lock:  # an engine internal: as an add in the middle of its fsync
+            thread = threading.Thread(target=lambda: answers.append(s.try_front()))
+            thread.start()
+            thread.join(5)
+            answered = not thread.is_alive()
+        thread.join(5)
+        assert answered, "try_front() waited for the lock"
+        assert answers == [(False, None)]

@@ -138,11 +138,13 @@ class Cursor:
         return self._bases
 
     def _open(self, base: int) -> bool:
-        """Map segment ``base``; False if it does not exist (any more)."""
-        self.close()
+        """Map segment ``base``; False if it does not exist (any more), the cursor unchanged
+        (still in the segment it stood in: a vanished name never makes it start that one
+        again)."""
         seg = Segment.open(self.directory, base, writable=False)
         if seg is None:
             return False
+        self.close()
         self.seg = seg
         self.base = base
         self.finished = False
@@ -339,14 +341,15 @@ class Cursor:
     def _next_segment(self) -> bool:
         """Move to the first segment after the current one; False (staying put) if none yet."""
         left = self.base if self.seg is not None else None
+        current = self.base  # taken before a failed _open (a vanished name) resets the cursor
         # The listing of the last look first: a segment created since has a higher base than
         # every one listed then, so the first listed one after the current that still exists
         # is the next (listing a directory of N segments per segment walked was quadratic).
         for bases in (self._bases, None):
             for base in self._list() if bases is None else bases:
-                if base <= self.base and self.seg is not None:
-                    continue
-                if base < self.base:
+                if base <= current and left is not None:
+                    continue  # never the segment just finished, even after a stale name
+                if base < current:
                     continue
                 if self._open(base):
                     self.pos, self.index = _HEADER, 0
