@@ -289,8 +289,7 @@ class Consumer:
         passed it, so that an iteration never yields a message that is gone already."""
         files = self.files
         while len(files) > len(live.files):  # 1.0.x files are popped oldest first
-            files.paths.popleft()
-            files._front = None
+            files.pass_oldest()
             self._cache = None
         v2, live_v2 = self.v2, live.v2
         if v2 is not None:
@@ -299,7 +298,7 @@ class Consumer:
                 got = v2.front(self._on_v2_damage)
                 if got is None:
                     break
-                v2.off, v2.pending = got[1], v2.pending - 1
+                v2.pass_over(got[1])
                 self._cache = None
         if self.cursor.offset < live.cursor.offset:
             here = live.cursor
@@ -352,11 +351,10 @@ class Consumer:
         source, end = cached[1], cached[2]
         if self.readonly:  # iterating: step over it, change nothing
             if source == _FILES:
-                self.files.paths.popleft()
-                self.files._front = None
+                self.files.pass_oldest()
             else:
                 assert self.v2 is not None
-                self.v2.off, self.v2.pending = end, self.v2.pending - 1
+                self.v2.pass_over(end)
             return True
         if source == _FILES:
             self.files.pop(self._fsync_directory_if_always)

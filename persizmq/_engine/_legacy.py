@@ -96,6 +96,11 @@ class LegacyFiles:
             path.unlink()
         fsync_directory()
 
+    def pass_oldest(self) -> None:
+        """A read-only view: step over the oldest, deleting nothing."""
+        self.paths.popleft()
+        self._front = None
+
     def forget(self) -> None:
         """A reader: the consumer delivered them all."""
         self.paths.clear()
@@ -195,6 +200,10 @@ class V2Log:
             on_damage(f"{self.seg:020d}.seg", self.off, self.data[self.off : following])
             self.off = following
         return None
+
+    def pass_over(self, end: int) -> None:
+        """A read-only view: step over the message whose record ends at ``end``."""
+        self.off, self.pending = end, self.pending - 1
 
     def _step_over(self, end: int) -> None:
         """Count the message whose record ends at ``end`` as passed."""
