@@ -1,9 +1,28 @@
 """Project-wide pytest options: ``--run-slow`` runs the long forms of the crash and soak tests."""
 
+import pathlib
+from typing import List
+
 import pytest
+
+from tests import _bytecode
 
 # The Redis/Valkey server fixtures (redis_server, redis_server_factory, ...).
 pytest_plugins = ["tests._redis_server"]
+
+_ROOT = pathlib.Path(__file__).resolve().parent
+_COMPILED: List[pathlib.Path] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Byte-compile the project's modules for the child interpreters (see tests/_bytecode.py)."""
+    _COMPILED.extend(_bytecode.compile_project(_ROOT))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the byte-code that pytest_sessionstart wrote."""
+    _bytecode.remove_compiled(_COMPILED)
+    _COMPILED.clear()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
