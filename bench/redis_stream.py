@@ -85,13 +85,15 @@ def count_for(case: str, profile: Profile) -> int:
 
 
 @contextlib.contextmanager
-def servers() -> Iterator[List[Any]]:
-    """Start one server of each kind found (``tests._redis_server.Server``); stop them after."""
+def servers(first_only: bool = False) -> Iterator[List[Any]]:
+    """Start one server of each kind found (``tests._redis_server.Server``), or of the first
+    kind only (a smoke run: the same code runs against each); stop them after."""
     from tests._redis_server import Server, find_binaries
 
     started: List[Any] = []
+    binaries = list(find_binaries().values())
     with contextlib.ExitStack() as stack:
-        for binary in find_binaries().values():
+        for binary in binaries[:1] if first_only else binaries:
             directory = stack.enter_context(_common.scratch_dir(None, f"bench-{binary.kind}-"))
             server = Server(binary, directory)
             server.start()
@@ -287,7 +289,7 @@ def run(
     """Every case on every server found, ``profile.rounds`` interleaved rounds."""
     del base, anchors_python  # the queues live in the servers; no anchors' virtualenv needed
     result: RedisResult = {}
-    with servers() as started:
+    with servers(first_only=profile.name == "smoke") as started:
         if not started:
             log("  redis: no Redis >= 7.0 or Valkey >= 7.2 server binary found; skipped")
         for server in started:
