@@ -6,7 +6,7 @@ In the manner of queuelib's tests, over the backends of ``tests/_backends.py``:
   ``persizmq.Storage`` protocol only (plus, where the backend is a disk configuration, what
   :class:`PersistentStorage` adds to the same check: iteration, ``closed``, ``sync``). It runs
   over every disk configuration — the three sync modes at every segment size of
-  :data:`SEGMENT_SIZES`, where 1, 2 and 3 bytes put every record in a segment of its own (so every
+  :data:`SEGMENT_SIZES`, where 1 and 3 bytes put every record in a segment of its own (so every
   segment boundary, seal and deletion is hit) and 4 MiB, the default, keeps everything in one
   segment — and over Redis and Valkey (each skipped, saying so, without its server binary).
 * :class:`TestMessages` and :class:`TestBounds`: message shapes, argument handling and the
