@@ -1,11 +1,15 @@
-"""Fixtures shared by the tests: a zmq context and a tracker that closes its sockets."""
+"""Fixtures shared by the tests: a zmq context, a tracker that closes its sockets, and an ext4
+image to copy for the power-loss trials."""
 
+import pathlib
+import subprocess
 from typing import Any, Iterator
 
 import pytest
 import zmq
 
 from tests._helpers import SocketTracker
+from tests._reliab_util import loop_mount_unavailable
 
 
 @pytest.fixture
@@ -30,3 +34,25 @@ def sockets(zmq_context: "zmq.Context[Any]") -> Iterator[SocketTracker]:
         yield tracker
     finally:
         tracker.close_all()
+
+
+@pytest.fixture(scope="session")
+def ext4_template(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A fresh 64 MiB ext4 image, made once per session, for the power-loss trials to copy (it
+    is never mounted itself); skips where loop mounts are impossible."""
+    reason = loop_mount_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    image = tmp_path_factory.mktemp("ext4") / "template.img"
+    with open(image, "wb") as file:
+        file.truncate(64 << 20)
+    # Initialise inode tables and journal now: no lazy-init thread writes during a trial.
+    made = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    return image

@@ -42,7 +42,7 @@ import pytest
 
 import persizmq
 from tests._crash_child import number
-from tests._reliab_util import deadline, drain, loop_mount_unavailable, mounted, umount
+from tests._reliab_util import deadline, drain, mounted, umount
 
 CHILD = pathlib.Path(__file__).with_name("_reliab_power_child.py")
 SYNC_INTERVAL = 0.2
@@ -67,19 +67,10 @@ def run(*argv: str) -> "subprocess.CompletedProcess[str]":
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """A fresh 64 MiB ext4 image, copied for every trial (skips if that is impossible)."""
-    reason = loop_mount_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    image = tmp_path_factory.mktemp("power") / "template.img"
-    with open(image, "wb") as file:
-        file.truncate(64 << 20)
-    # Initialise inode tables and journal now: no lazy-init thread writes during a trial.
-    made = run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image))
-    assert made.returncode == 0, made.stderr
-    return image
+@pytest.fixture
+def template(ext4_template: pathlib.Path) -> pathlib.Path:
+    """The session's fresh 64 MiB ext4 image (tests/conftest.py), copied for every trial."""
+    return ext4_template
 
 
 @dataclasses.dataclass
