@@ -98,12 +98,16 @@ def _consumer_trial(redis_server: Server, tmp_path: pathlib.Path, trial: int, co
             assert proc.stdin is not None
             proc.stdin.write(b"go\n")
             proc.stdin.close()
-        victim = random.randrange(3)
         target = random.randint(5, 60)
-        wait_until(
-            lambda: len(_lines(outs[victim])) >= target or procs[victim].poll() is not None,
-            timeout=30,
-            message="the victim processed some messages",
+
+        def first_to_reach_target() -> List[int]:
+            # The victim is the first consumer to have processed ``target`` messages: a consumer
+            # chosen beforehand could find the stream drained by the two others before it read
+            # (its start delayed on a busy machine), and the trial would test nothing.
+            return [i for i in range(3) if len(_lines(outs[i])) >= target][:1]
+
+        (victim,) = wait_until(
+            first_to_reach_target, timeout=30, message="a consumer processed some messages"
         )
         alive = procs[victim].poll() is None
         procs[victim].send_signal(signal.SIGKILL)
