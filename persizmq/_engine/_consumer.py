@@ -61,6 +61,9 @@ _HEADER = _format.SEGMENT_HEADER_SIZE
 _RECORD = _format.RECORD_HEADER_SIZE
 #: How many messages are decoded and validated ahead at most (one fsync round covers them).
 _AHEAD = 256
+#: ... and how many bytes of payload: a run of freed large payloads beyond glibc's trim
+#: threshold (128 KiB) gives its pages back, and the next run faults them in again.
+_AHEAD_BYTES = 96 << 10
 _MASK32 = 0xFFFFFFFF
 
 #: Where the message :meth:`Consumer.front` returned comes from, to pop it.
@@ -260,7 +263,8 @@ class Consumer:
             single = _format.KIND_SINGLE << _format.KIND_SHIFT
             multipart = _format.KIND_MULTIPART << _format.KIND_SHIFT
             seed_tag, seed_length = _format.SEED_TAG, _format.SEED_LENGTH
-            while len(ahead) < _AHEAD and pos + _RECORD <= limit:
+            budget = limit if limit - pos <= _AHEAD_BYTES else pos + _AHEAD_BYTES
+            while len(ahead) < _AHEAD and pos + _RECORD <= budget:
                 # _format.check_record, inlined: this loop is the consumer's hot path.
                 sync, tag, length, crc = unpack(data, pos)
                 stop = pos + _RECORD + length

@@ -7,7 +7,9 @@ what is in it). The rules that keep a mapping safe, by construction:
   mapping of it, so a full disk is an ``ENOSPC`` (or ``EFBIG`` under ``RLIMIT_FSIZE``) when the
   producer creates or grows the file, never a ``SIGBUS`` when it stores a record. The same
   holds for files persizmq did not write itself (a sparse copy of a queue): the producer
-  reserves every segment it opens, and the consumer every segment with holes, at open.
+  reserves every segment it opens, and the consumer every segment with holes, at open. The
+  room of a new or growing segment is also filled with written zeros (``_fs.allocate``): a
+  store into a page that is only reserved costs a slow page fault on ext4.
 * A segment file only ever grows; nothing truncates it (another process may have it mapped, and
   touching a page past the end of a file is ``SIGBUS``). A torn tail is zeroed, not cut off.
 * A new segment is written under a temporary name (``NNN.log.tmp``) — reserved, header (and
@@ -200,7 +202,7 @@ class Segment:
                 os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                 _fs.FILE_MODE,
             )
-            os.posix_fallocate(fd, 0, size)
+            _fs.allocate(fd, 0, size)
             os.pwrite(fd, _format.encode_header(base, salt), 0)
             if first is not None:
                 os.pwrite(fd, first(salt), _format.SEGMENT_HEADER_SIZE)
@@ -278,7 +280,7 @@ class Segment:
         :raises StorageWriteError: the disk refused; the file and its mapping are unchanged.
         """
         try:
-            os.posix_fallocate(self.fd, self.size, size - self.size)
+            _fs.allocate(self.fd, self.size, size)
         except OSError as err:
             raise StorageWriteError(
                 err.errno if err.errno is not None else errno.EIO,
