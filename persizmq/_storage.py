@@ -351,7 +351,7 @@ class PersistentStorage:
                 assert consumer is not None
                 i = consumer.ahead_i
                 if i < consumer.ahead_ok and not queue.closing:
-                    msg = consumer.ahead[i][0]
+                    msg = consumer.ahead[i]
                     self._held.pops = consumer.pops
                     return msg if isinstance(msg, bytes) else list(msg)
             finally:
@@ -376,7 +376,7 @@ class PersistentStorage:
                 assert consumer is not None
                 i = consumer.ahead_i
                 if i < consumer.ahead_ok and not queue.closing:
-                    msg = consumer.ahead[i][0]
+                    msg = consumer.ahead[i]
                     self._held.pops = consumer.pops
                     return True, msg if isinstance(msg, bytes) else list(msg)
             finally:
@@ -416,7 +416,7 @@ class PersistentStorage:
                 ):
                     data = plog._map
                     if data is not None:
-                        end = consumer.ahead[i][1]
+                        end = consumer.ahead_ends[i]
                         consumer.ahead_i = i + 1
                         cursor = consumer.cursor
                         index = cursor.index + 1
