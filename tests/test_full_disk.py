@@ -427,7 +427,7 @@ def test_allocate_reserves_and_zero_fills_and_a_full_disk_refuses(tmpfs: pathlib
         assert os.pread(fd, 3 * PAGE + 5, 0) == b"kept" + bytes(3 * PAGE + 1)
         _fs.allocate(fd, 10, 10)  # an empty region: nothing to do
         fill_up(tmpfs)
-        with pytest.raises(OSError) as caught:
+        with pytest.raises(OSError, match="No space") as caught:
             _fs.allocate(fd, 3 * PAGE + 5, 40 * PAGE)
         assert caught.value.errno == errno.ENOSPC
         assert os.pread(fd, 4, 0) == b"kept"
