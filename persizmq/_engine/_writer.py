@@ -417,6 +417,12 @@ class Writer:
         assert seg is not None
         if self.pos + size > seg.size:
             target = min(self.cap, max(self.pos + size, 2 * seg.size))
+            if count > 1 and target == self.cap:
+                # A batch near the segment's end grows it to what it needs (rounded to
+                # _INITIAL) rather than to the cap: a later batch that does not fit rolls over,
+                # and the room reserved for it would stay unused (never shrunk) — with batches
+                # of 10,000 messages, 1.38x the payload on disk instead of 1.2x.
+                target = min(self.cap, -(-(self.pos + size) // _INITIAL) * _INITIAL)
             if target > _format.MAX_SEGMENT_BYTES:
                 raise StorageWriteError(
                     errno.EFBIG, f"a segment of {target} bytes is larger than a segment may be"
