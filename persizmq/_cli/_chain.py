@@ -28,7 +28,7 @@ import zmq
 import persizmq
 from persizmq._cli._base import EXIT_FAILURE, EXIT_OK, CliError, describe, package_root
 from persizmq._cli._demo import _DEMO_DEADLINE, _Demo, _DemoConsumer
-from persizmq._cli._record import STATUS_INTERVAL_ENV
+from persizmq._cli._status import STATUS_INTERVAL_ENV
 
 __all__ = ["ChainDemo"]
 

@@ -42,7 +42,7 @@ from persizmq._cli._base import (
     positive,
 )
 from persizmq._cli._output import Sink, notice
-from persizmq._cli._record import STATUS_INTERVAL_ENV
+from persizmq._cli._status import STATUS_INTERVAL_ENV
 from persizmq._message import Message
 
 __all__ = ["cmd_demo", "register"]

@@ -82,6 +82,7 @@ from persizmq._cli._dirs import kinds_present, latest_disk_bytes
 from persizmq._cli._location import is_stream, open_stream, parse_stream
 from persizmq._cli._output import Progress, Rate, human_bytes, isatty, notice
 from persizmq._cli._signals import StopSignals
+from persizmq._cli._status import add_status_interval, status_interval
 from persizmq._message import Message
 from persizmq._protocol import nothing_stored
 from persizmq._sequence import SequenceStats, SequenceTracker
@@ -91,15 +92,11 @@ __all__ = [
     "RECORD_RCVBUF",
     "RECORD_RCVHWM",
     "RECORD_RCVHWM_TCP",
-    "STATUS_INTERVAL_ENV",
     "cmd_record",
     "receive_hwm",
     "register",
-    "status_interval",
 ]
 
-#: Environment variable: the default of ``record --status-interval`` (seconds, 0 = off).
-STATUS_INTERVAL_ENV = "PERSIZMQ_STATUS_INTERVAL"
 #: Sub-directory of the storage directory where ``record --min-period`` keeps its timestamp.
 MIN_PERIOD_DIR = "min-period"
 #: Receive high-water mark of the recorder's SUB socket when every endpoint is TCP (the kernel's
@@ -108,8 +105,6 @@ RECORD_RCVHWM_TCP = 1_000
 RECORD_RCVHWM = 100_000
 #: Kernel receive buffer the recorder asks for (capped by the kernel: see the module docstring).
 RECORD_RCVBUF = 8 << 20
-_TTY_STATUS_INTERVAL = 0.25
-_PLAIN_STATUS_INTERVAL = 5.0
 _LEFTOVER_DRAIN_SECONDS = 1.0
 
 
@@ -141,29 +136,6 @@ class _RecordCounters:
         """The subscriber's ``on_exception``: count and keep the error for the status line."""
         self.errors += 1
         self.last_error = exc
-
-
-def status_interval(args: argparse.Namespace, tty: bool) -> float:
-    """Seconds between status lines: ``--status-interval``, else the environment variable
-    :data:`STATUS_INTERVAL_ENV`, else 0.25 s on a terminal and 5 s otherwise.
-
-    :raises CliError: the environment variable is not a number of seconds >= 0.
-    """
-    if args.status_interval is not None:
-        return float(args.status_interval)
-    env = os.environ.get(STATUS_INTERVAL_ENV)
-    if env:
-        try:
-            value = float(env)
-        except ValueError:
-            value = -1.0
-        if not value >= 0:
-            raise CliError(
-                f"expected {STATUS_INTERVAL_ENV} to be a number of seconds >= 0, got {env!r}",
-                EXIT_USAGE,
-            )
-        return value
-    return _TTY_STATUS_INTERVAL if tty else _PLAIN_STATUS_INTERVAL
 
 
 class _Chain:
@@ -629,10 +601,4 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         metavar="N",
         help="bound on the pending bytes; beyond it new messages are dropped and counted",
     )
-    record.add_argument(
-        "--status-interval",
-        type=seconds,
-        metavar="SECONDS",
-        help=f"seconds between status updates on stderr (default: 0.25 on a terminal, else 5, "
-        f"or ${STATUS_INTERVAL_ENV}); 0 = none",
-    )
+    add_status_interval(record)
