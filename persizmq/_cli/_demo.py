@@ -339,7 +339,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="persizmq-demo-"))
     try:
         if args.chain:
-            from persizmq._cli._chain import ChainDemo  # noqa: PLC0415 (it imports this module)
+            from persizmq._cli._demo_chain import ChainDemo  # noqa: PLC0415 (it imports this module)
 
             return ChainDemo(workdir, args.messages, args.rate, out).run()
         return _Demo(workdir, args.messages, args.rate, out).run()
