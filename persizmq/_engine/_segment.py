@@ -77,18 +77,31 @@ def _unusable(err: OSError, what: str) -> DirectoryError:
 def has_valid_header(directory: pathlib.Path, base: int) -> bool:
     """Whether segment ``base`` exists and starts with a valid header for that base: a file
     a producer of this queue renamed into place (a file that merely has a segment's name
-    does not count)."""
-    try:
-        fd = os.open(directory / _format.segment_name(base), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
+    does not count).
+
+    :raises DirectoryError: the answer cannot be had now (out of descriptors, a read error):
+        a caller that took that for "no" would remember a real segment as a foreign file.
+    """
+    path = directory / _format.segment_name(base)
+    try:  # O_NONBLOCK: a FIFO under a segment's name must not hang the open
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno in _CANNOT_TELL:
+            raise _unusable(err, f"cannot open the segment {str(path)!r}") from err
+        return False  # vanished, or not a file persizmq wrote
     try:
         data = os.pread(fd, _format.SEGMENT_HEADER_SIZE, 0)
-    except OSError:
-        return False
+    except OSError as err:
+        if err.errno in _CANNOT_TELL:
+            raise _unusable(err, f"cannot read the header of {str(path)!r}") from err
+        return False  # a directory, a FIFO...
     finally:
         os.close(fd)
     return _format.parse_header(data, base) is not None
+
+
+#: Errors that say nothing about the file, only about this moment.
+_CANNOT_TELL = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO))
 
 
 def remove_tmp(directory: pathlib.Path) -> None:
