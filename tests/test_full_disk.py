@@ -433,3 +433,53 @@ def test_allocate_reserves_and_zero_fills_and_a_full_disk_refuses(tmpfs: pathlib
         assert os.pread(fd, 4, 0) == b"kept"
     finally:
         os.close(fd)
+
+
+def test_a_sparse_2_0_0_position_log_on_a_full_disk_is_enospc_never_sigbus(
+    tmpfs: pathlib.Path,
+) -> None:
+    """A 2.0.0 directory copied sparse (``consumer.pos`` all holes) onto a full disk: its log
+    is reserved when it is opened — a clear ENOSPC then, where the first pop's store into the
+    mapping killed the process with SIGBUS."""
+    import struct
+    import zlib
+
+    def v2_record(payload: bytes) -> bytes:
+        seed = ((len(payload) ^ 0x5E6D1C3B) + 0xA0 * 0x9E3779B1) & 0xFFFFFFFF
+        return struct.pack("<IIB", len(payload), zlib.crc32(payload, seed), 0xA0) + payload
+
+    d = tmpfs / "q"
+    d.mkdir()
+    (d / "00000000000000000000.seg").write_bytes(b"PZMQSEG2" + v2_record(b"old-1"))
+    with (d / "consumer.pos").open("wb") as f:
+        f.truncate(4096)  # a hole: no block allocated
+    persizmq.PersistentStorage(d, role="consumer", sync="never").close()  # nothing refused yet
+    with (d / "consumer.pos").open("wb") as f:
+        f.truncate(0)
+        f.truncate(4096)
+    fill_up(tmpfs)
+    code = textwrap.dedent(
+        """
+        import sys
+        import persizmq
+        try:
+            s = persizmq.PersistentStorage(sys.argv[1], role="consumer", sync="never")
+        except persizmq.StorageWriteError as exc:
+            print("refused:", exc.errno)
+            sys.exit(0)
+        s.front()
+        s.pop_front()
+        s.close()
+        print("popped")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(d)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr)  # -7: SIGBUS
+    assert result.stdout.split() in (["refused:", str(errno.ENOSPC)], ["popped"]), result.stdout
