@@ -17,7 +17,8 @@ Why this shape:
   the syncer).
 * Never needs new disk space: the file's blocks are allocated once (``posix_fallocate``) when it
   is created (and reserved again at open: a no-op unless a copy made it sparse), so popping,
-  which is how a full disk gets freed, keeps working on a full disk. (Storing into a mapped page whose block is not allocated would kill the process with SIGBUS.)
+  which is how a full disk gets freed, keeps working on a full disk. (Storing into a mapped
+  page whose block is not allocated would kill the process with SIGBUS.)
 * Torn or damaged entries cost one pop at most: a store cut short by a crash, or bit rot, fails
   its CRC and the entry before it is the position — that message is delivered again (at least
   once), never skipped. A zero-filled slot is never valid.
