@@ -474,31 +474,40 @@ class Writer:
         assert seg is not None
         assert seg.map is not None
         salt, index = seg.salt, self.index
-        data = seg.map
-        start = pos = self.pos
+        parts: List[bytes] = []
         if meta is not None:
-            data[pos : pos + _RECORD + len(marker)] = _format.encode_record(
-                marker, _format.KIND_BATCH, salt, index
-            )
-            pos += _RECORD + len(marker)
-        # _format.encode_record, inlined and stored in place: the batch path's per-message cost.
-        pack, crc32 = _format.pack_record_header_into, zlib.crc32
+            parts.append(_format.encode_record(marker, _format.KIND_BATCH, salt, index))
+        # _format.encode_record, inlined: the batch path's per-message cost.
+        pack, crc32 = _format.pack_record_header, zlib.crc32
         shift, seed_tag, seed_length = _format.KIND_SHIFT, _format.SEED_TAG, _format.SEED_LENGTH
+        add = parts.append
         for payload, kind in records:
             tag = kind << shift | index
             length = len(payload)
-            seed = (salt ^ (tag * seed_tag) ^ (length * seed_length)) & 0xFFFFFFFF
-            pack(data, pos, salt, tag, length, crc32(payload, seed))
-            pos += _RECORD
-            data[pos : pos + length] = payload
-            pos += length
+            add(
+                pack(
+                    salt,
+                    tag,
+                    length,
+                    crc32(payload, (salt ^ (tag * seed_tag) ^ (length * seed_length)) & 0xFFFFFFFF),
+                )
+            )
+            add(payload)
             index += 1
-        self.pos = pos
+        data = b"".join(parts)
+        start = self.pos
+        end = start + len(data)
+        # One store, then the end moves with no call in between: an asynchronous exception
+        # (KeyboardInterrupt) can only land before the store or after the end moved — never
+        # with valid records stored past the writer's end (a reader would deliver them, and the
+        # next add would store other messages under their offsets).
+        seg.map[start:end] = data
+        self.pos = end
         self.index = index
         self.dirty = True
         if meta:
             self.meta.update(meta)
-        return pos - start
+        return end - start
 
     def fdatasync_now(self) -> None:
         """``"always"`` mode: make everything appended so far durable, inline."""
