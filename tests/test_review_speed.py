@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import types
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterator
 
 import pytest
 
@@ -58,7 +58,7 @@ def _interrupt_calls(
 ) -> int:
     """Run ``call`` under interrupts for up to 4 s (or 5000 interrupts); after each interrupt
     check that the queue's lock is free. Return the interrupts seen; fail if the lock leaked."""
-    lock = storage._queue.lock  # noqa: SLF001 (the lock a leaked acquire leaves held)
+    lock = storage._queue.lock  # the lock a leaked acquire leaves held
     interrupts = 0
     deadline = time.monotonic() + 4.0
     while time.monotonic() < deadline and interrupts < 5000:
@@ -100,7 +100,7 @@ def test_an_interrupt_in_a_lean_path_never_leaves_the_lock_held(
 
         refill()
         storage.front()  # a run read ahead: front/pop take the lean path
-        calls = {
+        calls: Dict[str, Callable[[], object]] = {
             "add_message": lambda: storage.add_message(b"x" * 10),
             "front": storage.front,
             "pop_front": storage.pop_front,
