@@ -576,7 +576,7 @@ def test_no_room_for_a_record_stores_nothing(
 ) -> None:
     """Room is reserved with posix_fallocate before a record is written through the mapping:
     when the disk refuses it, the add raises and nothing of it is stored (never a SIGBUS)."""
-    from persizmq._topics import _core
+    from persizmq._topics import _room
 
     storage = persizmq.PersistentTopicStorage(tmp_path)
     storage.add_message(b"a 1")
@@ -584,7 +584,7 @@ def test_no_room_for_a_record_stores_nothing(
     def full(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
-    monkeypatch.setattr(_core, "_fallocate", full)
+    monkeypatch.setattr(_room, "_fallocate", full)
     big = b"big " + b"x" * (1 << 20)  # more than the room reserved ahead
     with pytest.raises(StorageWriteError, match="nothing of this call was stored") as info:
         storage.add_message(big)

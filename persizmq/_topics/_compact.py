@@ -4,18 +4,22 @@ Theory of operation
 ===================
 
 As in Kafka's compacted topics, the log keeps every update until a compaction keeps only the
-newest per topic. It runs in a background thread once the dead bytes (superseded records and
-tombstones) reach twice the live ones (so the disk holds at most about three times the live
-data, and about 1.2 times right after) and at least ``compact_min_bytes``; or when asked
-(``compact()``). Steps:
+newest per topic. It runs in a background thread once the records on disk reach
+``_core.COMPACT_AT`` times the live ones and the dead bytes (superseded records and
+tombstones) at least ``compact_min_bytes`` (see ``_core`` for when, and how writers wait for a
+compaction that falls behind); or when asked (``compact()``). Steps:
 
+0. *Look*: the live bytes are summed (the index's values, copied under the lock, summed outside
+   it at C speed); unless asked, it goes on only if the disk really is that far past them.
 1. *Roll*: a new plain log file of the next generation is created (header and directory entry
    fsynced) and becomes the active file; the old one is unmapped and cut to its last record;
-   every older file is now immutable and *covered*. The
-   index is copied (a C-speed ``dict.copy``) under the lock: it names the newest record of every
-   topic, all in covered files.
-2. *Copy*: the records of the copy are written, in the order of their locations (file
-   generation, then offset: their ``seq`` order), to ``G.tlog.tmp``, where G is the highest
+   every older file is now immutable and *covered*. The index is copied (a C-speed
+   ``dict.copy``) under the lock: it names the newest record of every topic, all in covered
+   files. (With fewer than two free slots, see ``_locations`` -- compactions that failed, a full
+   disk say, each left one more file -- it does not roll: the files before the active one are
+   covered, and the topics in the active one keep their entries.)
+2. *Copy*: the records of the copy are written, in the order of their files' generations, then
+   of their offsets (their ``seq`` order), to ``G.tlog.tmp``, where G is the highest
    covered generation and the header says ``covers_from`` = the lowest covered one. Each record
    is moved byte for byte; only its CRC changes, by :func:`_format.crc_delta` for the new salt,
    so a damaged body stays detectably damaged. The copy runs outside the lock; puts and deletes
@@ -31,9 +35,9 @@ data, and about 1.2 times right after) and at least ``compact_min_bytes``; or wh
    covered files that are still there. Either way the state is the old or the new one, never
    a mix.
 4. *Switch*: a new index that points at the copies is built outside the lock; under the lock
-   the topics put or deleted since the roll (``_dirty``) take their current entries and the new
+   the topics put or deleted since the roll (``dirty``) take their current entries and the new
    index replaces the old one; then the old descriptors are closed and the covered files
-   removed.
+   removed, and the live bytes summed again.
 
 A failed fsync is fail-stop, as everywhere in the store. Another failure (a full disk while
 copying) removes the temporary file, leaves the store as it was, and is tried again later.
@@ -41,6 +45,7 @@ copying) removes the temporary file, leaves the store as it was, and is tried ag
 is not on disk.
 """
 
+import array
 import contextlib
 import logging
 import operator
@@ -48,13 +53,14 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from itertools import compress, repeat
+from typing import Dict, List, Optional, Set, Tuple
 
 from persizmq import _fs
-from persizmq._topics import _copier
-from persizmq._topics._core import LOC_OFFSET_MASK, LOC_SIZE_MASK, RETRY_AFTER, TopicCore
+from persizmq._topics import _copier, _durability, _room
+from persizmq._topics._core import COMPACT_AT, RETRY_AFTER, TopicCore
 from persizmq._topics._files import LogFile, create_file, quarantine
-from persizmq._topics._format import FILE_HEADER_SIZE
+from persizmq._topics._locations import BIG, DAMAGED, SIZE_MASK, SLOT_SHIFT, offset_of, slot_of
 
 __all__ = ["HELPER_MIN_RECORDS", "run"]
 
@@ -70,61 +76,103 @@ class _Stopped(Exception):  # noqa: N818 (a signal, not an error)
     """``close()`` asked the compaction to stop."""
 
 
-def run(core: TopicCore, *, raise_errors: bool = False) -> None:
-    """Compact ``core`` (its ``_compacting`` flag is set by the caller); never raises unless
+def run(core: TopicCore, *, raise_errors: bool = False, forced: bool = False) -> None:
+    """Compact ``core`` (its ``compacting`` flag is set by the caller) -- unless not
+    ``forced`` and the disk is not far enough past the live bytes; never raises unless
     ``raise_errors``."""
     started = time.monotonic()
     try:
-        _compact(core)
+        if forced or _warranted(core):
+            _compact(core)
+            with core.lock:
+                core.compactions += 1
+                core.last_compaction_seconds = time.monotonic() - started
+                core.compact_retry_at = 0.0
+            _measure(core)
     except _Stopped:
         pass
     except Exception:
-        with core._lock:
-            core._compact_retry_at = time.monotonic() + RETRY_AFTER
+        with core.lock:
+            core.compact_retry_at = time.monotonic() + RETRY_AFTER
         if raise_errors:
             raise
         _LOGGER.exception("persizmq: compacting %s failed; tried again later", core.directory)
-    else:
-        with core._lock:
-            core.compactions += 1
-            core.last_compaction_seconds = time.monotonic() - started
-            core._compact_retry_at = 0.0
     finally:
-        with core._wake:
-            core._compacting = False
-            core._wake.notify_all()
+        with core.wake:
+            core.compacting = False
+            if not core.closed:
+                core.set_thresholds()
+            core.wake.notify_all()
+
+
+def _measure(core: TopicCore) -> int:
+    """Sum the live bytes into ``core.live_estimate`` (see ``_core``); return the disk's."""
+    with core.lock:
+        locations = list(core.index.values())
+        big = list(core.big.values())
+        disk = core.disk_bytes()
+    live = core.live_bytes(locations, big)
+    with core.lock:
+        core.live_estimate = live
+    return disk
+
+
+def _warranted(core: TopicCore) -> bool:
+    """Whether the disk is far enough past the live bytes (summed now) for a compaction."""
+    disk = _measure(core)
+    live = core.live_estimate
+    return disk - live >= max(1, core.compact_min_bytes) and disk >= COMPACT_AT * live
+
+
+def _roll(core: TopicCore) -> Tuple[List[LogFile], Dict[bytes, int], List[int], bool]:
+    """Step 1: roll over to a new active file (if two slots are free); return the covered
+    files, the snapshot of the index, the free slots and whether it rolled."""
+    with core.lock:
+        if not core.writable:
+            raise _Stopped
+        free = core.free_slots()
+        roll = len(free) >= 2
+        generation = core.next_generation
+        if roll:
+            core.next_generation += 1
+    active = None
+    if roll:
+        active = create_file(
+            core.directory, generation, generation, free[0], durable=core.durable, tmp=False
+        )
+        try:
+            _room.map_for_writing(active)
+        except BaseException:
+            os.close(active.fd)
+            raise
+    with core.lock:
+        if active is not None:
+            covered = list(core.files.values())
+            _room.unmap(core.active)  # immutable from now on, without its reserved room
+            core.files[active.slot] = active
+            core.active = active
+        else:
+            covered = [log for log in core.files.values() if log is not core.active]
+        snapshot = core.index.copy()
+        core.dirty = set()  # the topics put or deleted from now on: see _switch
+        core.set_thresholds()
+        return covered, snapshot, core.free_slots(), roll
 
 
 def _compact(core: TopicCore) -> None:
-    with core._lock:
-        if not core._writable:
-            raise _Stopped
-        generation = core._next_generation
-        core._next_generation += 1
-    active = create_file(
-        core.directory, generation, generation, 2 * generation, durable=core._durable, tmp=False
-    )
+    covered, snapshot, free, rolled = _roll(core)
     try:
-        core.map_for_writing(active)
-    except BaseException:
-        os.close(active.fd)
-        raise
-    with core._lock:
-        covered = list(core._files.values())
-        core.unmap(core._active)  # immutable from now on, without its reserved room
-        core._files[active.fid] = active
-        core._active = active
-        snapshot = core._index.copy()
-        core._dirty = set()  # the topics put or deleted from now on: see _switch
-    try:
-        target = max(covered, key=operator.attrgetter("generation"))
+        if not free or not covered:
+            raise OSError(f"no log file to compact, or no slot for the compacted one: {free}")
+        covered.sort(key=operator.attrgetter("generation"))
+        target = covered[-1]
         covers_from = min(log.covers_from for log in covered)
-        fid = 2 * target.generation + (1 - (target.fid & 1))
         out = create_file(
-            core.directory, target.generation, covers_from, fid, durable=False, tmp=True
+            core.directory, target.generation, covers_from, free[0], durable=False, tmp=True
         )
+        kept = {} if rolled else _uncovered(snapshot, core.active.slot)
         topics = list(snapshot)
-        locs = list(snapshot.values())
+        locs = array.array("Q", snapshot.values())
         del snapshot
         try:
             newlocs, damaged = _copy(core, locs, covered, out)
@@ -134,16 +182,26 @@ def _compact(core: TopicCore) -> None:
                 out.path.unlink()
             raise
         _commit(core, out, target)
-        with core._lock:
-            if core._stopping:  # committed: the next open reads the new file
+        with core.lock:
+            if core.stopping:  # committed: the next open reads the new file
                 os.close(out.fd)
                 raise _Stopped
-            core._files[out.fid] = out  # from now on the store owns it (and close() closes it)
-            core._disk += out.size - FILE_HEADER_SIZE
-        _switch(core, covered, out, (topics, newlocs, damaged))
+            core.files[out.slot] = out  # from now on the store owns it (and close() closes it)
+        _switch(core, covered, out, (topics, newlocs, damaged), kept)
     finally:
-        with core._lock:
-            core._dirty = None
+        with core.lock:
+            core.dirty = None
+
+
+def _uncovered(snapshot: Dict[bytes, int], slot: int) -> Dict[bytes, int]:
+    """Take the entries of the records in file ``slot`` out of ``snapshot`` (at C speed)."""
+    inside = list(
+        map(operator.eq, map(operator.rshift, snapshot.values(), repeat(SLOT_SHIFT)), repeat(slot))
+    )
+    kept = dict(zip(compress(snapshot.keys(), inside), compress(snapshot.values(), inside)))
+    for topic in kept:
+        del snapshot[topic]
+    return kept
 
 
 def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
@@ -154,8 +212,8 @@ def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
         try:
             os.fsync(out.fd)
         except OSError as err:
-            with core._lock:
-                core._fail(err, tmp_path)
+            with core.lock:
+                _durability.fail(core, err, tmp_path)
             raise
         os.replace(tmp_path, target.path)
         committed = True
@@ -163,8 +221,8 @@ def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
         try:
             _fs.fsync_directory(core.directory)
         except OSError as err:
-            with core._lock:
-                core._fail(err, core.directory)
+            with core.lock:
+                _durability.fail(core, err, core.directory)
             raise
     except BaseException:
         os.close(out.fd)
@@ -175,37 +233,42 @@ def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
     out.synced = out.size
 
 
-def _copy(
-    core: TopicCore, locs: List[int], covered: List[LogFile], out: LogFile
-) -> Tuple[List[int], Dict[int, int]]:
+#: What :func:`_copy` returns: the new locations, and the damaged records (their position in
+#: the locations -> (old location, bytes set aside)).
+_Copy = Tuple[List[int], Dict[int, Tuple[int, int]]]
+
+
+def _copy(core: TopicCore, locs: "array.array[int]", covered: List[LogFile], out: LogFile) -> _Copy:
     """Copy the records at ``locs`` to ``out`` (in a helper process if it can, see
-    ``_copier``); return their new locations (-1: damaged) and the damaged ones (position in
-    ``locs`` -> old location), set aside in ``quarantine/``."""
-    sources = [(log.fid, log.fd, log.size, log.salt) for log in covered]
-    target = (out.fd, out.size, out.salt, out.fid)
+    ``_copier``); return their new locations (``DAMAGED``: damaged) and the damaged ones,
+    set aside in ``quarantine/``."""
+    sources = [(log.slot, log.fd, log.size, log.salt) for log in covered]
+    target = (out.fd, out.size, out.salt, out.slot)
     helper = core.use_helper and len(locs) >= HELPER_MIN_RECORDS
     copied = _in_helper(core, locs, sources, target) if helper else None
     if copied is None:
-        copied = _copier.copy_records(locs, sources, target, stop=lambda: core._stopping)
+        copied = _copier.copy_records(locs.tolist(), sources, target, stop=lambda: core.stopping)
         if copied is None:
             raise _Stopped
     newlocs, bad, end = copied
     os.ftruncate(out.fd, end)  # a helper that failed may have written more
     out.size = end
-    damaged: Dict[int, int] = {}
+    damaged: Dict[int, Tuple[int, int]] = {}
     if bad:
-        names = {log.fid: log.path.name for log in covered}
+        names = {log.slot: log.path.name for log in covered}
         for loc, data in bad:
-            offset = (loc >> 32) & LOC_OFFSET_MASK
             why = "a damaged record (compaction)"
-            quarantine(core.directory, names[loc >> 72], offset, data, why)
-        damaged = {i: locs[i] for i, new in enumerate(newlocs) if new < 0}
+            quarantine(core.directory, names[slot_of(loc)], offset_of(loc), data, why)
+        sizes = {loc: len(data) for loc, data in bad}
+        damaged = {
+            i: (locs[i], sizes.get(locs[i], 0)) for i, new in enumerate(newlocs) if new == DAMAGED
+        }
     return newlocs, damaged
 
 
 def _in_helper(
     core: TopicCore,
-    locs: List[int],
+    locs: "array.array[int]",
     sources: List[_copier.Source],
     target: Tuple[int, int, int, int],
 ) -> Optional[_copier.Copied]:
@@ -232,7 +295,7 @@ def _in_helper(
         core.use_helper = False
         _LOGGER.warning("persizmq: no helper process for compactions (%s); copying here", err)
         return None
-    request = _copier.encode_request(locs, sources, target)
+    request = _copier.encode_request(locs, len(locs), sources, target)
     try:
         assert helper.stdin is not None
         with contextlib.suppress(BrokenPipeError):  # it died: its exit status says why
@@ -246,7 +309,7 @@ def _in_helper(
                 answer, errors = helper.communicate(timeout=_POLL)
                 break
             except subprocess.TimeoutExpired:
-                if core._stopping:
+                if core.stopping:
                     raise _Stopped from None
     finally:
         if helper.returncode is None:
@@ -261,7 +324,7 @@ def _in_helper(
         )
         return None
     try:
-        return _copier.decode_answer(answer, locs, target[3])
+        return _copier.decode_answer(answer, locs)
     except ValueError as err:
         core.use_helper = False
         _LOGGER.warning("persizmq: the compaction helper answered nonsense (%s); copying here", err)
@@ -272,24 +335,28 @@ def _switch(
     core: TopicCore,
     covered: List[LogFile],
     out: LogFile,
-    copied: Tuple[List[bytes], List[int], Dict[int, int]],
+    copied: Tuple[List[bytes], List[int], Dict[int, Tuple[int, int]]],
+    kept: Dict[bytes, int],
 ) -> None:
     """Replace the index by one that points at the copies (``copied``: the topics, the new
-    locations and the damaged ones, see :func:`_copy`), then close and remove the covered files.
+    locations and the damaged ones, see :func:`_copy`) and at the records of ``kept`` (those
+    not covered), then close and remove the covered files.
 
     The new index is built outside the lock (at C speed); then, under the lock, the topics put
-    or deleted since the copy began (``core._dirty``) take their current entries, and the new
+    or deleted since the copy began (``core.dirty``) take their current entries, and the new
     index replaces the old one in one step.
     """
     topics, newlocs, damaged = copied
     index = dict(zip(topics, newlocs))
     for position in damaged:
         del index[topics[position]]
-    with core._lock:
-        if core._stopping:
+    index.update(kept)
+    gone = {log.slot for log in covered}
+    with core.lock:
+        if core.stopping:
             raise _Stopped
-        current = core._index
-        dirty = core._dirty
+        current = core.index
+        dirty = core.dirty
         assert dirty is not None
         for topic in dirty:
             loc = current.get(topic)
@@ -297,20 +364,31 @@ def _switch(
                 index.pop(topic, None)
             else:
                 index[topic] = loc
-        for position, loc in damaged.items():
-            topic = topics[position]
+        for _, size in damaged.values():
             core.corrupt_regions += 1
-            core.quarantined_bytes += loc & LOC_SIZE_MASK
-            if topic not in dirty:
-                core._live -= loc & LOC_SIZE_MASK
-        core._index = index
-        core._dirty = None
+            core.quarantined_bytes += size
+        _move_big(core.big, index, gone, out.slot)
+        core.index = index
+        core.dirty = None
         for log in covered:
-            del core._files[log.fid]
-            core._disk -= log.size - FILE_HEADER_SIZE
+            del core.files[log.slot]
         core.reclaimed_bytes += max(0, sum(log.size for log in covered) - out.size)
     for log in covered:
         os.close(log.fd)
         if log.path != out.path:
             with contextlib.suppress(FileNotFoundError):
                 log.path.unlink()
+
+
+def _move_big(
+    big: Dict[bytes, Tuple[int, int]], index: Dict[bytes, int], gone: Set[int], slot: int
+) -> None:
+    """Point the entries of ``big`` in the files ``gone`` at their copies in file ``slot``
+    (of the new ``index``), or drop them (stale)."""
+    for topic, (loc, size) in list(big.items()):
+        if slot_of(loc) in gone:
+            new = index.get(topic, DAMAGED)
+            if slot_of(new) == slot and new & SIZE_MASK == BIG:
+                big[topic] = (new, size)
+            else:
+                del big[topic]

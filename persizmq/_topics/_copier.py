@@ -6,11 +6,13 @@ Theory of operation
 A compaction (see ``_compact``) copies the newest record of every topic into one file. This
 module does the copying, and nothing else: given the covered files (descriptors, sizes, salts),
 the locations of the records to keep and the descriptor of the compacted file, it writes the
-records there with ``pwrite`` after the file's header, in the order of their locations (their
-``seq`` order), each moved byte for byte except its CRC, which changes by
+records there with ``pwrite`` after the file's header, file after file in the order given (the
+order of their generations), within a file in the order of their offsets (so: their ``seq``
+order), each moved byte for byte except its CRC, which changes by
 ``crc_delta(length, old salt XOR new salt)`` (see ``_format``). It returns, for every old
-location, the new one (-1 for a record whose length field no longer says the size the index
-knows: damaged since the store read it; its bytes are returned too, for ``quarantine/``).
+location, the new one (:data:`DAMAGED` for a record whose length field no longer says the size
+the index knows: damaged since the store read it; its bytes are returned too, for
+``quarantine/``). Locations are those of ``_locations`` (64 bits: slot, offset, size).
 
 It runs in a helper process when it can (``python -I -S`` on this file, so it imports nothing
 but the standard library, not even ``persizmq``): the copying then never holds the writer's GIL,
@@ -22,7 +24,8 @@ the removal of the covered files) stays in the store's process, so a crash of ei
 any moment leaves what a crash of the copying thread would leave. A helper whose parent died
 sees its stdin end and the descriptors it holds still point at the same inodes: at worst it
 writes into a ``.tmp`` file that the next open removes. Request and answer go over its stdin
-and stdout as a JSON line and arrays of 64-bit numbers (no code-loading deserialiser).
+and stdout as a JSON line and an array of the 64-bit locations (no code-loading deserialiser;
+``array`` converts them from and to ints at C speed, in both processes).
 
 Within one chunk of records of one file, the work runs at C speed (``map`` over slices of the
 mapping, one ``struct`` call for all the (length, CRC) fields of the chunk, ``map(xor, ...)``),
@@ -40,9 +43,16 @@ import sys
 import zlib
 from itertools import accumulate, chain, repeat
 from operator import add, and_, lshift, or_, rshift, sub, xor
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 __all__ = [
+    "BIG",
+    "DAMAGED",
+    "HEADER",
+    "OFFSET_MASK",
+    "OFFSET_SHIFT",
+    "SIZE_MASK",
+    "SLOT_SHIFT",
     "Copied",
     "Source",
     "copy_records",
@@ -52,21 +62,23 @@ __all__ = [
     "main",
 ]
 
-#: The size of a record's header (``_format.RECORD_HEADER_SIZE``; this module imports nothing of
-#: persizmq, see the module docstring).
+# The layout of a location and of a record header, as ``_locations`` and ``_format`` have it
+# (this module imports nothing of persizmq, see the module docstring; a test compares them).
 HEADER = 21
-#: An index location: ``fid << FID_SHIFT | offset << 32 | size``.
-FID_SHIFT = 72
-OFFSET_MASK = (1 << 40) - 1
-SIZE_MASK = 0xFFFFFFFF
+SLOT_SHIFT = 61
+OFFSET_SHIFT = 24
+OFFSET_MASK = (1 << 37) - 1
+SIZE_MASK = (1 << 24) - 1
+BIG = SIZE_MASK
+DAMAGED = 0
 CHUNK_RECORDS = 8192
 _LENGTH_CRC = struct.Struct("<II")
 
-#: A covered file: ``(fid, descriptor, size, salt)``.
+#: A covered file: ``(slot, descriptor, size, salt)``.
 Source = Tuple[int, int, int, int]
 #: What :func:`copy_records` returns: the new location of each record, in the order of the
-#: locations given (-1: damaged), the damaged records ``(old location, their bytes)``, and
-#: where the compacted file now ends.
+#: locations given (:data:`DAMAGED`: damaged), the damaged records ``(old location, their
+#: bytes)``, and where the compacted file now ends.
 Copied = Tuple[List[int], List[Tuple[int, bytes]], int]
 
 
@@ -96,17 +108,18 @@ def copy_records(
     out: Tuple[int, int, int, int],
     stop: Callable[[], bool] = lambda: False,
 ) -> Optional[Copied]:
-    """Copy the records at ``locs`` (any order) from ``sources`` to ``out`` = ``(descriptor,
-    position, salt, fid)``; None if ``stop()`` said so between two chunks."""
-    out_fd, pos, out_salt, out_fid = out
-    out_bits = out_fid << FID_SHIFT
+    """Copy the records at ``locs`` (any order) from ``sources`` (in the order of their
+    generations) to ``out`` = ``(descriptor, position, salt, slot)``; None if ``stop()`` said
+    so between two chunks."""
+    out_fd, pos, out_salt, out_slot = out
+    out_bits = out_slot << SLOT_SHIFT
     given = locs
-    locs = sorted(given)  # by file, then offset: the order of the records' numbers
+    locs = sorted(given)  # by slot, then offset
     moved: Dict[int, int] = {}
     damaged: List[Tuple[int, bytes]] = []
-    for fid, fd, size, salt in sorted(sources):
-        first = bisect.bisect_left(locs, fid << FID_SHIFT)
-        last = bisect.bisect_left(locs, (fid + 1) << FID_SHIFT)
+    for slot, fd, size, salt in sources:
+        first = bisect.bisect_left(locs, slot << SLOT_SHIFT)
+        last = bisect.bisect_left(locs, (slot + 1) << SLOT_SHIFT)
         if first == last:
             continue
         deltas = _Deltas(salt ^ out_salt)
@@ -116,7 +129,7 @@ def copy_records(
                     return None
                 chunk = locs[start : min(last, start + CHUNK_RECORDS)]
                 done = _copy_run(view, chunk, deltas, pos, out_bits)
-                if done is None:  # a record changed since it was read: one by one
+                if done is None:  # a record changed since it was read, or a big one: one by one
                     done = _copy_one_by_one(view, chunk, deltas, pos, out_bits, damaged)
                 data, placed = done
                 _pwrite_all(out_fd, data, pos)
@@ -129,10 +142,13 @@ def _copy_run(
     view: mmap.mmap, chunk: List[int], deltas: _Deltas, pos: int, bits: int
 ) -> Optional[Tuple[bytearray, List[int]]]:
     """The records at ``chunk`` (sorted, all in ``view``), re-sealed, as one buffer to write at
-    ``pos``, and their new locations; None if a length field does not say the known size."""
+    ``pos``, and their new locations; None if a length field does not say the known size (or
+    a record is a big one, whose size only its length field says)."""
     count = len(chunk)
-    offsets = list(map(and_, map(rshift, chunk, repeat(32)), repeat(OFFSET_MASK)))
+    offsets = list(map(and_, map(rshift, chunk, repeat(OFFSET_SHIFT)), repeat(OFFSET_MASK)))
     sizes = list(map(and_, chunk, repeat(SIZE_MASK)))
+    if BIG in sizes:
+        return None
     bodies = list(map(add, offsets, repeat(8)))
     heads = b"".join(map(view.__getitem__, map(slice, offsets, bodies)))
     codec = struct.Struct(f"<{2 * count}I")
@@ -151,7 +167,7 @@ def _copy_run(
         return None
     starts = list(accumulate(sizes, initial=pos))
     starts.pop()
-    placed = map(or_, map(lshift, starts, repeat(32)), sizes)
+    placed = map(or_, map(lshift, starts, repeat(OFFSET_SHIFT)), sizes)
     return data, list(map(or_, placed, repeat(bits)))
 
 
@@ -164,22 +180,24 @@ def _copy_one_by_one(  # noqa: PLR0917 (the state of the copy, passed on as it i
     damaged: List[Tuple[int, bytes]],
 ) -> Tuple[bytearray, List[int]]:
     """:func:`_copy_run` record by record; a record whose length field is damaged is added to
-    ``damaged`` (its new location is -1)."""
+    ``damaged`` (its new location is :data:`DAMAGED`)."""
     data = bytearray()
     placed: List[int] = []
     end = len(view)
     for loc in chunk:
-        offset = (loc >> 32) & OFFSET_MASK
-        size = loc & SIZE_MASK
+        offset = (loc >> OFFSET_SHIFT) & OFFSET_MASK
+        field = loc & SIZE_MASK
         length = _LENGTH_CRC.unpack_from(view, offset)[0] if offset + 8 <= end else -1
-        if length + HEADER != size or offset + size > end:
-            damaged.append((loc, view[offset : offset + size]))
-            placed.append(-1)
+        size = length + HEADER
+        if (size != field if field < BIG else size < BIG) or offset + size > end:
+            damaged.append((loc, view[offset : offset + (field if field < BIG else HEADER)]))
+            placed.append(DAMAGED)
             continue
         crc = _LENGTH_CRC.unpack_from(view, offset)[1]
+        start = pos + len(data)
         data += _LENGTH_CRC.pack(length, crc ^ deltas[size])
         data += view[offset + 8 : offset + size]
-        placed.append(bits | ((pos + len(data) - size) << 32) | size)
+        placed.append(bits | (start << OFFSET_SHIFT) | field)
     return data, placed
 
 
@@ -192,47 +210,42 @@ def _pwrite_all(fd: int, data: bytearray, pos: int) -> None:
         pos += written
 
 
-def encode_request(locs: List[int], sources: List[Source], out: Tuple[int, int, int, int]) -> bytes:
-    """The request to a helper: a JSON line (the files), then every location as two unsigned
-    64-bit halves (native order: the helper runs on this machine), at C speed."""
-    head = json.dumps({"count": len(locs), "sources": sources, "out": out}).encode()
-    high = array.array("Q", map(rshift, locs, repeat(64)))
-    low = array.array("Q", map(and_, locs, repeat((1 << 64) - 1)))
-    return b"".join((head, b"\n", high.tobytes(), low.tobytes()))
+def encode_request(
+    locs: Iterable[int], count: int, sources: List[Source], out: Tuple[int, int, int, int]
+) -> bytes:
+    """The request to a helper: a JSON line (the files), then the ``count`` locations as
+    unsigned 64-bit numbers (native order: the helper runs on this machine)."""
+    head = json.dumps({"count": count, "sources": sources, "out": out}).encode()
+    return b"".join((head, b"\n", array.array("Q", locs).tobytes()))
 
 
 def encode_answer(copied: Copied, locs: List[int]) -> bytes:
     """The answer of a helper: a JSON line (where the file ends, the damaged records by their
-    position in ``locs``, hex), then the new offset of every record (signed 64-bit, -1:
-    damaged)."""
+    position in ``locs``, hex), then the new location of every record (:data:`DAMAGED`:
+    damaged), unsigned 64-bit."""
     newlocs, damaged, end = copied
-    offsets = array.array("q", map(and_, map(rshift, newlocs, repeat(32)), repeat(OFFSET_MASK)))
-    bad = [i for i, loc in enumerate(newlocs) if loc < 0] if damaged else []
-    for i in bad:
-        offsets[i] = -1
     found = dict(damaged)
-    records = [[i, found[locs[i]].hex()] for i in bad]
+    records = [[i, found[locs[i]].hex()] for i, loc in enumerate(newlocs) if loc == DAMAGED]
     head = json.dumps({"end": end, "damaged": records}).encode()
-    return b"".join((head, b"\n", offsets.tobytes()))
+    return b"".join((head, b"\n", array.array("Q", newlocs).tobytes()))
 
 
-def decode_answer(answer: bytes, locs: List[int], out_fid: int) -> Copied:
+def decode_answer(answer: bytes, locs: "array.array[int]") -> Copied:
     """The :data:`Copied` of a helper's answer to the request for ``locs``.
 
     :raises ValueError: the answer is not one (a helper that broke).
     """
     line, _, rest = answer.partition(b"\n")
     head = json.loads(line)
-    offsets = array.array("q")
-    offsets.frombytes(rest)
-    if len(offsets) != len(locs):
-        raise ValueError(f"expected {len(locs)} offsets from the helper, got {len(offsets)}")
-    sizes = map(and_, locs, repeat(SIZE_MASK))
-    placed = map(or_, map(lshift, offsets, repeat(32)), sizes)
-    newlocs = list(map(or_, placed, repeat(out_fid << FID_SHIFT)))
+    placed = array.array("Q")
+    placed.frombytes(rest)
+    if len(placed) != len(locs):
+        raise ValueError(f"expected {len(locs)} locations from the helper, got {len(placed)}")
+    newlocs = placed.tolist()
     damaged = []
     for i, data in head["damaged"]:
-        newlocs[i] = -1
+        if newlocs[i] != DAMAGED:
+            raise ValueError(f"the helper said record {i} was damaged and gave it a location")
         damaged.append((locs[i], bytes.fromhex(data)))
     return newlocs, damaged, int(head["end"])
 
@@ -243,11 +256,11 @@ def main() -> int:
     data = sys.stdin.buffer.read()
     line, _, rest = data.partition(b"\n")
     head = json.loads(line)
-    count = head["count"]
-    high, low = array.array("Q"), array.array("Q")
-    high.frombytes(rest[: 8 * count])
-    low.frombytes(rest[8 * count :])
-    locs = list(map(or_, map(lshift, high, repeat(64)), low))
+    given = array.array("Q")
+    given.frombytes(rest)
+    if len(given) != head["count"]:
+        raise ValueError(f"expected {head['count']} locations, got {len(given)}")
+    locs = given.tolist()
     sources = [tuple(source) for source in head["sources"]]
     copied = copy_records(locs, sources, tuple(head["out"]))
     assert copied is not None

@@ -26,8 +26,10 @@ import secrets
 from typing import Dict, List, Optional, Tuple
 
 from persizmq import _fs
+from persizmq._errors import CorruptionError
 from persizmq._topics import _format
 from persizmq._topics._format import FILE_HEADER_SIZE, FileHeader
+from persizmq._topics._locations import SLOT_SHIFT, SLOTS
 
 __all__ = ["LogFile", "Recovered", "create_file", "quarantine", "recover", "write_all"]
 
@@ -42,24 +44,22 @@ class LogFile:
         "capacity",
         "covers_from",
         "fd",
-        "fid",
         "generation",
         "map",
         "path",
         "salt",
         "size",
+        "slot",
         "synced",
     )
 
     def __init__(
-        self, fid: int, path: pathlib.Path, fd: int, header: FileHeader, size: int
+        self, slot: int, path: pathlib.Path, fd: int, header: FileHeader, size: int
     ) -> None:
         """Wrap an open descriptor; ``size`` is where the next record goes."""
-        #: Identifies the file in an index location (``fid << 72``): ``2 * generation`` plus a
-        #: bit that differs between a file and the compacted file that replaces it, so that the
-        #: order of the identifiers is the order of the generations.
-        self.fid = fid
-        self.bits = fid << 72
+        #: Names the file in an index location (see ``_locations``); ``bits`` is its part of one.
+        self.slot = slot
+        self.bits = slot << SLOT_SHIFT
         self.path = path
         self.fd = fd
         self.generation = header.generation
@@ -90,7 +90,7 @@ def create_file(
     directory: pathlib.Path,
     generation: int,
     covers_from: int,
-    fid: int,
+    slot: int,
     *,
     durable: bool,
     tmp: bool,
@@ -118,7 +118,7 @@ def create_file(
         with contextlib.suppress(OSError):
             path.unlink()
         raise
-    log = LogFile(fid, path, fd, header, FILE_HEADER_SIZE)
+    log = LogFile(slot, path, fd, header, FILE_HEADER_SIZE)
     log.synced = FILE_HEADER_SIZE if durable else 0
     return log
 
@@ -129,6 +129,9 @@ class Recovered:
 
     files: List[LogFile]
     index: Dict[bytes, int]
+    #: topic -> (location, exact size) of the records of ``BIG`` bytes or more (see
+    #: ``_locations``); an entry whose location is no longer the topic's is stale.
+    big: Dict[bytes, Tuple[int, int]]
     last_seq: int
     next_generation: int
     corrupt_regions: int = 0
@@ -181,7 +184,7 @@ def recover(directory: pathlib.Path, *, durable: bool) -> Recovered:
     :raises OSError: a file cannot be read, cut or removed.
     """
     generations, leftovers = _format.list_files(directory)
-    result = Recovered(files=[], index={}, last_seq=0, next_generation=1)
+    result = Recovered(files=[], index={}, big={}, last_seq=0, next_generation=1)
     for name in leftovers:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(directory / name)
@@ -208,10 +211,17 @@ def recover(directory: pathlib.Path, *, durable: bool) -> Recovered:
         del headers[generation]
         result.changed = True
     kept = sorted(headers)
+    if len(kept) >= SLOTS:  # the store never has that many: not a directory it wrote
+        raise CorruptionError(
+            f"expected at most {SLOTS - 1} log files in {str(directory)!r}, found {len(kept)}: "
+            f"{', '.join(_format.file_name(g) for g in kept)}"
+        )
     try:
         for position, generation in enumerate(kept):
             last = position == len(kept) - 1
-            log = _open_and_scan(directory, headers[generation], result, last=last, durable=durable)
+            log = _open_and_scan(
+                directory, headers[generation], result, position, last=last, durable=durable
+            )
             result.files.append(log)
     except BaseException:
         for log in result.files:
@@ -221,22 +231,28 @@ def recover(directory: pathlib.Path, *, durable: bool) -> Recovered:
 
 
 def _open_and_scan(
-    directory: pathlib.Path, header: FileHeader, result: Recovered, *, last: bool, durable: bool
+    directory: pathlib.Path,
+    header: FileHeader,
+    result: Recovered,
+    slot: int,
+    *,
+    last: bool,
+    durable: bool,
 ) -> LogFile:
-    """Open one file, apply its records to ``result.index``, deal with its damage."""
+    """Open one file as ``slot``, apply its records to ``result.index``, deal with its damage."""
     path = directory / _format.file_name(header.generation)
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         size = os.fstat(fd).st_size
-        fid = 2 * header.generation
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as data:
             scan = _format.scan_records(
                 data,  # type: ignore[arg-type]  # an mmap reads like bytes
                 start=FILE_HEADER_SIZE,
                 salt=header.salt,
                 last_seq=result.last_seq,
-                bits=fid << 72,
+                bits=slot << SLOT_SHIFT,
                 index=result.index,
+                big=result.big,
             )
             for start, end in scan.damaged:
                 result.corrupt_regions += 1
@@ -267,4 +283,4 @@ def _open_and_scan(
     except BaseException:
         os.close(fd)
         raise
-    return LogFile(fid, path, fd, header, size)
+    return LogFile(slot, path, fd, header, size)

@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from persizmq._errors import CorruptionError
 from persizmq._message import Message, decode_multipart
+from persizmq._topics._locations import BIG
 
 __all__ = [
     "FILE_HEADER_SIZE",
@@ -107,7 +108,7 @@ _KINDS = frozenset(
     (KIND_SINGLE, KIND_MULTIPART, KIND_SINGLE_TOPIC, KIND_MULTIPART_TOPIC, KIND_DELETE)
 )
 _KIND_RE = re.compile(rb"[\xf5-\xf9]")
-#: The largest body of a record (the length field and the in-memory index hold 31 bits).
+#: The largest body of a record (its length field holds 31 bits).
 MAX_BODY = (1 << 31) - 1 - RECORD_HEADER_SIZE
 #: After damage, a record is accepted only if its number is at most this far past the last good
 #: one (random bytes pass with probability 2**-24, before the CRC is even checked).
@@ -267,13 +268,22 @@ def _find_next(data: bytes, start: int, salt: int, last_seq: int) -> Optional[in
 
 
 def scan_records(
-    data: bytes, *, start: int, salt: int, last_seq: int, bits: int, index: Dict[bytes, int]
+    data: bytes,
+    *,
+    start: int,
+    salt: int,
+    last_seq: int,
+    bits: int,
+    index: Dict[bytes, int],
+    big: Dict[bytes, Tuple[int, int]],
 ) -> Scan:
     """Apply the good records of ``data`` (a whole file, from ``start``) to ``index``.
 
-    A put sets ``index[topic]`` to its location, ``bits | offset << 32 | size`` (``bits``
-    names the file); a tombstone removes the topic. Damaged regions followed by a good record
-    are returned in :attr:`Scan.damaged`; whatever follows the last good record is a torn tail.
+    A put sets ``index[topic]`` to its location, ``bits | offset << 24 | size`` (``bits``
+    names the file, see ``_locations``), and for a record of ``BIG`` bytes or more also
+    ``big[topic]`` to ``(location, exact size)``; a tombstone removes the topic. Damaged
+    regions followed by a good record are returned in :attr:`Scan.damaged`; whatever follows
+    the last good record is a torn tail.
     """
     result = Scan(good_end=start, last_seq=last_seq)
     unpack = _RECORD.unpack_from
@@ -294,8 +304,11 @@ def scan_records(
                 if topic is not None:
                     if kind == KIND_DELETE:
                         index.pop(topic, None)
+                    elif stop - pos < BIG:
+                        index[topic] = bits | (pos << 24) | (stop - pos)
                     else:
-                        index[topic] = bits | (pos << 32) | (stop - pos)
+                        loc = index[topic] = bits | (pos << 24) | BIG
+                        big[topic] = (loc, stop - pos)
                     last_seq = seq
                     pos = stop
                     count += 1
