@@ -9,35 +9,36 @@ newest per topic. It runs in a background thread once the records on disk reach
 tombstones) at least ``compact_min_bytes`` (see ``_core`` for when, and how writers wait for a
 compaction that falls behind); or when asked (``compact()``). Steps:
 
-0. *Look*: the live bytes are summed (the index's values, copied under the lock, summed outside
-   it at C speed); unless asked, it goes on only if the disk really is that far past them.
+0. *Look*: unless the live bytes are known for about as many topics as there are now, they are
+   summed (the index and the tables copied under the lock at C speed, summed outside it);
+   unless asked, it goes on only if the disk really is that far past them.
 1. *Roll*: a new plain log file of the next generation is created (header and directory entry
    fsynced) and becomes the active file; the old one is unmapped and cut to its last record;
-   every older file is now immutable and *covered*. The index is copied (a C-speed
-   ``dict.copy``) under the lock: it names the newest record of every topic, all in covered
-   files. (With fewer than two free slots, see ``_locations`` -- compactions that failed, a full
-   disk say, each left one more file -- it does not roll: the files before the active one are
-   covered, and the topics in the active one keep their entries.)
+   every older file is now immutable and *covered*. The index's values are copied into an
+   array under the lock (C speed): the seqs of the newest record of every topic, all in
+   covered files.
 2. *Copy*: the records of the copy are written, in the order of their files' generations, then
    of their offsets (their ``seq`` order), to ``G.tlog.tmp``, where G is the highest
    covered generation and the header says ``covers_from`` = the lowest covered one. Each record
-   is moved byte for byte; only its CRC changes, by :func:`_format.crc_delta` for the new salt,
-   so a damaged body stays detectably damaged. The copy runs outside the lock; puts and deletes
-   go on into the new active file. The copying is ``_copier``'s: for a compaction of at least
-   :data:`HELPER_MIN_RECORDS` records, in a helper process (this thread only sends it the
-   locations and waits, so the copying never competes with the writer for the GIL); for a
-   smaller one, or when no helper can run, here. Either way only this process fsyncs, renames
-   and removes files.
+   is moved byte for byte, with its seq; only its CRC changes, by :func:`_format.crc_delta` for
+   the new salt, so a damaged body stays detectably damaged. The copy runs outside the lock;
+   puts and deletes go on into the new active file. The copying is ``_copier``'s: for a
+   compaction of at least :data:`HELPER_MIN_RECORDS` records, in a helper process (this thread
+   only sends it the seqs and the tables, as arrays, and waits, so the copying never competes
+   with the writer for the GIL); for a smaller one, or when no helper can run, here. Either way
+   only this process fsyncs, renames and removes files.
 3. *Commit*: the temporary file is fsynced, renamed over ``G.tlog`` (the old file G is replaced
    atomically) and the directory fsynced -- in every ``sync`` mode, since the files it replaces
    go away next. A crash before the rename leaves the old files (the ``.tmp`` is removed on
    open); after it, the new file, whose ``covers_from`` tells the next open to remove the
    covered files that are still there. Either way the state is the old or the new one, never
    a mix.
-4. *Switch*: a new index that points at the copies is built outside the lock; under the lock
-   the topics put or deleted since the roll (``dirty``) take their current entries and the new
-   index replaces the old one; then the old descriptors are closed and the covered files
-   removed, and the live bytes summed again.
+4. *Switch*: under the lock, the compacted file (with the table the copier returned) replaces
+   the covered files. The index does not change: a topic names its record by seq, and the copy
+   has the same seq (a topic put or deleted since the roll names a newer record, or none; its
+   copy is dead, reclaimed next time). A topic whose record the copier found damaged is
+   forgotten, unless it names a newer one. Then the old descriptors are closed and the covered
+   files removed.
 
 A failed fsync is fail-stop, as everywhere in the store. Another failure (a full disk while
 copying) removes the temporary file, leaves the store as it was, and is tried again later.
@@ -46,6 +47,7 @@ is not on disk.
 """
 
 import array
+import bisect
 import contextlib
 import logging
 import operator
@@ -53,14 +55,13 @@ import os
 import subprocess
 import sys
 import time
-from itertools import compress, repeat
-from typing import Dict, List, Optional, Set, Tuple
+from typing import List, Optional, Tuple
 
 from persizmq import _fs
 from persizmq._topics import _copier, _durability, _room
-from persizmq._topics._core import COMPACT_AT, RETRY_AFTER, TopicCore
+from persizmq._topics._core import COMPACT_AT, RETRY_AFTER, TopicCore, live_bytes
 from persizmq._topics._files import LogFile, create_file, quarantine
-from persizmq._topics._locations import BIG, DAMAGED, SIZE_MASK, SLOT_SHIFT, offset_of, slot_of
+from persizmq._topics._format import FILE_HEADER_SIZE
 
 __all__ = ["HELPER_MIN_RECORDS", "run"]
 
@@ -70,6 +71,9 @@ _LOGGER = logging.getLogger("persizmq")
 HELPER_MIN_RECORDS = 16384
 #: Seconds between two looks at ``close()`` while a helper copies.
 _POLL = 0.05
+#: The live bytes last known stand for the current ones while the number of topics is within
+#: this fraction of what it was then.
+_SAME_TOPICS = 0.1
 
 
 class _Stopped(Exception):  # noqa: N818 (a signal, not an error)
@@ -83,12 +87,12 @@ def run(core: TopicCore, *, raise_errors: bool = False, forced: bool = False) ->
     started = time.monotonic()
     try:
         if forced or _warranted(core):
-            _compact(core)
+            live = _compact(core)
             with core.lock:
                 core.compactions += 1
                 core.last_compaction_seconds = time.monotonic() - started
                 core.compact_retry_at = 0.0
-            _measure(core)
+                core.live_estimate = live
     except _Stopped:
         pass
     except Exception:
@@ -105,103 +109,65 @@ def run(core: TopicCore, *, raise_errors: bool = False, forced: bool = False) ->
             core.wake.notify_all()
 
 
-def _measure(core: TopicCore) -> int:
-    """Sum the live bytes into ``core.live_estimate`` (see ``_core``); return the disk's."""
-    with core.lock:
-        locations = list(core.index.values())
-        big = list(core.big.values())
-        disk = core.disk_bytes()
-    live = core.live_bytes(locations, big)
-    with core.lock:
-        core.live_estimate = live
-    return disk
-
-
 def _warranted(core: TopicCore) -> bool:
-    """Whether the disk is far enough past the live bytes (summed now) for a compaction."""
-    disk = _measure(core)
-    live = core.live_estimate
-    return disk - live >= max(1, core.compact_min_bytes) and disk >= COMPACT_AT * live
+    """Whether the disk is far enough past the live bytes for a compaction (summed now, unless
+    the number of topics is about that of the last known figure)."""
+    with core.lock:
+        topics = len(core.index)
+        known = abs(topics - core.estimate_topics) <= _SAME_TOPICS * topics
+        live = array.array("Q", () if known else core.index.values())
+        tables = [] if known else core.tables()
+        disk = core.disk_bytes()
+    if not known:
+        total = live_bytes(live, tables)
+        with core.lock:
+            core.live_estimate = total
+            core.estimate_topics = topics
+    live_now = core.live_estimate
+    return disk - live_now >= max(1, core.compact_min_bytes) and disk >= COMPACT_AT * live_now
 
 
-def _roll(core: TopicCore) -> Tuple[List[LogFile], Dict[bytes, int], List[int], bool]:
-    """Step 1: roll over to a new active file (if two slots are free); return the covered
-    files, the snapshot of the index, the free slots and whether it rolled."""
+def _roll(core: TopicCore) -> Tuple[List[LogFile], "array.array[int]"]:
+    """Step 1: roll over to a new active file; return the covered files and the live seqs."""
     with core.lock:
         if not core.writable:
             raise _Stopped
-        free = core.free_slots()
-        roll = len(free) >= 2
         generation = core.next_generation
-        if roll:
-            core.next_generation += 1
-    active = None
-    if roll:
-        active = create_file(
-            core.directory, generation, generation, free[0], durable=core.durable, tmp=False
-        )
-        try:
-            _room.map_for_writing(active)
-        except BaseException:
-            os.close(active.fd)
-            raise
-    with core.lock:
-        if active is not None:
-            covered = list(core.files.values())
-            _room.unmap(core.active)  # immutable from now on, without its reserved room
-            core.files[active.slot] = active
-            core.active = active
-        else:
-            covered = [log for log in core.files.values() if log is not core.active]
-        snapshot = core.index.copy()
-        core.dirty = set()  # the topics put or deleted from now on: see _switch
-        core.set_thresholds()
-        return covered, snapshot, core.free_slots(), roll
-
-
-def _compact(core: TopicCore) -> None:
-    covered, snapshot, free, rolled = _roll(core)
+        core.next_generation += 1
+    active = create_file(core.directory, generation, generation, durable=core.durable, tmp=False)
     try:
-        if not free or not covered:
-            raise OSError(f"no log file to compact, or no slot for the compacted one: {free}")
-        covered.sort(key=operator.attrgetter("generation"))
-        target = covered[-1]
-        covers_from = min(log.covers_from for log in covered)
-        out = create_file(
-            core.directory, target.generation, covers_from, free[0], durable=False, tmp=True
-        )
-        kept = {} if rolled else _uncovered(snapshot, core.active.slot)
-        topics = list(snapshot)
-        locs = array.array("Q", snapshot.values())
-        del snapshot
-        try:
-            newlocs, damaged = _copy(core, locs, covered, out)
-        except BaseException:
-            os.close(out.fd)
-            with contextlib.suppress(OSError):
-                out.path.unlink()
-            raise
-        _commit(core, out, target)
-        with core.lock:
-            if core.stopping:  # committed: the next open reads the new file
-                os.close(out.fd)
-                raise _Stopped
-            core.files[out.slot] = out  # from now on the store owns it (and close() closes it)
-        _switch(core, covered, out, (topics, newlocs, damaged), kept)
-    finally:
-        with core.lock:
-            core.dirty = None
+        _room.map_for_writing(active)
+    except BaseException:
+        os.close(active.fd)
+        raise
+    with core.lock:
+        covered = list(core.files)
+        _room.unmap(core.active)  # immutable from now on, without its reserved room
+        core.files.append(active)
+        core.active = active
+        live = array.array("Q", core.index.values())
+        core.estimate_topics = len(live)
+        core.set_thresholds()
+    return covered, live
 
 
-def _uncovered(snapshot: Dict[bytes, int], slot: int) -> Dict[bytes, int]:
-    """Take the entries of the records in file ``slot`` out of ``snapshot`` (at C speed)."""
-    inside = list(
-        map(operator.eq, map(operator.rshift, snapshot.values(), repeat(SLOT_SHIFT)), repeat(slot))
-    )
-    kept = dict(zip(compress(snapshot.keys(), inside), compress(snapshot.values(), inside)))
-    for topic in kept:
-        del snapshot[topic]
-    return kept
+def _compact(core: TopicCore) -> int:
+    """Steps 1 to 4; return the bytes of the records copied (the live bytes at the roll)."""
+    covered, live = _roll(core)
+    covered.sort(key=operator.attrgetter("generation"))
+    target = covered[-1]
+    covers_from = min(log.covers_from for log in covered)
+    out = create_file(core.directory, target.generation, covers_from, durable=False, tmp=True)
+    try:
+        damaged = _copy(core, live, covered, out)
+    except BaseException:
+        os.close(out.fd)
+        with contextlib.suppress(OSError):
+            out.path.unlink()
+        raise
+    _commit(core, out, target)
+    _switch(core, covered, out, damaged)
+    return out.size - FILE_HEADER_SIZE
 
 
 def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
@@ -233,44 +199,46 @@ def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
     out.synced = out.size
 
 
-#: What :func:`_copy` returns: the new locations, and the damaged records (their position in
-#: the locations -> (old location, bytes set aside)).
-_Copy = Tuple[List[int], Dict[int, Tuple[int, int]]]
-
-
-def _copy(core: TopicCore, locs: "array.array[int]", covered: List[LogFile], out: LogFile) -> _Copy:
-    """Copy the records at ``locs`` to ``out`` (in a helper process if it can, see
-    ``_copier``); return their new locations (``DAMAGED``: damaged) and the damaged ones,
-    set aside in ``quarantine/``."""
-    sources = [(log.slot, log.fd, log.size, log.salt) for log in covered]
-    target = (out.fd, out.size, out.salt, out.slot)
-    helper = core.use_helper and len(locs) >= HELPER_MIN_RECORDS
-    copied = _in_helper(core, locs, sources, target) if helper else None
+def _copy(
+    core: TopicCore, live: "array.array[int]", covered: List[LogFile], out: LogFile
+) -> List[int]:
+    """Copy the records whose seqs are ``live`` to ``out`` and give it its table (in a helper
+    process if it can, see ``_copier``); return the seqs of the damaged ones, set aside in
+    ``quarantine/``."""
+    sources = [(log.fd, log.size, log.salt, log.seqs, log.offsets) for log in covered]
+    target = (out.fd, out.size, out.salt)
+    helper = core.use_helper and len(live) >= HELPER_MIN_RECORDS
+    copied = _in_helper(core, live, sources, target) if helper else None
     if copied is None:
-        copied = _copier.copy_records(locs.tolist(), sources, target, stop=lambda: core.stopping)
+        copied = _copier.copy_records(live, sources, target, stop=lambda: core.stopping)
         if copied is None:
             raise _Stopped
-    newlocs, bad, end = copied
+    out.seqs, out.offsets, bad, end = copied
     os.ftruncate(out.fd, end)  # a helper that failed may have written more
-    out.size = end
-    damaged: Dict[int, Tuple[int, int]] = {}
-    if bad:
-        names = {log.slot: log.path.name for log in covered}
-        for loc, data in bad:
-            why = "a damaged record (compaction)"
-            quarantine(core.directory, names[slot_of(loc)], offset_of(loc), data, why)
-        sizes = {loc: len(data) for loc, data in bad}
-        damaged = {
-            i: (locs[i], sizes.get(locs[i], 0)) for i, new in enumerate(newlocs) if new == DAMAGED
-        }
-    return newlocs, damaged
+    out.size = out.capacity = end
+    for seq, data in bad:
+        log, at = next((log, at) for log in covered for at in _position(log, seq))
+        why = "a damaged record (compaction)"
+        quarantine(core.directory, log.path.name, log.offsets[at], data, why)
+        with core.lock:
+            core.quarantined_bytes += len(data)
+    return [seq for seq, _ in bad]
+
+
+def _position(log: LogFile, seq: int) -> List[int]:
+    """``[i]`` if record ``seq`` is the ``i``-th of ``log``'s table, else ``[]``."""
+    seqs = log.seqs
+    if not seqs or not seqs[0] <= seq <= seqs[-1]:
+        return []
+    at = bisect.bisect_left(seqs, seq)
+    return [at] if seqs[at] == seq else []
 
 
 def _in_helper(
     core: TopicCore,
-    locs: "array.array[int]",
+    live: "array.array[int]",
     sources: List[_copier.Source],
-    target: Tuple[int, int, int, int],
+    target: Tuple[int, int, int],
 ) -> Optional[_copier.Copied]:
     """Run the copying in a helper process; None if no helper could do it (then this process
     copies, now and from now on)."""
@@ -282,7 +250,7 @@ def _in_helper(
             "persizmq: %r is not a Python interpreter; compactions copy here", sys.executable
         )
         return None
-    fds = [fd for _, fd, _, _ in sources] + [target[0]]
+    fds = [source[0] for source in sources] + [target[0]]
     try:
         helper = subprocess.Popen(  # noqa: S603 (this interpreter, on a file of this package)
             [sys.executable, "-I", "-S", _copier.__file__],
@@ -295,7 +263,7 @@ def _in_helper(
         core.use_helper = False
         _LOGGER.warning("persizmq: no helper process for compactions (%s); copying here", err)
         return None
-    request = _copier.encode_request(locs, len(locs), sources, target)
+    request = _copier.encode_request(live, sources, target)
     try:
         assert helper.stdin is not None
         with contextlib.suppress(BrokenPipeError):  # it died: its exit status says why
@@ -324,71 +292,30 @@ def _in_helper(
         )
         return None
     try:
-        return _copier.decode_answer(answer, locs)
+        return _copier.decode_answer(answer)
     except ValueError as err:
         core.use_helper = False
         _LOGGER.warning("persizmq: the compaction helper answered nonsense (%s); copying here", err)
         return None
 
 
-def _switch(
-    core: TopicCore,
-    covered: List[LogFile],
-    out: LogFile,
-    copied: Tuple[List[bytes], List[int], Dict[int, Tuple[int, int]]],
-    kept: Dict[bytes, int],
-) -> None:
-    """Replace the index by one that points at the copies (``copied``: the topics, the new
-    locations and the damaged ones, see :func:`_copy`) and at the records of ``kept`` (those
-    not covered), then close and remove the covered files.
-
-    The new index is built outside the lock (at C speed); then, under the lock, the topics put
-    or deleted since the copy began (``core.dirty``) take their current entries, and the new
-    index replaces the old one in one step.
-    """
-    topics, newlocs, damaged = copied
-    index = dict(zip(topics, newlocs))
-    for position in damaged:
-        del index[topics[position]]
-    index.update(kept)
-    gone = {log.slot for log in covered}
+def _switch(core: TopicCore, covered: List[LogFile], out: LogFile, damaged: List[int]) -> None:
+    """Put the compacted file in the place of the covered ones (the index stays as it is, but
+    for the topics whose record was damaged), then close and remove the covered files."""
     with core.lock:
-        if core.stopping:
+        if core.stopping:  # committed: the next open reads the new file
+            os.close(out.fd)
             raise _Stopped
-        current = core.index
-        dirty = core.dirty
-        assert dirty is not None
-        for topic in dirty:
-            loc = current.get(topic)
-            if loc is None:
-                index.pop(topic, None)
-            else:
-                index[topic] = loc
-        for _, size in damaged.values():
-            core.corrupt_regions += 1
-            core.quarantined_bytes += size
-        _move_big(core.big, index, gone, out.slot)
-        core.index = index
-        core.dirty = None
-        for log in covered:
-            del core.files[log.slot]
+        if damaged:
+            gone = set(damaged)
+            for topic in [t for t, seq in core.index.items() if seq in gone]:
+                del core.index[topic]
+            core.corrupt_regions += len(damaged)
+        ids = {id(log) for log in covered}
+        core.files = [out] + [log for log in core.files if id(log) not in ids]
         core.reclaimed_bytes += max(0, sum(log.size for log in covered) - out.size)
     for log in covered:
         os.close(log.fd)
         if log.path != out.path:
             with contextlib.suppress(FileNotFoundError):
                 log.path.unlink()
-
-
-def _move_big(
-    big: Dict[bytes, Tuple[int, int]], index: Dict[bytes, int], gone: Set[int], slot: int
-) -> None:
-    """Point the entries of ``big`` in the files ``gone`` at their copies in file ``slot``
-    (of the new ``index``), or drop them (stale)."""
-    for topic, (loc, size) in list(big.items()):
-        if slot_of(loc) in gone:
-            new = index.get(topic, DAMAGED)
-            if slot_of(new) == slot and new & SIZE_MASK == BIG:
-                big[topic] = (new, size)
-            else:
-                del big[topic]

@@ -4,15 +4,16 @@ Theory of operation
 ===================
 
 A compaction (see ``_compact``) copies the newest record of every topic into one file. This
-module does the copying, and nothing else: given the covered files (descriptors, sizes, salts),
-the locations of the records to keep and the descriptor of the compacted file, it writes the
-records there with ``pwrite`` after the file's header, file after file in the order given (the
-order of their generations), within a file in the order of their offsets (so: their ``seq``
-order), each moved byte for byte except its CRC, which changes by
-``crc_delta(length, old salt XOR new salt)`` (see ``_format``). It returns, for every old
-location, the new one (:data:`DAMAGED` for a record whose length field no longer says the size
-the index knows: damaged since the store read it; its bytes are returned too, for
-``quarantine/``). Locations are those of ``_locations`` (64 bits: slot, offset, size).
+module does the copying, and nothing else: given the covered files (descriptors, sizes, salts
+and their tables: the ``seq`` and offset of every record, see ``_core``), the ``seq`` of every
+record to keep and the descriptor of the compacted file, it writes the records there with
+``pwrite`` after the file's header, in ``seq`` order (file after file, in the order given: that
+of their generations), each moved byte for byte except its CRC, which changes by
+``crc_delta(length, old salt XOR new salt)`` (see ``_format``). It returns the compacted file's
+table, and the records it found damaged (a length field that no longer fits the room the
+table gives the record: damaged since the store read it), with their bytes for
+``quarantine/``. The index names records by ``seq``, which a copy keeps: the store's index does
+not change at all.
 
 It runs in a helper process when it can (``python -I -S`` on this file, so it imports nothing
 but the standard library, not even ``persizmq``): the copying then never holds the writer's GIL,
@@ -24,8 +25,8 @@ the removal of the covered files) stays in the store's process, so a crash of ei
 any moment leaves what a crash of the copying thread would leave. A helper whose parent died
 sees its stdin end and the descriptors it holds still point at the same inodes: at worst it
 writes into a ``.tmp`` file that the next open removes. Request and answer go over its stdin
-and stdout as a JSON line and an array of the 64-bit locations (no code-loading deserialiser;
-``array`` converts them from and to ints at C speed, in both processes).
+and stdout as a JSON line and arrays of 64-bit numbers (no code-loading deserialiser; ``array``
+converts them from and to ints at C speed, in both processes).
 
 Within one chunk of records of one file, the work runs at C speed (``map`` over slices of the
 mapping, one ``struct`` call for all the (length, CRC) fields of the chunk, ``map(xor, ...)``),
@@ -41,18 +42,12 @@ import os
 import struct
 import sys
 import zlib
-from itertools import accumulate, chain, repeat
-from operator import add, and_, lshift, or_, rshift, sub, xor
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from itertools import accumulate, chain, compress, repeat
+from operator import add, ne, sub, xor
+from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = [
-    "BIG",
-    "DAMAGED",
     "HEADER",
-    "OFFSET_MASK",
-    "OFFSET_SHIFT",
-    "SIZE_MASK",
-    "SLOT_SHIFT",
     "Copied",
     "Source",
     "copy_records",
@@ -62,24 +57,18 @@ __all__ = [
     "main",
 ]
 
-# The layout of a location and of a record header, as ``_locations`` and ``_format`` have it
-# (this module imports nothing of persizmq, see the module docstring; a test compares them).
+#: The size of a record's header (``_format.RECORD_HEADER_SIZE``; this module imports nothing
+#: of persizmq, see the module docstring; a test compares them).
 HEADER = 21
-SLOT_SHIFT = 61
-OFFSET_SHIFT = 24
-OFFSET_MASK = (1 << 37) - 1
-SIZE_MASK = (1 << 24) - 1
-BIG = SIZE_MASK
-DAMAGED = 0
 CHUNK_RECORDS = 8192
 _LENGTH_CRC = struct.Struct("<II")
+_CRC = struct.Struct("<I")
 
-#: A covered file: ``(slot, descriptor, size, salt)``.
-Source = Tuple[int, int, int, int]
-#: What :func:`copy_records` returns: the new location of each record, in the order of the
-#: locations given (:data:`DAMAGED`: damaged), the damaged records ``(old location, their
-#: bytes)``, and where the compacted file now ends.
-Copied = Tuple[List[int], List[Tuple[int, bytes]], int]
+#: A covered file: ``(descriptor, size, salt, seqs, offsets)`` (its table: two arrays "Q").
+Source = Tuple[int, int, int, "array.array[int]", "array.array[int]"]
+#: What :func:`copy_records` returns: the compacted file's table (``seqs``, ``offsets``), the
+#: damaged records ``(seq, their bytes)``, and where the compacted file now ends.
+Copied = Tuple["array.array[int]", "array.array[int]", List[Tuple[int, bytes]], int]
 
 
 def crc_delta(length: int, salt_xor: int) -> int:
@@ -103,102 +92,105 @@ class _Deltas(Dict[int, int]):
 
 
 def copy_records(
-    locs: List[int],
+    live: "array.array[int]",
     sources: List[Source],
-    out: Tuple[int, int, int, int],
+    out: Tuple[int, int, int],
     stop: Callable[[], bool] = lambda: False,
 ) -> Optional[Copied]:
-    """Copy the records at ``locs`` (any order) from ``sources`` (in the order of their
-    generations) to ``out`` = ``(descriptor, position, salt, slot)``; None if ``stop()`` said
-    so between two chunks."""
-    out_fd, pos, out_salt, out_slot = out
-    out_bits = out_slot << SLOT_SHIFT
-    given = locs
-    locs = sorted(given)  # by slot, then offset
-    moved: Dict[int, int] = {}
+    """Copy the records whose ``seq`` is in ``live`` (any order; those no source holds are
+    left alone) from ``sources`` (in the order of their generations) to ``out`` =
+    ``(descriptor, position, salt)``; None if ``stop()`` said so between two chunks."""
+    out_fd, pos, out_salt = out
+    wanted = sorted(live)
+    seqs_out = array.array("Q")
+    offsets_out = array.array("Q")
     damaged: List[Tuple[int, bytes]] = []
-    for slot, fd, size, salt in sources:
-        first = bisect.bisect_left(locs, slot << SLOT_SHIFT)
-        last = bisect.bisect_left(locs, (slot + 1) << SLOT_SHIFT)
-        if first == last:
+    for fd, size, salt, seqs, offsets in sources:
+        if not seqs:
             continue
+        mine = wanted[bisect.bisect_left(wanted, seqs[0]) : bisect.bisect_right(wanted, seqs[-1])]
+        if not mine:
+            continue
+        at: List[int] = []
+        if seqs[-1] - seqs[0] == len(seqs) - 1:  # consecutive (a plain file): no search
+            at = list(map(sub, mine, repeat(seqs[0])))
+        if list(map(seqs.__getitem__, at)) != mine:
+            at = list(map(bisect.bisect_left, repeat(seqs), mine))
+        if list(map(seqs.__getitem__, at)) != mine:
+            raise ValueError("a record to keep is not in the table of its file")
+        ends = offsets[1:]
+        ends.append(size)
+        starts = list(map(offsets.__getitem__, at))
+        rooms = list(map(sub, map(ends.__getitem__, at), starts))
         deltas = _Deltas(salt ^ out_salt)
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
-            for start in range(first, last, CHUNK_RECORDS):
+            for first in range(0, len(mine), CHUNK_RECORDS):
                 if stop():
                     return None
-                chunk = locs[start : min(last, start + CHUNK_RECORDS)]
-                done = _copy_run(view, chunk, deltas, pos, out_bits)
-                if done is None:  # a record changed since it was read, or a big one: one by one
-                    done = _copy_one_by_one(view, chunk, deltas, pos, out_bits, damaged)
-                data, placed = done
+                last = first + CHUNK_RECORDS
+                chunk = (mine[first:last], starts[first:last], rooms[first:last])
+                done = _copy_run(view, chunk[1], chunk[2], deltas)
+                if done is None:  # a record changed since it was read: one by one
+                    done = _copy_one_by_one(view, chunk, deltas, damaged)
+                data, sizes = done
                 _pwrite_all(out_fd, data, pos)
+                placed = list(accumulate(sizes, initial=pos))
+                placed.pop()
+                seqs_out.extend(compress(chunk[0], sizes))
+                offsets_out.extend(compress(placed, sizes))
                 pos += len(data)
-                moved.update(zip(chunk, placed))
-    return list(map(moved.__getitem__, given)), damaged, pos
+    return seqs_out, offsets_out, damaged, pos
 
 
 def _copy_run(
-    view: mmap.mmap, chunk: List[int], deltas: _Deltas, pos: int, bits: int
+    view: mmap.mmap, starts: List[int], sizes: List[int], deltas: _Deltas
 ) -> Optional[Tuple[bytearray, List[int]]]:
-    """The records at ``chunk`` (sorted, all in ``view``), re-sealed, as one buffer to write at
-    ``pos``, and their new locations; None if a length field does not say the known size (or
-    a record is a big one, whose size only its length field says)."""
-    count = len(chunk)
-    offsets = list(map(and_, map(rshift, chunk, repeat(OFFSET_SHIFT)), repeat(OFFSET_MASK)))
-    sizes = list(map(and_, chunk, repeat(SIZE_MASK)))
-    if BIG in sizes:
-        return None
-    bodies = list(map(add, offsets, repeat(8)))
-    heads = b"".join(map(view.__getitem__, map(slice, offsets, bodies)))
-    codec = struct.Struct(f"<{2 * count}I")
-    if len(heads) != codec.size:
-        return None
-    fields = list(codec.unpack(heads))
-    if fields[0::2] != list(map(sub, sizes, repeat(HEADER))):
-        return None
-    fields[1::2] = map(xor, fields[1::2], map(deltas.__getitem__, sizes))
-    heads = codec.pack(*fields)
-    cuts = range(0, 8 * count + 8, 8)
-    new_heads = map(heads.__getitem__, map(slice, cuts, cuts[1:]))
-    rests = map(view.__getitem__, map(slice, bodies, map(add, offsets, sizes)))
-    data = bytearray().join(chain.from_iterable(zip(new_heads, rests)))
+    """The records at ``starts`` (sorted, all in ``view``), ``sizes`` long, re-sealed, as one
+    buffer, and their sizes; None if a length field does not say its record's size.
+
+    At C speed: runs of adjacent records are sliced out whole, one ``struct`` whose pad bytes
+    skip the bodies reads every (length, CRC) of the buffer, and ``map`` writes the new CRCs
+    (packing that ``struct`` would zero the bodies)."""
+    ends = list(map(add, starts, sizes))
+    apart = list(map(ne, starts[1:], ends))  # record i+1 does not follow record i
+    run_starts = compress(starts, chain((True,), apart))
+    run_ends = compress(ends, chain(apart, (True,)))
+    data = bytearray().join(map(view.__getitem__, map(slice, run_starts, run_ends)))
     if len(data) != sum(sizes):
         return None
-    starts = list(accumulate(sizes, initial=pos))
-    starts.pop()
-    placed = map(or_, map(lshift, starts, repeat(OFFSET_SHIFT)), sizes)
-    return data, list(map(or_, placed, repeat(bits)))
+    codec = struct.Struct("<" + "".join(map("II{}x".format, map(sub, sizes, repeat(8)))))
+    fields = codec.unpack_from(data)
+    if list(fields[0::2]) != list(map(sub, sizes, repeat(HEADER))):
+        return None
+    crcs = map(xor, fields[1::2], map(deltas.__getitem__, sizes))
+    places = accumulate(sizes, initial=4)  # where each CRC is in ``data`` (one too many)
+    any(map(_CRC.pack_into, repeat(data), places, crcs))  # each returns None: all run
+    return data, sizes
 
 
-def _copy_one_by_one(  # noqa: PLR0917 (the state of the copy, passed on as it is)
+def _copy_one_by_one(
     view: mmap.mmap,
-    chunk: List[int],
+    chunk: Tuple[List[int], List[int], List[int]],
     deltas: _Deltas,
-    pos: int,
-    bits: int,
     damaged: List[Tuple[int, bytes]],
 ) -> Tuple[bytearray, List[int]]:
-    """:func:`_copy_run` record by record; a record whose length field is damaged is added to
-    ``damaged`` (its new location is :data:`DAMAGED`)."""
+    """:func:`_copy_run` record by record (``chunk``: the seqs, starts and sizes); a record
+    whose length field does not say its size is added to ``damaged`` (its size here is 0)."""
     data = bytearray()
-    placed: List[int] = []
+    sizes: List[int] = []
     end = len(view)
-    for loc in chunk:
-        offset = (loc >> OFFSET_SHIFT) & OFFSET_MASK
-        field = loc & SIZE_MASK
+    for seq, offset, room in zip(*chunk):
         length = _LENGTH_CRC.unpack_from(view, offset)[0] if offset + 8 <= end else -1
         size = length + HEADER
-        if (size != field if field < BIG else size < BIG) or offset + size > end:
-            damaged.append((loc, view[offset : offset + (field if field < BIG else HEADER)]))
-            placed.append(DAMAGED)
+        if size != room or offset + size > end:
+            damaged.append((seq, view[offset : min(offset + room, end)]))
+            sizes.append(0)
             continue
         crc = _LENGTH_CRC.unpack_from(view, offset)[1]
-        start = pos + len(data)
         data += _LENGTH_CRC.pack(length, crc ^ deltas[size])
         data += view[offset + 8 : offset + size]
-        placed.append(bits | (start << OFFSET_SHIFT) | field)
-    return data, placed
+        sizes.append(size)
+    return data, sizes
 
 
 def _pwrite_all(fd: int, data: bytearray, pos: int) -> None:
@@ -211,60 +203,75 @@ def _pwrite_all(fd: int, data: bytearray, pos: int) -> None:
 
 
 def encode_request(
-    locs: Iterable[int], count: int, sources: List[Source], out: Tuple[int, int, int, int]
+    live: "array.array[int]", sources: List[Source], out: Tuple[int, int, int]
 ) -> bytes:
-    """The request to a helper: a JSON line (the files), then the ``count`` locations as
-    unsigned 64-bit numbers (native order: the helper runs on this machine)."""
-    head = json.dumps({"count": count, "sources": sources, "out": out}).encode()
-    return b"".join((head, b"\n", array.array("Q", locs).tobytes()))
+    """The request to a helper: a JSON line (the files, the lengths), then the seqs to keep and
+    the table of every source, as unsigned 64-bit numbers (native order: the helper runs on
+    this machine)."""
+    files = [[fd, size, salt, len(seqs)] for fd, size, salt, seqs, _ in sources]
+    head = json.dumps({"count": len(live), "sources": files, "out": out}).encode()
+    parts = [head, b"\n", live.tobytes()]
+    for _, _, _, seqs, offsets in sources:
+        parts += (seqs.tobytes(), offsets.tobytes())
+    return b"".join(parts)
 
 
-def encode_answer(copied: Copied, locs: List[int]) -> bytes:
-    """The answer of a helper: a JSON line (where the file ends, the damaged records by their
-    position in ``locs``, hex), then the new location of every record (:data:`DAMAGED`:
-    damaged), unsigned 64-bit."""
-    newlocs, damaged, end = copied
-    found = dict(damaged)
-    records = [[i, found[locs[i]].hex()] for i, loc in enumerate(newlocs) if loc == DAMAGED]
-    head = json.dumps({"end": end, "damaged": records}).encode()
-    return b"".join((head, b"\n", array.array("Q", newlocs).tobytes()))
+def decode_request(data: bytes) -> Tuple["array.array[int]", List[Source], Tuple[int, int, int]]:
+    """The arguments of :func:`copy_records` in a request.
+
+    :raises ValueError: the request is not one.
+    """
+    line, _, rest = data.partition(b"\n")
+    head = json.loads(line)
+    numbers = array.array("Q")
+    numbers.frombytes(rest)
+    count = head["count"]
+    live = numbers[:count]
+    at = count
+    sources: List[Source] = []
+    for fd, size, salt, length in head["sources"]:
+        sources.append(
+            (fd, size, salt, numbers[at : at + length], numbers[at + length : at + 2 * length])
+        )
+        at += 2 * length
+    if at != len(numbers):
+        raise ValueError(f"expected {at} numbers in the request, got {len(numbers)}")
+    fd, pos, salt = head["out"]
+    return live, sources, (fd, pos, salt)
 
 
-def decode_answer(answer: bytes, locs: "array.array[int]") -> Copied:
-    """The :data:`Copied` of a helper's answer to the request for ``locs``.
+def encode_answer(copied: Copied) -> bytes:
+    """The answer of a helper: a JSON line (where the file ends, the damaged records by
+    ``seq``, hex), then the compacted file's table, unsigned 64-bit."""
+    seqs, offsets, damaged, end = copied
+    records = [[seq, data.hex()] for seq, data in damaged]
+    head = json.dumps({"end": end, "count": len(seqs), "damaged": records}).encode()
+    return b"".join((head, b"\n", seqs.tobytes(), offsets.tobytes()))
+
+
+def decode_answer(answer: bytes) -> Copied:
+    """The :data:`Copied` of a helper's answer.
 
     :raises ValueError: the answer is not one (a helper that broke).
     """
     line, _, rest = answer.partition(b"\n")
     head = json.loads(line)
-    placed = array.array("Q")
-    placed.frombytes(rest)
-    if len(placed) != len(locs):
-        raise ValueError(f"expected {len(locs)} locations from the helper, got {len(placed)}")
-    newlocs = placed.tolist()
-    damaged = []
-    for i, data in head["damaged"]:
-        if newlocs[i] != DAMAGED:
-            raise ValueError(f"the helper said record {i} was damaged and gave it a location")
-        damaged.append((locs[i], bytes.fromhex(data)))
-    return newlocs, damaged, int(head["end"])
+    numbers = array.array("Q")
+    numbers.frombytes(rest)
+    count = head["count"]
+    if len(numbers) != 2 * count:
+        raise ValueError(f"expected {2 * count} numbers from the helper, got {len(numbers)}")
+    damaged = [(int(seq), bytes.fromhex(data)) for seq, data in head["damaged"]]
+    return numbers[:count], numbers[count:], damaged, int(head["end"])
 
 
 def main() -> int:
     """The helper process: a request (:func:`encode_request`) on stdin, the answer
     (:func:`encode_answer`) on stdout."""
-    data = sys.stdin.buffer.read()
-    line, _, rest = data.partition(b"\n")
-    head = json.loads(line)
-    given = array.array("Q")
-    given.frombytes(rest)
-    if len(given) != head["count"]:
-        raise ValueError(f"expected {head['count']} locations, got {len(given)}")
-    locs = given.tolist()
-    sources = [tuple(source) for source in head["sources"]]
-    copied = copy_records(locs, sources, tuple(head["out"]))
+    live, sources, out = decode_request(sys.stdin.buffer.read())
+    copied = copy_records(live, sources, out)
     assert copied is not None
-    sys.stdout.buffer.write(encode_answer(copied, locs))
+    sys.stdout.buffer.write(encode_answer(copied))
     sys.stdout.flush()
     return 0
 

@@ -3,31 +3,42 @@
 Theory of operation
 ===================
 
-State. ``index`` maps every live topic to the location of its newest record (one int, see
-``_locations``); ``big`` keeps the exact sizes of the records of 16 MiB or more, whose
-location cannot hold them. ``files`` holds the open log files by slot; ``active`` is the one
-appended to (mapped, with room reserved ahead: ``_room``). One lock guards all of it; reads
+State. ``index`` maps every live topic to the ``seq`` of its newest record -- a number that
+never changes, since a compaction copies a record with its ``seq`` (see ``_format``). Each
+open log file (``files``, in generation order; ``active`` is the last, the one appended to)
+has a *table*: the ``seq`` and the offset of every record in it, in order, two arrays of
+64-bit numbers (and of every damaged region that recovery found after a record, with that
+record's seq: see ``_format.scan_records``). A record is found by its ``seq``: the file is the
+last one whose table starts at or below it (there are two or three), the offset is a binary
+search in its table, and the record ends exactly where the next entry starts. So a compaction
+never touches the index: it hands its helper the seqs to keep and the tables, and gets back
+the compacted file's table, all as arrays that convert at C speed; the writer's share of a
+compaction is a few C-speed copies (see ``_compact``). One lock guards all of it; reads
 ``pread`` under it too, since a compaction closes the descriptors of the files it replaced.
-Durability (the fsyncs, fail-stop) is ``_durability``'s, compaction ``_compact``'s.
+Durability (the fsyncs, fail-stop) is ``_durability``'s; the active file's mapping and room
+``_room``'s.
 
-Writes. A put packs the record (its CRC seeded by the active file's salt, see ``_format``)
-straight into the mapping -- header and body in one ``struct`` call -- and points the index at
-it: one dict store, nothing else per put. In particular no running total of the live bytes
-(that took a second dict lookup per put): the bytes the index points to are summed, at C speed,
-when a decision needs them. A batch is copied record by record, in order: ``memcpy`` does not
-fill a large buffer front to back, so one copy of a whole batch, cut short by a SIGKILL, could
-leave a later record whole behind an earlier torn one; copies one after the other leave at most
-the last one torn.
+Writes. A put packs the record (its CRC seeded by the active file's salt) straight into the
+mapping -- header and body in one ``struct`` call --, appends its seq and offset to the
+active file's table and sets ``index[topic] = seq``: no running total of the live bytes (that
+took a second dict lookup per put); the bytes the index points to are summed when a decision
+needs them. A batch is copied record by record, in order: ``memcpy`` does not fill a large
+buffer front to back, so one copy of a whole batch, cut short by a SIGKILL, could leave a
+later record whole behind an earlier torn one; copies one after the other leave at most the
+last one torn.
 
 When to compact. Every put compares where the active file now ends with one number,
 ``check_at``: where the records on disk reach :data:`COMPACT_AT` times the live ones (as last
-summed), and at least ``compact_min_bytes`` more. Past it, a background compaction starts
-(which first sums the live bytes, and goes on only if the disk really is that far past them).
-While one runs, ``check_at`` is where the disk reaches :data:`HOLD_AT` times the live bytes: a
-writer that gets there waits for the compaction to end (at most :data:`HOLD_SECONDS` per put),
-so that the disk stays bounded however slow the compaction is against the writers.
+known), and at least ``compact_min_bytes`` more. Past it, a background compaction starts
+(which first sums the live bytes if the number of topics changed much since they were last
+known, and goes on only if the disk really is that far past them). While one runs,
+``check_at`` is where the disk reaches :data:`HOLD_AT` times the live bytes: a writer that gets
+there waits for the compaction to end (at most :data:`HOLD_SECONDS` per put), so the disk stays
+bounded however slowly the compaction goes against the writers.
 """
 
+import array
+import bisect
 import contextlib
 import logging
 import os
@@ -36,9 +47,8 @@ import struct
 import threading
 import time
 import zlib
-from itertools import repeat
-from operator import and_
-from typing import Any, Dict, List, Optional, Set, Tuple
+from operator import sub
+from typing import Any, Dict, List, Optional, Tuple
 
 from persizmq import _fs
 from persizmq._errors import ClosedError, CorruptionError, MessageTooLargeError
@@ -46,15 +56,6 @@ from persizmq._message import Message
 from persizmq._topics import _durability, _encode, _format, _room
 from persizmq._topics._files import LogFile, create_file, quarantine, recover
 from persizmq._topics._format import FILE_HEADER_SIZE
-from persizmq._topics._locations import (
-    BIG,
-    OFFSET_MASK,
-    OFFSET_SHIFT,
-    SIZE_MASK,
-    SLOT_SHIFT,
-    SLOTS,
-    size_field,
-)
 
 __all__ = ["COMPACT_AT", "HOLD_AT", "HOLD_SECONDS", "RETRY_AFTER", "TopicCore"]
 
@@ -62,15 +63,24 @@ _LOGGER = logging.getLogger("persizmq")
 
 _MAX_BODY = _format.MAX_BODY
 _HEADER = _format.RECORD_HEADER_SIZE
-#: The largest body a location holds the size of (bigger records keep theirs in ``big``).
-_LEAN_BODY = BIG - 1 - _HEADER
 _KIND_SINGLE = _format.KIND_SINGLE
 _crc32 = zlib.crc32
+crc_seed = _format.record_seed
 # The mix of record_seed(), inlined on the write path.
 _A, _B, _C = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 _M32 = 0xFFFFFFFF
 _NEVER = 1 << 62  # a check_at no file reaches
-crc_seed = _format.record_seed
+#: A background compaction starts once the records on disk take this many times the room of
+#: the live ones: each then copies the live records once per (COMPACT_AT - 1) times their size
+#: written. See ``bench/topics.py`` for the disk it takes before and after.
+COMPACT_AT = 2.5
+#: While a compaction runs, a writer that brings the disk to this many times the live bytes
+#: waits for it to end (see the module docstring).
+HOLD_AT = 3.5
+#: The longest a put waits for a compaction (then it returns, and waits no more until the next).
+HOLD_SECONDS = 1.0
+#: Seconds before a compaction that failed (a full disk, say) is tried again.
+RETRY_AFTER = 5.0
 
 
 class _Records(Dict[int, struct.Struct]):
@@ -87,17 +97,20 @@ class _Records(Dict[int, struct.Struct]):
 #: At most this many record shapes are kept (the messages of a topic store have a few lengths).
 _RECORD_SHAPES = 4096
 RECORDS = _Records()
-#: A background compaction starts once the records on disk take this many times the room of
-#: the live ones: each then copies the live records once per (COMPACT_AT - 1) times their size
-#: written. See ``bench/topics.py`` for the disk it takes before and after.
-COMPACT_AT = 3.0
-#: While a compaction runs, a writer that brings the disk to this many times the live bytes
-#: waits for it to end (see the module docstring).
-HOLD_AT = 4.0
-#: The longest a put waits for a compaction (then it returns, and waits no more until the next).
-HOLD_SECONDS = 1.0
-#: Seconds before a compaction that failed (a full disk, say) is tried again.
-RETRY_AFTER = 5.0
+
+
+def live_bytes(
+    live: "array.array[int]", tables: List[Tuple["array.array[int]", "array.array[int]", int]]
+) -> int:
+    """The bytes of the records whose seqs are ``live``, given the files' tables ``(seqs,
+    offsets, size)`` (copies: this runs without the lock). O(records), mostly at C speed."""
+    sizes: Dict[int, int] = {}
+    for seqs, offsets, size in tables:
+        ends = offsets[1:]
+        ends.append(size)
+        # Backwards, so that a record's entry wins over the hole after it (same seq).
+        sizes.update(zip(reversed(seqs), reversed(list(map(sub, ends, offsets)))))
+    return sum(map(sizes.__getitem__, live))
 
 
 class TopicCore:
@@ -124,7 +137,6 @@ class TopicCore:
         self.failure: Optional[OSError] = None
         self.failed_path = ""
         self.compacting = False
-        self.dirty: Optional[Set[bytes]] = None  # topics changed while a compaction copies
         self.compact_retry_at = 0.0
         #: Whether compactions copy in a helper process (see ``_copier``); cleared when one
         #: cannot be started.
@@ -138,12 +150,15 @@ class TopicCore:
         try:
             self._recover()
         except BaseException:
-            for log in getattr(self, "files", {}).values():
+            for log in getattr(self, "files", []):
                 _room.unmap(log)
                 os.close(log.fd)
             _fs.release_lock(self._lock_fd)
             raise
-        self.live_estimate = self.live_bytes(list(self.index.values()), list(self.big.values()))
+        #: The live bytes as last known, and the number of topics then (see ``_compact``):
+        #: not summed at open (the disk's bytes stand in, until a compaction looks).
+        self.live_estimate = self.disk_bytes()
+        self.estimate_topics = -1
         self.set_thresholds()
         if sync == "periodic":
             self._syncer = threading.Thread(
@@ -160,15 +175,14 @@ class TopicCore:
         self.corrupt_regions = found.corrupt_regions
         self.quarantined_bytes = found.quarantined_bytes
         self.torn_tail_bytes = found.torn_tail_bytes
-        self.files: Dict[int, LogFile] = {log.slot: log for log in found.files}
+        self.files: List[LogFile] = found.files
         self.index = found.index
-        self.big = found.big
         self.seq = self._first_seq = found.last_seq + 1
         self.next_generation = found.next_generation
         last = found.files[-1] if found.files else None
         if last is None or last.covers_from < last.generation:  # never append to a compaction
-            last = self.create_log(self.free_slots()[0])
-            self.files[last.slot] = last
+            last = self.create_log()
+            self.files.append(last)
         elif found.changed and self.durable:
             _fs.fsync_directory(self.directory)
         _room.map_for_writing(last)
@@ -176,32 +190,35 @@ class TopicCore:
 
     # ------------------------------------------------------------------ files
 
-    def create_log(self, slot: int) -> LogFile:
+    def create_log(self) -> LogFile:
         """Create the next generation's plain log file (lock held, or not yet shared)."""
         generation = self.next_generation
         self.next_generation += 1
-        return create_file(
-            self.directory, generation, generation, slot, durable=self.durable, tmp=False
-        )
-
-    def free_slots(self) -> List[int]:
-        """The slots no open file has (lock held)."""
-        return [slot for slot in range(SLOTS) if slot not in self.files]
+        return create_file(self.directory, generation, generation, durable=self.durable, tmp=False)
 
     def disk_bytes(self) -> int:
         """The bytes of the records in the files, their headers not counted (lock held)."""
-        return sum(log.size - FILE_HEADER_SIZE for log in self.files.values())
+        return sum(log.size - FILE_HEADER_SIZE for log in self.files)
 
-    @staticmethod
-    def live_bytes(locations: List[int], big: List[Tuple[int, int]]) -> int:
-        """The bytes of the records at ``locations``, those of ``big`` (``(location, exact
-        size)``) at their exact size: the index's values and ``big``'s, copied under the lock
-        (this runs without it, O(topics) at C speed)."""
-        total: int = sum(map(and_, locations, repeat(SIZE_MASK)))
-        if big:
-            present = set(locations)
-            total += sum(size - BIG for loc, size in big if loc in present)
-        return total
+    def locate(self, seq: int) -> Tuple[LogFile, int, int]:
+        """The file that holds record ``seq``, where the record starts and where the next one
+        does (lock held).
+
+        :raises KeyError: no file holds it (an index entry without a record: never).
+        """
+        for log in reversed(self.files):
+            seqs = log.seqs
+            if seqs and seqs[0] <= seq:
+                at = bisect.bisect_left(seqs, seq)
+                if at == len(seqs) or seqs[at] != seq:
+                    break
+                offsets = log.offsets
+                return log, offsets[at], offsets[at + 1] if at + 1 < len(offsets) else log.size
+        raise KeyError(seq)
+
+    def tables(self) -> List[Tuple["array.array[int]", "array.array[int]", int]]:
+        """Copies of the files' tables, with the files' sizes (lock held; C speed)."""
+        return [(log.seqs[:], log.offsets[:], log.size) for log in self.files]
 
     def set_thresholds(self) -> None:
         """Set ``check_at`` (see the module docstring) from ``live_estimate`` (lock held)."""
@@ -229,7 +246,7 @@ class TopicCore:
     def put_message(self, msg: object) -> None:
         """Store ``msg`` as the newest message of its topic (no ``topic_of``): the lean path
         of ``add_message`` for bytes, which ``PersistentTopicStorage`` binds directly."""
-        if type(msg) is not bytes or len(msg) > _LEAN_BODY:
+        if type(msg) is not bytes or len(msg) > _MAX_BODY:
             encoded = _encode.encode(msg, None)
             if encoded is not None:
                 self.put(*encoded)
@@ -261,9 +278,9 @@ class TopicCore:
             )
             log.size = new_end
             self.seq = seq + 1
-            self.index[topic] = log.bits | (end << OFFSET_SHIFT) | (new_end - end)
-            if self.dirty is not None:
-                self.dirty.add(topic)
+            log.seqs.append(seq)
+            log.offsets.append(end)
+            self.index[topic] = seq
             if new_end >= self._slow_at:
                 self._after_write(log)
 
@@ -278,18 +295,18 @@ class TopicCore:
             if not self.writable:
                 raise self.refused()
             log = self.active
-            end = log.size
-            size = _HEADER + length
-            if end + size > log.capacity:
-                _room.grow(log, end + size)
-            self._write(log, end, topic, kind, body)
-            self._point(topic, log.bits | (end << OFFSET_SHIFT), size)
+            needed = log.size + _HEADER + length
+            if needed > log.capacity:
+                _room.grow(log, needed)
+            self.index[topic] = self._write(log, topic, kind, body)
             if log.size >= self._slow_at:
                 self._after_write(log)
 
-    def _write(self, log: LogFile, end: int, topic: bytes, kind: int, body: bytes) -> None:
-        """Pack one record into the active file's mapping at ``end`` (room made, lock held)."""
+    def _write(self, log: LogFile, topic: bytes, kind: int, body: bytes) -> int:
+        """Pack one record into the active file's mapping (room made, lock held); return its
+        seq."""
         seq = self.seq
+        end = log.size
         length = len(body)
         tlen = len(topic)
         crc = _crc32(body, crc_seed(log.salt, length, kind, seq, tlen))
@@ -305,15 +322,9 @@ class TopicCore:
         )
         log.size = end + _HEADER + length
         self.seq = seq + 1
-
-    def _point(self, topic: bytes, where: int, size: int) -> None:
-        """Point the index at a record just written (``where``: its location without the
-        size; lock held)."""
-        loc = self.index[topic] = where | size_field(size)
-        if size >= BIG:
-            self.big[topic] = (loc, size)
-        if self.dirty is not None:
-            self.dirty.add(topic)
+        log.seqs.append(seq)
+        log.offsets.append(end)
+        return seq
 
     def put_many(self, items: List[_encode.Encoded]) -> None:
         """Store a batch of ``(topic, kind, body)`` with one write (and one fsync)."""
@@ -329,20 +340,16 @@ class TopicCore:
             if not self.writable:
                 raise self.refused()
             log = self.active
-            start = log.size
-            end = start + sum(_HEADER + len(body) for _, _, body in items)
+            end = log.size + sum(_HEADER + len(body) for _, _, body in items)
             if end > log.capacity:
                 _room.grow(log, end)
             write = self._write
-            point = self._point
-            bits = log.bits
+            index = self.index
             for topic, kind, body in items:
                 # One copy per record, in order: memcpy does not write a large buffer front to
                 # back, and a process killed in the middle of one copy of the whole batch could
                 # leave a later record whole and an earlier one torn (a hole, not a torn tail).
-                pos = log.size
-                write(log, pos, topic, kind, body)
-                point(topic, bits | (pos << OFFSET_SHIFT), log.size - pos)
+                index[topic] = write(log, topic, kind, body)
             if log.size >= self._slow_at:
                 self._after_write(log)
 
@@ -354,14 +361,11 @@ class TopicCore:
             if topic not in self.index:
                 return False
             log = self.active
-            end = log.size
-            size = _HEADER + len(topic)
-            if end + size > log.capacity:
-                _room.grow(log, end + size)
-            self._write(log, end, topic, _format.KIND_DELETE, topic)
+            needed = log.size + _HEADER + len(topic)
+            if needed > log.capacity:
+                _room.grow(log, needed)
+            self._write(log, topic, _format.KIND_DELETE, topic)
             del self.index[topic]
-            if self.dirty is not None:
-                self.dirty.add(topic)
             self.deletes += 1
             if log.size >= self._slow_at:
                 self._after_write(log)
@@ -393,7 +397,8 @@ class TopicCore:
         while self.compacting and not self.stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.check_at = self._slow_at = 0 if self.always else _NEVER
+                self.check_at = _NEVER
+                self._slow_at = 0 if self.always else _NEVER
                 break
             self.wake.wait(remaining)
 
@@ -404,37 +409,33 @@ class TopicCore:
         with self.lock:
             if self.closed:
                 raise ClosedError(f"the topic storage of {str(self.directory)!r} was closed")
-            loc = self.index.get(topic)
-            if loc is None:
+            seq = self.index.get(topic)
+            if seq is None:
                 return None
-            log = self.files[loc >> SLOT_SHIFT]
-            offset = (loc >> OFFSET_SHIFT) & OFFSET_MASK
-            size = loc & SIZE_MASK
-            if size == BIG:
-                known = self.big.get(topic)
-                size = known[1] if known is not None and known[0] == loc else log.size - offset
-            data = os.pread(log.fd, size, offset)
+            log, start, end = self.locate(seq)
+            data = os.pread(log.fd, end - start, start)
             salt = log.salt
         if len(data) >= _HEADER:
-            length, crc, kind, seq, tlen = _format.unpack_record_header(data, 0)
-            body = data[_HEADER:]
-            if length == len(body) and _crc32(body, crc_seed(salt, length, kind, seq, tlen)) == crc:
+            length, crc, kind, found, tlen = _format.unpack_record_header(data, 0)
+            body = data[_HEADER : _HEADER + length]
+            if (
+                found == seq
+                and length == len(body)
+                and _crc32(body, crc_seed(salt, length, kind, seq, tlen)) == crc
+            ):
                 with contextlib.suppress(CorruptionError):
                     return _format.decode_message(kind, body, tlen, str(log.path))
-        self._damaged(topic, loc, log, data)
+        self._damaged(topic, seq, log, start, data)
         return None
 
-    def _damaged(self, topic: bytes, loc: int, log: LogFile, data: bytes) -> None:
+    def _damaged(self, topic: bytes, seq: int, log: LogFile, start: int, data: bytes) -> None:
         """A record failed its check when read: set it aside, report it, forget the topic."""
-        offset = (loc >> OFFSET_SHIFT) & OFFSET_MASK
-        quarantine(self.directory, log.path.name, offset, data, "a damaged record (read)")
+        quarantine(self.directory, log.path.name, start, data, "a damaged record (read)")
         with self.lock:
             self.corrupt_regions += 1
             self.quarantined_bytes += len(data)
-            if self.index.get(topic) == loc:
+            if self.index.get(topic) == seq:
                 del self.index[topic]
-                if self.dirty is not None:
-                    self.dirty.add(topic)
 
     def topics(self) -> List[bytes]:
         """The live topics, in no particular order (a snapshot)."""
@@ -461,15 +462,15 @@ class TopicCore:
     def counters(self) -> Dict[str, Any]:
         """The fields of ``TopicStorageStats``, read together."""
         with self.lock:
-            locations = list(self.index.values())
-            big = list(self.big.values())
+            live = array.array("Q", self.index.values())
+            tables = self.tables()
             disk = self.disk_bytes()
             failure = self.failure
             counters = {
-                "topics": len(locations),
+                "topics": len(live),
                 "disk_bytes": disk + FILE_HEADER_SIZE * len(self.files),
                 "files": len(self.files),
-                "unsynced_bytes": sum(log.size - log.synced for log in self.files.values()),
+                "unsynced_bytes": sum(log.size - log.synced for log in self.files),
                 "updates": self.seq - self._first_seq - self.deletes,  # a record each
                 "deletes": self.deletes,
                 "compactions": self.compactions,
@@ -481,8 +482,8 @@ class TopicCore:
                 "torn_tail_bytes": self.torn_tail_bytes,
                 "failure": None if failure is None else f"{self.failed_path}: {failure}",
             }
-        live = self.live_bytes(locations, big)  # outside the lock
-        return {**counters, "live_bytes": live, "dead_bytes": max(0, disk - live)}
+        total = live_bytes(live, tables)  # outside the lock
+        return {**counters, "live_bytes": total, "dead_bytes": max(0, disk - total)}
 
     def compact_now(self) -> None:
         """Run a compaction in this thread (after one under way, if any) and wait for it."""
@@ -517,11 +518,11 @@ class TopicCore:
             if self.failure is None and self.durable:
                 with contextlib.suppress(OSError):  # a StorageWriteError: kept in failure
                     _durability.sync_all(self)
-            for log in self.files.values():
+            for log in self.files:
                 with contextlib.suppress(OSError):  # the file stays good with its zeros
                     _room.unmap(log)
                 os.close(log.fd)
-            self.files = {}
+            self.files = []
             self.closed = True
             _fs.release_lock(self._lock_fd)
             return None if self.failure is None else _durability.failure_error(self)

@@ -80,7 +80,7 @@ def sync_active(core: "TopicCore", log: LogFile) -> None:
 
 def sync_all(core: "TopicCore") -> None:
     """fdatasync every file with unsynced bytes (lock held); fail-stop on error."""
-    for log in core.files.values():
+    for log in core.files:
         if log.synced < log.size:
             size = log.size
             try:
@@ -95,7 +95,7 @@ def _due(core: "TopicCore") -> Optional[List[Tuple[int, LogFile, int]]]:
     """Duplicated descriptors of the files with unsynced bytes, and their sizes (lock held);
     None if a descriptor could not be duplicated (that is then a failed fsync)."""
     due: List[Tuple[int, LogFile, int]] = []
-    for log in core.files.values():
+    for log in core.files:
         if log.synced < log.size:
             try:
                 due.append((os.dup(log.fd), log, log.size))

@@ -16,6 +16,7 @@ Recovery, when a store is opened (it holds the directory's lock, so nothing else
    after it still count.
 """
 
+import array
 import contextlib
 import dataclasses
 import logging
@@ -26,10 +27,8 @@ import secrets
 from typing import Dict, List, Optional, Tuple
 
 from persizmq import _fs
-from persizmq._errors import CorruptionError
 from persizmq._topics import _format
 from persizmq._topics._format import FILE_HEADER_SIZE, FileHeader
-from persizmq._topics._locations import SLOT_SHIFT, SLOTS
 
 __all__ = ["LogFile", "Recovered", "create_file", "quarantine", "recover", "write_all"]
 
@@ -40,26 +39,21 @@ class LogFile:
     """One open log file: its descriptor, where it ends, and up to where it is durable."""
 
     __slots__ = (
-        "bits",
         "capacity",
         "covers_from",
         "fd",
         "generation",
         "map",
+        "offsets",
         "path",
         "salt",
+        "seqs",
         "size",
-        "slot",
         "synced",
     )
 
-    def __init__(
-        self, slot: int, path: pathlib.Path, fd: int, header: FileHeader, size: int
-    ) -> None:
+    def __init__(self, path: pathlib.Path, fd: int, header: FileHeader, size: int) -> None:
         """Wrap an open descriptor; ``size`` is where the next record goes."""
-        #: Names the file in an index location (see ``_locations``); ``bits`` is its part of one.
-        self.slot = slot
-        self.bits = slot << SLOT_SHIFT
         self.path = path
         self.fd = fd
         self.generation = header.generation
@@ -73,6 +67,10 @@ class LogFile:
         #: (past ``size``: room reserved for the next records).
         self.map: Optional[mmap.mmap] = None
         self.capacity = size
+        #: The file's table: the ``seq`` and the offset of every record in it, in order (the
+        #: index names records by their ``seq``; see ``_core``).
+        self.seqs = array.array("Q")
+        self.offsets = array.array("Q")
 
     def __repr__(self) -> str:
         """Name the file."""
@@ -90,7 +88,6 @@ def create_file(
     directory: pathlib.Path,
     generation: int,
     covers_from: int,
-    slot: int,
     *,
     durable: bool,
     tmp: bool,
@@ -118,7 +115,7 @@ def create_file(
         with contextlib.suppress(OSError):
             path.unlink()
         raise
-    log = LogFile(slot, path, fd, header, FILE_HEADER_SIZE)
+    log = LogFile(path, fd, header, FILE_HEADER_SIZE)
     log.synced = FILE_HEADER_SIZE if durable else 0
     return log
 
@@ -128,10 +125,8 @@ class Recovered:
     """What :func:`recover` found and did."""
 
     files: List[LogFile]
+    #: topic -> the ``seq`` of its newest record.
     index: Dict[bytes, int]
-    #: topic -> (location, exact size) of the records of ``BIG`` bytes or more (see
-    #: ``_locations``); an entry whose location is no longer the topic's is stale.
-    big: Dict[bytes, Tuple[int, int]]
     last_seq: int
     next_generation: int
     corrupt_regions: int = 0
@@ -184,7 +179,7 @@ def recover(directory: pathlib.Path, *, durable: bool) -> Recovered:
     :raises OSError: a file cannot be read, cut or removed.
     """
     generations, leftovers = _format.list_files(directory)
-    result = Recovered(files=[], index={}, big={}, last_seq=0, next_generation=1)
+    result = Recovered(files=[], index={}, last_seq=0, next_generation=1)
     for name in leftovers:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(directory / name)
@@ -211,17 +206,10 @@ def recover(directory: pathlib.Path, *, durable: bool) -> Recovered:
         del headers[generation]
         result.changed = True
     kept = sorted(headers)
-    if len(kept) >= SLOTS:  # the store never has that many: not a directory it wrote
-        raise CorruptionError(
-            f"expected at most {SLOTS - 1} log files in {str(directory)!r}, found {len(kept)}: "
-            f"{', '.join(_format.file_name(g) for g in kept)}"
-        )
     try:
         for position, generation in enumerate(kept):
             last = position == len(kept) - 1
-            log = _open_and_scan(
-                directory, headers[generation], result, position, last=last, durable=durable
-            )
+            log = _open_and_scan(directory, headers[generation], result, last=last, durable=durable)
             result.files.append(log)
     except BaseException:
         for log in result.files:
@@ -234,25 +222,25 @@ def _open_and_scan(
     directory: pathlib.Path,
     header: FileHeader,
     result: Recovered,
-    slot: int,
     *,
     last: bool,
     durable: bool,
 ) -> LogFile:
-    """Open one file as ``slot``, apply its records to ``result.index``, deal with its damage."""
+    """Open one file, apply its records to ``result.index``, deal with its damage."""
     path = directory / _format.file_name(header.generation)
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         size = os.fstat(fd).st_size
+        log = LogFile(path, fd, header, size)
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as data:
             scan = _format.scan_records(
                 data,  # type: ignore[arg-type]  # an mmap reads like bytes
                 start=FILE_HEADER_SIZE,
                 salt=header.salt,
                 last_seq=result.last_seq,
-                bits=slot << SLOT_SHIFT,
                 index=result.index,
-                big=result.big,
+                seqs=log.seqs,
+                offsets=log.offsets,
             )
             for start, end in scan.damaged:
                 result.corrupt_regions += 1
@@ -283,4 +271,5 @@ def _open_and_scan(
     except BaseException:
         os.close(fd)
         raise
-    return LogFile(slot, path, fd, header, size)
+    log.size = log.synced = log.capacity = size
+    return log

@@ -40,6 +40,7 @@ initial value): :func:`crc_delta`. Compaction re-seals records with it without r
 bodies twice, and a record damaged before it was copied stays detectably damaged after.
 """
 
+import array
 import dataclasses
 import os
 import re
@@ -49,7 +50,6 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from persizmq._errors import CorruptionError
 from persizmq._message import Message, decode_multipart
-from persizmq._topics._locations import BIG
 
 __all__ = [
     "FILE_HEADER_SIZE",
@@ -273,17 +273,18 @@ def scan_records(
     start: int,
     salt: int,
     last_seq: int,
-    bits: int,
     index: Dict[bytes, int],
-    big: Dict[bytes, Tuple[int, int]],
+    seqs: "array.array[int]",
+    offsets: "array.array[int]",
 ) -> Scan:
     """Apply the good records of ``data`` (a whole file, from ``start``) to ``index``.
 
-    A put sets ``index[topic]`` to its location, ``bits | offset << 24 | size`` (``bits``
-    names the file, see ``_locations``), and for a record of ``BIG`` bytes or more also
-    ``big[topic]`` to ``(location, exact size)``; a tombstone removes the topic. Damaged
-    regions followed by a good record are returned in :attr:`Scan.damaged`; whatever follows
-    the last good record is a torn tail.
+    A put sets ``index[topic]`` to its record's ``seq``; a tombstone removes the topic; every
+    good record's ``seq`` and offset are appended to ``seqs`` and ``offsets`` (the file's
+    table, see ``_core``), and so is the start of a damaged region after one (a *hole*, with the
+    seq of the record before it: so a record always ends where the next entry starts). Damaged
+    regions followed by a good record are returned in :attr:`Scan.damaged`; whatever follows the
+    last good record is a torn tail.
     """
     result = Scan(good_end=start, last_seq=last_seq)
     unpack = _RECORD.unpack_from
@@ -294,6 +295,8 @@ def scan_records(
     pos = start
     header = RECORD_HEADER_SIZE
     count = 0
+    seqs_append = seqs.append
+    offsets_append = offsets.append
     while pos + header <= end:
         length, crc, kind, seq, tlen = unpack(data, pos)
         stop = pos + header + length
@@ -304,11 +307,10 @@ def scan_records(
                 if topic is not None:
                     if kind == KIND_DELETE:
                         index.pop(topic, None)
-                    elif stop - pos < BIG:
-                        index[topic] = bits | (pos << 24) | (stop - pos)
                     else:
-                        loc = index[topic] = bits | (pos << 24) | BIG
-                        big[topic] = (loc, stop - pos)
+                        index[topic] = seq
+                    seqs_append(seq)
+                    offsets_append(pos)
                     last_seq = seq
                     pos = stop
                     count += 1
@@ -317,6 +319,9 @@ def scan_records(
         if following is None:
             break
         result.damaged.append((pos, following))
+        if count:  # the record before ends here: a hole, named by that record's seq
+            seqs_append(last_seq)
+            offsets_append(pos)
         pos = following
     # The loop ends on a record boundary: everything from here on is a torn tail.
     result.good_end = pos

@@ -22,10 +22,11 @@ import os
 
 from persizmq._errors import StorageWriteError
 from persizmq._topics._files import LogFile
-from persizmq._topics._locations import MAX_FILE
 
-__all__ = ["grow", "map_for_writing", "unmap"]
+__all__ = ["MAX_FILE", "grow", "map_for_writing", "unmap"]
 
+#: The largest log file the store makes (1 TiB).
+MAX_FILE = 1 << 40
 _INITIAL_ROOM = 256 << 10
 _MIN_GROWTH = 256 << 10
 _MAX_GROWTH = 32 << 20
@@ -59,7 +60,7 @@ def _reserve(log: LogFile, needed: int) -> int:
     step = min(max(log.capacity // 4, _MIN_GROWTH), _MAX_GROWTH)
     grown = max(needed, log.capacity + step)
     grown = -(-grown // _ROOM_UNIT) * _ROOM_UNIT
-    if grown > MAX_FILE:  # offsets have 37 bits in the index
+    if grown > MAX_FILE:
         raise OSError(errno.EFBIG, f"a log file reached {MAX_FILE >> 30} GiB")
     if _fallocate is not None:
         _fallocate(log.fd, 0, grown)

@@ -59,7 +59,7 @@ class TopicStorageStats:
     compactions: int
     reclaimed_bytes: int
     last_compaction_seconds: float
-    #: Adds that waited for a compaction to catch up (the disk had reached 2.25 times the live
+    #: Adds that waited for a compaction to catch up (the disk had reached 3.5 times the live
     #: bytes while one ran; at most a second each).
     compaction_waits: int
     #: Damaged regions found and set aside in ``quarantine/`` (never returned), and their bytes.
@@ -147,8 +147,8 @@ class PersistentTopicStorage:
     :param topic_of: ``None``, or a function that returns the topic (bytes) of a message: it
         gets ``bytes`` or, for a multipart message, a ``list[bytes]``. Each object uses its own.
     :param sync_interval: seconds between the fsyncs of ``"periodic"``.
-    :param compact_min_bytes: no compaction before the dead bytes reach this many (and twice the
-        live ones); default 4 MiB.
+    :param compact_min_bytes: no compaction before the dead bytes reach this many (and the disk
+        2.5 times the live bytes); default 4 MiB.
 
     :raises MessageTypeError: an argument has the wrong type.
     :raises InvalidArgumentError: an impossible value, or options that differ from those of the
