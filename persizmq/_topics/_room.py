@@ -4,14 +4,15 @@ Theory of operation
 ===================
 
 The active file is memory-mapped (``MAP_SHARED``) over room reserved ahead with
-``posix_fallocate``: a put copies its record into the mapping -- a store into the page cache,
-no system call, and like ``write(2)`` it survives the death of the process. Disk space is
-reserved *before* anything is written through the mapping, so a full disk is an ``ENOSPC``
-from ``posix_fallocate`` (nothing of the call is stored), never a SIGBUS. The room grows by a
-quarter of the file (at least 256 KiB, at most 32 MiB): the reserved zeros count on the disk,
-and a quarter keeps them a small part of it whatever the store's size. The zeros after the
-last record are cut when the file stops being the active one (a compaction rolls over, or
-``close()``), and after a crash by the next open (zeros are never a record). Nothing else maps
+``posix_fallocate`` and filled with written zeros (``_fs.allocate``): a put copies its record
+into the mapping -- a store into the page cache, no system call, and like ``write(2)`` it
+survives the death of the process. Disk space is reserved *before* anything is written through
+the mapping, so a full disk is an ``ENOSPC`` from ``posix_fallocate`` (nothing of the call is
+stored), never a SIGBUS. The room grows by a quarter of the file (at least 256 KiB, at most
+32 MiB): the reserved zeros count on the disk, and a quarter keeps them a small part of it
+whatever the store's size. The zeros after the last record are cut when the file stops being
+the active one (a compaction rolls over, or ``close()``), and after a crash by the next open
+(zeros are never a record). Nothing else maps
 or shrinks the file: the directory's lock keeps other processes out.
 """
 
@@ -20,6 +21,7 @@ import errno
 import mmap
 import os
 
+from persizmq import _fs
 from persizmq._errors import StorageWriteError
 from persizmq._topics._files import LogFile
 
@@ -63,7 +65,12 @@ def _reserve(log: LogFile, needed: int) -> int:
     if grown > MAX_FILE:
         raise OSError(errno.EFBIG, f"a log file reached {MAX_FILE >> 30} GiB")
     if _fallocate is not None:
-        _fallocate(log.fd, 0, grown)
+        end = os.fstat(log.fd).st_size
+        if end > 0:
+            _fallocate(log.fd, 0, end)  # a no-op unless a copy made the file sparse
+        # The new room: reserved and filled with written zeros (see _fs.allocate: a store
+        # into a page that is only reserved costs a slow page fault on ext4).
+        _fs.allocate(log.fd, end, grown)
     else:  # no posix_fallocate here: at least the file is long enough for the mapping
         os.ftruncate(log.fd, grown)
     return grown
