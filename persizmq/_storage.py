@@ -10,9 +10,7 @@ positions), ``_durability`` (fsync rounds and fail-stop), ``_queue`` (bounds and
 
 import collections.abc
 import contextlib
-import dataclasses
 import math
-import os
 import pathlib
 import sys
 import zlib
@@ -24,7 +22,7 @@ from persizmq._checks import check_choice, check_optional_int, check_seconds
 from persizmq._engine import _format, _registry
 from persizmq._engine._consumer import Consumer, Holder, Mark, ThreadMark
 from persizmq._engine._ledger import Ledger
-from persizmq._engine._position import POSITION_FILE, RESERVATION_FILE, PositionLog
+from persizmq._engine._position import PositionLog
 from persizmq._engine._position import check as position_check
 from persizmq._engine._queue import Options, Queue
 from persizmq._engine._segment import QUARANTINE_DIR
@@ -36,6 +34,7 @@ from persizmq._errors import (
     RoleError,
 )
 from persizmq._message import Message, MessageLike, encode_payload
+from persizmq._storage_stats import StorageStats, snapshot
 
 __all__ = ["OVERFLOW_POLICIES", "QUARANTINE_DIR", "ROLES", "PersistentStorage", "StorageStats"]
 
@@ -59,38 +58,6 @@ _pack_slot = PositionLog.SLOT.pack_into
 _SLOT_SIZE = PositionLog.SLOT.size
 _LAST_SLOT = PositionLog.SLOTS - 1
 _check_slot = position_check
-
-
-@dataclasses.dataclass(frozen=True)
-class StorageStats:
-    """A snapshot of a storage's state, from :meth:`PersistentStorage.stats`."""
-
-    #: Messages added and not yet popped (``len(storage)``).
-    pending: int
-    #: Bytes on disk of the pending messages, record headers included.
-    pending_bytes: int
-    #: Bytes of all the storage's files on disk (segments, position files, 1.0.x files).
-    disk_bytes: int
-    #: Segment files on disk.
-    segments: int
-    #: Messages of persizmq 1.0.x and 2.0.0 still pending (delivered first).
-    legacy_pending: int
-    #: Messages added (since the directory was opened in this process).
-    added: int
-    #: Messages popped (since the directory was opened in this process).
-    popped: int
-    #: Messages discarded by ``overflow="drop_oldest"``.
-    dropped_oldest: int
-    #: Messages refused by ``overflow="drop_newest"``.
-    dropped_newest: int
-    #: Damaged regions found in the middle of the queue and set aside in ``quarantine/``.
-    corrupt_regions: int
-    #: Bytes set aside in ``quarantine/``.
-    quarantined_bytes: int
-    #: Bytes of torn tails cut off when the producer opened.
-    torn_tail_bytes: int
-    #: The failed fsync that stopped writes (fail-stop), or None.
-    failed: Optional[str] = None
 
 
 def _encode(msg: object, limit: int) -> Optional[Tuple[bytes, int]]:
@@ -509,26 +476,7 @@ class PersistentStorage:
         queue.durability.flush_unlinks()  # the counts of files are exact
         with queue.lock:
             queue.check_open("take the stats of")
-            pending, pending_bytes = queue.pending()
-            consumer, writer = queue.consumer, queue.writer
-            legacy = 0 if consumer is None else len(consumer.files) + _v2_len(consumer)
-            disk, segments = _disk_usage(self._dir)
-            failed = queue.durability.failed
-            return StorageStats(
-                pending=pending,
-                pending_bytes=pending_bytes,
-                disk_bytes=disk,
-                segments=segments,
-                legacy_pending=legacy,
-                added=queue.added,
-                popped=0 if consumer is None else consumer.popped,
-                dropped_oldest=queue.dropped_oldest,
-                dropped_newest=queue.dropped_newest,
-                corrupt_regions=0 if consumer is None else consumer.corrupt_regions,
-                quarantined_bytes=0 if consumer is None else consumer.quarantined_bytes,
-                torn_tail_bytes=0 if writer is None else writer.torn_tail_bytes,
-                failed=None if failed is None else str(failed),
-            )
+            return snapshot(queue, self._dir)
 
     @property
     def persistent_dir(self) -> pathlib.Path:
@@ -648,28 +596,3 @@ def _check_meta(meta: object) -> Mapping[bytes, bytes]:
                 f"{key!r}: {type(value).__name__}"
             )
     return meta
-
-
-def _v2_len(consumer: Consumer) -> int:
-    return 0 if consumer.v2 is None else len(consumer.v2)
-
-
-def _disk_usage(directory: pathlib.Path) -> Tuple[int, int]:
-    """``(bytes of the storage's files, segment files)``."""
-    total = segments = 0
-    names: List[str] = os.listdir(directory)
-    for name in names:
-        is_segment = _format.segment_base(name) is not None
-        if is_segment or name in (POSITION_FILE, RESERVATION_FILE) or _is_legacy(name):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(directory / name).st_size
-            segments += is_segment
-    return total, segments
-
-
-def _is_legacy(name: str) -> bool:
-    return (
-        (name.endswith(".bin") and len(name) == 34 and name[:30].isdigit())
-        or (name.endswith(".seg") and len(name) == 24 and name[:20].isdigit())
-        or name == "consumer.pos"
-    )
