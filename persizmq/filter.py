@@ -240,11 +240,16 @@ class _PeriodState:
 
 #: Every directory state of this process, for the fork hook.
 _ALL: "weakref.WeakSet[_PeriodState]" = weakref.WeakSet()
+#: Every in-memory state: a child of fork() keeps using it, with a fresh lock (one a thread of
+#: the parent held at the fork would stay held in the child for ever).
+_IN_MEMORY: "weakref.WeakSet[_PeriodState]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     for state in list(_ALL):
         state.after_fork()
+    for state in list(_IN_MEMORY):
+        state.lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -297,6 +302,7 @@ class MinPeriod:
             self._state.last_monotonic = None
             self._state.last_wall = None
             self._state.file = None  # type: ignore[assignment]
+            _IN_MEMORY.add(self._state)
         else:
             directory = _fs.open_directory(persistent_dir, "persistent_dir")
             self._dir = directory
@@ -329,13 +335,18 @@ class MinPeriod:
         An accepted message's time becomes the new reference (and is stored in
         ``persistent_dir``, if given). ``None`` passes through as ``None`` and counts as nothing.
 
-        :raises ClosedError: the filter's directory state was inherited through ``fork()``.
+        :raises ClosedError: the filter (over a directory) was closed, or its directory state was
+            inherited through ``fork()``.
         """
         if msg is None:
             return None
         state = self._state
         if state.file is not None:
             state.check_not_forked()
+            if self._closed:  # its directory's lock may be another process's by now
+                raise ClosedError(
+                    f"cannot filter with the MinPeriod of {str(self._dir)!r}: it was closed"
+                )
         with state.lock:
             now_wall = time.time()
             now_monotonic = time.monotonic()

@@ -99,7 +99,12 @@ def run_trials(base: pathlib.Path, sync: str, trials: int, rng: random.Random) -
         assert all(i > max(acked_adds, default=-1) for i in unacked), sorted(unacked)[:10]
         assert len(unacked) <= 5, sorted(unacked)
         delivered |= set(pending) | acked_pops
-        next_start = max(acked_adds | set(pending), default=-1) + 1
+        # Past every number this child may have used -- also one it popped and logged while
+        # the add of it had not been logged yet (the consumer thread runs right behind the
+        # producer; a kill between an add's return and its log line leaves that): numbering
+        # the next child from the acknowledged adds alone added such a number again, and its
+        # second copy looked like a popped message that came back.
+        next_start = max(acked_adds | set(pending) | acked_pops | delivered, default=-1) + 1
         next_start += 5 - next_start % 5 if next_start % 5 else 0
 
 

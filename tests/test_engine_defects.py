@@ -832,13 +832,18 @@ def test_a_forked_child_does_not_keep_the_parent_locked_out(tmp_path: pathlib.Pa
     s = persizmq.PersistentStorage(directory)
     s.add_message(b"m")
     go_read, go_write = os.pipe()
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child: waits until the parent is done)
         os.close(go_write)
+        os.write(ready_write, b"r")  # fork()'s hooks in the child have run by now
         os.read(go_read, 1)
         os._exit(0)
     os.close(go_read)
+    os.close(ready_write)
     try:
+        assert os.read(ready_read, 1) == b"r"  # not before: the child may not have run yet
+        os.close(ready_read)
         s.close()
         with persizmq.PersistentStorage(directory) as again:
             assert again.front() == b"m"
@@ -916,3 +921,49 @@ def test_a_vanished_later_segment_never_makes_the_cursor_start_its_segment_again
     finally:
         consumer.close()
     assert got == [b"A-%d" % i for i in range(10)] + [b"C-0", b"C-1", b"C-2"]
+
+
+def test_out_of_descriptors_while_checking_a_later_segment_never_makes_it_foreign(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A consumer at the end of an unsealed segment (a producer killed between creating the
+    next segment and sealing this one) checks the later segment's header to know it may move
+    on. Out of descriptors then, it took the later file for a foreign one for good and waited
+    at the old segment's end forever: now that front() is a DirectoryError, and the next one
+    moves on."""
+    d = tmp_path / "q"
+    with persizmq.PersistentStorage(d, sync="never", segment_size=4096) as s:
+        for i in range(3):
+            s.add_message(b"%d" % i * 3000)  # one message a segment
+    first = sorted(d.glob("*.log"))[0]
+    with first.open("r+b") as f:  # the roll-over that created the next segment never sealed it
+        f.seek(_format.SEAL_AT)
+        f.write(bytes(20))
+    result = run_child(
+        """
+        import json, os, resource, sys
+        import persizmq
+        s = persizmq.PersistentStorage(sys.argv[1], role="consumer", sync="never",
+                                       segment_size=4096)
+        assert s.front()[:1] == b"0" and s.pop_front()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # none is left
+        try:
+            got = s.front()
+            error = None if got is None else "front() returned " + repr(got[:1])
+        except persizmq.DirectoryError as exc:
+            error = "DirectoryError: " + str(exc)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        after = [s.front()[:1].decode()]
+        s.pop_front()
+        after.append(s.front()[:1].decode())
+        print(json.dumps({"error": error, "after": after}))
+        """,
+        str(d),
+    )
+    assert result.returncode == 0, result.stderr
+    got = __import__("json").loads(result.stdout)
+    assert got["error"] is None or "DirectoryError" in got["error"], got
+    assert got["after"] == ["1", "2"], got

@@ -461,3 +461,52 @@ def test_min_period_directory_is_locked_against_another_process(tmp_path: pathli
         cwd=pathlib.Path(persizmq.__file__).resolve().parent.parent,
     )
     assert done.stdout == "", done.stdout
+
+
+def test_an_in_memory_min_period_works_in_a_child_forked_while_its_lock_was_held() -> None:
+    """A thread of the parent inside the filter at the fork holds its lock: the child's copy
+    of that lock stayed held for ever, and the child's first message hung."""
+    from tests._helpers import wait_until
+
+    f = persizmq.filter.MinPeriod(0.0)
+    f._state.lock.acquire()  # as a receive thread in the middle of the filter would
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 1
+            try:
+                code = 0 if f(b"x") == b"x" else 1
+            finally:
+                os._exit(code)
+    finally:
+        f._state.lock.release()
+    status: List[int] = []
+
+    def finished() -> bool:
+        done, code = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status.append(code)
+        return bool(done)
+
+    try:
+        wait_until(finished, timeout=10, message="the child to filter a message")
+    finally:
+        if not status:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status[0]) == 0
+
+
+def test_a_closed_min_period_over_a_directory_refuses_to_filter(tmp_path: pathlib.Path) -> None:
+    """Closed, its directory's lock may belong to a filter in another process by now: writing
+    its timestamp file without the lock is what the lock is there to prevent."""
+    from persizmq._errors import ClosedError
+
+    f = persizmq.filter.MinPeriod(0.0, persistent_dir=tmp_path)
+    assert f(b"a") == b"a"
+    f.close()
+    with pytest.raises(ClosedError, match="closed"):
+        f(b"b")
+    memory = persizmq.filter.MinPeriod(0.0)
+    memory.close()  # nothing to release: it goes on filtering
+    assert memory(b"c") == b"c"

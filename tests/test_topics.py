@@ -576,7 +576,7 @@ def test_no_room_for_a_record_stores_nothing(
 ) -> None:
     """Room is reserved with posix_fallocate before a record is written through the mapping:
     when the disk refuses it, the add raises and nothing of it is stored (never a SIGBUS)."""
-    from persizmq._topics import _core
+    from persizmq._topics import _room
 
     storage = persizmq.PersistentTopicStorage(tmp_path)
     storage.add_message(b"a 1")
@@ -584,7 +584,7 @@ def test_no_room_for_a_record_stores_nothing(
     def full(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
-    monkeypatch.setattr(_core, "_fallocate", full)
+    monkeypatch.setattr(_room, "_fallocate", full)
     big = b"big " + b"x" * (1 << 20)  # more than the room reserved ahead
     with pytest.raises(StorageWriteError, match="nothing of this call was stored") as info:
         storage.add_message(big)
@@ -669,3 +669,85 @@ def test_a_subscriber_keeps_the_newest_per_topic(
         assert contents(storage) == {
             b"sensor-%d" % s: [b"sensor-%d" % s, b"%d" % (4990 + s)] for s in range(10)
         }
+
+
+# --- the index by seq, the writers' wait ---------------------------------------------------------
+
+
+def test_the_copier_knows_the_record_format() -> None:
+    """``_copier`` imports nothing of persizmq (it runs as ``python -I -S``): its copy of the
+    header size must be the format's."""
+    from persizmq._topics import _copier, _format
+
+    assert _copier.HEADER == _format.RECORD_HEADER_SIZE
+
+
+def test_a_compaction_leaves_the_index_as_it_is(tmp_path: pathlib.Path) -> None:
+    """The index names records by seq, which a copy keeps: after a compaction every topic
+    names the same number, its record is found in the compacted file, and a topic put while
+    the compaction copied keeps its newer message."""
+    from persizmq._topics import _copier
+
+    with persizmq.PersistentTopicStorage(tmp_path, compact_min_bytes=1 << 40) as storage:
+        for i in range(3000):
+            storage.add_message(b"t%d %d" % (i % 300, i))
+        core = storage._core  # the index is what this test is about
+        before = dict(core.index)
+        real = _copier.copy_records
+
+        def copy_and_put(*args: Any, **kwargs: Any) -> Any:
+            storage.add_message(b"t7 new")  # while the compaction copies (in this thread)
+            return real(*args, **kwargs)
+
+        _copier.copy_records = copy_and_put
+        try:
+            storage.compact()
+        finally:
+            _copier.copy_records = real
+        after = dict(core.index)
+        assert after.pop(b"t7") > before.pop(b"t7")
+        assert after == before
+        assert storage.latest(b"t7") == b"t7 new"
+        assert storage.latest(b"t8") == b"t8 2708"
+        assert storage.stats().files == 2
+    with persizmq.PersistentTopicStorage(tmp_path) as storage:
+        assert storage.latest(b"t7") == b"t7 new"
+        assert len(storage) == 300
+
+
+def test_writers_wait_for_a_compaction_that_falls_behind(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a compaction runs, an add that brings the disk to HOLD_AT times the live bytes
+    waits for it (counted in compaction_waits), so the disk stays bounded; the adds go on when
+    it ends, nothing lost."""
+    from persizmq._topics import _compact, _copier
+
+    monkeypatch.setattr(_compact, "HELPER_MIN_RECORDS", 1 << 30)  # copy in the thread: held
+    gate = threading.Event()
+    real = _copier.copy_records
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_copier, "copy_records", held)
+    with persizmq.PersistentTopicStorage(tmp_path, compact_min_bytes=4096) as storage:
+        done = threading.Event()
+
+        def write() -> None:
+            for i in range(20_000):
+                storage.add_message(b"t%d %d " % (i % 50, i) + b"x" * 100)
+            done.set()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        wait_until(lambda: storage.stats().compaction_waits >= 1)
+        stats = storage.stats()
+        assert not done.is_set()
+        assert stats.disk_bytes <= 4 * stats.live_bytes + 3 * 4096 + 200
+        gate.set()
+        writer.join(60)
+        assert done.is_set()
+        expected = {b"t%d" % t: b"t%d %d " % (t, 19_950 + t) + b"x" * 100 for t in range(50)}
+        assert contents(storage) == expected

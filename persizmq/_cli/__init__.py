@@ -16,7 +16,8 @@ stderr and an exit status (see ``_main``):
 
 Shared by them: ``_base`` (exit statuses, :class:`CliError`, argument types), ``_output``
 (message lines, sizes, the progress line), ``_signals`` (stop signals that never deadlock),
-``_gaps`` (the sequence counters that ``record --sequence-frame`` keeps for ``stats``) and
+``_status`` (``--status-interval``, shared by the long-running commands), ``_gaps`` (the
+sequence counters that ``record --sequence-frame`` keeps for ``stats``) and
 ``_dirs`` -- everything the command line knows about the storages' files on disk, kept in that
 one module. Who holds which role of a directory is the storages' two-process contract (see
 ``persizmq._storage``): a recorder and a consumer work on one directory at the same time.
@@ -38,9 +39,10 @@ from persizmq._cli._demo import cmd_demo
 from persizmq._cli._inspect import cmd_drain, cmd_peek, cmd_pop, cmd_stats
 from persizmq._cli._main import COMMANDS, build_parser, main
 from persizmq._cli._output import FORMATS, format_message
-from persizmq._cli._record import MIN_PERIOD_DIR, STATUS_INTERVAL_ENV, cmd_record
+from persizmq._cli._record import MIN_PERIOD_DIR, cmd_record
 from persizmq._cli._replay import cmd_replay
 from persizmq._cli._serve_latest import cmd_serve_latest
+from persizmq._cli._status import STATUS_INTERVAL_ENV
 
 __all__ = [
     "COMMANDS",

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import zmq
 
@@ -42,17 +42,29 @@ from persizmq._cli._base import (
     positive,
 )
 from persizmq._cli._output import Sink, notice
-from persizmq._cli._record import STATUS_INTERVAL_ENV
+from persizmq._cli._status import STATUS_INTERVAL_ENV
 from persizmq._message import Message
 
-__all__ = ["cmd_demo", "register"]
+__all__ = ["DEMO_DEADLINE", "Demo", "DemoConsumer", "cmd_demo", "log_tail", "register"]
 
 _DEMO_MESSAGE = b"persizmq demo message %08d"
 _DEMO_PREFIX = b"persizmq demo message "
-_DEMO_DEADLINE = 30.0
+#: Seconds the demo waits for any one step (a subscription, the disk, the consumer, an exit).
+DEMO_DEADLINE = 30.0
+#: A row of the table at the end: name, count, note.
+Row = Tuple[str, int, str]
 
 
-class _DemoConsumer(threading.Thread):
+def log_tail(path: pathlib.Path) -> str:
+    """The last three lines of a child process's log, on one line, for an error message."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(lines[-3:]) or "(empty log)"
+
+
+class DemoConsumer(threading.Thread):
     """The application: pops every message from the queue while the recorders write it."""
 
     def __init__(self, storage: persizmq.PersistentStorage, total: int) -> None:
@@ -82,6 +94,11 @@ class _DemoConsumer(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 (reported by the demo)
             self.failure = exc
 
+    def raise_failure(self) -> None:
+        """Raise the consumer's failure, if it failed, as the demo's one-line error."""
+        if self.failure is not None:
+            raise CliError(f"demo: the consumer failed: {describe(self.failure)}")
+
     def count(self, msg: Message) -> None:
         number = -1
         if isinstance(msg, bytes) and msg.startswith(_DEMO_PREFIX):
@@ -105,7 +122,7 @@ class _DemoConsumer(threading.Thread):
         self.join()
 
 
-class _Demo:
+class Demo:
     """Publisher, recorder child processes and consumer of ``persizmq demo``."""
 
     def __init__(self, workdir: pathlib.Path, total: int, rate: float, out: Sink) -> None:
@@ -119,60 +136,58 @@ class _Demo:
         self.rate = rate
         self.out = out
         self.started = time.monotonic()
-        self.recorders: List[subprocess.Popen[bytes]] = []
+        #: Every child process started; those still running are killed when the demo ends.
+        self.children: List[subprocess.Popen[bytes]] = []
         self.sent = 0
 
     def say(self, text: str) -> None:
         """Print a step of the story with the time since the start."""
         self.out.write(f"[{time.monotonic() - self.started:5.2f}s] {text}\n")
 
-    def log_tail(self, number: int) -> str:
+    def recorder_log(self, number: int) -> str:
         """The end of recorder ``number``'s log, for an error message."""
-        path = self.workdir / f"recorder-{number}.log"
-        try:
-            lines = path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(lines[-3:]) or "(empty log)"
+        return log_tail(self.workdir / f"recorder-{number}.log")
 
-    def start_recorder(self, number: int) -> "subprocess.Popen[bytes]":
-        """Start ``persizmq record`` in a child process (the same package as this one)."""
+    def spawn(self, args: Sequence[str], log_path: pathlib.Path) -> "subprocess.Popen[bytes]":
+        """Start ``persizmq ARGS`` in a child process (the same package as this one), its
+        output in ``log_path``; it is killed when the demo ends, whatever happens."""
         env = dict(os.environ)
         env[STATUS_INTERVAL_ENV] = "0"
         env["PYTHONPATH"] = os.pathsep.join(
             [str(package_root()), *filter(None, [env.get("PYTHONPATH")])]
         )
-        command = [
-            sys.executable,
-            "-m",
-            "persizmq",
-            "record",
-            self.endpoint,
-            str(self.queue_dir),
-            "--sync",
-            "periodic",
-        ]
-        with open(self.workdir / f"recorder-{number}.log", "wb") as log:
+        with open(log_path, "wb") as log:
             proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+                [sys.executable, "-m", "persizmq", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
-        self.recorders.append(proc)
+        self.children.append(proc)
         return proc
+
+    def start_recorder(self, number: int) -> "subprocess.Popen[bytes]":
+        """Start recorder ``number``: ``persizmq record`` into the queue directory."""
+        return self.spawn(
+            ["record", self.endpoint, str(self.queue_dir), "--sync", "periodic"],
+            self.workdir / f"recorder-{number}.log",
+        )
 
     def wait_subscribed(
         self, pub: "zmq.Socket[Any]", proc: "subprocess.Popen[bytes]", number: int
     ) -> None:
         """Wait until the recorder's subscription reaches the XPUB socket."""
-        deadline = time.monotonic() + _DEMO_DEADLINE
+        deadline = time.monotonic() + DEMO_DEADLINE
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise CliError(
                     f"demo: recorder {number} exited with {proc.returncode} before it "
-                    f"subscribed: {self.log_tail(number)}"
+                    f"subscribed: {self.recorder_log(number)}"
                 )
             if pub.poll(100) and pub.recv()[:1] == b"\x01":
                 return
-        raise CliError(f"demo: recorder {number} did not subscribe within {_DEMO_DEADLINE:g} s")
+        raise CliError(f"demo: recorder {number} did not subscribe within {DEMO_DEADLINE:g} s")
 
     def publish(self, pub: "zmq.Socket[Any]", stop_at: int) -> None:
         """Send messages ``self.sent .. stop_at-1`` at the demo's rate."""
@@ -181,7 +196,7 @@ class _Demo:
         while self.sent < stop_at:
             due = min(stop_at, first + int((time.monotonic() - begin) * self.rate) + 1)
             while self.sent < due:
-                deadline = time.monotonic() + _DEMO_DEADLINE
+                deadline = time.monotonic() + DEMO_DEADLINE
                 while True:
                     try:
                         pub.send(_DEMO_MESSAGE % self.sent)
@@ -193,7 +208,7 @@ class _Demo:
             if self.sent < stop_at:
                 time.sleep(0.002)  # pacing the publisher, not waiting for a result
 
-    def wait_persisted(self, consumer: _DemoConsumer, count: int) -> int:
+    def wait_persisted(self, consumer: DemoConsumer, count: int) -> int:
         """Wait until ``count`` messages are on disk (consumed or pending); return the count."""
 
         def persisted() -> int:
@@ -206,7 +221,7 @@ class _Demo:
         )
         return persisted()
 
-    def wait_consumed(self, consumer: _DemoConsumer, count: int) -> None:
+    def wait_consumed(self, consumer: DemoConsumer, count: int) -> None:
         """Wait until the consumer popped ``count`` messages."""
         self._wait(
             consumer,
@@ -215,20 +230,19 @@ class _Demo:
         )
 
     @staticmethod
-    def _wait(consumer: _DemoConsumer, done: Callable[[], bool], short: Callable[[], str]) -> None:
+    def _wait(consumer: DemoConsumer, done: Callable[[], bool], short: Callable[[], str]) -> None:
         """Poll ``done`` until it holds; fail on a consumer error or after the deadline."""
-        deadline = time.monotonic() + _DEMO_DEADLINE
+        deadline = time.monotonic() + DEMO_DEADLINE
         while not done():
-            if consumer.failure is not None:
-                raise CliError(f"demo: the consumer failed: {describe(consumer.failure)}")
+            consumer.raise_failure()
             if time.monotonic() > deadline:
-                raise CliError(f"demo: {short()} within {_DEMO_DEADLINE:g} s")
+                raise CliError(f"demo: {short()} within {DEMO_DEADLINE:g} s")
             time.sleep(0.005)  # polling, with the deadline above
 
-    def run(self) -> int:
-        """Tell the story; return the exit status (0 only if nothing was lost)."""
-        half = self.total // 2
-        self.say(f"working in {self.workdir}")
+    @contextlib.contextmanager
+    def publisher(self) -> Iterator["zmq.Socket[Any]"]:
+        """The publisher: an XPUB socket bound to the demo's endpoint. When the block ends,
+        however it ends, every child process still running is killed and the socket closed."""
         context: zmq.Context[Any] = zmq.Context()
         pub: zmq.Socket[Any] = context.socket(zmq.XPUB)
         try:
@@ -239,27 +253,34 @@ class _Demo:
             pub.bind(self.endpoint)
             self.endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
             self.say(f"publisher: XPUB socket bound to {self.endpoint}")
-            with persizmq.PersistentStorage(self.queue_dir, role="consumer") as storage:
-                consumer = _DemoConsumer(storage, self.total)
+            yield pub
+        finally:
+            for proc in self.children:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            pub.close(linger=0)
+            context.term()
+
+    def run(self) -> int:
+        """Tell the story; return the exit status (0 only if nothing was lost)."""
+        half = self.total // 2
+        self.say(f"working in {self.workdir}")
+        with self.publisher() as pub:
+            storage = persizmq.PersistentStorage(self.queue_dir, role="consumer")
+            with storage:
+                consumer = DemoConsumer(storage, self.total)
                 consumer.start()
                 try:
                     before_kill, exit_code = self._story(pub, consumer, half)
                 finally:
                     consumer.stop()
                 pending = len(storage)
-        finally:
-            for proc in self.recorders:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            pub.close(linger=0)
-            context.term()
-        if consumer.failure is not None:
-            raise CliError(f"demo: the consumer failed: {describe(consumer.failure)}")
+        consumer.raise_failure()
         return self._table(consumer, pending, before_kill, exit_code)
 
     def _story(
-        self, pub: "zmq.Socket[Any]", consumer: _DemoConsumer, half: int
+        self, pub: "zmq.Socket[Any]", consumer: DemoConsumer, half: int
     ) -> Tuple[int, Optional[int]]:
         first = self.start_recorder(1)
         self.wait_subscribed(pub, first, 1)
@@ -287,7 +308,7 @@ class _Demo:
         self.say(f"consumer popped {consumer.consumed:,} messages; SIGTERM recorder 2")
         second.send_signal(signal.SIGTERM)
         try:
-            exit_code: Optional[int] = second.wait(timeout=_DEMO_DEADLINE)
+            exit_code: Optional[int] = second.wait(timeout=DEMO_DEADLINE)
         except subprocess.TimeoutExpired:
             exit_code = None
         self.say(f"recorder 2 exited with {exit_code}")
@@ -295,17 +316,43 @@ class _Demo:
 
     def _table(
         self,
-        consumer: _DemoConsumer,
+        consumer: DemoConsumer,
         pending: int,
         before_kill: int,
         exit_code: Optional[int],
     ) -> int:
-        lost = self.sent - consumer.distinct
         persisted = consumer.distinct + pending
         rows = [
             ("sent", self.sent, f"{before_kill:,} before the SIGKILL, the rest after"),
             ("persisted", persisted, f"{before_kill:,} on disk when recorder 1 was killed"),
             ("consumed", consumer.consumed, "popped by this process while the recorders wrote"),
+        ]
+        problems = []
+        if exit_code != 0:
+            problems.append(f"recorder 2 exited with {exit_code} after SIGTERM (expected 0)")
+        return self.verdict(
+            consumer,
+            pending,
+            rows,
+            problems,
+            "OK: every message sent while a recorder was subscribed was persisted and consumed "
+            "exactly once, in order, across a SIGKILL of the recorder.\n",
+        )
+
+    def verdict(
+        self,
+        consumer: DemoConsumer,
+        pending: int,
+        rows: List[Row],
+        problems: List[str],
+        ok: str,
+    ) -> int:
+        """Print the table -- ``rows``, then what was lost, duplicated, reordered -- and the
+        verdict: ``ok``, or FAILED with what went wrong (``problems`` after the consumer's);
+        return the exit status."""
+        lost = self.sent - consumer.distinct
+        rows = [
+            *rows,
             ("lost", lost, "sent - consumed"),
             ("duplicates", consumer.duplicates, ""),
             ("out of order", consumer.out_of_order, ""),
@@ -314,22 +361,18 @@ class _Demo:
         for name, value, note in rows:
             self.out.write(f"  {name:<13}{value:>8,}   {note}".rstrip() + "\n")
         self.out.write("\n")
-        problems = []
+        found = []
         if lost:
-            problems.append(f"{lost} messages lost")
+            found.append(f"{lost} messages lost")
         if consumer.duplicates or consumer.out_of_order or consumer.foreign:
-            problems.append("duplicated, reordered or foreign messages")
+            found.append("duplicated, reordered or foreign messages")
         if pending:
-            problems.append(f"{pending} messages left pending")
-        if exit_code != 0:
-            problems.append(f"recorder 2 exited with {exit_code} after SIGTERM (expected 0)")
-        if problems:
-            self.out.write(f"FAILED: {'; '.join(problems)}\n")
+            found.append(f"{pending} messages left pending")
+        found.extend(problems)
+        if found:
+            self.out.write(f"FAILED: {'; '.join(found)}\n")
             return EXIT_FAILURE
-        self.out.write(
-            "OK: every message sent while a recorder was subscribed was persisted and consumed "
-            "exactly once, in order, across a SIGKILL of the recorder.\n"
-        )
+        self.out.write(ok)
         return EXIT_OK
 
 
@@ -339,10 +382,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="persizmq-demo-"))
     try:
         if args.chain:
-            from persizmq._cli._chain import ChainDemo  # noqa: PLC0415 (it imports this module)
+            from persizmq._cli._demo_chain import ChainDemo  # noqa: PLC0415 (it imports this module)
 
             return ChainDemo(workdir, args.messages, args.rate, out).run()
-        return _Demo(workdir, args.messages, args.rate, out).run()
+        return Demo(workdir, args.messages, args.rate, out).run()
     finally:
         if args.keep_dir:
             notice(f"{PROG} demo: kept {workdir}")

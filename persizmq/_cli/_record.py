@@ -16,7 +16,7 @@ mistyped endpoint fails before the directory is created); the storage (a locked 
 here); a :class:`~persizmq.ThreadedSubscriber` whose callback runs ``MaxSize``
 -> ``MinPeriod`` (its timestamp in ``DIR/min-period``) -> the storage, counting what each filter
 drops; that chain has ``add_messages`` too, so the subscriber stores each batch it drained from
-the socket with one write (see ``_Chain``). Two decisions:
+the socket with one write (see ``_record_chain``). Two decisions:
 
 * ``--max-size`` is the ``MaxSize`` filter only; ``ZMQ_MAXMSGSIZE`` is not set, because libzmq
   answers one oversize message by closing the connection, which would end the recording
@@ -41,7 +41,7 @@ at ``net.core.rmem_max`` and doubles it for its bookkeeping, 4 MiB -> 8 MiB here
 is ``tcp://``. Other transports have no such buffer on the receiving side (a Unix socket's is
 the sender's), so with any other endpoint ``RCVHWM`` is 100,000 (the burst buffer, and what a
 disk stall of a moment needs; some 20 MB for 100-byte messages). The chain stores each batch
-with one write (``_Chain``), for the same reason: less CPU per message.
+with one write (``_record_chain``), for the same reason: less CPU per message.
 
 On SIGINT/SIGTERM the subscriber thread stops after the message in hand, the messages that the
 socket had already received are stored too (non-blocking, at most 1 s), and the storage is
@@ -58,7 +58,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 import zmq
 
@@ -81,9 +81,10 @@ from persizmq._cli._base import (
 from persizmq._cli._dirs import kinds_present, latest_disk_bytes
 from persizmq._cli._location import is_stream, open_stream, parse_stream
 from persizmq._cli._output import Progress, Rate, human_bytes, isatty, notice
+from persizmq._cli._record_chain import RecordChain, RecordCounters
 from persizmq._cli._signals import StopSignals
+from persizmq._cli._status import add_status_interval, status_interval
 from persizmq._message import Message
-from persizmq._protocol import nothing_stored
 from persizmq._sequence import SequenceStats, SequenceTracker
 
 __all__ = [
@@ -91,15 +92,11 @@ __all__ = [
     "RECORD_RCVBUF",
     "RECORD_RCVHWM",
     "RECORD_RCVHWM_TCP",
-    "STATUS_INTERVAL_ENV",
     "cmd_record",
     "receive_hwm",
     "register",
-    "status_interval",
 ]
 
-#: Environment variable: the default of ``record --status-interval`` (seconds, 0 = off).
-STATUS_INTERVAL_ENV = "PERSIZMQ_STATUS_INTERVAL"
 #: Sub-directory of the storage directory where ``record --min-period`` keeps its timestamp.
 MIN_PERIOD_DIR = "min-period"
 #: Receive high-water mark of the recorder's SUB socket when every endpoint is TCP (the kernel's
@@ -108,8 +105,6 @@ RECORD_RCVHWM_TCP = 1_000
 RECORD_RCVHWM = 100_000
 #: Kernel receive buffer the recorder asks for (capped by the kernel: see the module docstring).
 RECORD_RCVBUF = 8 << 20
-_TTY_STATUS_INTERVAL = 0.25
-_PLAIN_STATUS_INTERVAL = 5.0
 _LEFTOVER_DRAIN_SECONDS = 1.0
 
 
@@ -118,132 +113,6 @@ def receive_hwm(endpoints: List[str]) -> int:
     if all(endpoint.startswith("tcp://") for endpoint in endpoints):
         return RECORD_RCVHWM_TCP
     return RECORD_RCVHWM
-
-
-class _RecordCounters:
-    """What the recorder's callback counts (written by the subscriber thread only)."""
-
-    def __init__(self) -> None:
-        """Start at zero."""
-        self.stored = 0
-        self.filtered_size = 0
-        self.filtered_period = 0
-        self.errors = 0
-        self.last_error: Optional[BaseException] = None
-        self.leftover = 0
-
-    @property
-    def filtered(self) -> int:
-        """Messages dropped by ``--max-size`` or ``--min-period``."""
-        return self.filtered_size + self.filtered_period
-
-    def on_exception(self, exc: Exception) -> None:
-        """The subscriber's ``on_exception``: count and keep the error for the status line."""
-        self.errors += 1
-        self.last_error = exc
-
-
-def status_interval(args: argparse.Namespace, tty: bool) -> float:
-    """Seconds between status lines: ``--status-interval``, else the environment variable
-    :data:`STATUS_INTERVAL_ENV`, else 0.25 s on a terminal and 5 s otherwise.
-
-    :raises CliError: the environment variable is not a number of seconds >= 0.
-    """
-    if args.status_interval is not None:
-        return float(args.status_interval)
-    env = os.environ.get(STATUS_INTERVAL_ENV)
-    if env:
-        try:
-            value = float(env)
-        except ValueError:
-            value = -1.0
-        if not value >= 0:
-            raise CliError(
-                f"expected {STATUS_INTERVAL_ENV} to be a number of seconds >= 0, got {env!r}",
-                EXIT_USAGE,
-            )
-        return value
-    return _TTY_STATUS_INTERVAL if tty else _PLAIN_STATUS_INTERVAL
-
-
-class _Chain:
-    """The recorder's filters, then its storage -- shaped like a storage.
-
-    It has ``add_message`` and ``add_messages``, so a :class:`~persizmq.ThreadedSubscriber`
-    whose callback is its bound ``add_message`` hands it what it drained from the socket
-    together in one ``add_messages`` call (see ``persizmq._protocol``): the kept messages of a
-    batch go to the queue in one write instead of one write each, which leaves the CPU to the
-    I/O threads that carry a burst. A latest-message storage gets the newest kept message of
-    the batch. Runs in the subscriber thread.
-    """
-
-    def __init__(
-        self,
-        counters: _RecordCounters,
-        max_size: Optional[persizmq.filter.MaxSize],
-        min_period: Optional[persizmq.filter.MinPeriod],
-        queue: Optional[persizmq.PersistentStorage],
-        latest: Optional[persizmq.PersistentLatestStorage],
-    ) -> None:
-        """Filter with ``max_size`` then ``min_period``; store into ``queue`` or ``latest``."""
-        self._counters = counters
-        self._max_size = max_size
-        self._min_period = min_period
-        self._queue = queue
-        self._latest = latest
-
-    def _keep(self, msg: Message) -> bool:
-        """Run the filters (in order; ``MinPeriod`` remembers what it kept), count drops."""
-        if self._max_size is not None and self._max_size(msg) is None:
-            self._counters.filtered_size += 1
-            return False
-        if self._min_period is not None and self._min_period(msg) is None:
-            self._counters.filtered_period += 1
-            return False
-        return True
-
-    def add_message(self, msg: Message) -> None:
-        """Filter, then store one message."""
-        if not self._keep(msg):
-            return
-        if self._queue is not None:
-            self._queue.add_message(msg)
-        elif self._latest is not None:
-            self._latest.add_message(msg)
-        self._counters.stored += 1
-
-    def add_messages(self, msgs: Iterable[Message]) -> int:
-        """Filter each message, then store the kept ones with one call; return their count.
-
-        If the queue refuses the batch with nothing stored, the kept messages are stored one
-        by one here -- not handed back, since the filters must not see them twice.
-        """
-        kept = [msg for msg in msgs if self._keep(msg)]
-        if not kept:
-            return 0
-        if self._queue is not None:
-            try:
-                self._queue.add_messages(kept)
-            except Exception as exc:
-                if not nothing_stored(exc):
-                    raise
-                return self._one_by_one(self._queue, kept)
-        elif self._latest is not None:
-            self._latest.add_message(kept[-1])
-        self._counters.stored += len(kept)
-        return len(kept)
-
-    def _one_by_one(self, queue: persizmq.PersistentStorage, kept: List[Message]) -> int:
-        stored = 0
-        for msg in kept:
-            try:
-                queue.add_message(msg)
-            except Exception as exc:  # noqa: BLE001 (counted and reported like the thread's)
-                self._counters.on_exception(exc)
-                continue
-            stored += 1
-        self._counters.stored += stored
-        return stored
 
 
 class _Recorder:
@@ -283,10 +152,10 @@ class _Recorder:
         self._check_kind()
         self.tty = isatty(sys.stderr)
         self.interval = status_interval(args, self.tty)
-        self.counters = _RecordCounters()
+        self.counters = RecordCounters()
         self.queue: Optional[Any] = None  # a PersistentStorage or a RedisStreamStorage
         self.latest: Optional[persizmq.PersistentLatestStorage] = None
-        self.chain: Optional[_Chain] = None
+        self.chain: Optional[RecordChain] = None
         self.rate = Rate()
         self.progress = Progress(sys.stderr, self.tty)
         self.errors_shown = 0
@@ -337,7 +206,7 @@ class _Recorder:
             min_period = persizmq.filter.MinPeriod(
                 args.min_period, None if self.stream else self.directory / MIN_PERIOD_DIR
             )
-        self.chain = _Chain(self.counters, max_size, min_period, self.queue, self.latest)
+        self.chain = RecordChain(self.counters, max_size, min_period, self.queue, self.latest)
 
     def close_storage(self) -> None:
         """Close the storage: everything handed to it is then as durable as ``--sync`` says."""
@@ -629,10 +498,4 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         metavar="N",
         help="bound on the pending bytes; beyond it new messages are dropped and counted",
     )
-    record.add_argument(
-        "--status-interval",
-        type=seconds,
-        metavar="SECONDS",
-        help=f"seconds between status updates on stderr (default: 0.25 on a terminal, else 5, "
-        f"or ${STATUS_INTERVAL_ENV}); 0 = none",
-    )
+    add_status_interval(record)

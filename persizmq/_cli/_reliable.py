@@ -50,13 +50,12 @@ from persizmq._cli._base import (
     describe,
     open_endpoint,
     positive,
-    seconds,
     size_bytes,
 )
 from persizmq._cli._dirs import existing_storage, kinds_present, require_queue
 from persizmq._cli._output import Progress, Rate, human_bytes, isatty, notice
-from persizmq._cli._record import STATUS_INTERVAL_ENV, status_interval
 from persizmq._cli._signals import StopSignals
+from persizmq._cli._status import add_status_interval, status_interval
 from persizmq._reliable import DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = ["FORWARD_OUTBOX", "cmd_forward", "cmd_serve", "register"]
@@ -316,7 +315,7 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         metavar="N",
         help="bound on the pending bytes; beyond it nothing is acknowledged (back-pressure)",
     )
-    _add_status_interval(serve)
+    add_status_interval(serve)
 
     forward = add_command(
         subcommands,
@@ -359,14 +358,4 @@ def register(subcommands: "argparse._SubParsersAction[argparse.ArgumentParser]")
         metavar="N",
         help="messages moved from DIR to the outbox at a time (default: 1000)",
     )
-    _add_status_interval(forward)
-
-
-def _add_status_interval(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument(
-        "--status-interval",
-        type=seconds,
-        metavar="SECONDS",
-        help=f"seconds between status updates on stderr (default: 0.25 on a terminal, else 5, "
-        f"or ${STATUS_INTERVAL_ENV}); 0 = none",
-    )
+    add_status_interval(forward)

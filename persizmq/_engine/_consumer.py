@@ -61,6 +61,9 @@ _HEADER = _format.SEGMENT_HEADER_SIZE
 _RECORD = _format.RECORD_HEADER_SIZE
 #: How many messages are decoded and validated ahead at most (one fsync round covers them).
 _AHEAD = 256
+#: ... and how many bytes of payload: a run of freed large payloads beyond glibc's trim
+#: threshold (128 KiB) gives its pages back, and the next run faults them in again.
+_AHEAD_BYTES = 96 << 10
 _MASK32 = 0xFFFFFFFF
 
 #: Where the message :meth:`Consumer.front` returned comes from, to pop it.
@@ -129,10 +132,12 @@ class Consumer:
         self.pops = 0
         self._cache: Optional[Tuple[Message, int, int]] = None  # a legacy front: msg, source, end
         #: The run of messages from the cursor on, decoded and validated ahead, in the cursor's
-        #: segment: ``(message, end position)``. ``ahead_i`` is the first not yet popped (the
+        #: segment, and where each ends (two lists, not a list of pairs: a tuple per message
+        #: is an allocation the cyclic GC tracks). ``ahead_i`` is the first not yet popped (the
         #: cursor stands before it); the first ``ahead_ok`` need no more fsync before
         #: ``front()`` returns them. See "Reading ahead" in the module docstring.
-        self.ahead: List[Tuple[Message, int]] = []
+        self.ahead: List[Message] = []
+        self.ahead_ends: List[int] = []
         self.ahead_i = 0
         self.ahead_ok = 0
         self.pos_dirty = False
@@ -212,8 +217,7 @@ class Consumer:
             self.follow()
         i = self.ahead_i
         if i < len(self.ahead):
-            run_msg, run_end = self.ahead[i]
-            return run_msg, self.cursor.base, run_end
+            return self.ahead[i], self.cursor.base, self.ahead_ends[i]
         cached = self._cache
         if cached is not None:
             return cached[0], -1, cached[2]
@@ -248,7 +252,8 @@ class Consumer:
 
     def _read_ahead(self, first: Message, end: int, writer: WriterEnd) -> None:
         """Start a new run with ``first`` and the plain messages that follow it in the segment."""
-        ahead = [(first, end)]
+        ahead: List[Message] = [first]
+        ends = [end]
         seg = self.cursor.seg
         if seg is not None and seg.map is not None:
             data, salt = seg.map, seg.salt
@@ -257,15 +262,19 @@ class Consumer:
                 limit = min(limit, writer[1])
             pos, index = end, self.cursor.index + 1
             unpack, crc32 = _format.unpack_record_header, zlib.crc32
+            add_msg, add_end = ahead.append, ends.append
             single = _format.KIND_SINGLE << _format.KIND_SHIFT
             multipart = _format.KIND_MULTIPART << _format.KIND_SHIFT
             seed_tag, seed_length = _format.SEED_TAG, _format.SEED_LENGTH
-            while len(ahead) < _AHEAD and pos + _RECORD <= limit:
+            budget = limit if limit - pos <= _AHEAD_BYTES else pos + _AHEAD_BYTES
+            for _ in range(_AHEAD - 1):
+                if pos + _RECORD > budget:
+                    break
                 # _format.check_record, inlined: this loop is the consumer's hot path.
                 sync, tag, length, crc = unpack(data, pos)
                 stop = pos + _RECORD + length
                 kind = tag - index
-                if sync != salt or kind not in (single, multipart) or stop > limit:
+                if sync != salt or stop > limit or kind not in (single, multipart):
                     break
                 payload = data[pos + _RECORD : stop]
                 if (
@@ -274,15 +283,16 @@ class Consumer:
                 ):
                     break
                 if kind == single:
-                    msg: Message = payload
+                    add_msg(payload)
                 else:
                     try:
-                        msg = decode_multipart(payload, str(seg.path))
+                        add_msg(decode_multipart(payload, str(seg.path)))
                     except CorruptionError:
                         break  # the general path sets it aside when it gets there
-                ahead.append((msg, stop))
-                pos, index = stop, index + 1
-        self.ahead, self.ahead_i, self.ahead_ok = ahead, 0, 0
+                add_end(stop)
+                pos = stop
+                index += 1
+        self.ahead, self.ahead_ends, self.ahead_i, self.ahead_ok = ahead, ends, 0, 0
 
     def catch_up(self, live: "Consumer") -> None:
         """(A read-only view.) Skip what the queue's consumer ``live`` popped since this view
@@ -307,11 +317,11 @@ class Consumer:
 
     def forget_ahead(self) -> None:
         """Drop the run read ahead (the cursor moved by other means)."""
-        self.ahead, self.ahead_i, self.ahead_ok = [], 0, 0
+        self.ahead, self.ahead_ends, self.ahead_i, self.ahead_ok = [], [], 0, 0
 
     def ahead_end(self) -> int:
         """Where the last message read ahead ends (what a group fsync must cover)."""
-        return self.ahead[-1][1] if self.ahead else 0
+        return self.ahead_ends[-1] if self.ahead_ends else 0
 
     def pop(self, writer: WriterEnd, held: Optional[Holder] = None) -> bool:
         """Remove the oldest pending message; False if there is none (see "Holding").
@@ -329,7 +339,7 @@ class Consumer:
             return False
         cursor = self.cursor
         if self.ahead_i < len(self.ahead):  # a message of the segment log
-            end = self.ahead[self.ahead_i][1]
+            end = self.ahead_ends[self.ahead_i]
             before = cursor.pos, cursor.index
             self.ahead_i += 1
             cursor.pos, cursor.index = end, cursor.index + 1

@@ -112,7 +112,7 @@ def _create(path: pathlib.Path, size: int, content: bytes, sync: str) -> None:
             tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, _fs.FILE_MODE
         )
         try:
-            os.posix_fallocate(fd, 0, size)
+            _fs.allocate(fd, 0, size)
             if content:
                 os.pwrite(fd, content, 0)
             if sync != "never":
@@ -155,7 +155,7 @@ def ensure_position_log(
     )
     try:
         try:
-            os.posix_fallocate(fd, 0, _SIZE)
+            _fs.allocate(fd, 0, _SIZE)
             if fdatasync is not None:
                 fdatasync(fd, str(path))
         finally:

@@ -518,10 +518,12 @@ class Queue:
         The round, when one is needed, covers the whole run read ahead, so the messages after
         the front are known durable too (``consumer.ahead_ok``): group commit.
         """
-        if base < 0 or self.sync == "never" or consumer.ahead_i < consumer.ahead_ok:
+        if base < 0 or consumer.ahead_i < consumer.ahead_ok:
             return True
-        if self._needs_sync(base, consumer.ahead_end()):
+        if self.sync != "never" and self._needs_sync(base, consumer.ahead_end()):
             return False
+        # The run is served by the facade's lean front() from now on (in "never" mode too:
+        # returning early here left it on the general path, 0.74x of "periodic").
         consumer.ahead_ok = len(consumer.ahead)
         return True
 

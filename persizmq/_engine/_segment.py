@@ -7,7 +7,9 @@ what is in it). The rules that keep a mapping safe, by construction:
   mapping of it, so a full disk is an ``ENOSPC`` (or ``EFBIG`` under ``RLIMIT_FSIZE``) when the
   producer creates or grows the file, never a ``SIGBUS`` when it stores a record. The same
   holds for files persizmq did not write itself (a sparse copy of a queue): the producer
-  reserves every segment it opens, and the consumer every segment with holes, at open.
+  reserves every segment it opens, and the consumer every segment with holes, at open. The
+  room of a new or growing segment is also filled with written zeros (``_fs.allocate``): a
+  store into a page that is only reserved costs a slow page fault on ext4.
 * A segment file only ever grows; nothing truncates it (another process may have it mapped, and
   touching a page past the end of a file is ``SIGBUS``). A torn tail is zeroed, not cut off.
 * A new segment is written under a temporary name (``NNN.log.tmp``) — reserved, header (and
@@ -75,18 +77,31 @@ def _unusable(err: OSError, what: str) -> DirectoryError:
 def has_valid_header(directory: pathlib.Path, base: int) -> bool:
     """Whether segment ``base`` exists and starts with a valid header for that base: a file
     a producer of this queue renamed into place (a file that merely has a segment's name
-    does not count)."""
-    try:
-        fd = os.open(directory / _format.segment_name(base), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
+    does not count).
+
+    :raises DirectoryError: the answer cannot be had now (out of descriptors, a read error):
+        a caller that took that for "no" would remember a real segment as a foreign file.
+    """
+    path = directory / _format.segment_name(base)
+    try:  # O_NONBLOCK: a FIFO under a segment's name must not hang the open
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno in _CANNOT_TELL:
+            raise _unusable(err, f"cannot open the segment {str(path)!r}") from err
+        return False  # vanished, or not a file persizmq wrote
     try:
         data = os.pread(fd, _format.SEGMENT_HEADER_SIZE, 0)
-    except OSError:
-        return False
+    except OSError as err:
+        if err.errno in _CANNOT_TELL:
+            raise _unusable(err, f"cannot read the header of {str(path)!r}") from err
+        return False  # a directory, a FIFO...
     finally:
         os.close(fd)
     return _format.parse_header(data, base) is not None
+
+
+#: Errors that say nothing about the file, only about this moment.
+_CANNOT_TELL = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO))
 
 
 def remove_tmp(directory: pathlib.Path) -> None:
@@ -200,7 +215,7 @@ class Segment:
                 os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                 _fs.FILE_MODE,
             )
-            os.posix_fallocate(fd, 0, size)
+            _fs.allocate(fd, 0, size)
             os.pwrite(fd, _format.encode_header(base, salt), 0)
             if first is not None:
                 os.pwrite(fd, first(salt), _format.SEGMENT_HEADER_SIZE)
@@ -278,7 +293,7 @@ class Segment:
         :raises StorageWriteError: the disk refused; the file and its mapping are unchanged.
         """
         try:
-            os.posix_fallocate(self.fd, self.size, size - self.size)
+            _fs.allocate(self.fd, self.size, size)
         except OSError as err:
             raise StorageWriteError(
                 err.errno if err.errno is not None else errno.EIO,

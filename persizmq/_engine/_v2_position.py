@@ -16,8 +16,9 @@ Why this shape:
   ``fdatasync`` makes it survive a power cut (``sync="always"``: every pop; ``"periodic"``: by
   the syncer).
 * Never needs new disk space: the file's blocks are allocated once (``posix_fallocate``) when it
-  is created, so popping, which is how a full disk gets freed, keeps working on a full disk.
-  (Storing into a mapped page whose block is not allocated would kill the process with SIGBUS.)
+  is created (and reserved again at open: a no-op unless a copy made it sparse), so popping,
+  which is how a full disk gets freed, keeps working on a full disk. (Storing into a mapped
+  page whose block is not allocated would kill the process with SIGBUS.)
 * Torn or damaged entries cost one pop at most: a store cut short by a crash, or bit rot, fails
   its CRC and the entry before it is the position — that message is delivered again (at least
   once), never skipped. A zero-filled slot is never valid.
@@ -36,6 +37,7 @@ import zlib
 from typing import Optional, Tuple
 
 from persizmq import _fs
+from persizmq._engine._segment import reserve_space
 from persizmq._errors import StorageWriteError
 
 __all__ = ["LOG_SIZE", "POSITION_FILE", "SLOTS", "PositionLog", "read_position"]
@@ -97,7 +99,8 @@ class PositionLog:
     def __init__(self, directory: pathlib.Path, sync: str) -> None:
         """Open the log in ``directory``, creating or repairing it; see the module docstring.
 
-        :raises StorageWriteError: the log had to be created and the disk refused it.
+        :raises StorageWriteError: the log had to be created (or a sparse copy of it reserved)
+            and the disk refused it.
         """
         self._path = directory / POSITION_FILE
         self._sync = sync
@@ -121,7 +124,15 @@ class PositionLog:
         if fd < 0:
             fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
         self._fd = fd
-        self._map = mmap.mmap(fd, LOG_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # A sparse copy (a restore, ``cp --sparse``) has holes: reserve them now, so that a full
+        # disk is an ENOSPC here and never a SIGBUS at a pop's store into the mapping.
+        try:
+            reserve_space(fd, LOG_SIZE, self._path)
+            self._map = mmap.mmap(fd, LOG_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            self._fd = -1
+            raise
         self._sequence, self._slot, self.position = _newest(self._map[:], self._path)
 
     def _create(self, directory: pathlib.Path, position: Optional[Position]) -> None:

@@ -417,6 +417,12 @@ class Writer:
         assert seg is not None
         if self.pos + size > seg.size:
             target = min(self.cap, max(self.pos + size, 2 * seg.size))
+            if count > 1 and target == self.cap:
+                # A batch near the segment's end grows it to what it needs (rounded to
+                # _INITIAL) rather than to the cap: a later batch that does not fit rolls over,
+                # and the room reserved for it would stay unused (never shrunk) — with batches
+                # of 10,000 messages, 1.38x the payload on disk instead of 1.2x.
+                target = min(self.cap, -(-(self.pos + size) // _INITIAL) * _INITIAL)
             if target > _format.MAX_SEGMENT_BYTES:
                 raise StorageWriteError(
                     errno.EFBIG, f"a segment of {target} bytes is larger than a segment may be"
@@ -460,9 +466,9 @@ class Writer:
         """Append several messages in one segment — an atomic batch when ``meta`` is given —
         and return the bytes written."""
         marker = b"" if meta is None else _format.encode_batch(len(records), meta)
-        size = sum(_RECORD + len(p) for p, _k in records) + (
-            _RECORD + len(marker) if meta is not None else 0
-        )
+        size = _RECORD * len(records) + sum([len(p) for p, _k in records])
+        if meta is not None:
+            size += _RECORD + len(marker)
         self.make_room(size, len(records))
         seg = self.seg
         assert seg is not None
@@ -471,18 +477,37 @@ class Writer:
         parts: List[bytes] = []
         if meta is not None:
             parts.append(_format.encode_record(marker, _format.KIND_BATCH, salt, index))
+        # _format.encode_record, inlined: the batch path's per-message cost.
+        pack, crc32 = _format.pack_record_header, zlib.crc32
+        shift, seed_tag, seed_length = _format.KIND_SHIFT, _format.SEED_TAG, _format.SEED_LENGTH
+        add = parts.append
         for payload, kind in records:
-            parts.append(_format.encode_record(payload, kind, salt, index))
+            tag = kind << shift | index
+            length = len(payload)
+            add(
+                pack(
+                    salt,
+                    tag,
+                    length,
+                    crc32(payload, (salt ^ (tag * seed_tag) ^ (length * seed_length)) & 0xFFFFFFFF),
+                )
+            )
+            add(payload)
             index += 1
         data = b"".join(parts)
-        pos = self.pos
-        seg.map[pos : pos + len(data)] = data
-        self.pos = pos + len(data)
+        start = self.pos
+        end = start + len(data)
+        # One store, then the end moves with no call in between: an asynchronous exception
+        # (KeyboardInterrupt) can only land before the store or after the end moved — never
+        # with valid records stored past the writer's end (a reader would deliver them, and the
+        # next add would store other messages under their offsets).
+        seg.map[start:end] = data
+        self.pos = end
         self.index = index
         self.dirty = True
         if meta:
             self.meta.update(meta)
-        return len(data)
+        return end - start
 
     def fdatasync_now(self) -> None:
         """``"always"`` mode: make everything appended so far durable, inline."""

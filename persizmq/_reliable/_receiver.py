@@ -13,22 +13,20 @@ fsync: the storage is fail-stop) stops the thread: it is logged and kept in :att
 :attr:`operational` becomes False.
 """
 
-import atexit
 import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import warnings
-import weakref
-from types import TracebackType
-from typing import Any, Optional, Type
+from typing import Any, Optional
 
 import zmq
 
 from persizmq._errors import InvalidArgumentError, MessageTypeError
 from persizmq._protocol import Storage
 from persizmq._reliable import _wire
+from persizmq._reliable._background import BackgroundThread
 from persizmq._reliable._intake import Intake
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "ReceiverStats", "ReliableReceiver"]
@@ -39,8 +37,6 @@ _LOGGER = logging.getLogger("persizmq")
 DEFAULT_MAX_MESSAGE_SIZE = 64 << 20
 _ROUND_MESSAGES = 4096  # ZeroMQ messages (DATA batches) per round at most
 _ROUND_BYTES = 32 << 20
-_EXIT_JOIN_SECONDS = 1.0
-_LIVE: "weakref.WeakSet[ReliableReceiver]" = weakref.WeakSet()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +78,7 @@ def _check_router(sock: object) -> "zmq.Socket[Any]":
     return sock
 
 
-class ReliableReceiver:
+class ReliableReceiver(BackgroundThread):
     """Receive messages from :class:`ReliableSender`\\ s and store each exactly once.
 
     A background thread receives on ``socket`` (a ROUTER, bound or connected by the caller),
@@ -137,10 +133,7 @@ class ReliableReceiver:
         self._lock = threading.Lock()
         self.failure: Optional[BaseException] = None
         self._errors = 0
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="persizmq-receiver", daemon=True)
-        _LIVE.add(self)
-        self._thread.start()
+        self._start(self._run, "persizmq-receiver", self._lock)
 
     def _set_frame_cap(self, size: int) -> None:
         sock = self._sock
@@ -215,11 +208,6 @@ class ReliableReceiver:
         )
 
     @property
-    def operational(self) -> bool:
-        """True until :meth:`close`, or until the thread stopped (see :attr:`failure`)."""
-        return not self._closed and self._thread.is_alive()
-
-    @property
     def storage(self) -> Storage:
         """The storage the messages go to."""
         return self._storage
@@ -237,41 +225,14 @@ class ReliableReceiver:
     def close(self) -> None:
         """Stop the thread; the socket and the storage stay open (they are the caller's).
         Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._halt(None)
-        _LIVE.discard(self)
+        super().close()
+
+    def _release(self) -> None:
         os.close(self._wake_write)
 
-    def _halt(self, timeout: Optional[float]) -> None:
-        """Stop the thread and wait for it (at most ``timeout`` seconds)."""
+    def _request_stop(self) -> None:
         with self._lock:
             self._stop = True
             if self._wake_read >= 0:
                 with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
                     os.write(self._wake_write, b"\x00")
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def __enter__(self) -> "ReliableReceiver":
-        """Return the receiver; leaving the block closes it."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc_val: Optional[BaseException],
-        exc_tb: Optional[TracebackType],
-    ) -> None:
-        """Close the receiver."""
-        self.close()
-
-
-@atexit.register
-def _stop_at_exit() -> None:
-    """Stop the threads of receivers never closed, before the storages' own exit hook
-    (registered earlier, so it runs later) closes their storages under them."""
-    for receiver in list(_LIVE):
-        receiver._halt(_EXIT_JOIN_SECONDS)

@@ -11,7 +11,6 @@ popped acknowledged messages. ``close`` stops the thread (it closes the sockets 
 is their only user) and then closes the outbox; what was not acknowledged stays there.
 """
 
-import atexit
 import contextlib
 import dataclasses
 import logging
@@ -19,9 +18,7 @@ import os
 import pathlib
 import threading
 import time
-import weakref
-from types import TracebackType
-from typing import Any, Iterable, List, Optional, Type
+from typing import Any, Iterable, List, Optional
 
 import zmq
 
@@ -30,6 +27,7 @@ from persizmq._checks import check_optional_int, check_seconds
 from persizmq._errors import ClosedError, InvalidArgumentError, MessageTypeError
 from persizmq._message import Message, MessageLike
 from persizmq._reliable import _wire
+from persizmq._reliable._background import BackgroundThread
 from persizmq._reliable._link import Link
 from persizmq._reliable._outbox import Outbox
 
@@ -40,11 +38,6 @@ _HEARTBEAT_IVL_MS = 1000
 _HEARTBEAT_TIMEOUT_MS = 3000
 _RECONNECT_MAX_MS = 1000
 _SNDHWM = 10_000
-_EXIT_JOIN_SECONDS = 1.0
-
-# Senders whose thread runs: stopped at interpreter exit, before the storages' own exit hook
-# (registered earlier, so it runs later) closes their outboxes under them.
-_LIVE: "weakref.WeakSet[ReliableSender]" = weakref.WeakSet()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +89,7 @@ def _check_message(msg: object) -> Optional[Message]:
     )
 
 
-class ReliableSender:
+class ReliableSender(BackgroundThread):
     """Send messages to a :class:`ReliableReceiver`, each stored exactly once there.
 
     :meth:`send` appends the message to a :class:`~persizmq.PersistentStorage` outbox in
@@ -182,12 +175,7 @@ class ReliableSender:
             window=self._window,
             ack_timeout=self._ack_timeout,
         )
-        self._closed = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"persizmq-sender-{self.sender_id[:8]}", daemon=True
-        )
-        _LIVE.add(self)
-        self._thread.start()
+        self._start(self._run, f"persizmq-sender-{self.sender_id[:8]}", self._outbox.lock)
 
     def _open_socket(self) -> "tuple[zmq.Socket[Any], zmq.Socket[Any]]":
         sock: zmq.Socket[Any] = self._context.socket(zmq.DEALER)
@@ -354,11 +342,6 @@ class ReliableSender:
         """The receiver's endpoint."""
         return self._endpoint
 
-    @property
-    def operational(self) -> bool:
-        """True until :meth:`close`, or until the thread stopped on a failure."""
-        return not self._closed and self._thread.is_alive()
-
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"cannot use {self!r}: it is closed")
@@ -372,12 +355,9 @@ class ReliableSender:
         """Stop sending and close the outbox; what was not acknowledged stays in it for the
         next sender on that directory (call :meth:`flush` first to wait for it). Idempotent.
         """
-        with self._outbox.lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._halt(None)
-        _LIVE.discard(self)
+        super().close()
+
+    def _release(self) -> None:
         os.close(self._wake_read)
         os.close(self._wake_write)
         try:
@@ -386,30 +366,7 @@ class ReliableSender:
             if self._own_context:
                 self._context.term()
 
-    def _halt(self, timeout: Optional[float]) -> None:
-        """Stop the thread and wait for it (at most ``timeout`` seconds)."""
+    def _request_stop(self) -> None:
         self._stop = True
         with contextlib.suppress(OSError):  # full (a wake-up is pending anyway)
             os.write(self._wake_write, b"\x00")
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def __enter__(self) -> "ReliableSender":
-        """Return the sender; leaving the block closes it."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc_val: Optional[BaseException],
-        exc_tb: Optional[TracebackType],
-    ) -> None:
-        """Close the sender."""
-        self.close()
-
-
-@atexit.register
-def _stop_at_exit() -> None:
-    """Stop the threads of senders never closed (what they hold stays in their outboxes)."""
-    for sender in list(_LIVE):
-        sender._halt(_EXIT_JOIN_SECONDS)

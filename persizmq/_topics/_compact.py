@@ -4,36 +4,41 @@ Theory of operation
 ===================
 
 As in Kafka's compacted topics, the log keeps every update until a compaction keeps only the
-newest per topic. It runs in a background thread once the dead bytes (superseded records and
-tombstones) reach twice the live ones (so the disk holds at most about three times the live
-data, and about 1.2 times right after) and at least ``compact_min_bytes``; or when asked
-(``compact()``). Steps:
+newest per topic. It runs in a background thread once the records on disk reach
+``_core.COMPACT_AT`` times the live ones and the dead bytes (superseded records and
+tombstones) at least ``compact_min_bytes`` (see ``_core`` for when, and how writers wait for a
+compaction that falls behind); or when asked (``compact()``). Steps:
 
+0. *Look*: unless the live bytes are known for about as many topics as there are now, they are
+   summed (the index and the tables copied under the lock at C speed, summed outside it);
+   unless asked, it goes on only if the disk really is that far past them.
 1. *Roll*: a new plain log file of the next generation is created (header and directory entry
    fsynced) and becomes the active file; the old one is unmapped and cut to its last record;
-   every older file is now immutable and *covered*. The
-   index is copied (a C-speed ``dict.copy``) under the lock: it names the newest record of every
-   topic, all in covered files.
-2. *Copy*: the records of the copy are written, in the order of their locations (file
-   generation, then offset: their ``seq`` order), to ``G.tlog.tmp``, where G is the highest
+   every older file is now immutable and *covered*. The index's values are copied into an
+   array under the lock (C speed): the seqs of the newest record of every topic, all in
+   covered files.
+2. *Copy*: the records of the copy are written, in the order of their files' generations, then
+   of their offsets (their ``seq`` order), to ``G.tlog.tmp``, where G is the highest
    covered generation and the header says ``covers_from`` = the lowest covered one. Each record
-   is moved byte for byte; only its CRC changes, by :func:`_format.crc_delta` for the new salt,
-   so a damaged body stays detectably damaged. The copy runs outside the lock; puts and deletes
-   go on into the new active file. The copying is ``_copier``'s: for a compaction of at least
-   :data:`HELPER_MIN_RECORDS` records, in a helper process (this thread only sends it the
-   locations and waits, so the copying never competes with the writer for the GIL); for a
-   smaller one, or when no helper can run, here. Either way only this process fsyncs, renames
-   and removes files.
+   is moved byte for byte, with its seq; only its CRC changes, by :func:`_format.crc_delta` for
+   the new salt, so a damaged body stays detectably damaged. The copy runs outside the lock;
+   puts and deletes go on into the new active file. The copying is ``_copier``'s: for a
+   compaction of at least :data:`HELPER_MIN_RECORDS` records, in a helper process (this thread
+   only sends it the seqs and the tables, as arrays, and waits, so the copying never competes
+   with the writer for the GIL); for a smaller one, or when no helper can run, here. Either way
+   only this process fsyncs, renames and removes files.
 3. *Commit*: the temporary file is fsynced, renamed over ``G.tlog`` (the old file G is replaced
    atomically) and the directory fsynced -- in every ``sync`` mode, since the files it replaces
    go away next. A crash before the rename leaves the old files (the ``.tmp`` is removed on
    open); after it, the new file, whose ``covers_from`` tells the next open to remove the
    covered files that are still there. Either way the state is the old or the new one, never
    a mix.
-4. *Switch*: a new index that points at the copies is built outside the lock; under the lock
-   the topics put or deleted since the roll (``_dirty``) take their current entries and the new
-   index replaces the old one; then the old descriptors are closed and the covered files
-   removed.
+4. *Switch*: under the lock, the compacted file (with the table the copier returned) replaces
+   the covered files. The index does not change: a topic names its record by seq, and the copy
+   has the same seq (a topic put or deleted since the roll names a newer record, or none; its
+   copy is dead, reclaimed next time). A topic whose record the copier found damaged is
+   forgotten, unless it names a newer one. Then the old descriptors are closed and the covered
+   files removed.
 
 A failed fsync is fail-stop, as everywhere in the store. Another failure (a full disk while
 copying) removes the temporary file, leaves the store as it was, and is tried again later.
@@ -41,6 +46,8 @@ copying) removes the temporary file, leaves the store as it was, and is tried ag
 is not on disk.
 """
 
+import array
+import bisect
 import contextlib
 import logging
 import operator
@@ -48,11 +55,11 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from persizmq import _fs
-from persizmq._topics import _copier
-from persizmq._topics._core import LOC_OFFSET_MASK, LOC_SIZE_MASK, RETRY_AFTER, TopicCore
+from persizmq._topics import _copier, _durability, _room
+from persizmq._topics._core import COMPACT_AT, RETRY_AFTER, TopicCore, live_bytes
 from persizmq._topics._files import LogFile, create_file, quarantine
 from persizmq._topics._format import FILE_HEADER_SIZE
 
@@ -64,86 +71,103 @@ _LOGGER = logging.getLogger("persizmq")
 HELPER_MIN_RECORDS = 16384
 #: Seconds between two looks at ``close()`` while a helper copies.
 _POLL = 0.05
+#: The live bytes last known stand for the current ones while the number of topics is within
+#: this fraction of what it was then.
+_SAME_TOPICS = 0.1
 
 
 class _Stopped(Exception):  # noqa: N818 (a signal, not an error)
     """``close()`` asked the compaction to stop."""
 
 
-def run(core: TopicCore, *, raise_errors: bool = False) -> None:
-    """Compact ``core`` (its ``_compacting`` flag is set by the caller); never raises unless
+def run(core: TopicCore, *, raise_errors: bool = False, forced: bool = False) -> None:
+    """Compact ``core`` (its ``compacting`` flag is set by the caller) -- unless not
+    ``forced`` and the disk is not far enough past the live bytes; never raises unless
     ``raise_errors``."""
     started = time.monotonic()
     try:
-        _compact(core)
+        if forced or _warranted(core):
+            live = _compact(core)
+            with core.lock:
+                core.compactions += 1
+                core.last_compaction_seconds = time.monotonic() - started
+                core.compact_retry_at = 0.0
+                core.live_estimate = live
     except _Stopped:
         pass
     except Exception:
-        with core._lock:
-            core._compact_retry_at = time.monotonic() + RETRY_AFTER
+        with core.lock:
+            core.compact_retry_at = time.monotonic() + RETRY_AFTER
         if raise_errors:
             raise
         _LOGGER.exception("persizmq: compacting %s failed; tried again later", core.directory)
-    else:
-        with core._lock:
-            core.compactions += 1
-            core.last_compaction_seconds = time.monotonic() - started
-            core._compact_retry_at = 0.0
     finally:
-        with core._wake:
-            core._compacting = False
-            core._wake.notify_all()
+        with core.wake:
+            core.compacting = False
+            if not core.closed:
+                core.set_thresholds()
+            core.wake.notify_all()
 
 
-def _compact(core: TopicCore) -> None:
-    with core._lock:
-        if not core._writable:
+def _warranted(core: TopicCore) -> bool:
+    """Whether the disk is far enough past the live bytes for a compaction (summed now, unless
+    the number of topics is about that of the last known figure)."""
+    with core.lock:
+        topics = len(core.index)
+        known = abs(topics - core.estimate_topics) <= _SAME_TOPICS * topics
+        live = array.array("Q", () if known else core.index.values())
+        tables = [] if known else core.tables()
+        disk = core.disk_bytes()
+    if not known:
+        total = live_bytes(live, tables)
+        with core.lock:
+            core.live_estimate = total
+            core.estimate_topics = topics
+    live_now = core.live_estimate
+    return disk - live_now >= max(1, core.compact_min_bytes) and disk >= COMPACT_AT * live_now
+
+
+def _roll(core: TopicCore) -> Tuple[List[LogFile], "array.array[int]"]:
+    """Step 1: roll over to a new active file; return the covered files and the live seqs."""
+    with core.lock:
+        if not core.writable:
             raise _Stopped
-        generation = core._next_generation
-        core._next_generation += 1
-    active = create_file(
-        core.directory, generation, generation, 2 * generation, durable=core._durable, tmp=False
-    )
+        generation = core.next_generation
+        core.next_generation += 1
+    active = create_file(core.directory, generation, generation, durable=core.durable, tmp=False)
     try:
-        core.map_for_writing(active)
+        _room.map_for_writing(active)
     except BaseException:
         os.close(active.fd)
         raise
-    with core._lock:
-        covered = list(core._files.values())
-        core.unmap(core._active)  # immutable from now on, without its reserved room
-        core._files[active.fid] = active
-        core._active = active
-        snapshot = core._index.copy()
-        core._dirty = set()  # the topics put or deleted from now on: see _switch
+    with core.lock:
+        covered = list(core.files)
+        _room.unmap(core.active)  # immutable from now on, without its reserved room
+        core.files.append(active)
+        core.active = active
+        live = array.array("Q", core.index.values())
+        core.estimate_topics = len(live)
+        core.set_thresholds()
+    return covered, live
+
+
+def _compact(core: TopicCore) -> int:
+    """Steps 1 to 4; return the bytes of the records copied (the live bytes at the roll)."""
+    covered, live = _roll(core)
+    covered.sort(key=operator.attrgetter("generation"))
+    target = covered[-1]
+    covers_from = min(log.covers_from for log in covered)
+    out = create_file(core.directory, target.generation, covers_from, durable=False, tmp=True)
     try:
-        target = max(covered, key=operator.attrgetter("generation"))
-        covers_from = min(log.covers_from for log in covered)
-        fid = 2 * target.generation + (1 - (target.fid & 1))
-        out = create_file(
-            core.directory, target.generation, covers_from, fid, durable=False, tmp=True
-        )
-        topics = list(snapshot)
-        locs = list(snapshot.values())
-        del snapshot
-        try:
-            newlocs, damaged = _copy(core, locs, covered, out)
-        except BaseException:
-            os.close(out.fd)
-            with contextlib.suppress(OSError):
-                out.path.unlink()
-            raise
-        _commit(core, out, target)
-        with core._lock:
-            if core._stopping:  # committed: the next open reads the new file
-                os.close(out.fd)
-                raise _Stopped
-            core._files[out.fid] = out  # from now on the store owns it (and close() closes it)
-            core._disk += out.size - FILE_HEADER_SIZE
-        _switch(core, covered, out, (topics, newlocs, damaged))
-    finally:
-        with core._lock:
-            core._dirty = None
+        damaged = _copy(core, live, covered, out)
+    except BaseException:
+        os.close(out.fd)
+        with contextlib.suppress(OSError):
+            out.path.unlink()
+        raise
+    _commit(core, out, target)
+    _switch(core, covered, out, damaged)
+    return out.size - FILE_HEADER_SIZE
 
 
 def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
@@ -154,8 +178,8 @@ def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
         try:
             os.fsync(out.fd)
         except OSError as err:
-            with core._lock:
-                core._fail(err, tmp_path)
+            with core.lock:
+                _durability.fail(core, err, tmp_path)
             raise
         os.replace(tmp_path, target.path)
         committed = True
@@ -163,8 +187,8 @@ def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
         try:
             _fs.fsync_directory(core.directory)
         except OSError as err:
-            with core._lock:
-                core._fail(err, core.directory)
+            with core.lock:
+                _durability.fail(core, err, core.directory)
             raise
     except BaseException:
         os.close(out.fd)
@@ -176,38 +200,45 @@ def _commit(core: TopicCore, out: LogFile, target: LogFile) -> None:
 
 
 def _copy(
-    core: TopicCore, locs: List[int], covered: List[LogFile], out: LogFile
-) -> Tuple[List[int], Dict[int, int]]:
-    """Copy the records at ``locs`` to ``out`` (in a helper process if it can, see
-    ``_copier``); return their new locations (-1: damaged) and the damaged ones (position in
-    ``locs`` -> old location), set aside in ``quarantine/``."""
-    sources = [(log.fid, log.fd, log.size, log.salt) for log in covered]
-    target = (out.fd, out.size, out.salt, out.fid)
-    helper = core.use_helper and len(locs) >= HELPER_MIN_RECORDS
-    copied = _in_helper(core, locs, sources, target) if helper else None
+    core: TopicCore, live: "array.array[int]", covered: List[LogFile], out: LogFile
+) -> List[int]:
+    """Copy the records whose seqs are ``live`` to ``out`` and give it its table (in a helper
+    process if it can, see ``_copier``); return the seqs of the damaged ones, set aside in
+    ``quarantine/``."""
+    sources = [(log.fd, log.size, log.salt, log.seqs, log.offsets) for log in covered]
+    target = (out.fd, out.size, out.salt)
+    helper = core.use_helper and len(live) >= HELPER_MIN_RECORDS
+    copied = _in_helper(core, live, sources, target) if helper else None
     if copied is None:
-        copied = _copier.copy_records(locs, sources, target, stop=lambda: core._stopping)
+        copied = _copier.copy_records(live, sources, target, stop=lambda: core.stopping)
         if copied is None:
             raise _Stopped
-    newlocs, bad, end = copied
+    out.seqs, out.offsets, bad, end = copied
     os.ftruncate(out.fd, end)  # a helper that failed may have written more
-    out.size = end
-    damaged: Dict[int, int] = {}
-    if bad:
-        names = {log.fid: log.path.name for log in covered}
-        for loc, data in bad:
-            offset = (loc >> 32) & LOC_OFFSET_MASK
-            why = "a damaged record (compaction)"
-            quarantine(core.directory, names[loc >> 72], offset, data, why)
-        damaged = {i: locs[i] for i, new in enumerate(newlocs) if new < 0}
-    return newlocs, damaged
+    out.size = out.capacity = end
+    for seq, data in bad:
+        log, at = next((log, at) for log in covered for at in _position(log, seq))
+        why = "a damaged record (compaction)"
+        quarantine(core.directory, log.path.name, log.offsets[at], data, why)
+        with core.lock:
+            core.quarantined_bytes += len(data)
+    return [seq for seq, _ in bad]
+
+
+def _position(log: LogFile, seq: int) -> List[int]:
+    """``[i]`` if record ``seq`` is the ``i``-th of ``log``'s table, else ``[]``."""
+    seqs = log.seqs
+    if not seqs or not seqs[0] <= seq <= seqs[-1]:
+        return []
+    at = bisect.bisect_left(seqs, seq)
+    return [at] if seqs[at] == seq else []
 
 
 def _in_helper(
     core: TopicCore,
-    locs: List[int],
+    live: "array.array[int]",
     sources: List[_copier.Source],
-    target: Tuple[int, int, int, int],
+    target: Tuple[int, int, int],
 ) -> Optional[_copier.Copied]:
     """Run the copying in a helper process; None if no helper could do it (then this process
     copies, now and from now on)."""
@@ -219,7 +250,7 @@ def _in_helper(
             "persizmq: %r is not a Python interpreter; compactions copy here", sys.executable
         )
         return None
-    fds = [fd for _, fd, _, _ in sources] + [target[0]]
+    fds = [source[0] for source in sources] + [target[0]]
     try:
         helper = subprocess.Popen(  # noqa: S603 (this interpreter, on a file of this package)
             [sys.executable, "-I", "-S", _copier.__file__],
@@ -232,7 +263,7 @@ def _in_helper(
         core.use_helper = False
         _LOGGER.warning("persizmq: no helper process for compactions (%s); copying here", err)
         return None
-    request = _copier.encode_request(locs, sources, target)
+    request = _copier.encode_request(live, sources, target)
     try:
         assert helper.stdin is not None
         with contextlib.suppress(BrokenPipeError):  # it died: its exit status says why
@@ -246,7 +277,7 @@ def _in_helper(
                 answer, errors = helper.communicate(timeout=_POLL)
                 break
             except subprocess.TimeoutExpired:
-                if core._stopping:
+                if core.stopping:
                     raise _Stopped from None
     finally:
         if helper.returncode is None:
@@ -261,53 +292,27 @@ def _in_helper(
         )
         return None
     try:
-        return _copier.decode_answer(answer, locs, target[3])
+        return _copier.decode_answer(answer)
     except ValueError as err:
         core.use_helper = False
         _LOGGER.warning("persizmq: the compaction helper answered nonsense (%s); copying here", err)
         return None
 
 
-def _switch(
-    core: TopicCore,
-    covered: List[LogFile],
-    out: LogFile,
-    copied: Tuple[List[bytes], List[int], Dict[int, int]],
-) -> None:
-    """Replace the index by one that points at the copies (``copied``: the topics, the new
-    locations and the damaged ones, see :func:`_copy`), then close and remove the covered files.
-
-    The new index is built outside the lock (at C speed); then, under the lock, the topics put
-    or deleted since the copy began (``core._dirty``) take their current entries, and the new
-    index replaces the old one in one step.
-    """
-    topics, newlocs, damaged = copied
-    index = dict(zip(topics, newlocs))
-    for position in damaged:
-        del index[topics[position]]
-    with core._lock:
-        if core._stopping:
+def _switch(core: TopicCore, covered: List[LogFile], out: LogFile, damaged: List[int]) -> None:
+    """Put the compacted file in the place of the covered ones (the index stays as it is, but
+    for the topics whose record was damaged), then close and remove the covered files."""
+    with core.lock:
+        if core.stopping:  # committed: the next open reads the new file
+            os.close(out.fd)
             raise _Stopped
-        current = core._index
-        dirty = core._dirty
-        assert dirty is not None
-        for topic in dirty:
-            loc = current.get(topic)
-            if loc is None:
-                index.pop(topic, None)
-            else:
-                index[topic] = loc
-        for position, loc in damaged.items():
-            topic = topics[position]
-            core.corrupt_regions += 1
-            core.quarantined_bytes += loc & LOC_SIZE_MASK
-            if topic not in dirty:
-                core._live -= loc & LOC_SIZE_MASK
-        core._index = index
-        core._dirty = None
-        for log in covered:
-            del core._files[log.fid]
-            core._disk -= log.size - FILE_HEADER_SIZE
+        if damaged:
+            gone = set(damaged)
+            for topic in [t for t, seq in core.index.items() if seq in gone]:
+                del core.index[topic]
+            core.corrupt_regions += len(damaged)
+        ids = {id(log) for log in covered}
+        core.files = [out] + [log for log in core.files if id(log) not in ids]
         core.reclaimed_bytes += max(0, sum(log.size for log in covered) - out.size)
     for log in covered:
         os.close(log.fd)

@@ -1,78 +1,86 @@
-"""The open topic store of one directory: the index, the writes, the reads and the fsyncs.
+"""The open topic store of one directory: the index, the writes, the reads.
 
 Theory of operation
 ===================
 
-State. ``_index`` maps every live topic to the location of its newest record, one int:
-``fid << 72 | offset << 32 | size`` (``fid`` names the file, see :class:`LogFile`). ``_files``
-holds the open log files by ``fid``; ``_active`` is the one appended to. ``_live`` is the sum of
-the sizes of the records the index points to, ``_disk`` the sum of the sizes of all records in
-the files (their headers not counted): the difference is what a compaction would reclaim.
-One lock guards all of it; reads ``pread`` under it too, since a compaction closes the
-descriptors of the files it replaced.
+State. ``index`` maps every live topic to the ``seq`` of its newest record -- a number that
+never changes, since a compaction copies a record with its ``seq`` (see ``_format``). Each
+open log file (``files``, in generation order; ``active`` is the last, the one appended to)
+has a *table*: the ``seq`` and the offset of every record in it, in order, two arrays of
+64-bit numbers (and of every damaged region that recovery found after a record, with that
+record's seq: see ``_format.scan_records``). A record is found by its ``seq``: the file is the
+last one whose table starts at or below it (there are two or three), the offset is a binary
+search in its table, and the record ends exactly where the next entry starts. So a compaction
+never touches the index: it hands its helper the seqs to keep and the tables, and gets back
+the compacted file's table, all as arrays that convert at C speed; the writer's share of a
+compaction is a few C-speed copies (see ``_compact``). One lock guards all of it; reads
+``pread`` under it too, since a compaction closes the descriptors of the files it replaced.
+Durability (the fsyncs, fail-stop) is ``_durability``'s; the active file's mapping and room
+``_room``'s.
 
-Writes. The active file is memory-mapped (``MAP_SHARED``) over room reserved ahead with
-``posix_fallocate``: a put packs the record (its CRC seeded by the active file's salt, see
-``_format``) and copies it into the mapping -- a store into the page cache, no system call,
-and like ``write(2)`` it survives the death of the process -- then points the index at it. A
-batch is copied record by record, in order: ``memcpy`` does not fill a large buffer front to
-back, so one copy of a whole batch, cut short by a SIGKILL, could leave a later record whole
-behind an earlier torn one; copies one after the other leave at most the last one torn. When
-the room runs out it grows (doubling, by at most 32 MiB): disk space is reserved *before*
-anything is written through the mapping, so a full disk is an ``ENOSPC`` from
-``posix_fallocate`` (nothing of the call is stored), never a SIGBUS. The reserved zeros after
-the last record are cut when the file stops being the active one (a compaction rolls over, or
-``close()``), and after a crash by the next open (zeros are never a record). Nothing else maps
-or shrinks the file: the directory's lock keeps other processes out.
+Writes. A put packs the record (its CRC seeded by the active file's salt) straight into the
+mapping -- header and body in one ``struct`` call --, appends its seq and offset to the
+active file's table and sets ``index[topic] = seq``: no running total of the live bytes (that
+took a second dict lookup per put); the bytes the index points to are summed when a decision
+needs them. A batch is copied record by record, in order: ``memcpy`` does not fill a large
+buffer front to back, so one copy of a whole batch, cut short by a SIGKILL, could leave a
+later record whole behind an earlier torn one; copies one after the other leave at most the
+last one torn.
 
-Durability is tracked by *completed* fsyncs: ``LogFile.synced`` moves only after an
-``fdatasync`` returned. ``"always"``: every put returns after the fdatasync of its record.
-``"periodic"``: a background thread fdatasyncs, every ``sync_interval``, the files that have
-unsynced bytes -- on duplicated descriptors, outside the lock, so puts go on meanwhile.
-``"never"``: no fsync of records. A new log file is created with its header fsynced and its
-directory entry fsynced (except in ``"never"``) before anything is appended to it; compaction
-fsyncs in every mode (see ``_compact``).
-
-Fail-stop. An fsync that fails is never retried or ignored (its dirty pages may be gone): the
-error is kept, every later put, delete, ``sync_now`` and ``close`` raises ``StorageWriteError``
-naming it, while reads of what is stored go on; reopening the directory re-establishes the
-state from what is on disk.
+When to compact. Every put compares where the active file now ends with one number,
+``check_at``: where the records on disk reach :data:`COMPACT_AT` times the live ones (as last
+known), and at least ``compact_min_bytes`` more. Past it, a background compaction starts
+(which first sums the live bytes if the number of topics changed much since they were last
+known, and goes on only if the disk really is that far past them). While one runs,
+``check_at`` is where the disk reaches :data:`HOLD_AT` times the live bytes: a writer that gets
+there waits for the compaction to end (at most :data:`HOLD_SECONDS` per put), so the disk stays
+bounded however slowly the compaction goes against the writers.
 """
 
+import array
+import bisect
 import contextlib
-import errno
 import logging
-import mmap
 import os
 import pathlib
 import struct
 import threading
 import time
 import zlib
-from typing import Any, Dict, List, Optional, Set, Tuple
+from operator import sub
+from typing import Any, Dict, List, Optional, Tuple
 
 from persizmq import _fs
-from persizmq._errors import ClosedError, CorruptionError, MessageTooLargeError, StorageWriteError
+from persizmq._errors import ClosedError, CorruptionError, MessageTooLargeError
 from persizmq._message import Message
-from persizmq._topics import _format
+from persizmq._topics import _durability, _encode, _format, _room
 from persizmq._topics._files import LogFile, create_file, quarantine, recover
 from persizmq._topics._format import FILE_HEADER_SIZE
 
-__all__ = ["LOC_OFFSET_MASK", "LOC_SIZE_MASK", "RETRY_AFTER", "TopicCore"]
+__all__ = ["COMPACT_AT", "HOLD_AT", "HOLD_SECONDS", "RETRY_AFTER", "TopicCore"]
 
 _LOGGER = logging.getLogger("persizmq")
 
-LOC_SIZE_MASK = 0xFFFFFFFF
-LOC_OFFSET_MASK = (1 << 40) - 1
-_MAX_FILE = 1 << 40
-_INITIAL_ROOM = 256 << 10
-_MAX_GROWTH = 32 << 20
-_ROOM_UNIT = 64 << 10
 _MAX_BODY = _format.MAX_BODY
-_SIZE_MASK = LOC_SIZE_MASK
-_fallocate = getattr(os, "posix_fallocate", None)
 _HEADER = _format.RECORD_HEADER_SIZE
-_pack = _format.pack_record_header
+_KIND_SINGLE = _format.KIND_SINGLE
+_crc32 = zlib.crc32
+crc_seed = _format.record_seed
+# The mix of record_seed(), inlined on the write path.
+_A, _B, _C = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
+_M32 = 0xFFFFFFFF
+_NEVER = 1 << 62  # a check_at no file reaches
+#: A background compaction starts once the records on disk take this many times the room of
+#: the live ones: each then copies the live records once per (COMPACT_AT - 1) times their size
+#: written. See ``bench/topics.py`` for the disk it takes before and after.
+COMPACT_AT = 2.5
+#: While a compaction runs, a writer that brings the disk to this many times the live bytes
+#: waits for it to end (see the module docstring).
+HOLD_AT = 3.5
+#: The longest a put waits for a compaction (then it returns, and waits no more until the next).
+HOLD_SECONDS = 1.0
+#: Seconds before a compaction that failed (a full disk, say) is tried again.
+RETRY_AFTER = 5.0
 
 
 class _Records(Dict[int, struct.Struct]):
@@ -88,19 +96,21 @@ class _Records(Dict[int, struct.Struct]):
 
 #: At most this many record shapes are kept (the messages of a topic store have a few lengths).
 _RECORD_SHAPES = 4096
-_RECORDS = _Records()
-_unpack = _format.unpack_record_header
-_crc32 = zlib.crc32
-# The mix of record_seed(), inlined on the write path.
-_A, _B, _C = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
-_M32 = 0xFFFFFFFF
-#: A background compaction starts once the records on disk take this many times the room of the
-#: live ones (two thirds of them superseded): each compaction then copies the live records once
-#: per twice their size written, and the disk holds at most about 3x the live data (1.2x or so
-#: right after a compaction).
-_COMPACT_AT = 3
-#: Seconds before a compaction that failed (a full disk, say) is tried again.
-RETRY_AFTER = 5.0
+RECORDS = _Records()
+
+
+def live_bytes(
+    live: "array.array[int]", tables: List[Tuple["array.array[int]", "array.array[int]", int]]
+) -> int:
+    """The bytes of the records whose seqs are ``live``, given the files' tables ``(seqs,
+    offsets, size)`` (copies: this runs without the lock). O(records), mostly at C speed."""
+    sizes: Dict[int, int] = {}
+    for seqs, offsets, size in tables:
+        ends = offsets[1:]
+        ends.append(size)
+        # Backwards, so that a record's entry wins over the hole after it (same seq).
+        sizes.update(zip(reversed(seqs), reversed(list(map(sub, ends, offsets)))))
+    return sum(map(sizes.__getitem__, live))
 
 
 class TopicCore:
@@ -115,507 +125,404 @@ class TopicCore:
         self.sync = sync
         self.sync_interval = sync_interval
         self.compact_min_bytes = compact_min_bytes
-        self._compact_floor = max(1, compact_min_bytes)
         self.handles = 0  # PersistentTopicStorage objects sharing this store (see _storage)
         self.registry_key: Tuple[int, int] = (0, 0)
-        self._always = sync == "always"
-        self._durable = sync != "never"
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)  # the syncer's wait; compactions ending
-        self._closed = False
-        self._stopping = False  # close() is under way: background work ends
-        self._writable = True  # neither stopping nor failed: the write path checks only this
-        self._failure: Optional[OSError] = None
-        self._failed_path = ""
-        self._compacting = False
-        self._dirty: Optional[Set[bytes]] = None  # topics changed while a compaction copies
-        self._compact_retry_at = 0.0
+        self.always = sync == "always"
+        self.durable = sync != "never"
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)  # the syncer's wait; compactions ending
+        self.closed = False
+        self.stopping = False  # close() is under way: background work ends
+        self.writable = True  # neither stopping nor failed: the write path checks only this
+        self.failure: Optional[OSError] = None
+        self.failed_path = ""
+        self.compacting = False
+        self.compact_retry_at = 0.0
         #: Whether compactions copy in a helper process (see ``_copier``); cleared when one
         #: cannot be started.
         self.use_helper = True
+        self.deletes = self.compactions = self.reclaimed_bytes = self.holds = 0
+        self.last_compaction_seconds = 0.0
+        self.check_at = self._slow_at = _NEVER
         self._syncer: Optional[threading.Thread] = None
         self._compactor: Optional[threading.Thread] = None
-        self._zero_counters()
         self._lock_fd = _fs.acquire_lock(directory / _format.LOCK_FILE, "opener")
         try:
             self._recover()
         except BaseException:
-            for log in getattr(self, "_files", {}).values():
-                self.unmap(log)
+            for log in getattr(self, "files", []):
+                _room.unmap(log)
                 os.close(log.fd)
             _fs.release_lock(self._lock_fd)
             raise
-        self._live = sum(loc & LOC_SIZE_MASK for loc in self._index.values())
-        self._disk = sum(log.size - FILE_HEADER_SIZE for log in self._files.values())
+        #: The live bytes as last known, and the number of topics then (see ``_compact``):
+        #: not summed at open (the disk's bytes stand in, until a compaction looks).
+        self.live_estimate = self.disk_bytes()
+        self.estimate_topics = -1
+        self.set_thresholds()
         if sync == "periodic":
             self._syncer = threading.Thread(
-                target=self._sync_periodically, name="persizmq-topics-sync", daemon=True
+                target=_durability.sync_periodically,
+                args=(self,),
+                name="persizmq-topics-sync",
+                daemon=True,
             )
             self._syncer.start()
 
     def _recover(self) -> None:
         """Recover the files (see ``_files``) and open the active one (the lock is held)."""
-        found = recover(self.directory, durable=self._durable)
+        found = recover(self.directory, durable=self.durable)
         self.corrupt_regions = found.corrupt_regions
         self.quarantined_bytes = found.quarantined_bytes
         self.torn_tail_bytes = found.torn_tail_bytes
-        self._files: Dict[int, LogFile] = {log.fid: log for log in found.files}
-        self._index = found.index
-        self._seq = self._first_seq = found.last_seq + 1
-        self._next_generation = found.next_generation
+        self.files: List[LogFile] = found.files
+        self.index = found.index
+        self.seq = self._first_seq = found.last_seq + 1
+        self.next_generation = found.next_generation
         last = found.files[-1] if found.files else None
         if last is None or last.covers_from < last.generation:  # never append to a compaction
-            last = self._create_log()
-            self._files[last.fid] = last
-        elif found.changed and self._durable:
+            last = self.create_log()
+            self.files.append(last)
+        elif found.changed and self.durable:
             _fs.fsync_directory(self.directory)
-        self.map_for_writing(last)
-        self._active = last
+        _room.map_for_writing(last)
+        self.active = last
 
-    def _zero_counters(self) -> None:
-        """The counters of ``stats()`` since the store was opened."""
-        self.deletes = self.compactions = self.reclaimed_bytes = 0
-        self.last_compaction_seconds = 0.0
+    # ------------------------------------------------------------------ files
+
+    def create_log(self) -> LogFile:
+        """Create the next generation's plain log file (lock held, or not yet shared)."""
+        generation = self.next_generation
+        self.next_generation += 1
+        return create_file(self.directory, generation, generation, durable=self.durable, tmp=False)
+
+    def disk_bytes(self) -> int:
+        """The bytes of the records in the files, their headers not counted (lock held)."""
+        return sum(log.size - FILE_HEADER_SIZE for log in self.files)
+
+    def locate(self, seq: int) -> Tuple[LogFile, int, int]:
+        """The file that holds record ``seq``, where the record starts and where the next one
+        does (lock held).
+
+        :raises KeyError: no file holds it (an index entry without a record: never).
+        """
+        for log in reversed(self.files):
+            seqs = log.seqs
+            if seqs and seqs[0] <= seq:
+                at = bisect.bisect_left(seqs, seq)
+                if at == len(seqs) or seqs[at] != seq:
+                    break
+                offsets = log.offsets
+                return log, offsets[at], offsets[at + 1] if at + 1 < len(offsets) else log.size
+        raise KeyError(seq)
+
+    def tables(self) -> List[Tuple["array.array[int]", "array.array[int]", int]]:
+        """Copies of the files' tables, with the files' sizes (lock held; C speed)."""
+        return [(log.seqs[:], log.offsets[:], log.size) for log in self.files]
+
+    def set_thresholds(self) -> None:
+        """Set ``check_at`` (see the module docstring) from ``live_estimate`` (lock held)."""
+        live = self.live_estimate
+        floor = max(1, self.compact_min_bytes)
+        if self.compacting:
+            limit = live + max(int((HOLD_AT - 1) * live), 2 * floor)
+        elif self.compact_retry_at:
+            limit = self.disk_bytes() + max(live // 8, floor)  # look again after as much
+        else:
+            limit = live + max(int((COMPACT_AT - 1) * live), floor)
+        active = self.active
+        sealed = self.disk_bytes() - (active.size - FILE_HEADER_SIZE)
+        self.check_at = limit - sealed + FILE_HEADER_SIZE
+        self._slow_at = 0 if self.always else self.check_at
 
     # ------------------------------------------------------------------ writing
 
-    def _create_log(self) -> LogFile:
-        """Create the next generation's plain log file (lock held, or not yet shared)."""
-        generation = self._next_generation
-        self._next_generation += 1
-        return create_file(
-            self.directory, generation, generation, 2 * generation, durable=self._durable, tmp=False
-        )
-
-    def _refused(self) -> Exception:
+    def refused(self) -> Exception:
         """The exception for a write to a closed or failed store."""
-        if self._closed or self._stopping:
+        if self.closed or self.stopping:
             return ClosedError(f"the topic storage of {str(self.directory)!r} was closed")
-        return self._failure_error()
+        return _durability.failure_error(self)
 
-    def _failure_error(self) -> StorageWriteError:
-        """The exception that names the failed fsync."""
-        failure = self._failure
-        assert failure is not None
-        err = StorageWriteError(
-            failure.errno or errno.EIO,
-            f"an fsync of {self._failed_path!r} failed earlier ({failure}); the topic storage "
-            f"accepts no writes any more, reads of what it holds go on: reopen it to re-establish "
-            f"the state from disk",
-        )
-        err.__cause__ = failure
-        return err
-
-    def _fail(self, err: OSError, path: pathlib.Path) -> None:
-        """Record a failed fsync (lock held): from now on the store refuses writes."""
-        self._writable = False
-        if self._failure is None:
-            self._failure = err
-            self._failed_path = str(path)
-            _LOGGER.error(
-                "persizmq: an fsync of %s failed (%s); the topic storage stops accepting writes",
-                path,
-                err,
-            )
-
-    def map_for_writing(self, log: LogFile) -> None:
-        """Map ``log`` for appending, with room reserved past its end (it becomes active).
-
-        On a full disk it is mapped without room: reads work, and the first add raises.
-        """
-        with contextlib.suppress(OSError):
-            log.capacity = self._reserve(log, log.size + _INITIAL_ROOM)
-        log.map = mmap.mmap(log.fd, log.capacity)
-
-    def unmap(self, log: LogFile) -> None:
-        """Stop appending to ``log``: unmap it and cut the reserved room after its end."""
-        if log.map is None:
+    def put_message(self, msg: object) -> None:
+        """Store ``msg`` as the newest message of its topic (no ``topic_of``): the lean path
+        of ``add_message`` for bytes, which ``PersistentTopicStorage`` binds directly."""
+        if type(msg) is not bytes or len(msg) > _MAX_BODY:
+            encoded = _encode.encode(msg, None)
+            if encoded is not None:
+                self.put(*encoded)
             return
-        log.map.close()
-        log.map = None
-        os.ftruncate(log.fd, log.size)
-        log.capacity = log.size
-
-    def _reserve(self, log: LogFile, needed: int) -> int:
-        """Make ``log`` at least ``needed`` bytes long, its blocks allocated (not a hole);
-        return its new length (the caller sets ``capacity`` once the mapping covers it)."""
-        grown = max(needed, log.capacity + min(log.capacity, _MAX_GROWTH))
-        grown = -(-grown // _ROOM_UNIT) * _ROOM_UNIT
-        if grown > _MAX_FILE:  # offsets have 40 bits in the index
-            raise OSError(errno.EFBIG, "a log file reached 1 TiB")
-        if _fallocate is not None:
-            _fallocate(log.fd, 0, grown)
-        else:  # no posix_fallocate here: at least the file is long enough for the mapping
-            os.ftruncate(log.fd, grown)
-        return grown
-
-    def _grow(self, log: LogFile, needed: int) -> None:
-        """Make room for the next records (lock held); nothing is written if it fails."""
-        try:
-            grown = self._reserve(log, needed)
-            assert log.map is not None
-            log.map.resize(grown)
-            log.capacity = grown
-        except OSError as err:
-            raise StorageWriteError(
-                err.errno or errno.EIO,
-                f"cannot make room in {str(log.path)!r} for the record: {err.strerror}; "
-                f"nothing of this call was stored",
-            ) from err
-
-    def _append(self, log: LogFile, data: bytes) -> None:
-        """Append ``data`` to the active file ``log`` (lock held)."""
-        end = log.size
-        new_end = end + len(data)
-        if new_end > log.capacity:
-            self._grow(log, new_end)
-        log.map[end:new_end] = data  # type: ignore[index]  # the active file is mapped
-        log.size = new_end
-
-    def _sync_active(self, log: LogFile) -> None:
-        """``"always"``: fdatasync what was just appended (lock held)."""
-        try:
-            os.fdatasync(log.fd)
-        except OSError as err:
-            self._fail(err, log.path)
-            raise StorageWriteError(
-                err.errno or errno.EIO,
-                f"the fsync of {str(log.path)!r} failed ({err}): whether the last write is on "
-                f"disk is unknown; the topic storage accepts no writes any more",
-            ) from err
-        log.synced = log.size
+        space = msg.find(b" ")
+        topic = msg if space < 0 else msg[:space]
+        length = len(msg)
+        tlen = len(topic)
+        with self.lock:
+            if not self.writable:
+                raise self.refused()
+            seq = self.seq
+            log = self.active
+            end = log.size
+            new_end = end + _HEADER + length
+            if new_end > log.capacity:
+                _room.grow(log, new_end)
+            mix = (length * _A + (seq ^ (seq >> 32)) * _B + tlen * _C + _KIND_SINGLE) & _M32
+            # Header and body straight into the mapping, in one C call (no record built).
+            RECORDS[length].pack_into(
+                log.map,  # type: ignore[arg-type]  # the active file is mapped
+                end,
+                length,
+                _crc32(msg, log.salt ^ mix),
+                _KIND_SINGLE,
+                seq,
+                tlen,
+                msg,
+            )
+            log.size = new_end
+            self.seq = seq + 1
+            log.seqs.append(seq)
+            log.offsets.append(end)
+            self.index[topic] = seq
+            if new_end >= self._slow_at:
+                self._after_write(log)
 
     def put(self, topic: bytes, kind: int, body: bytes) -> None:
-        """Store ``body`` as the newest message of ``topic``."""
+        """Store ``body`` (of record kind ``kind``) as the newest message of ``topic``."""
         length = len(body)
         if length > _MAX_BODY:
             raise MessageTooLargeError(
                 f"expected a message of at most {_MAX_BODY} bytes, got {length}"
             )
-        tlen = len(topic)
-        with self._lock:
-            if not self._writable:
-                raise self._refused()
-            seq = self._seq
-            log = self._active
-            mix = (length * _A + (seq ^ (seq >> 32)) * _B + tlen * _C + kind) & _M32
-            end = log.size
-            size = _HEADER + length
-            new_end = end + size
-            if new_end > log.capacity:
-                self._grow(log, new_end)
-            view = log.map
-            # Header and body straight into the mapping, in one C call (no record built).
-            _RECORDS[length].pack_into(
-                view,  # type: ignore[arg-type]  # the active file is mapped
-                end,
-                length,
-                _crc32(body, log.salt ^ mix),
-                kind,
-                seq,
-                tlen,
-                body,
-            )
-            log.size = new_end
-            self._seq = seq + 1
-            index = self._index
-            old = index.get(topic)
-            index[topic] = log.bits | (end << 32) | size
-            if self._dirty is not None:
-                self._dirty.add(topic)
-            live = self._live = self._live + (size if old is None else size - (old & _SIZE_MASK))
-            disk = self._disk = self._disk + size
-            if self._always:
-                self._sync_active(log)
-            if disk - live >= self._compact_floor and disk >= _COMPACT_AT * live:
-                self._maybe_compact()
+        with self.lock:
+            if not self.writable:
+                raise self.refused()
+            log = self.active
+            needed = log.size + _HEADER + length
+            if needed > log.capacity:
+                _room.grow(log, needed)
+            self.index[topic] = self._write(log, topic, kind, body)
+            if log.size >= self._slow_at:
+                self._after_write(log)
 
-    def put_many(self, items: List[Tuple[bytes, int, bytes]]) -> None:
+    def _write(self, log: LogFile, topic: bytes, kind: int, body: bytes) -> int:
+        """Pack one record into the active file's mapping (room made, lock held); return its
+        seq."""
+        seq = self.seq
+        end = log.size
+        length = len(body)
+        tlen = len(topic)
+        crc = _crc32(body, crc_seed(log.salt, length, kind, seq, tlen))
+        RECORDS[length].pack_into(
+            log.map,  # type: ignore[arg-type]  # the active file is mapped
+            end,
+            length,
+            crc,
+            kind,
+            seq,
+            tlen,
+            body,
+        )
+        log.size = end + _HEADER + length
+        self.seq = seq + 1
+        log.seqs.append(seq)
+        log.offsets.append(end)
+        return seq
+
+    def put_many(self, items: List[_encode.Encoded]) -> None:
         """Store a batch of ``(topic, kind, body)`` with one write (and one fsync)."""
         for _, _, body in items:
-            if len(body) > _format.MAX_BODY:
+            if len(body) > _MAX_BODY:
                 raise MessageTooLargeError(
-                    f"expected messages of at most {_format.MAX_BODY} bytes, got one of "
+                    f"expected messages of at most {_MAX_BODY} bytes, got one of "
                     f"{len(body)} (nothing of the batch was stored)"
                 )
         if not items:
             return
-        with self._lock:
-            if not self._writable:
-                raise self._refused()
-            log = self._active
-            salt = log.salt
-            seq = self._seq
-            records: List[bytes] = []
-            for topic, kind, body in items:
-                length = len(body)
-                mix = (length * _A + (seq ^ (seq >> 32)) * _B + len(topic) * _C + kind) & _M32
-                records.append(
-                    _pack(length, _crc32(body, salt ^ mix), kind, seq, len(topic)) + body
-                )
-                seq += 1
-            start = log.size
-            end = start + sum(map(len, records))
+        with self.lock:
+            if not self.writable:
+                raise self.refused()
+            log = self.active
+            end = log.size + sum(_HEADER + len(body) for _, _, body in items)
             if end > log.capacity:
-                self._grow(log, end)
-            view = log.map
-            assert view is not None
-            pos = start
-            for record in records:
+                _room.grow(log, end)
+            write = self._write
+            index = self.index
+            for topic, kind, body in items:
                 # One copy per record, in order: memcpy does not write a large buffer front to
                 # back, and a process killed in the middle of one copy of the whole batch could
                 # leave a later record whole and an earlier one torn (a hole, not a torn tail).
-                view[pos : pos + len(record)] = record
-                pos += len(record)
-            log.size = end
-            self._seq = seq
-            index = self._index
-            pos = start
-            dirty = self._dirty
-            for topic, _, body in items:
-                size = _HEADER + len(body)
-                if dirty is not None:
-                    dirty.add(topic)
-                old = index.get(topic)
-                index[topic] = log.bits | (pos << 32) | size
-                self._live += size if old is None else size - (old & LOC_SIZE_MASK)
-                pos += size
-            self._disk += pos - start
-            if self._always:
-                self._sync_active(log)
-            if (
-                self._disk - self._live >= self._compact_floor
-                and self._disk >= _COMPACT_AT * self._live
-            ):
-                self._maybe_compact()
+                index[topic] = write(log, topic, kind, body)
+            if log.size >= self._slow_at:
+                self._after_write(log)
 
     def delete(self, topic: bytes) -> bool:
         """Forget ``topic`` (a tombstone record); return whether it was there."""
-        with self._lock:
-            if not self._writable:
-                raise self._refused()
-            old = self._index.get(topic)
-            if old is None:
+        with self.lock:
+            if not self.writable:
+                raise self.refused()
+            if topic not in self.index:
                 return False
-            log = self._active
-            seq = self._seq
-            tlen = length = len(topic)
-            kind = _format.KIND_DELETE
-            mix = (length * _A + (seq ^ (seq >> 32)) * _B + tlen * _C + kind) & _M32
-            record = _pack(length, _crc32(topic, log.salt ^ mix), kind, seq, tlen) + topic
-            self._append(log, record)
-            self._seq = seq + 1
-            del self._index[topic]
-            if self._dirty is not None:
-                self._dirty.add(topic)
-            self._live -= old & LOC_SIZE_MASK
-            self._disk += len(record)
+            log = self.active
+            needed = log.size + _HEADER + len(topic)
+            if needed > log.capacity:
+                _room.grow(log, needed)
+            self._write(log, topic, _format.KIND_DELETE, topic)
+            del self.index[topic]
             self.deletes += 1
-            if self._always:
-                self._sync_active(log)
-            if (
-                self._disk - self._live >= self._compact_floor
-                and self._disk >= _COMPACT_AT * self._live
-            ):
-                self._maybe_compact()
+            if log.size >= self._slow_at:
+                self._after_write(log)
             return True
+
+    def _after_write(self, log: LogFile) -> None:
+        """A write reached ``_slow_at`` (lock held): the fsync of ``"always"``, then, past
+        ``check_at``, start a compaction or wait for the one under way."""
+        if self.always:
+            _durability.sync_active(self, log)
+        if log.size < self.check_at:
+            return
+        if not self.compacting:
+            if self.compact_retry_at and time.monotonic() < self.compact_retry_at:
+                self.set_thresholds()
+                return
+            self.compacting = True
+            self.set_thresholds()
+            from persizmq._topics import _compact  # noqa: PLC0415 (they refer to each other)
+
+            self._compactor = threading.Thread(
+                target=_compact.run, args=(self,), name="persizmq-topics-compact", daemon=True
+            )
+            self._compactor.start()
+            return
+        # A compaction runs and the disk reached HOLD_AT times the live bytes: wait for it.
+        self.holds += 1
+        deadline = time.monotonic() + HOLD_SECONDS
+        while self.compacting and not self.stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.check_at = _NEVER
+                self._slow_at = 0 if self.always else _NEVER
+                break
+            self.wake.wait(remaining)
 
     # ------------------------------------------------------------------ reading
 
     def read(self, topic: bytes) -> Optional[Message]:
         """Return the newest message of ``topic``, or None (also if its record is damaged)."""
-        with self._lock:
-            if self._closed:
+        with self.lock:
+            if self.closed:
                 raise ClosedError(f"the topic storage of {str(self.directory)!r} was closed")
-            loc = self._index.get(topic)
-            if loc is None:
+            seq = self.index.get(topic)
+            if seq is None:
                 return None
-            log = self._files[loc >> 72]
-            offset = (loc >> 32) & LOC_OFFSET_MASK
-            size = loc & LOC_SIZE_MASK
-            data = os.pread(log.fd, size, offset)
+            log, start, end = self.locate(seq)
+            data = os.pread(log.fd, end - start, start)
             salt = log.salt
-        if len(data) == size:
-            length, crc, kind, seq, tlen = _unpack(data, 0)
-            body = data[_HEADER:]
+        if len(data) >= _HEADER:
+            length, crc, kind, found, tlen = _format.unpack_record_header(data, 0)
+            body = data[_HEADER : _HEADER + length]
             if (
-                length == len(body)
-                and _crc32(body, _format.record_seed(salt, length, kind, seq, tlen)) == crc
+                found == seq
+                and length == len(body)
+                and _crc32(body, crc_seed(salt, length, kind, seq, tlen)) == crc
             ):
                 with contextlib.suppress(CorruptionError):
                     return _format.decode_message(kind, body, tlen, str(log.path))
-        self._damaged(topic, loc, log, data)
+        self._damaged(topic, seq, log, start, data)
         return None
 
-    def _damaged(self, topic: bytes, loc: int, log: LogFile, data: bytes) -> None:
+    def _damaged(self, topic: bytes, seq: int, log: LogFile, start: int, data: bytes) -> None:
         """A record failed its check when read: set it aside, report it, forget the topic."""
-        offset = (loc >> 32) & LOC_OFFSET_MASK
-        quarantine(self.directory, log.path.name, offset, data, "a damaged record (read)")
-        with self._lock:
+        quarantine(self.directory, log.path.name, start, data, "a damaged record (read)")
+        with self.lock:
             self.corrupt_regions += 1
             self.quarantined_bytes += len(data)
-            if self._index.get(topic) == loc:
-                del self._index[topic]
-                if self._dirty is not None:
-                    self._dirty.add(topic)
-                self._live -= loc & LOC_SIZE_MASK
+            if self.index.get(topic) == seq:
+                del self.index[topic]
 
     def topics(self) -> List[bytes]:
         """The live topics, in no particular order (a snapshot)."""
-        with self._lock:
-            return list(self._index)
+        with self.lock:
+            return list(self.index)
 
     def __len__(self) -> int:
         """The number of live topics."""
-        return len(self._index)
+        return len(self.index)
 
     def __contains__(self, topic: bytes) -> bool:
         """Whether ``topic`` has a message."""
-        return topic in self._index
+        return topic in self.index
 
-    # ------------------------------------------------------------------ durability
-
-    def _sync_periodically(self) -> None:
-        """The ``"periodic"`` thread: fdatasync the files with unsynced bytes, every interval."""
-        while True:
-            with self._wake:
-                if self._stopping:
-                    return
-                self._wake.wait(self.sync_interval)
-                if self._stopping or self._failure is not None:
-                    return
-                due = [
-                    (os.dup(log.fd), log, log.size)
-                    for log in self._files.values()
-                    if log.synced < log.size
-                ]
-            failure: Optional[Tuple[OSError, pathlib.Path]] = None
-            for fd, log, _ in due:
-                try:
-                    if failure is None:
-                        os.fdatasync(fd)
-                except OSError as err:
-                    failure = (err, log.path)
-                finally:
-                    os.close(fd)
-            with self._lock:
-                if failure is not None:
-                    self._fail(*failure)
-                    return
-                for _, log, size in due:
-                    log.synced = max(log.synced, size)
-
-    def _sync_all(self) -> None:
-        """fdatasync every file with unsynced bytes (lock held); fail-stop on error."""
-        for log in self._files.values():
-            if log.synced < log.size:
-                size = log.size
-                try:
-                    os.fdatasync(log.fd)
-                except OSError as err:
-                    self._fail(err, log.path)
-                    raise self._failure_error() from err
-                log.synced = size
+    # ------------------------------------------------------------------ the store
 
     def sync_now(self) -> None:
         """Make everything stored so far durable (in every mode)."""
-        with self._lock:
-            if not self._writable:
-                raise self._refused()
-            self._sync_all()
-
-    def unsynced_bytes(self) -> int:
-        """Bytes written that no completed fsync covers yet."""
-        with self._lock:
-            return sum(log.size - log.synced for log in self._files.values())
+        with self.lock:
+            if not self.writable:
+                raise self.refused()
+            _durability.sync_all(self)
 
     def counters(self) -> Dict[str, Any]:
         """The fields of ``TopicStorageStats``, read together."""
-        with self._lock:
-            failure = self._failure
-            return {
-                "topics": len(self._index),
-                "live_bytes": self._live,
-                "disk_bytes": self._disk + FILE_HEADER_SIZE * len(self._files),
-                "files": len(self._files),
-                "dead_bytes": self._disk - self._live,
-                "unsynced_bytes": sum(log.size - log.synced for log in self._files.values()),
-                "updates": self._seq - self._first_seq - self.deletes,  # a record each
+        with self.lock:
+            live = array.array("Q", self.index.values())
+            tables = self.tables()
+            disk = self.disk_bytes()
+            failure = self.failure
+            counters = {
+                "topics": len(live),
+                "disk_bytes": disk + FILE_HEADER_SIZE * len(self.files),
+                "files": len(self.files),
+                "unsynced_bytes": sum(log.size - log.synced for log in self.files),
+                "updates": self.seq - self._first_seq - self.deletes,  # a record each
                 "deletes": self.deletes,
                 "compactions": self.compactions,
                 "reclaimed_bytes": self.reclaimed_bytes,
                 "last_compaction_seconds": self.last_compaction_seconds,
+                "compaction_waits": self.holds,
                 "corrupt_regions": self.corrupt_regions,
                 "quarantined_bytes": self.quarantined_bytes,
                 "torn_tail_bytes": self.torn_tail_bytes,
-                "failure": None if failure is None else f"{self._failed_path}: {failure}",
+                "failure": None if failure is None else f"{self.failed_path}: {failure}",
             }
-
-    # ------------------------------------------------------------------ compaction
-
-    def dead_bytes(self) -> int:
-        """Bytes that a compaction would reclaim."""
-        return self._disk - self._live
-
-    def _maybe_compact(self) -> None:
-        """Two thirds of the disk are dead: start a background compaction unless one runs (lock
-        held)."""
-        if self._compacting:
-            return
-        if self._compact_retry_at and time.monotonic() < self._compact_retry_at:
-            return
-        self._compacting = True
-        from persizmq._topics import _compact  # noqa: PLC0415 (the two modules refer to each other)
-
-        self._compactor = threading.Thread(
-            target=_compact.run, args=(self,), name="persizmq-topics-compact", daemon=True
-        )
-        self._compactor.start()
+        total = live_bytes(live, tables)  # outside the lock
+        return {**counters, "live_bytes": total, "dead_bytes": max(0, disk - total)}
 
     def compact_now(self) -> None:
         """Run a compaction in this thread (after one under way, if any) and wait for it."""
         from persizmq._topics import _compact  # noqa: PLC0415 (the two modules refer to each other)
 
-        with self._wake:
-            while self._compacting:
-                self._wake.wait()
-            if not self._writable:
-                raise self._refused()
-            self._compacting = True
-        _compact.run(self, raise_errors=True)
+        with self.wake:
+            while self.compacting:
+                self.wake.wait()
+            if not self.writable:
+                raise self.refused()
+            self.compacting = True
+            self.set_thresholds()
+        _compact.run(self, raise_errors=True, forced=True)
 
-    # ------------------------------------------------------------------ closing
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` ran."""
-        return self._closed
-
-    def close(self) -> Optional[StorageWriteError]:
+    def close(self) -> Optional[Exception]:
         """Stop the background work, fsync (unless ``"never"``), close the files, unlock.
 
         Returns (does not raise) the error of a failed fsync, if there was one.
         """
-        with self._wake:
-            if self._closed:
+        with self.wake:
+            if self.closed:
                 return None
-            self._stopping = True
-            self._writable = False
-            self._wake.notify_all()
-            while self._compacting:  # it stops at its next step (compact() in any thread too)
-                self._wake.wait()
+            self.stopping = True
+            self.writable = False
+            self.wake.notify_all()
+            while self.compacting:  # it stops at its next step (compact() in any thread too)
+                self.wake.wait()
         for thread in (self._syncer, self._compactor):
             if thread is not None and thread is not threading.current_thread():
                 thread.join()
-        with self._lock:
-            if self._failure is None and self._durable:
-                with contextlib.suppress(StorageWriteError):
-                    self._sync_all()
-            for log in self._files.values():
+        with self.lock:
+            if self.failure is None and self.durable:
+                with contextlib.suppress(OSError):  # a StorageWriteError: kept in failure
+                    _durability.sync_all(self)
+            for log in self.files:
                 with contextlib.suppress(OSError):  # the file stays good with its zeros
-                    self.unmap(log)
+                    _room.unmap(log)
                 os.close(log.fd)
-            self._files = {}
-            self._closed = True
+            self.files = []
+            self.closed = True
             _fs.release_lock(self._lock_fd)
-            return None if self._failure is None else self._failure_error()
+            return None if self.failure is None else _durability.failure_error(self)

@@ -16,6 +16,7 @@ Recovery, when a store is opened (it holds the directory's lock, so nothing else
    after it still count.
 """
 
+import array
 import contextlib
 import dataclasses
 import logging
@@ -38,28 +39,21 @@ class LogFile:
     """One open log file: its descriptor, where it ends, and up to where it is durable."""
 
     __slots__ = (
-        "bits",
         "capacity",
         "covers_from",
         "fd",
-        "fid",
         "generation",
         "map",
+        "offsets",
         "path",
         "salt",
+        "seqs",
         "size",
         "synced",
     )
 
-    def __init__(
-        self, fid: int, path: pathlib.Path, fd: int, header: FileHeader, size: int
-    ) -> None:
+    def __init__(self, path: pathlib.Path, fd: int, header: FileHeader, size: int) -> None:
         """Wrap an open descriptor; ``size`` is where the next record goes."""
-        #: Identifies the file in an index location (``fid << 72``): ``2 * generation`` plus a
-        #: bit that differs between a file and the compacted file that replaces it, so that the
-        #: order of the identifiers is the order of the generations.
-        self.fid = fid
-        self.bits = fid << 72
         self.path = path
         self.fd = fd
         self.generation = header.generation
@@ -73,6 +67,10 @@ class LogFile:
         #: (past ``size``: room reserved for the next records).
         self.map: Optional[mmap.mmap] = None
         self.capacity = size
+        #: The file's table: the ``seq`` and the offset of every record in it, in order (the
+        #: index names records by their ``seq``; see ``_core``).
+        self.seqs = array.array("Q")
+        self.offsets = array.array("Q")
 
     def __repr__(self) -> str:
         """Name the file."""
@@ -90,7 +88,6 @@ def create_file(
     directory: pathlib.Path,
     generation: int,
     covers_from: int,
-    fid: int,
     *,
     durable: bool,
     tmp: bool,
@@ -118,7 +115,7 @@ def create_file(
         with contextlib.suppress(OSError):
             path.unlink()
         raise
-    log = LogFile(fid, path, fd, header, FILE_HEADER_SIZE)
+    log = LogFile(path, fd, header, FILE_HEADER_SIZE)
     log.synced = FILE_HEADER_SIZE if durable else 0
     return log
 
@@ -128,6 +125,7 @@ class Recovered:
     """What :func:`recover` found and did."""
 
     files: List[LogFile]
+    #: topic -> the ``seq`` of its newest record.
     index: Dict[bytes, int]
     last_seq: int
     next_generation: int
@@ -221,22 +219,28 @@ def recover(directory: pathlib.Path, *, durable: bool) -> Recovered:
 
 
 def _open_and_scan(
-    directory: pathlib.Path, header: FileHeader, result: Recovered, *, last: bool, durable: bool
+    directory: pathlib.Path,
+    header: FileHeader,
+    result: Recovered,
+    *,
+    last: bool,
+    durable: bool,
 ) -> LogFile:
     """Open one file, apply its records to ``result.index``, deal with its damage."""
     path = directory / _format.file_name(header.generation)
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         size = os.fstat(fd).st_size
-        fid = 2 * header.generation
+        log = LogFile(path, fd, header, size)
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as data:
             scan = _format.scan_records(
                 data,  # type: ignore[arg-type]  # an mmap reads like bytes
                 start=FILE_HEADER_SIZE,
                 salt=header.salt,
                 last_seq=result.last_seq,
-                bits=fid << 72,
                 index=result.index,
+                seqs=log.seqs,
+                offsets=log.offsets,
             )
             for start, end in scan.damaged:
                 result.corrupt_regions += 1
@@ -267,4 +271,5 @@ def _open_and_scan(
     except BaseException:
         os.close(fd)
         raise
-    return LogFile(fid, path, fd, header, size)
+    log.size = log.synced = log.capacity = size
+    return log

@@ -40,6 +40,7 @@ initial value): :func:`crc_delta`. Compaction re-seals records with it without r
 bodies twice, and a record damaged before it was copied stays detectably damaged after.
 """
 
+import array
 import dataclasses
 import os
 import re
@@ -107,7 +108,7 @@ _KINDS = frozenset(
     (KIND_SINGLE, KIND_MULTIPART, KIND_SINGLE_TOPIC, KIND_MULTIPART_TOPIC, KIND_DELETE)
 )
 _KIND_RE = re.compile(rb"[\xf5-\xf9]")
-#: The largest body of a record (the length field and the in-memory index hold 31 bits).
+#: The largest body of a record (its length field holds 31 bits).
 MAX_BODY = (1 << 31) - 1 - RECORD_HEADER_SIZE
 #: After damage, a record is accepted only if its number is at most this far past the last good
 #: one (random bytes pass with probability 2**-24, before the CRC is even checked).
@@ -267,13 +268,23 @@ def _find_next(data: bytes, start: int, salt: int, last_seq: int) -> Optional[in
 
 
 def scan_records(
-    data: bytes, *, start: int, salt: int, last_seq: int, bits: int, index: Dict[bytes, int]
+    data: bytes,
+    *,
+    start: int,
+    salt: int,
+    last_seq: int,
+    index: Dict[bytes, int],
+    seqs: "array.array[int]",
+    offsets: "array.array[int]",
 ) -> Scan:
     """Apply the good records of ``data`` (a whole file, from ``start``) to ``index``.
 
-    A put sets ``index[topic]`` to its location, ``bits | offset << 32 | size`` (``bits``
-    names the file); a tombstone removes the topic. Damaged regions followed by a good record
-    are returned in :attr:`Scan.damaged`; whatever follows the last good record is a torn tail.
+    A put sets ``index[topic]`` to its record's ``seq``; a tombstone removes the topic; every
+    good record's ``seq`` and offset are appended to ``seqs`` and ``offsets`` (the file's
+    table, see ``_core``), and so is the start of a damaged region after one (a *hole*, with the
+    seq of the record before it: so a record always ends where the next entry starts). Damaged
+    regions followed by a good record are returned in :attr:`Scan.damaged`; whatever follows the
+    last good record is a torn tail.
     """
     result = Scan(good_end=start, last_seq=last_seq)
     unpack = _RECORD.unpack_from
@@ -284,6 +295,8 @@ def scan_records(
     pos = start
     header = RECORD_HEADER_SIZE
     count = 0
+    seqs_append = seqs.append
+    offsets_append = offsets.append
     while pos + header <= end:
         length, crc, kind, seq, tlen = unpack(data, pos)
         stop = pos + header + length
@@ -295,7 +308,9 @@ def scan_records(
                     if kind == KIND_DELETE:
                         index.pop(topic, None)
                     else:
-                        index[topic] = bits | (pos << 32) | (stop - pos)
+                        index[topic] = seq
+                    seqs_append(seq)
+                    offsets_append(pos)
                     last_seq = seq
                     pos = stop
                     count += 1
@@ -304,6 +319,9 @@ def scan_records(
         if following is None:
             break
         result.damaged.append((pos, following))
+        if count:  # the record before ends here: a hole, named by that record's seq
+            seqs_append(last_seq)
+            offsets_append(pos)
         pos = following
     # The loop ends on a record boundary: everything from here on is a torn tail.
     result.good_end = pos

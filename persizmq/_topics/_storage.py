@@ -13,27 +13,22 @@ itself must agree.
 import dataclasses
 import os
 import pathlib
-import struct
 import threading
 import weakref
 from types import TracebackType
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 from persizmq import _fs
 from persizmq._checks import check_seconds
-from persizmq._errors import ClosedError, InvalidArgumentError, MessageTypeError, StorageWriteError
-from persizmq._message import Message, MessageLike, encode_payload
-from persizmq._topics import _format
+from persizmq._errors import ClosedError, InvalidArgumentError, MessageTypeError
+from persizmq._message import Message, MessageLike
 from persizmq._topics._core import TopicCore
+from persizmq._topics._encode import TopicOf, check_topic, encode
 
 __all__ = ["PersistentTopicStorage", "TopicStorageStats"]
 
-#: What ``topic_of`` is called with (bytes, or the frames of a multipart message) and returns.
-TopicOf = Callable[[Message], bytes]
 #: A topic: bytes, or another bytes-like object (``str`` is refused).
 TopicLike = Union[bytes, bytearray, memoryview]
-
-_FRAME_TABLE_START = struct.Struct("<II")  # frame count, length of the first frame
 # Re-entrant: a handle's finalizer (which takes it) may run in a garbage collection that starts
 # while this thread opens another handle.
 _REGISTRY_LOCK = threading.RLock()
@@ -64,6 +59,9 @@ class TopicStorageStats:
     compactions: int
     reclaimed_bytes: int
     last_compaction_seconds: float
+    #: Adds that waited for a compaction to catch up (the disk had reached 3.5 times the live
+    #: bytes while one ran; at most a second each).
+    compaction_waits: int
     #: Damaged regions found and set aside in ``quarantine/`` (never returned), and their bytes.
     corrupt_regions: int
     quarantined_bytes: int
@@ -71,15 +69,6 @@ class TopicStorageStats:
     torn_tail_bytes: int
     #: The failed fsync that stopped the writes (``None`` while healthy).
     failure: Optional[str]
-
-
-def _check_topic(value: object, what: str) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    hint = "; encode it first, for example with .encode('utf-8')" if isinstance(value, str) else ""
-    raise MessageTypeError(f"expected {what} to be bytes, got a {type(value).__name__}{hint}")
 
 
 def _acquire(directory: Any, options: Dict[str, Any]) -> TopicCore:  # noqa: ANN401 (a path)
@@ -104,7 +93,7 @@ def _acquire(directory: Any, options: Dict[str, Any]) -> TopicCore:  # noqa: ANN
         return core
 
 
-def _release(core: TopicCore) -> Optional[StorageWriteError]:
+def _release(core: TopicCore) -> Optional[Exception]:
     """One handle fewer; close the core with the last one. Returns a failed fsync's error."""
     with _REGISTRY_LOCK:
         core.handles -= 1
@@ -158,8 +147,8 @@ class PersistentTopicStorage:
     :param topic_of: ``None``, or a function that returns the topic (bytes) of a message: it
         gets ``bytes`` or, for a multipart message, a ``list[bytes]``. Each object uses its own.
     :param sync_interval: seconds between the fsyncs of ``"periodic"``.
-    :param compact_min_bytes: no compaction before the dead bytes reach this many (and twice the
-        live ones); default 4 MiB.
+    :param compact_min_bytes: no compaction before the dead bytes reach this many (and the disk
+        2.5 times the live bytes); default 4 MiB.
 
     :raises MessageTypeError: an argument has the wrong type.
     :raises InvalidArgumentError: an impossible value, or options that differ from those of the
@@ -194,43 +183,12 @@ class PersistentTopicStorage:
         core = _acquire(directory, options)
         self._core = core
         self._finalizer = weakref.finalize(self, _release, core)
+        if topic_of is None:
+            # The lean path: add_message is the core's own method (one call, not two, per add;
+            # close() takes it away again). Set through __dict__: mypy has methods read-only.
+            self.__dict__["add_message"] = core.put_message
 
     # ------------------------------------------------------------------ adding
-
-    def _encode(self, msg: object) -> Optional[Tuple[bytes, int, bytes]]:
-        """Return ``(topic, kind, body)`` of a message, or None for ``None``."""
-        encoded = encode_payload(msg)
-        if encoded is None:
-            return None
-        multipart, payload = encoded
-        if multipart:
-            return self._encode_multipart(payload)
-        topic_of = self._topic_of
-        if topic_of is None:
-            space = payload.find(b" ")
-            return (payload if space < 0 else payload[:space]), _format.KIND_SINGLE, payload
-        topic = _check_topic(topic_of(payload), "topic_of(msg)")
-        if payload.startswith(topic):
-            return topic, _format.KIND_SINGLE, payload
-        return topic, _format.KIND_SINGLE_TOPIC, topic + payload
-
-    def _encode_multipart(self, payload: bytes) -> Tuple[bytes, int, bytes]:
-        """Return ``(topic, kind, body)`` of a multipart message, given its frame table."""
-        topic_of = self._topic_of
-        if topic_of is None:
-            count, first = _FRAME_TABLE_START.unpack_from(payload) if len(payload) >= 8 else (0, 0)
-            if not count:
-                raise MessageTypeError(
-                    "expected a multipart message to have a first frame (its topic), got an "
-                    "empty list; pass topic_of to name the topic of such messages"
-                )
-            return payload[8 : 8 + first], _format.KIND_MULTIPART, payload
-        frames = _format.decode_message(_format.KIND_MULTIPART, payload, 0, "message")
-        assert isinstance(frames, list)
-        topic = _check_topic(topic_of(frames), "topic_of(msg)")
-        if frames and frames[0] == topic:
-            return topic, _format.KIND_MULTIPART, payload
-        return topic, _format.KIND_MULTIPART_TOPIC, topic + payload
 
     def add_message(self, msg: Optional[MessageLike]) -> None:
         """Store ``msg`` as the newest message of its topic; ``None`` is ignored.
@@ -244,11 +202,7 @@ class PersistentTopicStorage:
             failed (now or earlier: see the class docstring).
         :raises ClosedError: the storage was closed.
         """
-        if type(msg) is bytes and self._topic_of is None:  # the common case, kept lean
-            space = msg.find(b" ")
-            self._core.put(msg if space < 0 else msg[:space], _format.KIND_SINGLE, msg)
-            return
-        encoded = self._encode(msg)
+        encoded = encode(msg, self._topic_of)
         if encoded is not None:
             self._core.put(*encoded)
 
@@ -261,7 +215,8 @@ class PersistentTopicStorage:
 
         :raises: as :meth:`add_message`.
         """
-        items = [e for e in (self._encode(m) for m in msgs) if e is not None]
+        topic_of = self._topic_of
+        items = [e for e in (encode(m, topic_of) for m in msgs) if e is not None]
         self._core.put_many(items)
         return len(items)
 
@@ -270,7 +225,7 @@ class PersistentTopicStorage:
 
         :raises StorageWriteError, ClosedError: as :meth:`add_message`.
         """
-        return bool(self._core.delete(_check_topic(topic, "topic")))
+        return bool(self._core.delete(check_topic(topic, "topic")))
 
     # ------------------------------------------------------------------ reading
 
@@ -278,12 +233,12 @@ class PersistentTopicStorage:
         """Return the newest message of ``topic`` (``bytes``, or ``list[bytes]`` if multipart),
         or ``None`` if it has none. A damaged record is never returned: it is set aside and
         counted, and ``None`` returned."""
-        message: Optional[Message] = self._core.read(_check_topic(topic, "topic"))
+        message: Optional[Message] = self._core.read(check_topic(topic, "topic"))
         return message
 
     def topics(self, prefix: TopicLike = b"") -> List[bytes]:
         """Return the topics that have a message and start with ``prefix``, sorted."""
-        start = _check_topic(prefix, "prefix")
+        start = check_topic(prefix, "prefix")
         return sorted(t for t in self._core.topics() if t.startswith(start))
 
     def items(self, prefix: TopicLike = b"") -> Iterator[Tuple[bytes, Message]]:
@@ -346,6 +301,7 @@ class PersistentTopicStorage:
         if self._core is _CLOSED:
             return
         self._core = _CLOSED
+        self.__dict__.pop("add_message", None)
         error = self._finalizer()
         if error is not None:
             raise error

@@ -16,19 +16,15 @@ sent, consumed at the central host, lost, duplicated and reordered; the exit sta
 every message arrived exactly once, in order, and every stage exited with 0.
 """
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 from typing import Any, Dict, List, Optional
 
 import zmq
 
 import persizmq
-from persizmq._cli._base import EXIT_FAILURE, EXIT_OK, CliError, describe, package_root
-from persizmq._cli._demo import _DEMO_DEADLINE, _Demo, _DemoConsumer
-from persizmq._cli._record import STATUS_INTERVAL_ENV
+from persizmq._cli._demo import DEMO_DEADLINE, Demo, DemoConsumer, log_tail
 
 __all__ = ["ChainDemo"]
 
@@ -40,11 +36,11 @@ def _free_port() -> int:
         return port
 
 
-class ChainDemo(_Demo):
+class ChainDemo(Demo):
     """The processes and the story of ``persizmq demo --chain``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 (as _Demo)
-        """As :class:`_Demo`; the central host listens on a free loopback port."""
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 (as Demo)
+        """As :class:`Demo`; the central host listens on a free loopback port."""
         super().__init__(*args, **kwargs)
         self.edge_dir = self.workdir / "edge"
         self.central_dir = self.workdir / "central"
@@ -55,36 +51,17 @@ class ChainDemo(_Demo):
 
     def start_stage(self, name: str, *args: str) -> "subprocess.Popen[bytes]":
         """Start ``persizmq ARGS`` (the same package as this one) as stage ``name``."""
-        env = dict(os.environ)
-        env[STATUS_INTERVAL_ENV] = "0"
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(package_root()), *filter(None, [env.get("PYTHONPATH")])]
-        )
         self.generations[name] = self.generations.get(name, 0) + 1
-        log_path = self.workdir / f"{name}-{self.generations[name]}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
-                [sys.executable, "-m", "persizmq", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+        proc = self.spawn(args, self.workdir / f"{name}-{self.generations[name]}.log")
         self.stages[name] = proc
-        self.recorders.append(proc)  # killed by _Demo.run's cleanup, whatever happens
         return proc
 
     def stage_log(self, name: str) -> str:
         """The end of the latest log of stage ``name``."""
-        path = self.workdir / f"{name}-{self.generations.get(name, 1)}.log"
-        try:
-            lines = path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(lines[-3:]) or "(empty log)"
+        return log_tail(self.workdir / f"{name}-{self.generations.get(name, 1)}.log")
 
-    def log_tail(self, number: int) -> str:
-        """The end of the recorder's log (for :meth:`_Demo.wait_subscribed`)."""
+    def recorder_log(self, number: int) -> str:
+        """The end of the recorder's log (for :meth:`Demo.wait_subscribed`)."""
         del number
         return self.stage_log("record")
 
@@ -95,19 +72,10 @@ class ChainDemo(_Demo):
     def run(self) -> int:
         """Tell the story; return the exit status (0 only if nothing was lost)."""
         self.say(f"working in {self.workdir}")
-        context: zmq.Context[Any] = zmq.Context()
-        pub: zmq.Socket[Any] = context.socket(zmq.XPUB)
-        try:
-            pub.setsockopt(zmq.LINGER, 0)
-            pub.setsockopt(zmq.XPUB_VERBOSE, 1)
-            pub.setsockopt(zmq.XPUB_NODROP, 1)
-            pub.setsockopt(zmq.SNDTIMEO, 100)
-            pub.bind(self.endpoint)
-            self.endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-            self.say(f"publisher: XPUB socket bound to {self.endpoint}")
+        with self.publisher() as pub:
             # The central host's application: a consumer process of its own would do the same.
             central = persizmq.PersistentStorage(self.central_dir, role="consumer")
-            consumer = _DemoConsumer(central, self.total)
+            consumer = DemoConsumer(central, self.total)
             consumer.start()
             try:
                 self._chain_story(pub, consumer)
@@ -116,18 +84,10 @@ class ChainDemo(_Demo):
                 central.close()
             with persizmq.PersistentStorage(self.central_dir, role="reader") as reader:
                 pending = len(reader)
-        finally:
-            for proc in self.recorders:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            pub.close(linger=0)
-            context.term()
-        if consumer.failure is not None:
-            raise CliError(f"demo: the consumer failed: {describe(consumer.failure)}")
+        consumer.raise_failure()
         return self._chain_table(consumer, pending)
 
-    def _chain_story(self, pub: "zmq.Socket[Any]", consumer: _DemoConsumer) -> None:
+    def _chain_story(self, pub: "zmq.Socket[Any]", consumer: DemoConsumer) -> None:
         quarter = self.total // 4
         serve = self.start_serve()
         record = self.start_stage(
@@ -159,41 +119,27 @@ class ChainDemo(_Demo):
             proc = self.stages[name]
             proc.send_signal(signal.SIGTERM)
             try:
-                self.codes[name] = proc.wait(timeout=_DEMO_DEADLINE)
+                self.codes[name] = proc.wait(timeout=DEMO_DEADLINE)
             except subprocess.TimeoutExpired:
                 self.codes[name] = None
         self.say(
             "stages exited with " + ", ".join(f"{name} {code}" for name, code in self.codes.items())
         )
 
-    def _chain_table(self, consumer: _DemoConsumer, pending: int) -> int:
-        lost = self.sent - consumer.distinct
+    def _chain_table(self, consumer: DemoConsumer, pending: int) -> int:
         rows = [
             ("sent", self.sent, "published to the edge's persizmq record"),
             ("consumed", consumer.consumed, "popped at the central host"),
-            ("lost", lost, "sent - consumed"),
-            ("duplicates", consumer.duplicates, ""),
-            ("out of order", consumer.out_of_order, ""),
         ]
-        self.out.write("\n")
-        for name, value, note in rows:
-            self.out.write(f"  {name:<13}{value:>8,}   {note}".rstrip() + "\n")
-        self.out.write("\n")
         problems: List[str] = []
-        if lost:
-            problems.append(f"{lost} messages lost")
-        if consumer.duplicates or consumer.out_of_order or consumer.foreign:
-            problems.append("duplicated, reordered or foreign messages")
-        if pending:
-            problems.append(f"{pending} messages left pending")
         for name, code in self.codes.items():
             if code != 0:
                 problems.append(f"persizmq {name} exited with {code} after SIGTERM (expected 0)")
-        if problems:
-            self.out.write(f"FAILED: {'; '.join(problems)}\n")
-            return EXIT_FAILURE
-        self.out.write(
+        return self.verdict(
+            consumer,
+            pending,
+            rows,
+            problems,
             "OK: every message published reached the central host's consumer exactly once, in "
-            "order, across a SIGKILL of the central host.\n"
+            "order, across a SIGKILL of the central host.\n",
         )
-        return EXIT_OK
