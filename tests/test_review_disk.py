@@ -120,9 +120,9 @@ _NAME_REUSE_CONSUMER = """
 import sys, persizmq
 s = persizmq.PersistentStorage(sys.argv[1], role="consumer")
 got = []
-while True:
-    m = s.front(block=True, timeout=3.0)
-    if m is None:
+while True:  # until the producer's "end" (an idle time-out quit early on a loaded machine)
+    m = s.front(block=True, timeout=30.0)
+    if m is None or m == b"end":
         break
     got.append(m[:3].decode())
     s.pop_front()
@@ -167,6 +167,7 @@ def test_failed_map_of_a_new_segment_never_reuses_its_name(tmp_path: pathlib.Pat
         # (after a refused add no segment 4 exists yet: the next add creates it)
         for n in range(5, 17):
             add(n)
+        p.add_message(b"end")
         p.close()
         received = consumer.communicate(timeout=30)[0].split()
         print(json.dumps({"error": error, "acked": acked, "received": received}))
