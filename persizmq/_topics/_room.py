@@ -12,8 +12,8 @@ stored), never a SIGBUS. The room grows by a quarter of the file (at least 256 K
 32 MiB): the reserved zeros count on the disk, and a quarter keeps them a small part of it
 whatever the store's size. The zeros after the last record are cut when the file stops being
 the active one (a compaction rolls over, or ``close()``), and after a crash by the next open
-(zeros are never a record). Nothing else maps
-or shrinks the file: the directory's lock keeps other processes out.
+(zeros are never a record). Nothing else maps or shrinks the file: the directory's lock keeps
+other processes out.
 """
 
 import contextlib
