@@ -28,6 +28,10 @@ writes into a ``.tmp`` file that the next open removes. Request and answer go ov
 and stdout as a JSON line and arrays of 64-bit numbers (no code-loading deserialiser; ``array``
 converts them from and to ints at C speed, in both processes).
 
+The helper also sums the live bytes for a compaction's look (:func:`live_bytes`, asked by
+:func:`encode_sum_request`, the same request without descriptors nor a compacted file), since
+that sum too would hold the writer's GIL.
+
 Within one chunk of records of one file, the work runs at C speed (``map`` over slices of the
 mapping, one ``struct`` call for all the (length, CRC) fields of the chunk, ``map(xor, ...)``),
 not record by record in Python; a chunk in which a record's length field is damaged is done
@@ -50,10 +54,14 @@ __all__ = [
     "HEADER",
     "Copied",
     "Source",
+    "Table",
     "copy_records",
     "decode_answer",
+    "decode_sum",
     "encode_answer",
     "encode_request",
+    "encode_sum_request",
+    "live_bytes",
     "main",
 ]
 
@@ -66,6 +74,8 @@ _CRC = struct.Struct("<I")
 
 #: A covered file: ``(descriptor, size, salt, seqs, offsets)`` (its table: two arrays "Q").
 Source = Tuple[int, int, int, "array.array[int]", "array.array[int]"]
+#: A file's table and size, ``(seqs, offsets, size)``: what :func:`live_bytes` needs of a file.
+Table = Tuple["array.array[int]", "array.array[int]", int]
 #: What :func:`copy_records` returns: the compacted file's table (``seqs``, ``offsets``), the
 #: damaged records ``(seq, their bytes)``, and where the compacted file now ends.
 Copied = Tuple["array.array[int]", "array.array[int]", List[Tuple[int, bytes]], int]
@@ -91,6 +101,35 @@ class _Deltas(Dict[int, int]):
         return value
 
 
+def live_bytes(live: "array.array[int]", tables: List[Table]) -> int:
+    """The bytes of the records whose seqs are ``live``, given the files' tables ``(seqs,
+    offsets, size)``. O(records), mostly at C speed (a store runs it in a helper process when
+    it can: it holds the GIL for as long as it takes, 150 ms at 100,000 topics)."""
+    sizes: Dict[int, int] = {}
+    for seqs, offsets, size in tables:
+        ends = offsets[1:]
+        ends.append(size)
+        # Backwards, so that a record's entry wins over the hole after it (same seq).
+        sizes.update(zip(reversed(seqs), reversed(list(map(sub, ends, offsets)))))
+    return sum(map(sizes.__getitem__, live))
+
+
+class _Fields(Dict[int, str]):
+    """Record size -> the ``struct`` format that reads its (length, CRC) and skips the rest,
+    made when first asked for (also by ``map(_FIELDS.__getitem__, ...)``, from C)."""
+
+    def __missing__(self, size: int) -> str:
+        fields = f"II{size - 8}x"
+        if len(self) < _FIELD_SHAPES:
+            self[size] = fields
+        return fields
+
+
+#: At most this many record sizes keep their format.
+_FIELD_SHAPES = 4096
+_FIELDS = _Fields()
+
+
 def copy_records(
     live: "array.array[int]",
     sources: List[Source],
@@ -111,13 +150,14 @@ def copy_records(
         mine = wanted[bisect.bisect_left(wanted, seqs[0]) : bisect.bisect_right(wanted, seqs[-1])]
         if not mine:
             continue
-        at: List[int] = []
-        if seqs[-1] - seqs[0] == len(seqs) - 1:  # consecutive (a plain file): no search
+        if seqs[-1] - seqs[0] == len(seqs) - 1:
+            # Consecutive (a plain file; a table never decreases, and a hole repeats a seq):
+            # every seq from the first to the last is there, no search.
             at = list(map(sub, mine, repeat(seqs[0])))
-        if list(map(seqs.__getitem__, at)) != mine:
+        else:
             at = list(map(bisect.bisect_left, repeat(seqs), mine))
-        if list(map(seqs.__getitem__, at)) != mine:
-            raise ValueError("a record to keep is not in the table of its file")
+            if list(map(seqs.__getitem__, at)) != mine:
+                raise ValueError("a record to keep is not in the table of its file")
         ends = offsets[1:]
         ends.append(size)
         starts = list(map(offsets.__getitem__, at))
@@ -158,7 +198,7 @@ def _copy_run(
     data = bytearray().join(map(view.__getitem__, map(slice, run_starts, run_ends)))
     if len(data) != sum(sizes):
         return None
-    codec = struct.Struct("<" + "".join(map("II{}x".format, map(sub, sizes, repeat(8)))))
+    codec = struct.Struct("<" + "".join(map(_FIELDS.__getitem__, sizes)))
     fields = codec.unpack_from(data)
     if list(fields[0::2]) != list(map(sub, sizes, repeat(HEADER))):
         return None
@@ -208,16 +248,31 @@ def encode_request(
     """The request to a helper: a JSON line (the files, the lengths), then the seqs to keep and
     the table of every source, as unsigned 64-bit numbers (native order: the helper runs on
     this machine)."""
+    head = _request_head(live, sources, out)
+    return b"".join([head, live.tobytes(), *_request_tables(sources)])
+
+
+def _request_head(
+    live: "array.array[int]", sources: List[Source], out: Optional[Tuple[int, int, int]]
+) -> bytes:
+    """A request's JSON line; ``out`` None asks for the sum of the live bytes."""
     files = [[fd, size, salt, len(seqs)] for fd, size, salt, seqs, _ in sources]
-    head = json.dumps({"count": len(live), "sources": files, "out": out}).encode()
-    parts = [head, b"\n", live.tobytes()]
+    return json.dumps({"count": len(live), "sources": files, "out": out}).encode() + b"\n"
+
+
+def _request_tables(sources: List[Source]) -> List[bytes]:
+    """The tables of a request's files, each its seqs then its offsets."""
+    parts: List[bytes] = []
     for _, _, _, seqs, offsets in sources:
         parts += (seqs.tobytes(), offsets.tobytes())
-    return b"".join(parts)
+    return parts
 
 
-def decode_request(data: bytes) -> Tuple["array.array[int]", List[Source], Tuple[int, int, int]]:
-    """The arguments of :func:`copy_records` in a request.
+def decode_request(
+    data: bytes,
+) -> Tuple["array.array[int]", List[Source], Optional[Tuple[int, int, int]]]:
+    """The arguments of :func:`copy_records` in a request (the compacted file None: the
+    request of :func:`encode_sum_request`).
 
     :raises ValueError: the request is not one.
     """
@@ -236,6 +291,8 @@ def decode_request(data: bytes) -> Tuple["array.array[int]", List[Source], Tuple
         at += 2 * length
     if at != len(numbers):
         raise ValueError(f"expected {at} numbers in the request, got {len(numbers)}")
+    if head["out"] is None:
+        return live, sources, None
     fd, pos, salt = head["out"]
     return live, sources, (fd, pos, salt)
 
@@ -265,13 +322,37 @@ def decode_answer(answer: bytes) -> Copied:
     return numbers[:count], numbers[count:], damaged, int(head["end"])
 
 
+def encode_sum_request(live: "array.array[int]", tables: List[Table]) -> bytes:
+    """The request to a helper to sum the live bytes (:func:`live_bytes`): that of a copy
+    without files (no descriptors, no salts) and no compacted file."""
+    sources = [(-1, size, 0, seqs, offsets) for seqs, offsets, size in tables]
+    head = _request_head(live, sources, None)
+    return b"".join([head, live.tobytes(), *_request_tables(sources)])
+
+
+def decode_sum(answer: bytes) -> int:
+    """The sum in a helper's answer to :func:`encode_sum_request`.
+
+    :raises ValueError: the answer is not one.
+    """
+    total = json.loads(answer).get("live_bytes") if answer.strip() else None
+    if not isinstance(total, int) or total < 0:
+        raise ValueError(f"expected the live bytes from the helper, got {answer[:100]!r}")
+    return total
+
+
 def main() -> int:
-    """The helper process: a request (:func:`encode_request`) on stdin, the answer
-    (:func:`encode_answer`) on stdout."""
+    """The helper process: a request (:func:`encode_request`, or :func:`encode_sum_request`)
+    on stdin, the answer (:func:`encode_answer`, or the sum as a JSON line) on stdout."""
     live, sources, out = decode_request(sys.stdin.buffer.read())
-    copied = copy_records(live, sources, out)
-    assert copied is not None
-    sys.stdout.buffer.write(encode_answer(copied))
+    if out is None:
+        tables = [(seqs, offsets, size) for _, size, _, seqs, offsets in sources]
+        answer = json.dumps({"live_bytes": live_bytes(live, tables)}).encode() + b"\n"
+    else:
+        copied = copy_records(live, sources, out)
+        assert copied is not None
+        answer = encode_answer(copied)
+    sys.stdout.buffer.write(answer)
     sys.stdout.flush()
     return 0
 

@@ -47,17 +47,17 @@ import struct
 import threading
 import time
 import zlib
-from operator import sub
 from typing import Any, Dict, List, Optional, Tuple
 
 from persizmq import _fs
 from persizmq._errors import ClosedError, CorruptionError, MessageTooLargeError
 from persizmq._message import Message
 from persizmq._topics import _durability, _encode, _format, _room
+from persizmq._topics._copier import live_bytes
 from persizmq._topics._files import LogFile, create_file, quarantine, recover
 from persizmq._topics._format import FILE_HEADER_SIZE
 
-__all__ = ["COMPACT_AT", "HOLD_AT", "HOLD_SECONDS", "RETRY_AFTER", "TopicCore"]
+__all__ = ["COMPACT_AT", "HOLD_AT", "HOLD_SECONDS", "RETRY_AFTER", "TopicCore", "live_bytes"]
 
 _LOGGER = logging.getLogger("persizmq")
 
@@ -75,8 +75,11 @@ _NEVER = 1 << 62  # a check_at no file reaches
 #: written. See ``bench/topics.py`` for the disk it takes before and after.
 COMPACT_AT = 2.5
 #: While a compaction runs, a writer that brings the disk to this many times the live bytes
-#: waits for it to end (see the module docstring).
-HOLD_AT = 3.5
+#: waits for it to end (see the module docstring). A compaction copies the live records once,
+#: and a writer at full speed writes as many bytes in about the same time (both scale with the
+#: live bytes), so the gap from COMPACT_AT is twice that: with 1x, every compaction of
+#: ``bench/topics.py`` made the writer wait (170,000 -> 200,000 updates/s with 2x).
+HOLD_AT = 4.5
 #: The longest a put waits for a compaction (then it returns, and waits no more until the next).
 HOLD_SECONDS = 1.0
 #: Seconds before a compaction that failed (a full disk, say) is tried again.
@@ -97,20 +100,6 @@ class _Records(Dict[int, struct.Struct]):
 #: At most this many record shapes are kept (the messages of a topic store have a few lengths).
 _RECORD_SHAPES = 4096
 RECORDS = _Records()
-
-
-def live_bytes(
-    live: "array.array[int]", tables: List[Tuple["array.array[int]", "array.array[int]", int]]
-) -> int:
-    """The bytes of the records whose seqs are ``live``, given the files' tables ``(seqs,
-    offsets, size)`` (copies: this runs without the lock). O(records), mostly at C speed."""
-    sizes: Dict[int, int] = {}
-    for seqs, offsets, size in tables:
-        ends = offsets[1:]
-        ends.append(size)
-        # Backwards, so that a record's entry wins over the hole after it (same seq).
-        sizes.update(zip(reversed(seqs), reversed(list(map(sub, ends, offsets)))))
-    return sum(map(sizes.__getitem__, live))
 
 
 class TopicCore:

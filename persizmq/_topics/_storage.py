@@ -59,7 +59,7 @@ class TopicStorageStats:
     compactions: int
     reclaimed_bytes: int
     last_compaction_seconds: float
-    #: Adds that waited for a compaction to catch up (the disk had reached 3.5 times the live
+    #: Adds that waited for a compaction to catch up (the disk had reached 4.5 times the live
     #: bytes while one ran; at most a second each).
     compaction_waits: int
     #: Damaged regions found and set aside in ``quarantine/`` (never returned), and their bytes.
