@@ -24,6 +24,7 @@ from persizmq._errors import (
     DirectoryError,
     InvalidArgumentError,
     LockedError,
+    MessageTooLargeError,
     MessageTypeError,
     StorageWriteError,
 )
@@ -186,6 +187,41 @@ def test_add_messages_stores_a_batch(tmp_path: pathlib.Path) -> None:
         assert storage.stats().unsynced_bytes == 0
     with persizmq.PersistentTopicStorage(tmp_path, sync="always") as storage:
         assert contents(storage) == {b"a": b"a 2", b"b": b"b 1", b"c": [b"c", b"x"]}
+
+
+def test_a_batch_of_plain_bytes_is_stored_as_single_adds_store_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """add_messages of plain bytes (the lean path: one lock for the batch) stores what
+    add_message of each would: the same contents and table, a reopen finds them, ``"always"``
+    fsyncs the batch, a batch larger than the reserved room grows it, one that reaches the
+    compaction threshold starts one, and a message too large refuses the whole batch."""
+    from persizmq._topics import _core
+
+    batch = [b"t%d %d" % (i % 700, i) + b"." * (i % 300) for i in range(9000)]  # ~1.7 MiB
+    with persizmq.PersistentTopicStorage(tmp_path / "one", sync="always") as singles:
+        for msg in batch:
+            singles.add_message(msg)
+        expected = contents(singles)
+        table = [list(log.seqs) for log in singles._core.files]
+    assert len(expected) == 700
+    store = tmp_path / "batch"
+    with persizmq.PersistentTopicStorage(store, sync="always", compact_min_bytes=1 << 40) as s:
+        assert s.add_messages(iter(batch)) == len(batch)
+        assert s.stats().unsynced_bytes == 0
+        assert contents(s) == expected
+        assert [list(log.seqs) for log in s._core.files] == table
+        monkeypatch.setattr(_core, "_MAX_BODY", 1000)
+        with pytest.raises(MessageTooLargeError, match="nothing of the batch was stored"):
+            s.add_messages([b"a 1", b"b " + b"x" * 1000])
+        monkeypatch.undo()
+        assert b"a" not in s
+    with persizmq.PersistentTopicStorage(store, compact_min_bytes=4096) as reopened:
+        assert contents(reopened) == expected
+        for _ in range(3):  # the disk at open counts as live: 2.5 times that is 3.5 batches on
+            reopened.add_messages(batch)
+        wait_until(lambda: reopened.stats().compactions >= 1)
+        assert contents(reopened) == expected
 
 
 def test_closed_storage_refuses_everything(tmp_path: pathlib.Path) -> None:

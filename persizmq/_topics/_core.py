@@ -47,6 +47,7 @@ import struct
 import threading
 import time
 import zlib
+from itertools import repeat
 from typing import Any, Dict, List, Optional, Tuple
 
 from persizmq import _fs
@@ -70,6 +71,7 @@ crc_seed = _format.record_seed
 _A, _B, _C = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 _M32 = 0xFFFFFFFF
 _NEVER = 1 << 62  # a check_at no file reaches
+_ONLY_BYTES = {bytes}
 #: A background compaction starts once the records on disk take this many times the room of
 #: the live ones: each then copies the live records once per (COMPACT_AT - 1) times their size
 #: written. See ``bench/topics.py`` for the disk it takes before and after.
@@ -314,6 +316,56 @@ class TopicCore:
         log.seqs.append(seq)
         log.offsets.append(end)
         return seq
+
+    def put_messages(self, msgs: "Any") -> int:  # noqa: ANN401 (an iterable of messages)
+        """Store a batch (no ``topic_of``); return how many were stored: the lean path of
+        ``add_messages`` for a batch of plain bytes -- one lock, one room check, and the
+        records packed as :meth:`put_message` packs one --, else :meth:`put_many`."""
+        batch = msgs if type(msgs) is list else list(msgs)
+        plain = batch and set(map(type, batch)) == _ONLY_BYTES
+        lengths = list(map(len, batch)) if plain else []
+        if not lengths or max(lengths) > _MAX_BODY:  # None entries, frames, the size refused
+            items = [e for e in map(_encode.encode, batch, repeat(None)) if e is not None]
+            self.put_many(items)
+            return len(items)
+        with self.lock:
+            if not self.writable:
+                raise self.refused()
+            log = self.active
+            needed = log.size + _HEADER * len(batch) + sum(lengths)
+            if needed > log.capacity:
+                _room.grow(log, needed)
+            view = log.map
+            salt = log.salt
+            index = self.index
+            seqs = log.seqs
+            offsets = log.offsets
+            for msg, length in zip(batch, lengths):
+                # As put_message: each record copied in order, then the state that names it.
+                space = msg.find(b" ")
+                topic = msg if space < 0 else msg[:space]
+                tlen = len(topic)
+                seq = self.seq
+                end = log.size
+                mix = (length * _A + (seq ^ (seq >> 32)) * _B + tlen * _C + _KIND_SINGLE) & _M32
+                RECORDS[length].pack_into(
+                    view,  # type: ignore[arg-type]  # the active file is mapped
+                    end,
+                    length,
+                    _crc32(msg, salt ^ mix),
+                    _KIND_SINGLE,
+                    seq,
+                    tlen,
+                    msg,
+                )
+                log.size = end + _HEADER + length
+                self.seq = seq + 1
+                seqs.append(seq)
+                offsets.append(end)
+                index[topic] = seq
+            if log.size >= self._slow_at:
+                self._after_write(log)
+        return len(batch)
 
     def put_many(self, items: List[_encode.Encoded]) -> None:
         """Store a batch of ``(topic, kind, body)`` with one write (and one fsync)."""

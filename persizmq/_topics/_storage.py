@@ -216,6 +216,9 @@ class PersistentTopicStorage:
         :raises: as :meth:`add_message`.
         """
         topic_of = self._topic_of
+        if topic_of is None:  # the lean path for plain bytes (see TopicCore.put_messages)
+            stored: int = self._core.put_messages(msgs)
+            return stored
         items = [e for e in (encode(m, topic_of) for m in msgs) if e is not None]
         self._core.put_many(items)
         return len(items)
