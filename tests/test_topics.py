@@ -203,14 +203,14 @@ def test_a_batch_of_plain_bytes_is_stored_as_single_adds_store_it(
         for msg in batch:
             singles.add_message(msg)
         expected = contents(singles)
-        table = [list(log.seqs) for log in singles._core.files]
+        table = [list(seqs) for seqs, _, _ in singles._core.tables()]
     assert len(expected) == 700
     store = tmp_path / "batch"
     with persizmq.PersistentTopicStorage(store, sync="always", compact_min_bytes=1 << 40) as s:
         assert s.add_messages(iter(batch)) == len(batch)
         assert s.stats().unsynced_bytes == 0
         assert contents(s) == expected
-        assert [list(log.seqs) for log in s._core.files] == table
+        assert [list(seqs) for seqs, _, _ in s._core.tables()] == table
         monkeypatch.setattr(_core, "_MAX_BODY", 1000)
         with pytest.raises(MessageTooLargeError, match="nothing of the batch was stored"):
             s.add_messages([b"a 1", b"b " + b"x" * 1000])

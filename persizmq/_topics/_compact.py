@@ -148,7 +148,9 @@ def _roll(core: TopicCore) -> Tuple[List[LogFile], "array.array[int]"]:
         raise
     with core.lock:
         covered = list(core.files)
+        core.active.full_table()
         _room.unmap(core.active)  # immutable from now on, without its reserved room
+        active.tail_seq = core.seq
         core.files.append(active)
         core.active = active
         live = array.array("Q", core.index.values())

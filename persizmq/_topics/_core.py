@@ -8,9 +8,12 @@ never changes, since a compaction copies a record with its ``seq`` (see ``_forma
 open log file (``files``, in generation order; ``active`` is the last, the one appended to)
 has a *table*: the ``seq`` and the offset of every record in it, in order, two arrays of
 64-bit numbers (and of every damaged region that recovery found after a record, with that
-record's seq: see ``_format.scan_records``). A record is found by its ``seq``: the file is the
-last one whose table starts at or below it (there are two or three), the offset is a binary
-search in its table, and the record ends exactly where the next entry starts. So a compaction
+record's seq: see ``_format.scan_records``). The active file's new records have consecutive
+seqs, so a put appends only its offset (``LogFile.tail_seq``: one call, which an interrupt
+cannot split). A record is found by its ``seq``: the file is the last one whose table starts
+at or below it (there are two or three), the offset is a binary search in its table (or
+arithmetic in the active file's tail), and the record ends exactly where the next entry
+starts. So a compaction
 never touches the index: it hands its helper the seqs to keep and the tables, and gets back
 the compacted file's table, all as arrays that convert at C speed; the writer's share of a
 compaction is a few C-speed copies (see ``_compact``). One lock guards all of it; reads
@@ -177,6 +180,7 @@ class TopicCore:
         elif found.changed and self.durable:
             _fs.fsync_directory(self.directory)
         _room.map_for_writing(last)
+        last.tail_seq = self.seq  # its table is full: the next put's seq is the first implicit
         self.active = last
 
     # ------------------------------------------------------------------ files
@@ -199,16 +203,23 @@ class TopicCore:
         """
         for log in reversed(self.files):
             seqs = log.seqs
-            if seqs and seqs[0] <= seq:
+            offsets = log.offsets
+            if len(offsets) > len(seqs) and seq >= log.tail_seq:  # the table's implicit tail
+                at = len(seqs) + seq - log.tail_seq
+                if at >= len(offsets):
+                    break
+            elif seqs and seqs[0] <= seq:
                 at = bisect.bisect_left(seqs, seq)
                 if at == len(seqs) or seqs[at] != seq:
                     break
-                offsets = log.offsets
-                return log, offsets[at], offsets[at + 1] if at + 1 < len(offsets) else log.size
+            else:
+                continue
+            return log, offsets[at], offsets[at + 1] if at + 1 < len(offsets) else log.size
         raise KeyError(seq)
 
     def tables(self) -> List[Tuple["array.array[int]", "array.array[int]", int]]:
         """Copies of the files' tables, with the files' sizes (lock held; C speed)."""
+        self.active.full_table()
         return [(log.seqs[:], log.offsets[:], log.size) for log in self.files]
 
     def set_thresholds(self) -> None:
@@ -269,8 +280,7 @@ class TopicCore:
             )
             log.size = new_end
             self.seq = seq + 1
-            log.seqs.append(seq)
-            log.offsets.append(end)
+            log.offsets.append(end)  # its seq is implicit (see LogFile.tail_seq)
             self.index[topic] = seq
             if new_end >= self._slow_at:
                 self._after_write(log)
@@ -313,8 +323,7 @@ class TopicCore:
         )
         log.size = end + _HEADER + length
         self.seq = seq + 1
-        log.seqs.append(seq)
-        log.offsets.append(end)
+        log.offsets.append(end)  # its seq is implicit (see LogFile.tail_seq)
         return seq
 
     def put_messages(self, msgs: "Any") -> int:  # noqa: ANN401 (an iterable of messages)
@@ -338,7 +347,6 @@ class TopicCore:
             view = log.map
             salt = log.salt
             index = self.index
-            seqs = log.seqs
             offsets = log.offsets
             for msg, length in zip(batch, lengths):
                 # As put_message: each record copied in order, then the state that names it.
@@ -360,8 +368,7 @@ class TopicCore:
                 )
                 log.size = end + _HEADER + length
                 self.seq = seq + 1
-                seqs.append(seq)
-                offsets.append(end)
+                offsets.append(end)  # its seq is implicit (see LogFile.tail_seq)
                 index[topic] = seq
             if log.size >= self._slow_at:
                 self._after_write(log)

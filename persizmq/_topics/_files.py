@@ -50,6 +50,7 @@ class LogFile:
         "seqs",
         "size",
         "synced",
+        "tail_seq",
     )
 
     def __init__(self, path: pathlib.Path, fd: int, header: FileHeader, size: int) -> None:
@@ -69,8 +70,21 @@ class LogFile:
         self.capacity = size
         #: The file's table: the ``seq`` and the offset of every record in it, in order (the
         #: index names records by their ``seq``; see ``_core``).
+        #: The active file's records get consecutive seqs, so a put appends only its offset:
+        #: the entries of ``offsets`` past ``len(seqs)`` have the seqs ``tail_seq``,
+        #: ``tail_seq + 1``, ... (one append per put is one call: a KeyboardInterrupt, raised
+        #: after a call, cannot fall between a seq and its offset). :meth:`full_table` writes
+        #: them out; a file stops being active with its table full.
         self.seqs = array.array("Q")
         self.offsets = array.array("Q")
+        self.tail_seq = 0
+
+    def full_table(self) -> None:
+        """Write the implicit seqs of the table's tail into ``seqs`` (the store's lock held)."""
+        missing = len(self.offsets) - len(self.seqs)
+        if missing > 0:
+            self.seqs.extend(range(self.tail_seq, self.tail_seq + missing))
+            self.tail_seq += missing
 
     def __repr__(self) -> str:
         """Name the file."""
