@@ -328,18 +328,20 @@ class PersistentStorage:
         worker thread then)."""
         if self._lean_read:  # the lean path of front(): a message read ahead, known durable
             queue = self._queue
-            if not queue.lock.acquire(blocking=False):  # an add may hold it through an fsync
-                return False, None
-            try:
-                consumer = queue.consumer
-                assert consumer is not None
-                i = consumer.ahead_i
-                if i < consumer.ahead_ok and not queue.closing:
-                    msg = consumer.ahead[i]
-                    self._held.pops = consumer.pops
-                    return True, msg if isinstance(msg, bytes) else list(msg)
-            finally:
-                queue.lock.release()
+            with queue.try_gate as got:  # not waiting: an add may hold it through an fsync
+                try:
+                    if not got:
+                        return False, None
+                    consumer = queue.consumer
+                    assert consumer is not None
+                    i = consumer.ahead_i
+                    if i < consumer.ahead_ok and not queue.closing:
+                        msg = consumer.ahead[i]
+                        self._held.pops = consumer.pops
+                        return True, msg if isinstance(msg, bytes) else list(msg)
+                finally:
+                    if got:
+                        queue.lock.release()
         self._check("read from", self._consume)
         return self._queue.try_front(self._held)
 

@@ -91,10 +91,13 @@ def _interrupt_calls(
     return interrupts
 
 
-@pytest.mark.parametrize("call", ["add_message", "front", "pop_front"])
+@pytest.mark.parametrize("call", ["add_message", "front", "pop_front", "try_front", "queue"])
 def test_an_interrupt_in_a_lean_path_never_leaves_the_lock_held(
     tmp_path: pathlib.Path, interrupter: types.SimpleNamespace, call: str, seconds: float
 ) -> None:
+    """Also try_front (the event loop's non-blocking front), lean and general ("queue"): its
+    ``acquire(blocking=False)`` then ``try`` leaked the lock (found after the review; see
+    ``persizmq/_engine/_try_lock.py``)."""
     storage = persizmq.PersistentStorage(tmp_path / "q", sync="never")
     try:
 
@@ -108,6 +111,8 @@ def test_an_interrupt_in_a_lean_path_never_leaves_the_lock_held(
             "add_message": lambda: storage.add_message(b"x" * 10),
             "front": storage.front,
             "pop_front": storage.pop_front,
+            "try_front": storage.try_front,
+            "queue": lambda: storage._queue.try_front(storage._held),
         }
         interrupts = _interrupt_calls(storage, interrupter, calls[call], refill, seconds)
         assert interrupts > 0, "no interrupt landed in the call: the test proved nothing"

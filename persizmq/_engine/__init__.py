@@ -10,6 +10,7 @@
 * ``_consumer``: the consumer role and the read-only reader;
 * ``_legacy`` and ``_v2_position``: what persizmq 1.0.x and 2.0.0 left behind;
 * ``_queue``: the open queue of a directory (bounds, waits) that handles share;
+* ``_try_lock``: a non-blocking acquire that an interrupt cannot leak;
 * ``_registry``: one open queue per directory per process, and the exit hook.
 """
 

@@ -48,6 +48,7 @@ from persizmq._engine._format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 from persizmq._engine._ledger import Ledger
 from persizmq._engine._position import read_position
 from persizmq._engine._registry import check_same, lock_wait
+from persizmq._engine._try_lock import try_lock
 from persizmq._engine._writer import Writer
 from persizmq._errors import ClosedError, QueueFullError, StorageWriteError
 from persizmq._message import Message
@@ -63,20 +64,6 @@ Record = Tuple[bytes, int]
 
 
 _BOUNDS = ("max_messages", "max_bytes", "overflow")
-
-
-class _Release:
-    """Release, at the end of a ``with`` block, a lock acquired before it."""
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self._lock = lock
-
-    def __enter__(self) -> None:
-        """Nothing: the lock is held already."""
-
-    def __exit__(self, *exc_info: object) -> None:
-        """Release the lock."""
-        self._lock.release()
 
 
 class Options(NamedTuple):
@@ -100,6 +87,7 @@ class Queue:
         self.sync = options.sync
         self.readonly = readonly
         self.lock = threading.Lock()
+        self.try_gate = try_lock(self.lock)  # a non-blocking acquire (see _try_lock)
         self.cond = threading.Condition(self.lock)
         self.durability = Durability(self.lock, directory, options.sync, options.sync_interval)
         self.ledger = Ledger(directory)
@@ -125,6 +113,7 @@ class Queue:
         """In a child made by ``fork()``: closed, touching nothing (see the module docstring)."""
         self.forked_from = os.getppid()
         self.lock = threading.Lock()
+        self.try_gate = try_lock(self.lock)
         self.cond = threading.Condition(self.lock)
         self.durability.after_fork(self.lock)
         self.closed = self.closing = True
@@ -539,24 +528,32 @@ class Queue:
         """``(True, message or None)`` if answering needs no fsync and no wait, else
         ``(False, None)`` — also when the lock is busy (an event loop must never wait for a
         thread that is in the middle of an fsync)."""
-        if not self.lock.acquire(blocking=False):
-            return False, None
-        with _Release(self.lock):
-            self.check_open("read from")
-            consumer = self.consumer
-            assert consumer is not None
+        with self.try_gate as got:
             try:
-                found = consumer.front(self.writer_end())
-                if found is None:
-                    return True, None
-                msg, base, _end = found
-                if not self._durable_enough(consumer, base):
+                if not got:
                     return False, None
+                return self._try_front_locked(held)
             finally:
-                if self.readonly:
-                    consumer.release()
-            consumer.hold(held)
-            return True, (list(msg) if msg.__class__ is list else msg)
+                if got:
+                    self.lock.release()
+
+    def _try_front_locked(self, held: Holder) -> Tuple[bool, Optional[Message]]:
+        """:meth:`try_front` with the lock held."""
+        self.check_open("read from")
+        consumer = self.consumer
+        assert consumer is not None
+        try:
+            found = consumer.front(self.writer_end())
+            if found is None:
+                return True, None
+            msg, base, _end = found
+            if not self._durable_enough(consumer, base):
+                return False, None
+        finally:
+            if self.readonly:
+                consumer.release()
+        consumer.hold(held)
+        return True, (list(msg) if msg.__class__ is list else msg)
 
     def pop(self, held: Holder) -> bool:
         """Remove the oldest pending message, or nothing if the one ``held`` was shown is gone
