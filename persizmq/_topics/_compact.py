@@ -82,12 +82,29 @@ class _Stopped(Exception):  # noqa: N818 (a signal, not an error)
     """``close()`` asked the compaction to stop."""
 
 
-def run(core: TopicCore, *, raise_errors: bool = False, forced: bool = False) -> None:
-    """Compact ``core`` (its ``compacting`` flag is set by the caller) -- unless not
-    ``forced`` and the disk is not far enough past the live bytes; never raises unless
-    ``raise_errors``."""
+def run(
+    core: TopicCore, *, raise_errors: bool = False, forced: bool = False, claim: bool = False
+) -> None:
+    """Compact ``core`` -- unless not ``forced`` and the disk is not far enough past the live
+    bytes; never raises unless ``raise_errors``. ``claim``: wait for a compaction under way and
+    set the ``compacting`` flag here (``compact()``); else the caller set it.
+
+    The flag is cleared in a ``finally`` whose first act is that (the lock taken by a ``with``
+    on the lock itself, whose ``__enter__`` is C): an interrupt (``compact()`` runs in the
+    caller's thread) cannot leave it set, which would make ``close()`` wait for ever. Never
+    ``with core.wake``: ``Condition.__exit__`` is a Python function, an interrupt at its start
+    leaves the lock held."""
     started = time.monotonic()
+    claimed = not claim
     try:
+        if claim:
+            with core.lock:  # not core.wake: Condition.__enter__/__exit__ are Python code
+                while core.compacting:
+                    core.wake.wait()
+                if not core.writable:
+                    raise core.refused()  # noqa: TRY301 (inside the try whose finally clears)
+                core.compacting = claimed = True  # two stores, no call between
+                core.set_thresholds()
         if forced or _warranted(core):
             live = _compact(core)
             with core.lock:
@@ -98,17 +115,20 @@ def run(core: TopicCore, *, raise_errors: bool = False, forced: bool = False) ->
     except _Stopped:
         pass
     except Exception:
+        if not claimed:
+            raise
         with core.lock:
             core.compact_retry_at = time.monotonic() + RETRY_AFTER
         if raise_errors:
             raise
         _LOGGER.exception("persizmq: compacting %s failed; tried again later", core.directory)
     finally:
-        with core.wake:
-            core.compacting = False
-            if not core.closed:
-                core.set_thresholds()
-            core.wake.notify_all()
+        if claimed:
+            with core.lock:
+                core.compacting = False
+                if not core.closed:
+                    core.set_thresholds()
+                core.wake.notify_all()
 
 
 def _warranted(core: TopicCore) -> bool:
@@ -147,12 +167,18 @@ def _roll(core: TopicCore) -> Tuple[List[LogFile], "array.array[int]"]:
         os.close(active.fd)
         raise
     with core.lock:
+        old = core.active
         covered = list(core.files)
-        core.active.full_table()
-        _room.unmap(core.active)  # immutable from now on, without its reserved room
-        active.tail_seq = core.seq
-        core.files.append(active)
+        for log in covered:  # the copy reads the seqs (one extend each: see LogFile.tail_seq)
+            log.full_table()
+        active.tail_at, active.tail_seq = 0, core.seq
+        files = [*covered, active]
+        # The switch: two stores and no call between them, so no KeyboardInterrupt (raised
+        # after a call: compact() runs in the caller's thread) falls between; one after them
+        # leaves the old file mapped, which close() unmaps.
+        core.files = files
         core.active = active
+        _room.unmap(old)  # immutable from now on, without its reserved room
         live = array.array("Q", core.index.values())
         core.estimate_topics = len(live)
         core.set_thresholds()

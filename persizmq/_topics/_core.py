@@ -40,6 +40,7 @@ there waits for the compaction to end (at most :data:`HOLD_SECONDS` per put), so
 bounded however slowly the compaction goes against the writers.
 """
 
+import _thread
 import array
 import bisect
 import contextlib
@@ -49,6 +50,7 @@ import pathlib
 import struct
 import threading
 import time
+import weakref
 import zlib
 from itertools import repeat
 from typing import Any, Dict, List, Optional, Tuple
@@ -120,6 +122,7 @@ class TopicCore:
         self.sync_interval = sync_interval
         self.compact_min_bytes = compact_min_bytes
         self.handles = 0  # PersistentTopicStorage objects sharing this store (see _storage)
+        self.forked_from: Optional[int] = None  # the parent's pid, in a child of fork()
         self.registry_key: Tuple[int, int] = (0, 0)
         self.always = sync == "always"
         self.durable = sync != "never"
@@ -139,7 +142,6 @@ class TopicCore:
         self.last_compaction_seconds = 0.0
         self.check_at = self._slow_at = _NEVER
         self._syncer: Optional[threading.Thread] = None
-        self._compactor: Optional[threading.Thread] = None
         self._lock_fd = _fs.acquire_lock(directory / _format.LOCK_FILE, "opener")
         try:
             self._recover()
@@ -162,6 +164,7 @@ class TopicCore:
                 daemon=True,
             )
             self._syncer.start()
+        _ALL.add(self)
 
     def _recover(self) -> None:
         """Recover the files (see ``_files``) and open the active one (the lock is held)."""
@@ -180,7 +183,8 @@ class TopicCore:
         elif found.changed and self.durable:
             _fs.fsync_directory(self.directory)
         _room.map_for_writing(last)
-        last.tail_seq = self.seq  # its table is full: the next put's seq is the first implicit
+        # Its table is full: the next put's offset is entry len(offsets), its seq self.seq.
+        last.tail_at, last.tail_seq = len(last.offsets), self.seq
         self.active = last
 
     # ------------------------------------------------------------------ files
@@ -202,18 +206,18 @@ class TopicCore:
         :raises KeyError: no file holds it (an index entry without a record: never).
         """
         for log in reversed(self.files):
-            seqs = log.seqs
             offsets = log.offsets
-            if len(offsets) > len(seqs) and seq >= log.tail_seq:  # the table's implicit tail
-                at = len(seqs) + seq - log.tail_seq
+            if seq >= log.tail_seq:  # the implicit tail (see LogFile.tail_seq)
+                at = log.tail_at + seq - log.tail_seq
                 if at >= len(offsets):
                     break
-            elif seqs and seqs[0] <= seq:
+            else:
+                seqs = log.seqs
+                if not seqs or seqs[0] > seq:
+                    continue
                 at = bisect.bisect_left(seqs, seq)
                 if at == len(seqs) or seqs[at] != seq:
                     break
-            else:
-                continue
             return log, offsets[at], offsets[at + 1] if at + 1 < len(offsets) else log.size
         raise KeyError(seq)
 
@@ -239,8 +243,34 @@ class TopicCore:
 
     # ------------------------------------------------------------------ writing
 
+    def after_fork(self) -> None:
+        """In a child made by ``fork()``: closed, touching nothing of the parent's (its close
+        at the child's exit cut the parent's active file to the size it had at the fork, and
+        the parent's next puts into its mapping died of SIGBUS)."""
+        self.forked_from = os.getppid()
+        self.lock = threading.Lock()  # one a thread of the parent held at the fork stays held
+        self.wake = threading.Condition(self.lock)
+        self.closed = self.stopping = True
+        self.writable = self.compacting = False
+        self._syncer = None
+        for log in self.files:  # the child's copies only: the parent's stay as they are
+            if log.map is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    log.map.close()
+            with contextlib.suppress(OSError):
+                os.close(log.fd)
+        self.files = []
+        with contextlib.suppress(OSError):  # the parent's flock lives on in its descriptor
+            os.close(self._lock_fd)
+
     def refused(self) -> Exception:
-        """The exception for a write to a closed or failed store."""
+        """The exception for a use of a closed, forked or failed store."""
+        if self.forked_from is not None:
+            return ClosedError(
+                f"the topic storage of {str(self.directory)!r} was opened by process "
+                f"{self.forked_from} before a fork(); stores are not shared across fork(): "
+                f"open it again in this process"
+            )
         if self.closed or self.stopping:
             return ClosedError(f"the topic storage of {str(self.directory)!r} was closed")
         return _durability.failure_error(self)
@@ -430,14 +460,16 @@ class TopicCore:
             if self.compact_retry_at and time.monotonic() < self.compact_retry_at:
                 self.set_thresholds()
                 return
-            self.compacting = True
-            self.set_thresholds()
             from persizmq._topics import _compact  # noqa: PLC0415 (they refer to each other)
 
-            self._compactor = threading.Thread(
-                target=_compact.run, args=(self,), name="persizmq-topics-compact", daemon=True
-            )
-            self._compactor.start()
+            # The flag, then the thread that clears it, started by one C call with no call in
+            # between: a KeyboardInterrupt (raised after a call) cannot leave the flag set
+            # without a thread (Thread.start() is Python code: one landing inside it before
+            # the thread began left ``compacting`` set for good, and close() waiting for ever).
+            # The compaction takes the lock first, so the thresholds are set before it ends.
+            self.compacting = True
+            _thread.start_new_thread(_compact.run, (self,))
+            self.set_thresholds()
             return
         # A compaction runs and the disk reached HOLD_AT times the live bytes: wait for it.
         self.holds += 1
@@ -456,7 +488,7 @@ class TopicCore:
         """Return the newest message of ``topic``, or None (also if its record is damaged)."""
         with self.lock:
             if self.closed:
-                raise ClosedError(f"the topic storage of {str(self.directory)!r} was closed")
+                raise self.refused()
             seq = self.index.get(topic)
             if seq is None:
                 return None
@@ -537,21 +569,14 @@ class TopicCore:
         """Run a compaction in this thread (after one under way, if any) and wait for it."""
         from persizmq._topics import _compact  # noqa: PLC0415 (the two modules refer to each other)
 
-        with self.wake:
-            while self.compacting:
-                self.wake.wait()
-            if not self.writable:
-                raise self.refused()
-            self.compacting = True
-            self.set_thresholds()
-        _compact.run(self, raise_errors=True, forced=True)
+        _compact.run(self, raise_errors=True, forced=True, claim=True)
 
     def close(self) -> Optional[Exception]:
         """Stop the background work, fsync (unless ``"never"``), close the files, unlock.
 
         Returns (does not raise) the error of a failed fsync, if there was one.
         """
-        with self.wake:
+        with self.lock:  # not self.wake: Condition.__exit__ is Python, an interrupt leaks it
             if self.closed:
                 return None
             self.stopping = True
@@ -559,9 +584,9 @@ class TopicCore:
             self.wake.notify_all()
             while self.compacting:  # it stops at its next step (compact() in any thread too)
                 self.wake.wait()
-        for thread in (self._syncer, self._compactor):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join()
+        # A compaction thread ends right after it clears ``compacting`` (touching nothing).
+        if self._syncer is not None and self._syncer is not threading.current_thread():
+            self._syncer.join()
         with self.lock:
             if self.failure is None and self.durable:
                 with contextlib.suppress(OSError):  # a StorageWriteError: kept in failure
@@ -574,3 +599,15 @@ class TopicCore:
             self.closed = True
             _fs.release_lock(self._lock_fd)
             return None if self.failure is None else _durability.failure_error(self)
+
+
+#: Every store of this process, for the fork hook.
+_ALL: "weakref.WeakSet[TopicCore]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for core in list(_ALL):
+        core.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -30,9 +30,11 @@ from persizmq import _fs
 from persizmq._topics import _format
 from persizmq._topics._format import FILE_HEADER_SIZE, FileHeader
 
-__all__ = ["LogFile", "Recovered", "create_file", "quarantine", "recover", "write_all"]
+__all__ = ["NO_TAIL", "LogFile", "Recovered", "create_file", "quarantine", "recover", "write_all"]
 
 _LOGGER = logging.getLogger("persizmq")
+#: The ``tail_seq`` of a file without an implicit tail (above every seq).
+NO_TAIL = 1 << 64
 
 
 class LogFile:
@@ -50,6 +52,7 @@ class LogFile:
         "seqs",
         "size",
         "synced",
+        "tail_at",
         "tail_seq",
     )
 
@@ -71,20 +74,25 @@ class LogFile:
         #: The file's table: the ``seq`` and the offset of every record in it, in order (the
         #: index names records by their ``seq``; see ``_core``).
         #: The active file's records get consecutive seqs, so a put appends only its offset:
-        #: the entries of ``offsets`` past ``len(seqs)`` have the seqs ``tail_seq``,
+        #: from the entry ``tail_at`` of ``offsets`` on, the records have the seqs ``tail_seq``,
         #: ``tail_seq + 1``, ... (one append per put is one call: a KeyboardInterrupt, raised
-        #: after a call, cannot fall between a seq and its offset). :meth:`full_table` writes
-        #: them out; a file stops being active with its table full.
+        #: after a call, cannot fall between a seq and its offset). The pair is set once, when
+        #: the file becomes the active one, and stays true for good (the file only grows, then
+        #: is immutable); :meth:`full_table` writes the implicit seqs out (one ``extend``, so
+        #: an interrupt leaves it done or not done, never the pair out of step with the
+        #: arrays). A file that never was the active one has no implicit tail.
         self.seqs = array.array("Q")
         self.offsets = array.array("Q")
-        self.tail_seq = 0
+        self.tail_at = 0
+        self.tail_seq = NO_TAIL
 
     def full_table(self) -> None:
         """Write the implicit seqs of the table's tail into ``seqs`` (the store's lock held)."""
-        missing = len(self.offsets) - len(self.seqs)
+        have = len(self.seqs)
+        missing = len(self.offsets) - have
         if missing > 0:
-            self.seqs.extend(range(self.tail_seq, self.tail_seq + missing))
-            self.tail_seq += missing
+            first = self.tail_seq + have - self.tail_at
+            self.seqs.extend(range(first, first + missing))
 
     def __repr__(self) -> str:
         """Name the file."""
