@@ -47,7 +47,6 @@ import contextlib
 import logging
 import os
 import pathlib
-import struct
 import threading
 import time
 import weakref
@@ -71,6 +70,7 @@ _MAX_BODY = _format.MAX_BODY
 _HEADER = _format.RECORD_HEADER_SIZE
 _KIND_SINGLE = _format.KIND_SINGLE
 _crc32 = zlib.crc32
+RECORDS = _format.RECORDS
 crc_seed = _format.record_seed
 # The mix of record_seed(), inlined on the write path.
 _A, _B, _C = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
@@ -91,22 +91,6 @@ HOLD_AT = 4.5
 HOLD_SECONDS = 1.0
 #: Seconds before a compaction that failed (a full disk, say) is tried again.
 RETRY_AFTER = 5.0
-
-
-class _Records(Dict[int, struct.Struct]):
-    """Body length -> the ``struct`` of a whole record (header, then the body), made when first
-    asked for: a put packs a record into the mapping in one call."""
-
-    def __missing__(self, length: int) -> struct.Struct:
-        codec = struct.Struct(f"<IIBQI{length}s")
-        if len(self) < _RECORD_SHAPES:
-            self[length] = codec
-        return codec
-
-
-#: At most this many record shapes are kept (the messages of a topic store have a few lengths).
-_RECORD_SHAPES = 4096
-RECORDS = _Records()
 
 
 class TopicCore:

@@ -62,6 +62,7 @@ __all__ = [
     "LOCK_FILE",
     "MAX_BODY",
     "QUARANTINE_DIR",
+    "RECORDS",
     "RECORD_HEADER_SIZE",
     "TMP_SUFFIX",
     "FileHeader",
@@ -93,6 +94,23 @@ _FILE_HEADER = struct.Struct("<8sHHIQQ4x")
 FILE_HEADER_SIZE = _FILE_HEADER.size + 4  # 40
 _RECORD = struct.Struct("<IIBQI")
 RECORD_HEADER_SIZE = _RECORD.size  # 21
+
+
+class _Records(Dict[int, struct.Struct]):
+    """Body length -> the ``struct`` of a whole record (header, then the body), made when first
+    asked for: a put packs a record into the store's mapping in one call."""
+
+    def __missing__(self, length: int) -> struct.Struct:
+        codec = struct.Struct(f"<IIBQI{length}s")
+        if len(self) < _RECORD_SHAPES:
+            self[length] = codec
+        return codec
+
+
+#: At most this many record shapes are kept (the messages of a topic store have a few lengths).
+_RECORD_SHAPES = 4096
+#: The records' shapes by body length (see :class:`_Records`).
+RECORDS = _Records()
 pack_record_header = _RECORD.pack
 pack_record_header_into = _RECORD.pack_into
 unpack_record_header = _RECORD.unpack_from
