@@ -57,7 +57,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 from persizmq import _fs
 from persizmq._topics import _copier, _durability, _room
@@ -68,6 +68,7 @@ from persizmq._topics._format import FILE_HEADER_SIZE
 __all__ = ["HELPER_MIN_RECORDS", "run"]
 
 _LOGGER = logging.getLogger("persizmq")
+_T = TypeVar("_T")
 #: A compaction of at least this many records copies in a helper process (see ``_copier``);
 #: a smaller one copies in this thread, sooner than a process would start.
 HELPER_MIN_RECORDS = 16384
@@ -278,15 +279,7 @@ def _in_helper(
     copies, now and from now on)."""
     fds = [source[0] for source in sources] + [target[0]]
     request = _copier.encode_request(live, sources, target)
-    answer = _helper_answer(core, request, fds)
-    if answer is None:
-        return None
-    try:
-        return _copier.decode_answer(answer)
-    except ValueError as err:
-        core.use_helper = False
-        _LOGGER.warning("persizmq: the compaction helper answered nonsense (%s); copying here", err)
-        return None
+    return _decoded(core, _helper_answer(core, request, fds), _copier.decode_answer, "copying")
 
 
 def _summed_in_helper(
@@ -295,13 +288,23 @@ def _summed_in_helper(
     """The live bytes, summed in a helper process (the sum holds the GIL for 150 ms at 100,000
     topics: in this process that is time taken from the writers); None if no helper could."""
     answer = _helper_answer(core, _copier.encode_sum_request(live, tables), [])
+    return _decoded(core, answer, _copier.decode_sum, "summing")
+
+
+def _decoded(
+    core: TopicCore, answer: Optional[bytes], decode: Callable[[bytes], _T], doing: str
+) -> Optional[_T]:
+    """``decode(answer)``; None if there is no answer, or if it is nonsense (a helper that
+    broke: then this process does the work, now and from now on)."""
     if answer is None:
         return None
     try:
-        return _copier.decode_sum(answer)
+        return decode(answer)
     except ValueError as err:
         core.use_helper = False
-        _LOGGER.warning("persizmq: the compaction helper answered nonsense (%s); summing here", err)
+        _LOGGER.warning(
+            "persizmq: the compaction helper answered nonsense (%s); %s here", err, doing
+        )
         return None
 
 
