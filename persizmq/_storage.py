@@ -13,17 +13,14 @@ import contextlib
 import math
 import pathlib
 import sys
-import zlib
 from types import TracebackType
 from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Tuple, Type
 
 from persizmq import _fs
 from persizmq._checks import check_choice, check_optional_int, check_seconds
-from persizmq._engine import _format, _registry
+from persizmq._engine import _format, _lean, _registry
 from persizmq._engine._consumer import Consumer, Holder, Mark, ThreadMark
 from persizmq._engine._ledger import Ledger
-from persizmq._engine._position import PositionLog
-from persizmq._engine._position import check as position_check
 from persizmq._engine._queue import Options, Queue
 from persizmq._engine._segment import QUARANTINE_DIR
 from persizmq._errors import (
@@ -46,18 +43,6 @@ ROLES = ("both", "producer", "consumer", "reader")
 _SINGLE = _format.KIND_SINGLE
 _MULTIPART = _format.KIND_MULTIPART
 _MAX_PAYLOAD = _format.MAX_PAYLOAD
-
-# The lean paths of add_message, front and pop_front (see "Lean paths" in the class): what they
-# use, bound once.
-_RECORD = _format.RECORD_HEADER_SIZE
-_SINGLE_TAG = _format.KIND_SINGLE << _format.KIND_SHIFT
-_SEED_TAG, _SEED_LENGTH = _format.SEED_TAG, _format.SEED_LENGTH
-_pack_record = _format.pack_record_header_into
-_crc32 = zlib.crc32
-_pack_slot = PositionLog.SLOT.pack_into
-_SLOT_SIZE = PositionLog.SLOT.size
-_LAST_SLOT = PositionLog.SLOTS - 1
-_check_slot = position_check
 
 
 def _encode(msg: object, limit: int) -> Optional[Tuple[bytes, int]]:
@@ -204,34 +189,8 @@ class PersistentStorage:
             add whose fsync failed may or may not have been stored — do not add it again).
         :raises ClosedError: the storage was closed.
         """
-        if self._lean_add and isinstance(msg, bytes):  # the lean path: see "Lean paths"
-            queue = self._queue
-            with queue.lock:  # not acquire()+try: an interrupt between them leaks the lock
-                writer = queue.writer
-                if queue.fast_add and queue.durability.failed is None:
-                    assert writer is not None
-                    length = len(msg)
-                    pos = writer.pos
-                    end = pos + _RECORD + length
-                    index = writer.index
-                    if (
-                        end <= writer.fast_end
-                        and index < writer.fast_index
-                        and length <= self._limit
-                    ):
-                        tag = _SINGLE_TAG | index
-                        salt = writer.salt
-                        data = writer.map
-                        seed = (salt ^ (tag * _SEED_TAG) ^ (length * _SEED_LENGTH)) & 0xFFFFFFFF
-                        _pack_record(data, pos, salt, tag, length, _crc32(msg, seed))
-                        data[pos + _RECORD : end] = msg
-                        writer.pos = end
-                        writer.index = index + 1
-                        writer.dirty = True
-                        queue.added += 1
-                        if queue.waiters:
-                            queue.cond.notify_all()
-                        return
+        if self._lean_add and _lean.add(self._queue, msg, self._limit):  # see _engine._lean
+            return
         record = _encode(msg, self._limit)
         if record is None:
             return
@@ -306,15 +265,9 @@ class PersistentStorage:
         :raises StorageWriteError: the fsync that the message needed failed (fail-stop).
         """
         if self._lean_read:  # the lean path: a message read ahead and known durable
-            queue = self._queue
-            with queue.lock:
-                consumer = queue.consumer
-                assert consumer is not None
-                i = consumer.ahead_i
-                if i < consumer.ahead_ok and not queue.closing:
-                    msg = consumer.ahead[i]
-                    self._held.pops = consumer.pops
-                    return msg if isinstance(msg, bytes) else list(msg)
+            msg = _lean.front(self._queue, self._held)
+            if msg is not None:
+                return msg
         if timeout is not None:
             timeout = (
                 check_seconds("timeout", timeout, allow_zero=True) if timeout != math.inf else None
@@ -327,21 +280,9 @@ class PersistentStorage:
         answer needed no fsync, ``(False, None)`` when it does (call :meth:`front` from a
         worker thread then)."""
         if self._lean_read:  # the lean path of front(): a message read ahead, known durable
-            queue = self._queue
-            with queue.try_gate as got:  # not waiting: an add may hold it through an fsync
-                try:
-                    if not got:
-                        return False, None
-                    consumer = queue.consumer
-                    assert consumer is not None
-                    i = consumer.ahead_i
-                    if i < consumer.ahead_ok and not queue.closing:
-                        msg = consumer.ahead[i]
-                        self._held.pops = consumer.pops
-                        return True, msg if isinstance(msg, bytes) else list(msg)
-                finally:
-                    if got:
-                        queue.lock.release()
+            answer = _lean.try_front(self._queue, self._held)
+            if answer is not None:
+                return answer
         self._check("read from", self._consume)
         return self._queue.try_front(self._held)
 
@@ -357,49 +298,8 @@ class PersistentStorage:
 
         :raises ClosedError: the storage was closed.
         """
-        if self._lean_pop:  # the lean path: the message read ahead, one store into the log
-            queue = self._queue
-            with queue.lock:
-                consumer = queue.consumer
-                assert consumer is not None
-                i = consumer.ahead_i
-                held = self._held
-                mark = held.pops
-                plog = consumer.plog
-                if (
-                    i < len(consumer.ahead)
-                    and (mark is None or mark == consumer.pops)
-                    and plog is not None
-                    and not queue.closing
-                    and queue.durability.failed is None
-                ):
-                    data = plog._map
-                    if data is not None:
-                        end = consumer.ahead_ends[i]
-                        consumer.ahead_i = i + 1
-                        cursor = consumer.cursor
-                        index = cursor.index + 1
-                        cursor.pos = end
-                        cursor.index = index
-                        base = cursor.base
-                        offset = base + index
-                        previous = plog._slot
-                        slot = previous + 1 if previous < _LAST_SLOT else 0
-                        plog._previous = previous
-                        plog._slot = slot
-                        _pack_slot(
-                            data,
-                            slot * _SLOT_SIZE,
-                            offset,
-                            base,
-                            end,
-                            _check_slot(offset, base, end),
-                        )
-                        consumer.pos_dirty = True
-                        held.pops = None
-                        consumer.pops += 1
-                        consumer.popped += 1
-                        return True
+        if self._lean_pop and _lean.pop(self._queue, self._held):  # see _engine._lean
+            return True
         self._check("pop from", self._consume and self._role != "reader")
         return self._queue.pop(self._held)
 

@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: a zmq context, a tracker that closes its sockets, and an ext4
 image to copy for the power-loss trials."""
 
+import os
 import pathlib
 import subprocess
 from typing import Any, Iterator
@@ -56,3 +57,21 @@ def ext4_template(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     )
     assert made.returncode == 0, made.stderr
     return image
+
+
+@pytest.fixture(params=["C", "Python"])
+def lean_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each implementation of the engine's lean paths (``_engine._lean``): the
+    C extension (skipped where it is not built, unless ``PERSIZMQ_REQUIRE_SPEEDUPS`` is set)
+    and the Python reference."""
+    from persizmq._engine import _lean
+
+    if request.param == "C":
+        if _lean.IMPLEMENTATION != "C":
+            if os.environ.get("PERSIZMQ_REQUIRE_SPEEDUPS"):
+                pytest.fail("the C extension persizmq._engine._speedups is not built")
+            pytest.skip("the C extension persizmq._engine._speedups is not built")
+        return "C"
+    for name in ("add", "front", "try_front", "pop", "read_run", "encode_records"):
+        monkeypatch.setattr(_lean, name, getattr(_lean, f"py_{name}"))
+    return "Python"

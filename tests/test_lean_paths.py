@@ -11,6 +11,9 @@ import pytest
 
 import persizmq
 
+# Each test runs with the lean paths in C and in Python (see persizmq/_engine/_lean.py).
+pytestmark = pytest.mark.usefixtures("lean_impl")
+
 
 @pytest.mark.parametrize("sync", ["never", "periodic"])
 def test_a_run_read_ahead_is_served_by_the_lean_front(tmp_path: pathlib.Path, sync: str) -> None:

@@ -16,6 +16,9 @@ import pytest
 
 import persizmq
 
+# Each test runs with the lean paths in C and in Python (see persizmq/_engine/_lean.py).
+pytestmark = pytest.mark.usefixtures("lean_impl")
+
 
 class _Interrupt(BaseException):
     """What the test's signal handler raises: an asynchronous exception, as KeyboardInterrupt."""

@@ -24,6 +24,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 import persizmq
@@ -167,7 +168,11 @@ StorageModel.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestStorageModel = StorageModel.TestCase
+
+
+@pytest.mark.usefixtures("lean_impl")  # the lean paths in C and in Python (see _engine._lean)
+def test_the_storage_behaves_as_a_deque() -> None:
+    run_state_machine_as_test(StorageModel, settings=StorageModel.TestCase.settings)
 
 
 class BoundedStorageModel(RuleBasedStateMachine):
@@ -297,7 +302,11 @@ BoundedStorageModel.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestBoundedStorageModel = BoundedStorageModel.TestCase
+
+
+@pytest.mark.usefixtures("lean_impl")
+def test_a_bounded_storage_behaves_as_a_bounded_deque() -> None:
+    run_state_machine_as_test(BoundedStorageModel, settings=BoundedStorageModel.TestCase.settings)
 
 
 def _batch_and_calls(

@@ -38,11 +38,10 @@ import logging
 import os
 import pathlib
 import threading
-import zlib
 from typing import Callable, List, Optional, Protocol, Tuple
 
 from persizmq import _fs
-from persizmq._engine import _format
+from persizmq._engine import _format, _lean
 from persizmq._engine._cursor import Cursor, WriterEnd
 from persizmq._engine._durability import Durability, SyncWork
 from persizmq._engine._ledger import Ledger
@@ -64,7 +63,6 @@ _AHEAD = 256
 #: ... and how many bytes of payload: a run of freed large payloads beyond glibc's trim
 #: threshold (128 KiB) gives its pages back, and the next run faults them in again.
 _AHEAD_BYTES = 96 << 10
-_MASK32 = 0xFFFFFFFF
 
 #: Where the message :meth:`Consumer.front` returned comes from, to pop it.
 _FILES, _V2, _LOG = 0, 1, 2
@@ -261,37 +259,26 @@ class Consumer:
             if writer is not None and writer[0] == self.cursor.base:
                 limit = min(limit, writer[1])
             pos, index = end, self.cursor.index + 1
-            unpack, crc32 = _format.unpack_record_header, zlib.crc32
-            add_msg, add_end = ahead.append, ends.append
-            single = _format.KIND_SINGLE << _format.KIND_SHIFT
-            multipart = _format.KIND_MULTIPART << _format.KIND_SHIFT
-            seed_tag, seed_length = _format.SEED_TAG, _format.SEED_LENGTH
             budget = limit if limit - pos <= _AHEAD_BYTES else pos + _AHEAD_BYTES
-            for _ in range(_AHEAD - 1):
-                if pos + _RECORD > budget:
+            left = _AHEAD - 1
+            while left > 0:
+                # The plain messages (in C when built), then at most one multipart message.
+                pos, index, taken = _lean.read_run(
+                    data, pos, index, limit, budget, salt, left, ahead, ends
+                )
+                left -= taken
+                if left <= 0 or pos + _RECORD > budget:
                     break
-                # _format.check_record, inlined: this loop is the consumer's hot path.
-                sync, tag, length, crc = unpack(data, pos)
-                stop = pos + _RECORD + length
-                kind = tag - index
-                if sync != salt or stop > limit or kind not in (single, multipart):
-                    break
-                payload = data[pos + _RECORD : stop]
-                if (
-                    crc32(payload, (salt ^ (tag * seed_tag) ^ (length * seed_length)) & _MASK32)
-                    != crc
-                ):
-                    break
-                if kind == single:
-                    add_msg(payload)
-                else:
-                    try:
-                        add_msg(decode_multipart(payload, str(seg.path)))
-                    except CorruptionError:
-                        break  # the general path sets it aside when it gets there
-                add_end(stop)
-                pos = stop
-                index += 1
+                found = _format.check_record(data, pos, limit, salt, index)
+                if found is None or found[0] != _format.KIND_MULTIPART:
+                    break  # damage, a batch record or the end: the general walk's
+                _kind, _length, stop = found
+                try:
+                    ahead.append(decode_multipart(data[pos + _RECORD : stop], str(seg.path)))
+                except CorruptionError:
+                    break  # the general path sets it aside when it gets there
+                ends.append(stop)
+                pos, index, left = stop, index + 1, left - 1
         self.ahead, self.ahead_ends, self.ahead_i, self.ahead_ok = ahead, ends, 0, 0
 
     def catch_up(self, live: "Consumer") -> None:

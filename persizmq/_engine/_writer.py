@@ -62,7 +62,7 @@ import zlib
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from persizmq import _fs
-from persizmq._engine import _format
+from persizmq._engine import _format, _lean
 from persizmq._engine._durability import Durability, SyncWork
 from persizmq._engine._ledger import Ledger
 from persizmq._engine._position import Reservation, ensure_position_log, read_position
@@ -477,23 +477,8 @@ class Writer:
         parts: List[bytes] = []
         if meta is not None:
             parts.append(_format.encode_record(marker, _format.KIND_BATCH, salt, index))
-        # _format.encode_record, inlined: the batch path's per-message cost.
-        pack, crc32 = _format.pack_record_header, zlib.crc32
-        shift, seed_tag, seed_length = _format.KIND_SHIFT, _format.SEED_TAG, _format.SEED_LENGTH
-        add = parts.append
-        for payload, kind in records:
-            tag = kind << shift | index
-            length = len(payload)
-            add(
-                pack(
-                    salt,
-                    tag,
-                    length,
-                    crc32(payload, (salt ^ (tag * seed_tag) ^ (length * seed_length)) & 0xFFFFFFFF),
-                )
-            )
-            add(payload)
-            index += 1
+        parts.append(_lean.encode_records(records, salt, index))  # in C when built
+        index += len(records)
         data = b"".join(parts)
         start = self.pos
         end = start + len(data)

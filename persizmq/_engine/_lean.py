@@ -1,0 +1,237 @@
+"""The lean paths of add_message, front, try_front and pop_front, and the record loops.
+
+Theory of operation
+===================
+
+Most calls of a busy queue are the same few steps: an add of one ``bytes`` into the mapped
+segment while the writer has room and reservation left; a ``front()`` of a message the consumer
+has already read ahead and knows durable; a ``pop_front()`` of that message, one store into the
+position log. Each lean path takes the queue's lock, checks that its case holds, does the steps
+and returns; when the case does not hold it returns "not here" (False, or None for the reads)
+and the caller takes the general path, which checks everything again under the lock.
+
+Each function here exists twice: in C in ``_speedups.c`` (an optional extension, used when it
+is built and ``PERSIZMQ_PURE_PYTHON`` is not set) and in Python below, the reference. The two
+do the same stores in the same order; ``tests/test_speedups.py`` runs both. The C versions are
+also atomic with respect to signals (no bytecode runs between their acquire and release); the
+Python ones rely on ``with lock:`` for that (see ``_try_lock`` for the non-blocking case).
+
+:data:`IMPLEMENTATION` says which one is in use ("C" or "Python").
+"""
+
+import os
+import zlib
+from typing import Any, Callable, List, Optional, Tuple
+
+from persizmq._engine import _format
+from persizmq._engine._position import PositionLog
+from persizmq._engine._position import check as _check_slot
+from persizmq._message import Message
+
+__all__ = [
+    "IMPLEMENTATION",
+    "add",
+    "encode_records",
+    "front",
+    "pop",
+    "py_add",
+    "py_encode_records",
+    "py_front",
+    "py_pop",
+    "py_read_run",
+    "py_try_front",
+    "read_run",
+    "try_front",
+]
+
+_RECORD = _format.RECORD_HEADER_SIZE
+_SHIFT = _format.KIND_SHIFT
+_SINGLE_TAG = _format.KIND_SINGLE << _SHIFT
+_SEED_TAG, _SEED_LENGTH = _format.SEED_TAG, _format.SEED_LENGTH
+_MASK32 = 0xFFFFFFFF
+_pack_record = _format.pack_record_header_into
+_pack_header = _format.pack_record_header
+_unpack = _format.unpack_record_header
+_crc32 = zlib.crc32
+_pack_slot = PositionLog.SLOT.pack_into
+_SLOT_SIZE = PositionLog.SLOT.size
+_LAST_SLOT = PositionLog.SLOTS - 1
+
+# The queue, writer, consumer and holder objects are duck-typed here (Any): these functions are
+# the engine's innermost steps, and the C versions see them the same way.
+
+
+def py_add(queue: Any, msg: object, limit: int) -> bool:  # noqa: ANN401 (see above)
+    """Store ``msg`` (``bytes``) as the next record if the lean case holds; True if stored."""
+    if not isinstance(msg, bytes):
+        return False
+    with queue.lock:  # not acquire()+try: an interrupt between them leaks the lock
+        writer = queue.writer
+        if queue.fast_add and queue.durability.failed is None:
+            length = len(msg)
+            pos = writer.pos
+            end = pos + _RECORD + length
+            index = writer.index
+            if end <= writer.fast_end and index < writer.fast_index and length <= limit:
+                tag = _SINGLE_TAG | index
+                salt = writer.salt
+                data = writer.map
+                seed = (salt ^ (tag * _SEED_TAG) ^ (length * _SEED_LENGTH)) & _MASK32
+                _pack_record(data, pos, salt, tag, length, _crc32(msg, seed))
+                data[pos + _RECORD : end] = msg
+                writer.pos = end
+                writer.index = index + 1
+                writer.dirty = True
+                queue.added += 1
+                if queue.waiters:
+                    queue.cond.notify_all()
+                return True
+    return False
+
+
+def _front_locked(queue: Any, held: Any) -> Optional[Message]:  # noqa: ANN401
+    consumer = queue.consumer
+    i = consumer.ahead_i
+    if i < consumer.ahead_ok and not queue.closing:
+        msg: Message = consumer.ahead[i]
+        held.pops = consumer.pops
+        return msg if isinstance(msg, bytes) else list(msg)
+    return None
+
+
+def py_front(queue: Any, held: Any) -> Optional[Message]:  # noqa: ANN401
+    """The message read ahead and known durable, marked as shown to ``held``; None if the lean
+    case does not hold."""
+    with queue.lock:
+        return _front_locked(queue, held)
+
+
+def py_try_front(queue: Any, held: Any) -> Optional[Tuple[bool, Optional[Message]]]:  # noqa: ANN401
+    """:func:`py_front` without waiting for the lock: ``(True, message)``, ``(False, None)``
+    when the lock is busy (an add may hold it through an fsync), None if the lean case does
+    not hold."""
+    with queue.try_gate as got:
+        try:
+            if not got:
+                return False, None
+            msg = _front_locked(queue, held)
+            return None if msg is None else (True, msg)
+        finally:
+            if got:
+                queue.lock.release()
+
+
+def py_pop(queue: Any, held: Any) -> bool:  # noqa: ANN401
+    """Pop the message read ahead (the one ``held`` was shown, if any) by one store into the
+    position log; True if popped, False if the lean case does not hold."""
+    with queue.lock:
+        consumer = queue.consumer
+        i = consumer.ahead_i
+        mark = held.pops
+        plog = consumer.plog
+        if (
+            i < len(consumer.ahead)
+            and (mark is None or mark == consumer.pops)
+            and plog is not None
+            and not queue.closing
+            and queue.durability.failed is None
+        ):
+            data = plog._map
+            if data is not None:
+                end = consumer.ahead_ends[i]
+                consumer.ahead_i = i + 1
+                cursor = consumer.cursor
+                index = cursor.index + 1
+                cursor.pos = end
+                cursor.index = index
+                base = cursor.base
+                offset = base + index
+                previous = plog._slot
+                slot = previous + 1 if previous < _LAST_SLOT else 0
+                plog._previous = previous
+                plog._slot = slot
+                _pack_slot(
+                    data, slot * _SLOT_SIZE, offset, base, end, _check_slot(offset, base, end)
+                )
+                consumer.pos_dirty = True
+                held.pops = None
+                consumer.pops += 1
+                consumer.popped += 1
+                return True
+    return False
+
+
+def py_read_run(  # noqa: PLR0917 (the C function's signature: no objects to pack)
+    data: Any,  # noqa: ANN401 (a buffer: the segment's map)
+    pos: int,
+    index: int,
+    limit: int,
+    budget: int,
+    salt: int,
+    count: int,
+    msgs: List[Message],
+    ends: List[int],
+) -> Tuple[int, int, int]:
+    """Decode and validate up to ``count`` single-frame records from ``pos`` (carrying message
+    index ``index``), appending each payload to ``msgs`` and its end to ``ends``; return
+    ``(pos, index, taken)`` after them.
+
+    Stops before a record whose header would start beyond ``budget``, one that is not a valid
+    single-frame record ending at or before ``limit`` (a multipart record too: the caller
+    decodes those), or after ``count`` records."""
+    add_msg, add_end = msgs.append, ends.append
+    limit = min(limit, len(data))
+    taken = 0
+    while taken < count and pos + _RECORD <= budget and pos + _RECORD <= limit:
+        sync, tag, length, crc = _unpack(data, pos)
+        stop = pos + _RECORD + length
+        if sync != salt or stop > limit or tag != index + _SINGLE_TAG:
+            break
+        payload = data[pos + _RECORD : stop]
+        if _crc32(payload, (salt ^ (tag * _SEED_TAG) ^ (length * _SEED_LENGTH)) & _MASK32) != crc:
+            break
+        add_msg(payload)
+        add_end(stop)
+        pos = stop
+        index += 1
+        taken += 1
+    return pos, index, taken
+
+
+def py_encode_records(records: List[Tuple[bytes, int]], salt: int, index: int) -> bytes:
+    """The records of a batch joined: ``records`` are ``(payload, kind)``, the first carries
+    message index ``index``."""
+    parts: List[bytes] = []
+    add = parts.append
+    for payload, kind in records:
+        tag = kind << _SHIFT | index
+        length = len(payload)
+        seed = (salt ^ (tag * _SEED_TAG) ^ (length * _SEED_LENGTH)) & _MASK32
+        add(_pack_header(salt, tag, length, _crc32(payload, seed)))
+        add(payload)
+        index += 1
+    return b"".join(parts)
+
+
+add: Callable[[Any, object, int], bool] = py_add
+front: Callable[[Any, Any], Optional[Message]] = py_front
+try_front: Callable[[Any, Any], Optional[Tuple[bool, Optional[Message]]]] = py_try_front
+pop: Callable[[Any, Any], bool] = py_pop
+read_run: Callable[..., Tuple[int, int, int]] = py_read_run
+encode_records: Callable[[List[Tuple[bytes, int]], int, int], bytes] = py_encode_records
+IMPLEMENTATION = "Python"
+
+if not os.environ.get("PERSIZMQ_PURE_PYTHON"):
+    try:
+        from persizmq._engine import _speedups
+    except ImportError:  # not built (an optional extension): the Python versions serve
+        pass
+    else:
+        add, front, try_front, pop = (
+            _speedups.add,
+            _speedups.front,
+            _speedups.try_front,
+            _speedups.pop,
+        )
+        read_run, encode_records = _speedups.read_run, _speedups.encode_records
+        IMPLEMENTATION = "C"

@@ -1,0 +1,701 @@
+/* persizmq._engine._speedups: the lean paths and the record loops of the engine, in C.
+ *
+ * Theory of operation
+ * ===================
+ *
+ * Every function here has a reference implementation in Python, in persizmq/_engine/_lean.py,
+ * which is what runs when this module is not built (it is an optional extension) or when
+ * PERSIZMQ_PURE_PYTHON=1 is set. The two must do exactly the same thing, down to the order of
+ * the stores: the tests run both (tests/test_speedups.py compares them record by record).
+ *
+ * The lean paths (add, front, try_front, pop) take the queue's lock, check the same conditions
+ * as the Python code, update the same attributes and release the lock. Being C, they are also
+ * atomic with respect to signals: CPython runs a signal handler (and so raises
+ * KeyboardInterrupt) only between bytecodes, never inside a C function that runs no Python
+ * code, so no interrupt can fall between the acquire and the release, or between two stores of
+ * one update. The one Python call made with the lock held, Condition.notify_all() for a waiting
+ * consumer, comes after every store; an exception from it releases the lock and propagates.
+ *
+ * A lean path returns "not here" (False, or None for the reads) when any condition fails; the
+ * caller then takes the general path, which checks everything again under the lock.
+ *
+ * The record loops (read_run, encode_records) are pure functions of their arguments. Record
+ * layout (persizmq/_engine/_format.py): <u32 sync><u32 tag><u32 length><u32 crc> then the
+ * payload, little-endian; crc = zlib.crc32(payload, seed) with
+ * seed = (salt ^ tag * 0x9E3779B1 ^ length * 0x85EBCA77) mod 2**32.
+ * The CRC is computed by calling zlib.crc32 itself, so it is the function SPEC 4 names.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef Py_NewRef /* Python 3.9 */
+static inline PyObject *compat_new_ref(PyObject *obj) {
+    Py_INCREF(obj);
+    return obj;
+}
+#define Py_NewRef compat_new_ref
+#endif
+
+#define RECORD 16
+#define KIND_SHIFT 28
+#define SINGLE_TAG (1u << KIND_SHIFT)
+#define SEED_TAG 0x9E3779B1u
+#define SEED_LENGTH 0x85EBCA77u
+#define SLOT_SIZE 32
+#define LAST_SLOT 127
+
+/* Interned attribute names, and zlib.crc32. */
+static PyObject *s_lock, *s_writer, *s_fast_add, *s_durability, *s_failed, *s_pos, *s_fast_end,
+    *s_index, *s_fast_index, *s_salt, *s_map, *s_dirty, *s_added, *s_waiters, *s_cond,
+    *s_notify_all, *s_acquire, *s_release, *s_consumer, *s_ahead, *s_ahead_i, *s_ahead_ok,
+    *s_closing, *s_pops, *s_ahead_ends, *s_plog, *s_map_, *s_slot_, *s_previous_, *s_cursor,
+    *s_base, *s_pos_dirty, *s_popped;
+static PyObject *crc32_func;
+
+/* ------------------------------------------------------------------ little helpers */
+
+static inline uint32_t get_u32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline void put_u32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+static inline void put_u64(unsigned char *p, uint64_t v) {
+    put_u32(p, (uint32_t)v);
+    put_u32(p + 4, (uint32_t)(v >> 32));
+}
+
+/* zlib.crc32(payload, seed) through the zlib module (the function SPEC 4 names). Returns 0
+ * and sets *out, or -1 with an exception set. */
+static int crc32_bytes(PyObject *payload, uint32_t seed, uint32_t *out) {
+    PyObject *seed_obj = PyLong_FromUnsignedLong(seed);
+    if (seed_obj == NULL) return -1;
+    PyObject *args[2] = {payload, seed_obj};
+    PyObject *res = PyObject_Vectorcall(crc32_func, args, 2, NULL);
+    Py_DECREF(seed_obj);
+    if (res == NULL) return -1;
+    unsigned long v = PyLong_AsUnsignedLong(res);
+    Py_DECREF(res);
+    if (v == (unsigned long)-1 && PyErr_Occurred()) return -1;
+    *out = (uint32_t)v;
+    return 0;
+}
+
+static inline uint32_t record_seed(uint32_t salt, uint32_t tag, uint32_t length) {
+    return salt ^ (uint32_t)(tag * SEED_TAG) ^ (uint32_t)(length * SEED_LENGTH);
+}
+
+/* getattr as a new reference. */
+static inline PyObject *attr(PyObject *obj, PyObject *name) { return PyObject_GetAttr(obj, name); }
+
+/* getattr of an int attribute. Returns 0 and sets *out, or -1 with an exception set. */
+static int attr_ll(PyObject *obj, PyObject *name, long long *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    long long x = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    *out = x;
+    return 0;
+}
+
+/* getattr as a truth value: 1, 0, or -1 with an exception set. */
+static int attr_true(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+/* getattr is None: 1, 0, or -1 with an exception set. */
+static int attr_is_none(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    int t = v == Py_None;
+    Py_DECREF(v);
+    return t;
+}
+
+static int set_ll(PyObject *obj, PyObject *name, long long value) {
+    PyObject *v = PyLong_FromLongLong(value);
+    if (v == NULL) return -1;
+    int r = PyObject_SetAttr(obj, name, v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* Take ``lock`` (blocking) or try it (``blocking`` 0): 1 taken, 0 not taken, -1 error. */
+static int take(PyObject *lock, int blocking) {
+    PyObject *res;
+    if (blocking) {
+        res = PyObject_CallMethodNoArgs(lock, s_acquire);
+    } else {
+        res = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
+    }
+    if (res == NULL) return -1;
+    int got = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    return got;
+}
+
+/* Release ``lock``, keeping any exception that is already set. Returns -1 if the release
+ * itself failed (its exception then replaces none: a pending one wins). */
+static int give_back(PyObject *lock) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *res = PyObject_CallMethodNoArgs(lock, s_release);
+    if (res == NULL) {
+        if (type != NULL) {
+            PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+        }
+        return -1;
+    }
+    Py_DECREF(res);
+    if (type != NULL) PyErr_Restore(type, value, tb);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ add */
+
+/* The lean add with the lock held: 1 stored, 0 not here, -1 error. */
+static int add_locked(PyObject *queue, PyObject *msg, long long limit) {
+    int ok = attr_true(queue, s_fast_add);
+    if (ok <= 0) return ok;
+    PyObject *durability = attr(queue, s_durability);
+    if (durability == NULL) return -1;
+    ok = attr_is_none(durability, s_failed);
+    Py_DECREF(durability);
+    if (ok <= 0) return ok;
+
+    PyObject *writer = attr(queue, s_writer);
+    if (writer == NULL) return -1;
+    int result = -1;
+    PyObject *map = NULL;
+    Py_buffer view;
+    view.obj = NULL;
+    long long pos, fast_end, index, fast_index, salt;
+    Py_ssize_t length = PyBytes_GET_SIZE(msg);
+    if (attr_ll(writer, s_pos, &pos) < 0 || attr_ll(writer, s_fast_end, &fast_end) < 0 ||
+        attr_ll(writer, s_index, &index) < 0 || attr_ll(writer, s_fast_index, &fast_index) < 0)
+        goto done;
+    long long end = pos + RECORD + (long long)length;
+    if (!(end <= fast_end && index < fast_index && (long long)length <= limit)) {
+        result = 0;
+        goto done;
+    }
+    if (attr_ll(writer, s_salt, &salt) < 0) goto done;
+    map = attr(writer, s_map);
+    if (map == NULL) goto done;
+    if (PyObject_GetBuffer(map, &view, PyBUF_WRITABLE) < 0) goto done;
+    if (pos < 0 || end > (long long)view.len) { /* never so: fast_end is within the file */
+        result = 0;
+        goto done;
+    }
+    uint32_t tag = SINGLE_TAG | (uint32_t)index;
+    uint32_t crc;
+    if (crc32_bytes(msg, record_seed((uint32_t)salt, tag, (uint32_t)length), &crc) < 0)
+        goto done;
+    unsigned char *at = (unsigned char *)view.buf + pos;
+    put_u32(at, (uint32_t)salt);
+    put_u32(at + 4, tag);
+    put_u32(at + 8, (uint32_t)length);
+    put_u32(at + 12, crc);
+    memcpy(at + RECORD, PyBytes_AS_STRING(msg), (size_t)length);
+    PyBuffer_Release(&view);
+    view.obj = NULL;
+    /* The stores in the Python order; none of these can fail but for memory. */
+    long long added;
+    if (set_ll(writer, s_pos, end) < 0 || set_ll(writer, s_index, index + 1) < 0 ||
+        PyObject_SetAttr(writer, s_dirty, Py_True) < 0 || attr_ll(queue, s_added, &added) < 0 ||
+        set_ll(queue, s_added, added + 1) < 0)
+        goto done;
+    result = 1;
+    int waiters = attr_true(queue, s_waiters);
+    if (waiters < 0) {
+        result = -1;
+    } else if (waiters) {
+        PyObject *cond = attr(queue, s_cond);
+        if (cond == NULL) {
+            result = -1;
+        } else {
+            PyObject *res = PyObject_CallMethodNoArgs(cond, s_notify_all);
+            Py_DECREF(cond);
+            if (res == NULL)
+                result = -1;
+            else
+                Py_DECREF(res);
+        }
+    }
+done:
+    if (view.obj != NULL) PyBuffer_Release(&view);
+    Py_XDECREF(map);
+    Py_DECREF(writer);
+    return result;
+}
+
+static PyObject *lean_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "add(queue, msg, limit) takes 3 arguments");
+        return NULL;
+    }
+    PyObject *queue = args[0], *msg = args[1];
+    if (!PyBytes_Check(msg)) Py_RETURN_FALSE;
+    long long limit = PyLong_AsLongLong(args[2]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    PyObject *lock = attr(queue, s_lock);
+    if (lock == NULL) return NULL;
+    int got = take(lock, 1);
+    if (got <= 0) {
+        Py_DECREF(lock);
+        if (got == 0) Py_RETURN_FALSE;
+        return NULL;
+    }
+    int r = add_locked(queue, msg, limit);
+    int released = give_back(lock);
+    Py_DECREF(lock);
+    if (r < 0 || released < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+/* ------------------------------------------------------------------ front */
+
+/* The lean front with the lock held: a new reference to the message, Py_None (a new
+ * reference) when not here, NULL on error. */
+static PyObject *front_locked(PyObject *queue, PyObject *held) {
+    PyObject *consumer = attr(queue, s_consumer);
+    if (consumer == NULL) return NULL;
+    PyObject *result = NULL, *ahead = NULL, *pops = NULL;
+    long long i, ok;
+    if (attr_ll(consumer, s_ahead_i, &i) < 0 || attr_ll(consumer, s_ahead_ok, &ok) < 0) goto done;
+    if (i >= ok) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    int closing = attr_true(queue, s_closing);
+    if (closing < 0) goto done;
+    if (closing) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    ahead = attr(consumer, s_ahead);
+    if (ahead == NULL) goto done;
+    if (!PyList_Check(ahead) || i < 0 || i >= PyList_GET_SIZE(ahead)) {
+        result = Py_NewRef(Py_None); /* never so: the general path sorts it out */
+        goto done;
+    }
+    PyObject *msg = PyList_GET_ITEM(ahead, (Py_ssize_t)i); /* borrowed */
+    pops = attr(consumer, s_pops);
+    if (pops == NULL || PyObject_SetAttr(held, s_pops, pops) < 0) goto done;
+    if (PyBytes_Check(msg)) {
+        result = Py_NewRef(msg);
+    } else {
+        result = PySequence_List(msg);
+    }
+done:
+    Py_XDECREF(pops);
+    Py_XDECREF(ahead);
+    Py_DECREF(consumer);
+    return result;
+}
+
+static PyObject *lean_front(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "front(queue, held) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *lock = attr(args[0], s_lock);
+    if (lock == NULL) return NULL;
+    int got = take(lock, 1);
+    if (got <= 0) {
+        Py_DECREF(lock);
+        if (got == 0) Py_RETURN_NONE;
+        return NULL;
+    }
+    PyObject *result = front_locked(args[0], args[1]);
+    int released = give_back(lock);
+    Py_DECREF(lock);
+    if (released < 0) {
+        Py_XDECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+/* try_front(queue, held): (True, message) from the run read ahead; (False, None) when the lock
+ * is busy; None when the general path must answer. */
+static PyObject *lean_try_front(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "try_front(queue, held) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *lock = attr(args[0], s_lock);
+    if (lock == NULL) return NULL;
+    int got = take(lock, 0);
+    if (got <= 0) {
+        Py_DECREF(lock);
+        if (got == 0) return Py_BuildValue("(OO)", Py_False, Py_None);
+        return NULL;
+    }
+    PyObject *msg = front_locked(args[0], args[1]);
+    int released = give_back(lock);
+    Py_DECREF(lock);
+    if (msg == NULL || released < 0) {
+        Py_XDECREF(msg);
+        return NULL;
+    }
+    if (msg == Py_None) return msg;
+    PyObject *result = PyTuple_Pack(2, Py_True, msg);
+    Py_DECREF(msg);
+    return result;
+}
+
+/* ------------------------------------------------------------------ pop */
+
+static inline uint64_t slot_check(uint64_t offset, uint64_t base, uint64_t position) {
+    return offset * 0x9E3779B97F4A7C15ull + base * 0xC2B2AE3D27D4EB4Full +
+           position * 0x165667B19E3779F9ull + 0x27D4EB2F165667C5ull;
+}
+
+/* The lean pop with the lock held: 1 popped, 0 not here, -1 error. */
+static int pop_locked(PyObject *queue, PyObject *held) {
+    PyObject *consumer = attr(queue, s_consumer);
+    if (consumer == NULL) return -1;
+    int result = -1;
+    PyObject *ahead = NULL, *ends = NULL, *mark = NULL, *plog = NULL, *map = NULL,
+             *cursor = NULL;
+    Py_buffer view;
+    view.obj = NULL;
+    long long i, pops, slot, base, cindex, popped;
+    if (attr_ll(consumer, s_ahead_i, &i) < 0) goto done;
+    ahead = attr(consumer, s_ahead);
+    if (ahead == NULL) goto done;
+    ends = attr(consumer, s_ahead_ends);
+    if (ends == NULL) goto done;
+    result = 0;
+    if (!PyList_Check(ahead) || !PyList_Check(ends) || i < 0 || i >= PyList_GET_SIZE(ahead) ||
+        i >= PyList_GET_SIZE(ends))
+        goto done;
+    result = -1;
+    mark = attr(held, s_pops);
+    if (mark == NULL || attr_ll(consumer, s_pops, &pops) < 0) goto done;
+    if (mark != Py_None) {
+        long long m = PyLong_AsLongLong(mark);
+        if (m == -1 && PyErr_Occurred()) goto done;
+        if (m != pops) {
+            result = 0;
+            goto done;
+        }
+    }
+    plog = attr(consumer, s_plog);
+    if (plog == NULL) goto done;
+    if (plog == Py_None) {
+        result = 0;
+        goto done;
+    }
+    int closing = attr_true(queue, s_closing);
+    if (closing < 0) goto done;
+    if (closing) {
+        result = 0;
+        goto done;
+    }
+    PyObject *durability = attr(queue, s_durability);
+    if (durability == NULL) goto done;
+    int healthy = attr_is_none(durability, s_failed);
+    Py_DECREF(durability);
+    if (healthy <= 0) {
+        result = healthy;
+        goto done;
+    }
+    map = attr(plog, s_map_);
+    if (map == NULL) goto done;
+    if (map == Py_None) {
+        result = 0;
+        goto done;
+    }
+    long long end = PyLong_AsLongLong(PyList_GET_ITEM(ends, (Py_ssize_t)i));
+    if (end == -1 && PyErr_Occurred()) goto done;
+    cursor = attr(consumer, s_cursor);
+    if (cursor == NULL || attr_ll(cursor, s_index, &cindex) < 0 ||
+        attr_ll(cursor, s_base, &base) < 0 || attr_ll(plog, s_slot_, &slot) < 0)
+        goto done;
+    long long next_slot = slot < LAST_SLOT ? slot + 1 : 0;
+    if (PyObject_GetBuffer(map, &view, PyBUF_WRITABLE) < 0) goto done;
+    if (next_slot < 0 || (next_slot + 1) * SLOT_SIZE > (long long)view.len) {
+        result = 0; /* never so: the log is 128 slots */
+        goto done;
+    }
+    long long index = cindex + 1;
+    uint64_t offset = (uint64_t)base + (uint64_t)index;
+    /* The Python order of the stores: consumer.ahead_i, cursor.pos, cursor.index, the log's
+     * _previous and _slot, the entry, then the counters. (No signal can fall in between.) */
+    if (set_ll(consumer, s_ahead_i, i + 1) < 0 || set_ll(cursor, s_pos, end) < 0 ||
+        set_ll(cursor, s_index, index) < 0 || set_ll(plog, s_previous_, slot) < 0 ||
+        set_ll(plog, s_slot_, next_slot) < 0)
+        goto done;
+    unsigned char *at = (unsigned char *)view.buf + next_slot * SLOT_SIZE;
+    put_u64(at, offset);
+    put_u64(at + 8, (uint64_t)base);
+    put_u64(at + 16, (uint64_t)end);
+    put_u64(at + 24, slot_check(offset, (uint64_t)base, (uint64_t)end));
+    PyBuffer_Release(&view);
+    view.obj = NULL;
+    if (PyObject_SetAttr(consumer, s_pos_dirty, Py_True) < 0 ||
+        PyObject_SetAttr(held, s_pops, Py_None) < 0 || set_ll(consumer, s_pops, pops + 1) < 0 ||
+        attr_ll(consumer, s_popped, &popped) < 0 || set_ll(consumer, s_popped, popped + 1) < 0)
+        goto done;
+    result = 1;
+done:
+    if (view.obj != NULL) PyBuffer_Release(&view);
+    Py_XDECREF(cursor);
+    Py_XDECREF(map);
+    Py_XDECREF(plog);
+    Py_XDECREF(mark);
+    Py_XDECREF(ends);
+    Py_XDECREF(ahead);
+    Py_DECREF(consumer);
+    return result;
+}
+
+static PyObject *lean_pop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pop(queue, held) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *lock = attr(args[0], s_lock);
+    if (lock == NULL) return NULL;
+    int got = take(lock, 1);
+    if (got <= 0) {
+        Py_DECREF(lock);
+        if (got == 0) Py_RETURN_FALSE;
+        return NULL;
+    }
+    int r = pop_locked(args[0], args[1]);
+    int released = give_back(lock);
+    Py_DECREF(lock);
+    if (r < 0 || released < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+/* ------------------------------------------------------------------ read_run */
+
+/* read_run(data, pos, index, limit, budget, salt, count, msgs, ends) -> (pos, index, taken)
+ *
+ * Decode and validate up to ``count`` single-frame records from ``pos`` (which should carry
+ * message index ``index``), appending each payload to ``msgs`` and its end to ``ends``. Stops
+ * before a record whose header would start beyond ``budget``, one that is not a valid
+ * single-frame record ending at or before ``limit`` (a multipart record included: the caller
+ * decodes those), or after ``count`` records. */
+static PyObject *read_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "read_run takes 9 arguments");
+        return NULL;
+    }
+    long long pos = PyLong_AsLongLong(args[1]);
+    long long index = PyLong_AsLongLong(args[2]);
+    long long limit = PyLong_AsLongLong(args[3]);
+    long long budget = PyLong_AsLongLong(args[4]);
+    long long salt = PyLong_AsLongLong(args[5]);
+    long long count = PyLong_AsLongLong(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *msgs = args[7], *ends = args[8];
+    if (!PyList_Check(msgs) || !PyList_Check(ends)) {
+        PyErr_SetString(PyExc_TypeError, "read_run: msgs and ends must be lists");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *buf = (const unsigned char *)view.buf;
+    if (limit > (long long)view.len) limit = (long long)view.len;
+    long long taken = 0;
+    int failed = 0;
+    while (taken < count && pos >= 0 && pos + RECORD <= budget && pos + RECORD <= limit) {
+        const unsigned char *at = buf + pos;
+        uint32_t sync = get_u32(at), tag = get_u32(at + 4), length = get_u32(at + 8),
+                 crc = get_u32(at + 12);
+        long long stop = pos + RECORD + (long long)length;
+        if ((long long)sync != salt || stop > limit ||
+            (long long)tag != index + (long long)SINGLE_TAG)
+            break;
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)at + RECORD, length);
+        if (payload == NULL) {
+            failed = 1;
+            break;
+        }
+        uint32_t got;
+        if (crc32_bytes(payload, record_seed(sync, tag, length), &got) < 0) {
+            Py_DECREF(payload);
+            failed = 1;
+            break;
+        }
+        if (got != crc) {
+            Py_DECREF(payload);
+            break;
+        }
+        PyObject *end_obj = PyLong_FromLongLong(stop);
+        if (end_obj == NULL || PyList_Append(msgs, payload) < 0) {
+            Py_XDECREF(end_obj);
+            Py_DECREF(payload);
+            failed = 1;
+            break;
+        }
+        Py_DECREF(payload);
+        if (PyList_Append(ends, end_obj) < 0) {
+            /* keep the two lists the same length */
+            Py_DECREF(end_obj);
+            PySequence_DelItem(msgs, PyList_GET_SIZE(msgs) - 1);
+            failed = 1;
+            break;
+        }
+        Py_DECREF(end_obj);
+        pos = stop;
+        index += 1;
+        taken += 1;
+    }
+    PyBuffer_Release(&view);
+    if (failed) return NULL;
+    return Py_BuildValue("(LLL)", pos, index, taken);
+}
+
+/* ------------------------------------------------------------------ encode_records */
+
+/* encode_records(records, salt, index) -> bytes: the records of a batch, joined. ``records``
+ * is a list of (payload: bytes, kind: int); the first carries message index ``index``. */
+static PyObject *encode_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode_records(records, salt, index) takes 3 arguments");
+        return NULL;
+    }
+    PyObject *records = args[0];
+    if (!PyList_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "encode_records: records must be a list");
+        return NULL;
+    }
+    unsigned long long salt = PyLong_AsUnsignedLongLong(args[1]);
+    long long index = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(records);
+    Py_ssize_t total = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PyList_GET_ITEM(records, k);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 0)) || !PyLong_Check(PyTuple_GET_ITEM(item, 1))) {
+            PyErr_SetString(PyExc_TypeError, "encode_records: expected (bytes, int) records");
+            return NULL;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+        if (len > PY_SSIZE_T_MAX - total - RECORD) {
+            PyErr_SetString(PyExc_OverflowError, "encode_records: the batch is too large");
+            return NULL;
+        }
+        total += RECORD + len;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL) return NULL;
+    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(out);
+    /* The list may not change under us: no Python code runs in this loop but zlib.crc32. */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PyList_GET_ITEM(records, k);
+        PyObject *payload = PyTuple_GET_ITEM(item, 0);
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
+        if (kind == -1 && PyErr_Occurred()) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        uint32_t length = (uint32_t)PyBytes_GET_SIZE(payload);
+        uint32_t tag = ((uint32_t)kind << KIND_SHIFT) | (uint32_t)(index + k);
+        uint32_t crc;
+        if (crc32_bytes(payload, record_seed((uint32_t)salt, tag, length), &crc) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        put_u32(at, (uint32_t)salt);
+        put_u32(at + 4, tag);
+        put_u32(at + 8, length);
+        put_u32(at + 12, crc);
+        memcpy(at + RECORD, PyBytes_AS_STRING(payload), length);
+        at += RECORD + length;
+    }
+    return out;
+}
+
+/* ------------------------------------------------------------------ the module */
+
+static PyMethodDef methods[] = {
+    {"add", (PyCFunction)(void (*)(void))lean_add, METH_FASTCALL,
+     "add(queue, msg, limit) -> bool: the lean add_message; False: take the general path."},
+    {"front", (PyCFunction)(void (*)(void))lean_front, METH_FASTCALL,
+     "front(queue, held) -> message or None: the lean front(); None: take the general path."},
+    {"try_front", (PyCFunction)(void (*)(void))lean_try_front, METH_FASTCALL,
+     "try_front(queue, held) -> (bool, message) or None: the lean try_front()."},
+    {"pop", (PyCFunction)(void (*)(void))lean_pop, METH_FASTCALL,
+     "pop(queue, held) -> bool: the lean pop_front(); False: take the general path."},
+    {"read_run", (PyCFunction)(void (*)(void))read_run, METH_FASTCALL,
+     "read_run(data, pos, index, limit, budget, salt, count, msgs, ends) -> (pos, index, n)."},
+    {"encode_records", (PyCFunction)(void (*)(void))encode_records, METH_FASTCALL,
+     "encode_records(records, salt, index) -> bytes: a batch's records, joined."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_speedups",
+    "The engine's lean paths and record loops in C (see persizmq/_engine/_lean.py).", -1,
+    methods,
+};
+
+#define INTERN(var, text)                                  \
+    do {                                                   \
+        var = PyUnicode_InternFromString(text);            \
+        if (var == NULL) return NULL;                      \
+    } while (0)
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    INTERN(s_lock, "lock");
+    INTERN(s_writer, "writer");
+    INTERN(s_fast_add, "fast_add");
+    INTERN(s_durability, "durability");
+    INTERN(s_failed, "failed");
+    INTERN(s_pos, "pos");
+    INTERN(s_fast_end, "fast_end");
+    INTERN(s_index, "index");
+    INTERN(s_fast_index, "fast_index");
+    INTERN(s_salt, "salt");
+    INTERN(s_map, "map");
+    INTERN(s_dirty, "dirty");
+    INTERN(s_added, "added");
+    INTERN(s_waiters, "waiters");
+    INTERN(s_cond, "cond");
+    INTERN(s_notify_all, "notify_all");
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
+    INTERN(s_consumer, "consumer");
+    INTERN(s_ahead, "ahead");
+    INTERN(s_ahead_i, "ahead_i");
+    INTERN(s_ahead_ok, "ahead_ok");
+    INTERN(s_closing, "closing");
+    INTERN(s_pops, "pops");
+    INTERN(s_ahead_ends, "ahead_ends");
+    INTERN(s_plog, "plog");
+    INTERN(s_map_, "_map");
+    INTERN(s_slot_, "_slot");
+    INTERN(s_previous_, "_previous");
+    INTERN(s_cursor, "cursor");
+    INTERN(s_base, "base");
+    INTERN(s_pos_dirty, "pos_dirty");
+    INTERN(s_popped, "popped");
+    PyObject *zlib = PyImport_ImportModule("zlib");
+    if (zlib == NULL) return NULL;
+    crc32_func = PyObject_GetAttrString(zlib, "crc32");
+    Py_DECREF(zlib);
+    if (crc32_func == NULL) return NULL;
+    return PyModule_Create(&module);
+}

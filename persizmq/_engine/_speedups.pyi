@@ -1,0 +1,21 @@
+# The optional C extension built from _speedups.c; its Python reference is _lean.py.
+from typing import Any, List, Optional, Tuple
+
+from persizmq._message import Message
+
+def add(queue: Any, msg: object, limit: int) -> bool: ...  # noqa: ANN401
+def front(queue: Any, held: Any) -> Optional[Message]: ...  # noqa: ANN401
+def try_front(queue: Any, held: Any) -> Optional[Tuple[bool, Optional[Message]]]: ...  # noqa: ANN401
+def pop(queue: Any, held: Any) -> bool: ...  # noqa: ANN401
+def read_run(  # noqa: PLR0917
+    data: Any,  # noqa: ANN401
+    pos: int,
+    index: int,
+    limit: int,
+    budget: int,
+    salt: int,
+    count: int,
+    msgs: List[Message],
+    ends: List[int],
+) -> Tuple[int, int, int]: ...
+def encode_records(records: List[Tuple[bytes, int]], salt: int, index: int) -> bytes: ...

@@ -1,0 +1,148 @@
+"""The C extension of the lean paths (``persizmq/_engine/_speedups.c``) against its Python
+reference (``persizmq/_engine/_lean.py``).
+
+The record loops are compared output for output on random records, damage included; the lean
+paths themselves run under both implementations in the model, lean-path and interrupt tests
+(the ``lean_impl`` fixture).
+"""
+
+import os
+import subprocess
+import sys
+import zlib
+from typing import List, Tuple
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+
+from persizmq._engine import _format, _lean
+from persizmq._message import Message
+
+try:
+    from persizmq._engine import _speedups
+except ImportError:  # pragma: no cover - where the extension is not built
+    _speedups = None  # type: ignore[assignment]
+
+needs_c = pytest.mark.skipif(
+    _speedups is None and not os.environ.get("PERSIZMQ_REQUIRE_SPEEDUPS"),
+    reason="the C extension persizmq._engine._speedups is not built",
+)
+
+records_st = st.lists(
+    st.tuples(
+        st.binary(max_size=300), st.sampled_from([_format.KIND_SINGLE, _format.KIND_MULTIPART])
+    ),
+    max_size=30,
+)
+salts = st.integers(min_value=0, max_value=0xFFFFFFFF)
+indexes = st.integers(min_value=0, max_value=_format.MAX_INDEX - 40)
+
+
+def test_the_extension_is_in_use_where_it_is_required() -> None:
+    # CI and precommit set PERSIZMQ_REQUIRE_SPEEDUPS: a build that silently fell back to Python
+    # would measure (and test) the wrong thing.
+    if not os.environ.get("PERSIZMQ_REQUIRE_SPEEDUPS"):
+        pytest.skip("PERSIZMQ_REQUIRE_SPEEDUPS is not set")
+    assert _speedups is not None
+    assert _lean.IMPLEMENTATION == "C"
+
+
+def test_pure_python_is_chosen_by_the_environment() -> None:
+    code = "from persizmq._engine import _lean; print(_lean.IMPLEMENTATION)"
+    env = dict(os.environ, PERSIZMQ_PURE_PYTHON="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "Python"
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(records=records_st, salt=salts, index=indexes)
+def test_encode_records_is_the_reference(
+    records: List[Tuple[bytes, int]], salt: int, index: int
+) -> None:
+    got = _speedups.encode_records(records, salt, index)
+    assert got == _lean.py_encode_records(records, salt, index)
+    # ... and each record is what _format.encode_record makes of it.
+    want = b"".join(
+        _format.encode_record(payload, kind, salt, index + i)
+        for i, (payload, kind) in enumerate(records)
+    )
+    assert got == want
+
+
+@needs_c
+def test_encode_records_refuses_what_is_not_a_record() -> None:
+    with pytest.raises(TypeError, match=r"\(bytes, int\)"):
+        _speedups.encode_records([("text", 1)], 1, 0)  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="list"):
+        _speedups.encode_records(((b"x", 1),), 1, 0)  # type: ignore[arg-type]
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(
+    records=records_st,
+    salt=salts,
+    index=indexes,
+    lead=st.integers(min_value=0, max_value=64),
+    damage=st.one_of(st.none(), st.tuples(st.integers(min_value=0), st.integers(1, 255))),
+    cut=st.one_of(st.none(), st.integers(min_value=0)),
+    budget_back=st.integers(min_value=0, max_value=400),
+    count=st.integers(min_value=0, max_value=40),
+    index_shift=st.sampled_from([0, 0, 0, 1, -1]),
+)
+def test_read_run_is_the_reference(  # noqa: PLR0917 (one draw per knob)
+    records: List[Tuple[bytes, int]],
+    salt: int,
+    index: int,
+    lead: int,
+    damage: "Tuple[int, int] | None",
+    cut: "int | None",
+    budget_back: int,
+    count: int,
+    index_shift: int,
+) -> None:
+    body = bytearray(bytes(lead) + _lean.py_encode_records(records, salt, index) + bytes(20))
+    if damage is not None and body:
+        at, flip = damage
+        body[at % len(body)] ^= flip
+    limit = len(body) if cut is None else cut % (len(body) + 1)
+    data = bytes(body)
+    budget = max(lead, limit - budget_back)
+    start_index = max(0, index + index_shift)
+    want_msgs: List[Message] = []
+    want_ends: List[int] = []
+    want = _lean.py_read_run(
+        data, lead, start_index, limit, budget, salt, count, want_msgs, want_ends
+    )
+    got_msgs: List[Message] = []
+    got_ends: List[int] = []
+    got = _speedups.read_run(
+        data, lead, start_index, limit, budget, salt, count, got_msgs, got_ends
+    )
+    assert got == want
+    assert got_msgs == want_msgs
+    assert got_ends == want_ends
+    assert all(type(m) is bytes for m in got_msgs)
+
+
+@needs_c
+def test_read_run_checks_the_crc_with_zlib() -> None:
+    # One record by hand: the CRC is zlib.crc32 seeded with the header's mix (SPEC 4).
+    salt, index, payload = 0x12345678, 7, b"hello"
+    tag = _format.KIND_SINGLE << _format.KIND_SHIFT | index
+    crc = zlib.crc32(payload, _format.record_seed(salt, tag, len(payload)))
+    good = _format.pack_record_header(salt, tag, len(payload), crc) + payload
+    msgs: List[Message] = []
+    ends: List[int] = []
+    assert _speedups.read_run(good, 0, index, len(good), len(good), salt, 5, msgs, ends) == (
+        len(good),
+        index + 1,
+        1,
+    )
+    assert msgs == [payload]
+    bad = _format.pack_record_header(salt, tag, len(payload), crc ^ 1) + payload
+    assert _speedups.read_run(bad, 0, index, len(bad), len(bad), salt, 5, [], []) == (0, index, 0)
