@@ -146,3 +146,20 @@ def test_read_run_checks_the_crc_with_zlib() -> None:
     assert msgs == [payload]
     bad = _format.pack_record_header(salt, tag, len(payload), crc ^ 1) + payload
     assert _speedups.read_run(bad, 0, index, len(bad), len(bad), salt, 5, [], []) == (0, index, 0)
+
+
+@needs_c
+def test_the_crc_is_zlibs_at_every_length_and_alignment() -> None:
+    # The extension computes the CRC itself where it can (FAST_CRC: carry-less multiplication
+    # on x86-64); every record must still carry zlib.crc32's value.
+    text = os.urandom(9000)
+    salt = 0x0BADCAFE
+    lengths = [*range(300), 511, 512, 513, 1023, 1024, 4095, 4096, 4097, 8191, 8192]
+    for start in (0, 1, 3, 8, 15):
+        for n in lengths:
+            payload = text[start : start + n]
+            got = _speedups.encode_records([(payload, _format.KIND_SINGLE)], salt, n)
+            assert got == _format.encode_record(payload, _format.KIND_SINGLE, salt, n), (start, n)
+            msgs: List[Message] = []
+            assert _speedups.read_run(got, 0, n, len(got), len(got), salt, 1, msgs, [])[2] == 1
+            assert msgs == [payload]

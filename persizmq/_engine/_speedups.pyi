@@ -3,6 +3,9 @@ from typing import Any, List, Optional, Tuple
 
 from persizmq._message import Message
 
+#: 1 if the CRC-32 is computed by the extension itself (checked against zlib.crc32 at import).
+FAST_CRC: int
+
 def add(queue: Any, msg: object, limit: int) -> bool: ...  # noqa: ANN401
 def front(queue: Any, held: Any) -> Optional[Message]: ...  # noqa: ANN401
 def try_front(queue: Any, held: Any) -> Optional[Tuple[bool, Optional[Message]]]: ...  # noqa: ANN401
