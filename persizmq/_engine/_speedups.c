@@ -23,7 +23,12 @@
  * layout (persizmq/_engine/_format.py): <u32 sync><u32 tag><u32 length><u32 crc> then the
  * payload, little-endian; crc = zlib.crc32(payload, seed) with
  * seed = (salt ^ tag * 0x9E3779B1 ^ length * 0x85EBCA77) mod 2**32.
- * The CRC is computed by calling zlib.crc32 itself, so it is the function SPEC 4 names.
+ * The CRC is zlib.crc32's value, the function SPEC 4 names: computed here where the CPU allows
+ * it and the self-check at import agrees, by calling zlib.crc32 otherwise (see "CRC-32").
+ *
+ * SOURCE_SHA256 (when setup.py built the module) is the SHA-256 of this file as compiled: the
+ * tests compare it with the file, so a module left over from an older source (an editable
+ * install is not rebuilt by a merge) is not taken for this one.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -396,7 +401,8 @@ done:
     return result;
 }
 
-static PyObject *lean_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *lean_add(PyObject *Py_UNUSED(self), PyObject *const *args,
+                          Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "add(queue, msg, limit) takes 3 arguments");
         return NULL;
@@ -461,7 +467,8 @@ done:
     return result;
 }
 
-static PyObject *lean_front(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *lean_front(PyObject *Py_UNUSED(self), PyObject *const *args,
+                            Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "front(queue, held) takes 2 arguments");
         return NULL;
@@ -486,7 +493,8 @@ static PyObject *lean_front(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 /* try_front(queue, held): (True, message) from the run read ahead; (False, None) when the lock
  * is busy; None when the general path must answer. */
-static PyObject *lean_try_front(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *lean_try_front(PyObject *Py_UNUSED(self), PyObject *const *args,
+                                Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "try_front(queue, held) takes 2 arguments");
         return NULL;
@@ -619,7 +627,8 @@ done:
     return result;
 }
 
-static PyObject *lean_pop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *lean_pop(PyObject *Py_UNUSED(self), PyObject *const *args,
+                          Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "pop(queue, held) takes 2 arguments");
         return NULL;
@@ -648,7 +657,8 @@ static PyObject *lean_pop(PyObject *self, PyObject *const *args, Py_ssize_t narg
  * before a record whose header would start beyond ``budget``, one that is not a valid
  * single-frame record ending at or before ``limit`` (a multipart record included: the caller
  * decodes those), or after ``count`` records. */
-static PyObject *read_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *read_run(PyObject *Py_UNUSED(self), PyObject *const *args,
+                          Py_ssize_t nargs) {
     if (nargs != 9) {
         PyErr_SetString(PyExc_TypeError, "read_run takes 9 arguments");
         return NULL;
@@ -723,7 +733,8 @@ static PyObject *read_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 /* encode_records(records, salt, index) -> bytes: the records of a batch, joined. ``records``
  * is a list of (payload: bytes, kind: int); the first carries message index ``index``. */
-static PyObject *encode_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *encode_records(PyObject *Py_UNUSED(self), PyObject *const *args,
+                                Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "encode_records(records, salt, index) takes 3 arguments");
         return NULL;
@@ -802,7 +813,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_speedups",
     "The engine's lean paths and record loops in C (see persizmq/_engine/_lean.py).", -1,
-    methods,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 #define INTERN(var, text)                                  \
@@ -858,5 +869,11 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         Py_DECREF(m);
         return NULL;
     }
+#ifdef PERSIZMQ_SPEEDUPS_SHA256
+    if (PyModule_AddStringConstant(m, "SOURCE_SHA256", PERSIZMQ_SPEEDUPS_SHA256) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
     return m;
 }

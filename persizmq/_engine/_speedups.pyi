@@ -5,6 +5,8 @@ from persizmq._message import Message
 
 #: 1 if the CRC-32 is computed by the extension itself (checked against zlib.crc32 at import).
 FAST_CRC: int
+#: The SHA-256 of the _speedups.c it was built from (when setup.py built it).
+SOURCE_SHA256: str
 
 def add(queue: Any, msg: object, limit: int) -> bool: ...  # noqa: ANN401
 def front(queue: Any, held: Any) -> Optional[Message]: ...  # noqa: ANN401
