@@ -10,7 +10,7 @@ def add(queue: Any, msg: object, limit: int) -> bool: ...  # noqa: ANN401
 def front(queue: Any, held: Any) -> Optional[Message]: ...  # noqa: ANN401
 def try_front(queue: Any, held: Any) -> Optional[Tuple[bool, Optional[Message]]]: ...  # noqa: ANN401
 def pop(queue: Any, held: Any) -> bool: ...  # noqa: ANN401
-def read_run(  # noqa: PLR0917
+def read_run(
     data: Any,  # noqa: ANN401
     pos: int,
     index: int,

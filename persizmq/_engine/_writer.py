@@ -20,7 +20,8 @@ checkpoint set to its end) before the next one is created, so a consumer in anot
 that sees the next segment knows where this one ends. In ``"periodic"`` mode the full segment
 is fsynced by the next round (at most :data:`MAX_ROLLED` wait for it, none longer than
 ``sync_interval``; beyond that the add path fsyncs the oldest itself, so descriptors never pile
-up and a disk slower than the adds slows the adds rather than the promise); in ``"always"`` mode it was already durable.
+up and a disk slower than the adds slows the adds rather than the promise); in ``"always"``
+mode it was already durable.
 The new segment is complete before it gets its name (see ``_segment``): header and metadata
 snapshot written and mapped, and in ``"always"`` mode fdatasynced, so that after a power cut its
 name never stands for zeros; its directory entry is fsynced at once. In ``"periodic"`` mode the
@@ -91,6 +92,20 @@ class Writer:
 
     Every method runs with the queue's lock held, except :meth:`close` of a failed open.
     """
+
+    # The attributes the lean paths use (``_speedups.c`` reads them from their slots), then
+    # a __dict__ for the rest.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "dirty",
+        "fast_end",
+        "fast_index",
+        "index",
+        "map",
+        "pos",
+        "salt",
+    )
 
     def __init__(
         self,
@@ -395,7 +410,10 @@ class Writer:
                 # The next round fsyncs it; the add path does only when too many wait (their
                 # descriptors) or the oldest has waited longer than the interval ("periodic"
                 # promises an fsync within it: a disk slower than the adds holds them back).
-                if len(self.rolled) > MAX_ROLLED or now - self.rolled_at[0] > self.durability.interval:
+                if (
+                    len(self.rolled) > MAX_ROLLED
+                    or now - self.rolled_at[0] > self.durability.interval
+                ):
                     oldest = self.rolled.pop(0)
                     del self.rolled_at[0]
                     try:
