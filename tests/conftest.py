@@ -72,6 +72,15 @@ def lean_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
                 pytest.fail("the C extension persizmq._engine._speedups is not built")
             pytest.skip("the C extension persizmq._engine._speedups is not built")
         return "C"
-    for name in ("add", "front", "try_front", "pop", "read_run", "encode_records"):
+    for name in (
+        "add",
+        "front",
+        "try_front",
+        "pop",
+        "read_run",
+        "encode_records",
+        "plain_records",
+        "records_size",
+    ):
         monkeypatch.setattr(_lean, name, getattr(_lean, f"py_{name}"))
     return "Python"

@@ -875,6 +875,67 @@ static PyObject *encode_records(PyObject *self, PyObject *const *args, Py_ssize_
     return out;
 }
 
+/* ------------------------------------------------------------------ plain_records, records_size */
+
+/* plain_records(msgs, limit) -> list of (payload, 1) or None: the records of a batch when every
+ * message of the list or tuple ``msgs`` is a bytes object (exactly) of at most ``limit`` bytes;
+ * None for anything else (the caller's general loop then encodes, skips and checks). */
+static PyObject *plain_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "plain_records(msgs, limit) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *msgs = args[0];
+    if (!PyList_CheckExact(msgs) && !PyTuple_CheckExact(msgs)) Py_RETURN_NONE;
+    long long limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(msgs);
+    PyObject **items = PySequence_Fast_ITEMS(msgs);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *msg = items[k];
+        if (!PyBytes_CheckExact(msg) || (long long)PyBytes_GET_SIZE(msg) > limit) Py_RETURN_NONE;
+    }
+    PyObject *kind = PyLong_FromLong(1);
+    if (kind == NULL) return NULL;
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        Py_DECREF(kind);
+        return NULL;
+    }
+    /* No Python code runs in this loop: ``msgs`` cannot change under it. */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *record = PyTuple_Pack(2, items[k], kind);
+        if (record == NULL) {
+            Py_DECREF(kind);
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, k, record);
+    }
+    Py_DECREF(kind);
+    return out;
+}
+
+/* records_size(records) -> int: the bytes of a batch's records, headers included. */
+static PyObject *records_size(PyObject *self, PyObject *records) {
+    if (!PyList_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "records_size: records must be a list");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(records);
+    long long total = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PyList_GET_ITEM(records, k);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError, "records_size: expected (bytes, int) records");
+            return NULL;
+        }
+        total += RECORD + (long long)PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+    }
+    return PyLong_FromLongLong(total);
+}
+
 /* ------------------------------------------------------------------ the module */
 
 static PyMethodDef methods[] = {
@@ -890,6 +951,10 @@ static PyMethodDef methods[] = {
      "read_run(data, pos, index, limit, budget, salt, count, msgs, ends) -> (pos, index, n)."},
     {"encode_records", (PyCFunction)(void (*)(void))encode_records, METH_FASTCALL,
      "encode_records(records, salt, index) -> bytes: a batch's records, joined."},
+    {"plain_records", (PyCFunction)(void (*)(void))plain_records, METH_FASTCALL,
+     "plain_records(msgs, limit) -> list of (bytes, 1) or None: a batch of plain messages."},
+    {"records_size", (PyCFunction)records_size, METH_O,
+     "records_size(records) -> int: the bytes of a batch's records, headers included."},
     {NULL, NULL, 0, NULL},
 };
 

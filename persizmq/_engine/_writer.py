@@ -496,7 +496,7 @@ class Writer:
         """Append several messages in one segment — an atomic batch when ``meta`` is given —
         and return the bytes written."""
         marker = b"" if meta is None else _format.encode_batch(len(records), meta)
-        size = _RECORD * len(records) + sum([len(p) for p, _k in records])
+        size = _lean.records_size(records)  # in C when built
         if meta is not None:
             size += _RECORD + len(marker)
         self.make_room(size, len(records))
