@@ -197,3 +197,18 @@ def test_plain_records_and_records_size_are_the_reference(
         assert all(type(payload) is bytes and kind == 1 for payload, kind in got)
         assert _speedups.records_size(got) == _lean.py_records_size(got)
     assert _speedups.plain_records(iter([b"x"]), 10) is None  # only lists and tuples
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.binary(max_size=700),
+    start=st.integers(min_value=0, max_value=800),
+    end=st.integers(min_value=0, max_value=800),
+    seed=salts,
+)
+def test_crc32_range_is_zlib_of_the_slice(data: bytes, start: int, end: int, seed: int) -> None:
+    assert _speedups.crc32_range(data, start, end, seed) == zlib.crc32(data[start:end], seed)
+    assert _format.py_crc32_range(data, start, end, seed) == zlib.crc32(data[start:end], seed)
+    with pytest.raises(ValueError, match="0 <= start"):
+        _speedups.crc32_range(data, -1, end, seed)

@@ -19,11 +19,10 @@ Python ones rely on ``with lock:`` for that (see ``_try_lock`` for the non-block
 :data:`IMPLEMENTATION` says which one is in use ("C" or "Python").
 """
 
-import os
 import zlib
 from typing import Any, Callable, List, Optional, Tuple
 
-from persizmq._engine import _format
+from persizmq._engine import _accel, _format
 from persizmq._engine._position import PositionLog
 from persizmq._engine._position import check as _check_slot
 from persizmq._message import Message
@@ -247,18 +246,9 @@ plain_records: Callable[[object, int], Optional[List[Tuple[bytes, int]]]] = py_p
 records_size: Callable[[List[Tuple[bytes, int]]], int] = py_records_size
 IMPLEMENTATION = "Python"
 
-if not os.environ.get("PERSIZMQ_PURE_PYTHON"):
-    try:
-        from persizmq._engine import _speedups
-    except ImportError:  # not built (an optional extension): the Python versions serve
-        pass
-    else:
-        add, front, try_front, pop = (
-            _speedups.add,
-            _speedups.front,
-            _speedups.try_front,
-            _speedups.pop,
-        )
-        read_run, encode_records = _speedups.read_run, _speedups.encode_records
-        plain_records, records_size = _speedups.plain_records, _speedups.records_size
-        IMPLEMENTATION = "C"
+if _accel.SPEEDUPS is not None:
+    _c = _accel.SPEEDUPS
+    add, front, try_front, pop = _c.add, _c.front, _c.try_front, _c.pop
+    read_run, encode_records = _c.read_run, _c.encode_records
+    plain_records, records_size = _c.plain_records, _c.records_size
+    IMPLEMENTATION = "C"
