@@ -332,6 +332,22 @@ def _memory() -> str:
     return "unknown"
 
 
+def _engine_description() -> str:
+    """Which implementation of the engine's lean paths this checkout runs (see
+    ``persizmq/_engine/_lean.py``): the C extension must be built for the figures to mean it."""
+    from persizmq._engine import _lean
+
+    if _lean.IMPLEMENTATION != "C":
+        return (
+            "pure Python (the C extension is not built or PERSIZMQ_PURE_PYTHON is set; "
+            "build it with: python3 -m pip install -e .)"
+        )
+    from persizmq._engine import _speedups
+
+    crc = "its own CRC-32 (PCLMULQDQ)" if _speedups.FAST_CRC else "zlib.crc32"
+    return f"C extension persizmq._engine._speedups, {crc}"
+
+
 def machine_description(scratch: Optional[str]) -> List[str]:
     """Lines that describe the machine, the interpreter and where the files are written."""
     directory = pathlib.Path(scratch or tempfile.gettempdir())
@@ -350,6 +366,7 @@ def machine_description(scratch: Optional[str]) -> List[str]:
         f"Python:      {platform.python_implementation()} {platform.python_version()} "
         f"({sys.executable})",
         f"ZeroMQ:      {zmq_versions}",
+        f"engine:      {_engine_description()}",
         f"files in:    {directory} -> {_filesystem_of(directory)}",
         f"load:        {load_average()}",
     ]

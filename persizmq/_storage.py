@@ -223,9 +223,10 @@ class PersistentStorage:
                 f"{type(msgs).__name__}; use add_message for a single message"
             )
         limit = self._limit
-        records: List[Tuple[bytes, int]] = []
+        plain = _lean.plain_records(msgs, limit)  # a list of plain bytes: in C when built
+        records: List[Tuple[bytes, int]] = [] if plain is None else plain
         append = records.append
-        for msg in msgs:
+        for msg in msgs if plain is None else ():
             if msg.__class__ is bytes and len(msg) <= limit:
                 append((msg, _SINGLE))
             else:

@@ -64,7 +64,7 @@ def lean_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Run a test with each implementation of the engine's lean paths (``_engine._lean``): the
     C extension (skipped where it is not built, unless ``PERSIZMQ_REQUIRE_SPEEDUPS`` is set)
     and the Python reference."""
-    from persizmq._engine import _lean
+    from persizmq._engine import _format, _lean
 
     if request.param == "C":
         if _lean.IMPLEMENTATION != "C":
@@ -72,6 +72,16 @@ def lean_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
                 pytest.fail("the C extension persizmq._engine._speedups is not built")
             pytest.skip("the C extension persizmq._engine._speedups is not built")
         return "C"
-    for name in ("add", "front", "try_front", "pop", "read_run", "encode_records"):
+    for name in (
+        "add",
+        "front",
+        "try_front",
+        "pop",
+        "read_run",
+        "encode_records",
+        "plain_records",
+        "records_size",
+    ):
         monkeypatch.setattr(_lean, name, getattr(_lean, f"py_{name}"))
+    monkeypatch.setattr(_format, "crc32_range", _format.py_crc32_range)
     return "Python"

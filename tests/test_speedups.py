@@ -163,3 +163,52 @@ def test_the_crc_is_zlibs_at_every_length_and_alignment() -> None:
             msgs: List[Message] = []
             assert _speedups.read_run(got, 0, n, len(got), len(got), salt, 1, msgs, [])[2] == 1
             assert msgs == [payload]
+
+
+class _Bytes(bytes):
+    """A bytes subclass: not a plain message for the batch's quick path."""
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(
+    msgs=st.lists(
+        st.one_of(
+            st.binary(max_size=50),
+            st.binary(max_size=50),
+            st.none(),
+            st.text(max_size=3),
+            st.binary(max_size=5).map(_Bytes),
+            st.binary(max_size=5).map(bytearray),
+        ),
+        max_size=20,
+    ),
+    limit=st.integers(min_value=0, max_value=60),
+    as_tuple=st.booleans(),
+)
+def test_plain_records_and_records_size_are_the_reference(
+    msgs: List[object], limit: int, as_tuple: bool
+) -> None:
+    batch: object = tuple(msgs) if as_tuple else msgs
+    got = _speedups.plain_records(batch, limit)
+    want = _lean.py_plain_records(batch, limit)
+    assert got == want
+    if got is not None:
+        assert all(type(payload) is bytes and kind == 1 for payload, kind in got)
+        assert _speedups.records_size(got) == _lean.py_records_size(got)
+    assert _speedups.plain_records(iter([b"x"]), 10) is None  # only lists and tuples
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.binary(max_size=700),
+    start=st.integers(min_value=0, max_value=800),
+    end=st.integers(min_value=0, max_value=800),
+    seed=salts,
+)
+def test_crc32_range_is_zlib_of_the_slice(data: bytes, start: int, end: int, seed: int) -> None:
+    assert _speedups.crc32_range(data, start, end, seed) == zlib.crc32(data[start:end], seed)
+    assert _format.py_crc32_range(data, start, end, seed) == zlib.crc32(data[start:end], seed)
+    with pytest.raises(ValueError, match="0 <= start"):
+        _speedups.crc32_range(data, -1, end, seed)

@@ -96,6 +96,22 @@ class Consumer:
     Every method runs with the queue's lock held.
     """
 
+    # The attributes the lean paths use (``_speedups.c`` reads them from their slots), then
+    # a __dict__ for the rest.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "ahead",
+        "ahead_ends",
+        "ahead_i",
+        "ahead_ok",
+        "cursor",
+        "plog",
+        "popped",
+        "pops",
+        "pos_dirty",
+    )
+
     def __init__(
         self,
         directory: pathlib.Path,

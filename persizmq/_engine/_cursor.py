@@ -64,6 +64,10 @@ class _Act(enum.Enum):
 class Cursor:
     """A position in the segment log and the walk from it (see the module docstring)."""
 
+    # The attributes the lean paths use (``_speedups.c`` reads them from their slots), then
+    # a __dict__ for the rest.
+    __slots__ = ("__dict__", "__weakref__", "base", "index", "pos")
+
     def __init__(
         self,
         directory: pathlib.Path,

@@ -77,6 +77,10 @@ class Participant(Protocol):
 class Durability:
     """The fsync rounds, fail-stop state and background thread of one open queue."""
 
+    # The attributes the lean paths use (``_speedups.c`` reads them from their slots), then
+    # a __dict__ for the rest.
+    __slots__ = ("__dict__", "__weakref__", "failed")
+
     def __init__(
         self, lock: threading.Lock, directory: pathlib.Path, sync: str, interval: float
     ) -> None:

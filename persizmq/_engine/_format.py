@@ -63,7 +63,9 @@ import os
 import re
 import struct
 import zlib
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+from persizmq._engine import _accel
 
 __all__ = [
     "CHECKPOINT_AT",
@@ -87,6 +89,7 @@ __all__ = [
     "Buffer",
     "SegmentHeader",
     "check_record",
+    "crc32_range",
     "decode_batch",
     "encode_batch",
     "encode_checkpoint",
@@ -99,6 +102,7 @@ __all__ = [
     "pack_record_header",
     "pack_record_header_into",
     "parse_header",
+    "py_crc32_range",
     "record_seed",
     "segment_base",
     "segment_name",
@@ -187,6 +191,17 @@ def new_salt() -> int:
 #: The odd multipliers that mix a record's tag and length into its CRC seed.
 SEED_TAG = 0x9E3779B1
 SEED_LENGTH = 0x85EBCA77
+
+
+def py_crc32_range(buf: Buffer, start: int, end: int, seed: int) -> int:
+    """``zlib.crc32(buf[start:end], seed)``; :func:`crc32_range` is the C extension's, which
+    computes it without copying the slice, when it is built (see ``_accel``)."""
+    return zlib.crc32(buf[start:end], seed)
+
+
+crc32_range: Callable[[Buffer, int, int, int], int] = (
+    py_crc32_range if _accel.SPEEDUPS is None else _accel.SPEEDUPS.crc32_range
+)
 
 
 def record_seed(salt: int, tag: int, length: int) -> int:
@@ -303,7 +318,7 @@ def check_record(
     if kind not in (KIND_SINGLE, KIND_MULTIPART, KIND_BATCH) or end > limit:
         return None
     start = pos + RECORD_HEADER_SIZE
-    if zlib.crc32(buf[start:end], record_seed(salt, tag, length)) != crc:
+    if crc32_range(buf, start, end, record_seed(salt, tag, length)) != crc:
         return None
     return kind, length, end
 

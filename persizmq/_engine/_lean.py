@@ -19,11 +19,10 @@ Python ones rely on ``with lock:`` for that (see ``_try_lock`` for the non-block
 :data:`IMPLEMENTATION` says which one is in use ("C" or "Python").
 """
 
-import os
 import zlib
 from typing import Any, Callable, List, Optional, Tuple
 
-from persizmq._engine import _format
+from persizmq._engine import _accel, _format
 from persizmq._engine._position import PositionLog
 from persizmq._engine._position import check as _check_slot
 from persizmq._message import Message
@@ -33,14 +32,18 @@ __all__ = [
     "add",
     "encode_records",
     "front",
+    "plain_records",
     "pop",
     "py_add",
     "py_encode_records",
     "py_front",
+    "py_plain_records",
     "py_pop",
     "py_read_run",
+    "py_records_size",
     "py_try_front",
     "read_run",
+    "records_size",
     "try_front",
 ]
 
@@ -213,25 +216,39 @@ def py_encode_records(records: List[Tuple[bytes, int]], salt: int, index: int) -
     return b"".join(parts)
 
 
+def py_plain_records(msgs: object, limit: int) -> Optional[List[Tuple[bytes, int]]]:
+    """The records ``(payload, KIND_SINGLE)`` of a batch when ``msgs`` is a list or tuple of
+    ``bytes`` objects (exactly) of at most ``limit`` bytes each; None for anything else (the
+    caller's general loop then encodes, skips and checks)."""
+    if msgs.__class__ is not list and msgs.__class__ is not tuple:
+        return None
+    records: List[Tuple[bytes, int]] = []
+    append = records.append
+    for msg in msgs:  # a list or tuple, checked above
+        if msg.__class__ is not bytes or len(msg) > limit:
+            return None
+        append((msg, _format.KIND_SINGLE))
+    return records
+
+
+def py_records_size(records: List[Tuple[bytes, int]]) -> int:
+    """The bytes of a batch's records, headers included."""
+    return _RECORD * len(records) + sum([len(payload) for payload, _kind in records])
+
+
 add: Callable[[Any, object, int], bool] = py_add
 front: Callable[[Any, Any], Optional[Message]] = py_front
 try_front: Callable[[Any, Any], Optional[Tuple[bool, Optional[Message]]]] = py_try_front
 pop: Callable[[Any, Any], bool] = py_pop
 read_run: Callable[..., Tuple[int, int, int]] = py_read_run
 encode_records: Callable[[List[Tuple[bytes, int]], int, int], bytes] = py_encode_records
+plain_records: Callable[[object, int], Optional[List[Tuple[bytes, int]]]] = py_plain_records
+records_size: Callable[[List[Tuple[bytes, int]]], int] = py_records_size
 IMPLEMENTATION = "Python"
 
-if not os.environ.get("PERSIZMQ_PURE_PYTHON"):
-    try:
-        from persizmq._engine import _speedups
-    except ImportError:  # not built (an optional extension): the Python versions serve
-        pass
-    else:
-        add, front, try_front, pop = (
-            _speedups.add,
-            _speedups.front,
-            _speedups.try_front,
-            _speedups.pop,
-        )
-        read_run, encode_records = _speedups.read_run, _speedups.encode_records
-        IMPLEMENTATION = "C"
+if _accel.SPEEDUPS is not None:
+    _c = _accel.SPEEDUPS
+    add, front, try_front, pop = _c.add, _c.front, _c.try_front, _c.pop
+    read_run, encode_records = _c.read_run, _c.encode_records
+    plain_records, records_size = _c.plain_records, _c.records_size
+    IMPLEMENTATION = "C"

@@ -80,6 +80,22 @@ class Options(NamedTuple):
 class Queue:
     """The open queue of one directory (see the module docstring)."""
 
+    # The attributes the lean paths use (``_speedups.c`` reads them from their slots), then
+    # a __dict__ for the rest.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "added",
+        "closing",
+        "cond",
+        "consumer",
+        "durability",
+        "fast_add",
+        "lock",
+        "waiters",
+        "writer",
+    )
+
     def __init__(self, directory: pathlib.Path, options: Options, readonly: bool = False) -> None:
         """Prepare an open queue with no part yet (see :meth:`attach`)."""
         self.directory = directory

@@ -33,6 +33,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -217,12 +218,71 @@ static inline uint32_t record_seed(uint32_t salt, uint32_t tag, uint32_t length)
     return salt ^ (uint32_t)(tag * SEED_TAG) ^ (uint32_t)(length * SEED_LENGTH);
 }
 
+/* ------------------------------------------------------------------ attribute access
+ *
+ * The engine's hot objects (Queue, Writer, Durability, Consumer, Cursor, PositionLog, Mark)
+ * declare the attributes used here in __slots__. A Field remembers, for the first type it
+ * meets, the offset of that type's slot (an object member, as a __slots__ entry is), and then
+ * reads and writes the slot directly, as the member descriptor itself would; for any other
+ * type, or a name that is not such a slot, it takes the generic getattr/setattr. Values
+ * written through a Field are ints, bools and None: dropping the old value runs no Python
+ * code. */
+
+typedef struct {
+    PyObject **name;    /* the interned attribute name */
+    PyTypeObject *type; /* the type the offset is for (NULL: not resolved yet) */
+    Py_ssize_t offset;  /* of its object slot; -1: none, use the generic access */
+} Field;
+
+static void field_resolve(Field *f, PyTypeObject *type) {
+    Py_INCREF(type);
+    f->type = type;
+    f->offset = -1;
+    PyObject *descr = PyObject_GetAttr((PyObject *)type, *f->name);
+    if (descr == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    if (Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == T_OBJECT_EX && !(member->flags & READONLY) && member->offset > 0)
+            f->offset = member->offset;
+    }
+    Py_DECREF(descr);
+}
+
+/* The slot of ``obj`` for ``f``, or NULL for the generic access. */
+static inline PyObject **field_slot(PyObject *obj, Field *f) {
+    PyTypeObject *type = Py_TYPE(obj);
+    if (f->type != type) {
+        if (f->type != NULL) return NULL;
+        field_resolve(f, type);
+    }
+    if (f->offset < 0) return NULL;
+    return (PyObject **)((char *)obj + f->offset);
+}
+
 /* getattr as a new reference. */
-static inline PyObject *attr(PyObject *obj, PyObject *name) { return PyObject_GetAttr(obj, name); }
+static inline PyObject *fget(PyObject *obj, Field *f) {
+    PyObject **slot = field_slot(obj, f);
+    if (slot != NULL && *slot != NULL) return Py_NewRef(*slot);
+    return PyObject_GetAttr(obj, *f->name); /* raises AttributeError for an empty slot */
+}
+
+/* setattr (the value is not stolen). */
+static inline int fset(PyObject *obj, Field *f, PyObject *value) {
+    PyObject **slot = field_slot(obj, f);
+    if (slot == NULL) return PyObject_SetAttr(obj, *f->name, value);
+    PyObject *old = *slot;
+    Py_INCREF(value);
+    *slot = value;
+    Py_XDECREF(old);
+    return 0;
+}
 
 /* getattr of an int attribute. Returns 0 and sets *out, or -1 with an exception set. */
-static int attr_ll(PyObject *obj, PyObject *name, long long *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+static int fget_ll(PyObject *obj, Field *f, long long *out) {
+    PyObject *v = fget(obj, f);
     if (v == NULL) return -1;
     long long x = PyLong_AsLongLong(v);
     Py_DECREF(v);
@@ -232,30 +292,64 @@ static int attr_ll(PyObject *obj, PyObject *name, long long *out) {
 }
 
 /* getattr as a truth value: 1, 0, or -1 with an exception set. */
-static int attr_true(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+static int fget_true(PyObject *obj, Field *f) {
+    PyObject *v = fget(obj, f);
     if (v == NULL) return -1;
-    int t = PyObject_IsTrue(v);
+    int t = v == Py_True ? 1 : v == Py_False ? 0 : PyObject_IsTrue(v);
     Py_DECREF(v);
     return t;
 }
 
 /* getattr is None: 1, 0, or -1 with an exception set. */
-static int attr_is_none(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+static int fget_is_none(PyObject *obj, Field *f) {
+    PyObject *v = fget(obj, f);
     if (v == NULL) return -1;
     int t = v == Py_None;
     Py_DECREF(v);
     return t;
 }
 
-static int set_ll(PyObject *obj, PyObject *name, long long value) {
+static int fset_ll(PyObject *obj, Field *f, long long value) {
     PyObject *v = PyLong_FromLongLong(value);
     if (v == NULL) return -1;
-    int r = PyObject_SetAttr(obj, name, v);
+    int r = fset(obj, f, v);
     Py_DECREF(v);
     return r;
 }
+
+static Field F_c_ahead = {&s_ahead, NULL, 0};
+static Field F_c_ahead_ends = {&s_ahead_ends, NULL, 0};
+static Field F_c_ahead_i = {&s_ahead_i, NULL, 0};
+static Field F_c_ahead_ok = {&s_ahead_ok, NULL, 0};
+static Field F_c_cursor = {&s_cursor, NULL, 0};
+static Field F_c_plog = {&s_plog, NULL, 0};
+static Field F_c_popped = {&s_popped, NULL, 0};
+static Field F_c_pops = {&s_pops, NULL, 0};
+static Field F_c_pos_dirty = {&s_pos_dirty, NULL, 0};
+static Field F_d_failed = {&s_failed, NULL, 0};
+static Field F_h_pops = {&s_pops, NULL, 0};
+static Field F_k_base = {&s_base, NULL, 0};
+static Field F_k_index = {&s_index, NULL, 0};
+static Field F_k_pos = {&s_pos, NULL, 0};
+static Field F_p_map = {&s_map_, NULL, 0};
+static Field F_p_previous = {&s_previous_, NULL, 0};
+static Field F_p_slot = {&s_slot_, NULL, 0};
+static Field F_q_added = {&s_added, NULL, 0};
+static Field F_q_closing = {&s_closing, NULL, 0};
+static Field F_q_cond = {&s_cond, NULL, 0};
+static Field F_q_consumer = {&s_consumer, NULL, 0};
+static Field F_q_durability = {&s_durability, NULL, 0};
+static Field F_q_fast_add = {&s_fast_add, NULL, 0};
+static Field F_q_lock = {&s_lock, NULL, 0};
+static Field F_q_waiters = {&s_waiters, NULL, 0};
+static Field F_q_writer = {&s_writer, NULL, 0};
+static Field F_w_dirty = {&s_dirty, NULL, 0};
+static Field F_w_fast_end = {&s_fast_end, NULL, 0};
+static Field F_w_fast_index = {&s_fast_index, NULL, 0};
+static Field F_w_index = {&s_index, NULL, 0};
+static Field F_w_map = {&s_map, NULL, 0};
+static Field F_w_pos = {&s_pos, NULL, 0};
+static Field F_w_salt = {&s_salt, NULL, 0};
 
 /* Take ``lock`` (blocking) or try it (``blocking`` 0): 1 taken, 0 not taken, -1 error. */
 static int take(PyObject *lock, int blocking) {
@@ -327,15 +421,15 @@ static int crc_self_check(void) {
 
 /* The lean add with the lock held: 1 stored, 0 not here, -1 error. */
 static int add_locked(PyObject *queue, PyObject *msg, long long limit) {
-    int ok = attr_true(queue, s_fast_add);
+    int ok = fget_true(queue, &F_q_fast_add);
     if (ok <= 0) return ok;
-    PyObject *durability = attr(queue, s_durability);
+    PyObject *durability = fget(queue, &F_q_durability);
     if (durability == NULL) return -1;
-    ok = attr_is_none(durability, s_failed);
+    ok = fget_is_none(durability, &F_d_failed);
     Py_DECREF(durability);
     if (ok <= 0) return ok;
 
-    PyObject *writer = attr(queue, s_writer);
+    PyObject *writer = fget(queue, &F_q_writer);
     if (writer == NULL) return -1;
     int result = -1;
     PyObject *map = NULL;
@@ -343,16 +437,16 @@ static int add_locked(PyObject *queue, PyObject *msg, long long limit) {
     view.obj = NULL;
     long long pos, fast_end, index, fast_index, salt;
     Py_ssize_t length = PyBytes_GET_SIZE(msg);
-    if (attr_ll(writer, s_pos, &pos) < 0 || attr_ll(writer, s_fast_end, &fast_end) < 0 ||
-        attr_ll(writer, s_index, &index) < 0 || attr_ll(writer, s_fast_index, &fast_index) < 0)
+    if (fget_ll(writer, &F_w_pos, &pos) < 0 || fget_ll(writer, &F_w_fast_end, &fast_end) < 0 ||
+        fget_ll(writer, &F_w_index, &index) < 0 || fget_ll(writer, &F_w_fast_index, &fast_index) < 0)
         goto done;
     long long end = pos + RECORD + (long long)length;
     if (!(end <= fast_end && index < fast_index && (long long)length <= limit)) {
         result = 0;
         goto done;
     }
-    if (attr_ll(writer, s_salt, &salt) < 0) goto done;
-    map = attr(writer, s_map);
+    if (fget_ll(writer, &F_w_salt, &salt) < 0) goto done;
+    map = fget(writer, &F_w_map);
     if (map == NULL) goto done;
     if (PyObject_GetBuffer(map, &view, PyBUF_WRITABLE) < 0) goto done;
     if (pos < 0 || end > (long long)view.len) { /* never so: fast_end is within the file */
@@ -373,16 +467,16 @@ static int add_locked(PyObject *queue, PyObject *msg, long long limit) {
     view.obj = NULL;
     /* The stores in the Python order; none of these can fail but for memory. */
     long long added;
-    if (set_ll(writer, s_pos, end) < 0 || set_ll(writer, s_index, index + 1) < 0 ||
-        PyObject_SetAttr(writer, s_dirty, Py_True) < 0 || attr_ll(queue, s_added, &added) < 0 ||
-        set_ll(queue, s_added, added + 1) < 0)
+    if (fset_ll(writer, &F_w_pos, end) < 0 || fset_ll(writer, &F_w_index, index + 1) < 0 ||
+        fset(writer, &F_w_dirty, Py_True) < 0 || fget_ll(queue, &F_q_added, &added) < 0 ||
+        fset_ll(queue, &F_q_added, added + 1) < 0)
         goto done;
     result = 1;
-    int waiters = attr_true(queue, s_waiters);
+    int waiters = fget_true(queue, &F_q_waiters);
     if (waiters < 0) {
         result = -1;
     } else if (waiters) {
-        PyObject *cond = attr(queue, s_cond);
+        PyObject *cond = fget(queue, &F_q_cond);
         if (cond == NULL) {
             result = -1;
         } else {
@@ -411,7 +505,7 @@ static PyObject *lean_add(PyObject *Py_UNUSED(self), PyObject *const *args,
     if (!PyBytes_Check(msg)) Py_RETURN_FALSE;
     long long limit = PyLong_AsLongLong(args[2]);
     if (limit == -1 && PyErr_Occurred()) return NULL;
-    PyObject *lock = attr(queue, s_lock);
+    PyObject *lock = fget(queue, &F_q_lock);
     if (lock == NULL) return NULL;
     int got = take(lock, 1);
     if (got <= 0) {
@@ -431,30 +525,30 @@ static PyObject *lean_add(PyObject *Py_UNUSED(self), PyObject *const *args,
 /* The lean front with the lock held: a new reference to the message, Py_None (a new
  * reference) when not here, NULL on error. */
 static PyObject *front_locked(PyObject *queue, PyObject *held) {
-    PyObject *consumer = attr(queue, s_consumer);
+    PyObject *consumer = fget(queue, &F_q_consumer);
     if (consumer == NULL) return NULL;
     PyObject *result = NULL, *ahead = NULL, *pops = NULL;
     long long i, ok;
-    if (attr_ll(consumer, s_ahead_i, &i) < 0 || attr_ll(consumer, s_ahead_ok, &ok) < 0) goto done;
+    if (fget_ll(consumer, &F_c_ahead_i, &i) < 0 || fget_ll(consumer, &F_c_ahead_ok, &ok) < 0) goto done;
     if (i >= ok) {
         result = Py_NewRef(Py_None);
         goto done;
     }
-    int closing = attr_true(queue, s_closing);
+    int closing = fget_true(queue, &F_q_closing);
     if (closing < 0) goto done;
     if (closing) {
         result = Py_NewRef(Py_None);
         goto done;
     }
-    ahead = attr(consumer, s_ahead);
+    ahead = fget(consumer, &F_c_ahead);
     if (ahead == NULL) goto done;
     if (!PyList_Check(ahead) || i < 0 || i >= PyList_GET_SIZE(ahead)) {
         result = Py_NewRef(Py_None); /* never so: the general path sorts it out */
         goto done;
     }
     PyObject *msg = PyList_GET_ITEM(ahead, (Py_ssize_t)i); /* borrowed */
-    pops = attr(consumer, s_pops);
-    if (pops == NULL || PyObject_SetAttr(held, s_pops, pops) < 0) goto done;
+    pops = fget(consumer, &F_c_pops);
+    if (pops == NULL || fset(held, &F_h_pops, pops) < 0) goto done;
     if (PyBytes_Check(msg)) {
         result = Py_NewRef(msg);
     } else {
@@ -473,7 +567,7 @@ static PyObject *lean_front(PyObject *Py_UNUSED(self), PyObject *const *args,
         PyErr_SetString(PyExc_TypeError, "front(queue, held) takes 2 arguments");
         return NULL;
     }
-    PyObject *lock = attr(args[0], s_lock);
+    PyObject *lock = fget(args[0], &F_q_lock);
     if (lock == NULL) return NULL;
     int got = take(lock, 1);
     if (got <= 0) {
@@ -499,7 +593,7 @@ static PyObject *lean_try_front(PyObject *Py_UNUSED(self), PyObject *const *args
         PyErr_SetString(PyExc_TypeError, "try_front(queue, held) takes 2 arguments");
         return NULL;
     }
-    PyObject *lock = attr(args[0], s_lock);
+    PyObject *lock = fget(args[0], &F_q_lock);
     if (lock == NULL) return NULL;
     int got = take(lock, 0);
     if (got <= 0) {
@@ -529,7 +623,7 @@ static inline uint64_t slot_check(uint64_t offset, uint64_t base, uint64_t posit
 
 /* The lean pop with the lock held: 1 popped, 0 not here, -1 error. */
 static int pop_locked(PyObject *queue, PyObject *held) {
-    PyObject *consumer = attr(queue, s_consumer);
+    PyObject *consumer = fget(queue, &F_q_consumer);
     if (consumer == NULL) return -1;
     int result = -1;
     PyObject *ahead = NULL, *ends = NULL, *mark = NULL, *plog = NULL, *map = NULL,
@@ -537,18 +631,18 @@ static int pop_locked(PyObject *queue, PyObject *held) {
     Py_buffer view;
     view.obj = NULL;
     long long i, pops, slot, base, cindex, popped;
-    if (attr_ll(consumer, s_ahead_i, &i) < 0) goto done;
-    ahead = attr(consumer, s_ahead);
+    if (fget_ll(consumer, &F_c_ahead_i, &i) < 0) goto done;
+    ahead = fget(consumer, &F_c_ahead);
     if (ahead == NULL) goto done;
-    ends = attr(consumer, s_ahead_ends);
+    ends = fget(consumer, &F_c_ahead_ends);
     if (ends == NULL) goto done;
     result = 0;
     if (!PyList_Check(ahead) || !PyList_Check(ends) || i < 0 || i >= PyList_GET_SIZE(ahead) ||
         i >= PyList_GET_SIZE(ends))
         goto done;
     result = -1;
-    mark = attr(held, s_pops);
-    if (mark == NULL || attr_ll(consumer, s_pops, &pops) < 0) goto done;
+    mark = fget(held, &F_h_pops);
+    if (mark == NULL || fget_ll(consumer, &F_c_pops, &pops) < 0) goto done;
     if (mark != Py_None) {
         long long m = PyLong_AsLongLong(mark);
         if (m == -1 && PyErr_Occurred()) goto done;
@@ -557,27 +651,27 @@ static int pop_locked(PyObject *queue, PyObject *held) {
             goto done;
         }
     }
-    plog = attr(consumer, s_plog);
+    plog = fget(consumer, &F_c_plog);
     if (plog == NULL) goto done;
     if (plog == Py_None) {
         result = 0;
         goto done;
     }
-    int closing = attr_true(queue, s_closing);
+    int closing = fget_true(queue, &F_q_closing);
     if (closing < 0) goto done;
     if (closing) {
         result = 0;
         goto done;
     }
-    PyObject *durability = attr(queue, s_durability);
+    PyObject *durability = fget(queue, &F_q_durability);
     if (durability == NULL) goto done;
-    int healthy = attr_is_none(durability, s_failed);
+    int healthy = fget_is_none(durability, &F_d_failed);
     Py_DECREF(durability);
     if (healthy <= 0) {
         result = healthy;
         goto done;
     }
-    map = attr(plog, s_map_);
+    map = fget(plog, &F_p_map);
     if (map == NULL) goto done;
     if (map == Py_None) {
         result = 0;
@@ -585,9 +679,9 @@ static int pop_locked(PyObject *queue, PyObject *held) {
     }
     long long end = PyLong_AsLongLong(PyList_GET_ITEM(ends, (Py_ssize_t)i));
     if (end == -1 && PyErr_Occurred()) goto done;
-    cursor = attr(consumer, s_cursor);
-    if (cursor == NULL || attr_ll(cursor, s_index, &cindex) < 0 ||
-        attr_ll(cursor, s_base, &base) < 0 || attr_ll(plog, s_slot_, &slot) < 0)
+    cursor = fget(consumer, &F_c_cursor);
+    if (cursor == NULL || fget_ll(cursor, &F_k_index, &cindex) < 0 ||
+        fget_ll(cursor, &F_k_base, &base) < 0 || fget_ll(plog, &F_p_slot, &slot) < 0)
         goto done;
     long long next_slot = slot < LAST_SLOT ? slot + 1 : 0;
     if (PyObject_GetBuffer(map, &view, PyBUF_WRITABLE) < 0) goto done;
@@ -599,9 +693,9 @@ static int pop_locked(PyObject *queue, PyObject *held) {
     uint64_t offset = (uint64_t)base + (uint64_t)index;
     /* The Python order of the stores: consumer.ahead_i, cursor.pos, cursor.index, the log's
      * _previous and _slot, the entry, then the counters. (No signal can fall in between.) */
-    if (set_ll(consumer, s_ahead_i, i + 1) < 0 || set_ll(cursor, s_pos, end) < 0 ||
-        set_ll(cursor, s_index, index) < 0 || set_ll(plog, s_previous_, slot) < 0 ||
-        set_ll(plog, s_slot_, next_slot) < 0)
+    if (fset_ll(consumer, &F_c_ahead_i, i + 1) < 0 || fset_ll(cursor, &F_k_pos, end) < 0 ||
+        fset_ll(cursor, &F_k_index, index) < 0 || fset_ll(plog, &F_p_previous, slot) < 0 ||
+        fset_ll(plog, &F_p_slot, next_slot) < 0)
         goto done;
     unsigned char *at = (unsigned char *)view.buf + next_slot * SLOT_SIZE;
     put_u64(at, offset);
@@ -610,9 +704,9 @@ static int pop_locked(PyObject *queue, PyObject *held) {
     put_u64(at + 24, slot_check(offset, (uint64_t)base, (uint64_t)end));
     PyBuffer_Release(&view);
     view.obj = NULL;
-    if (PyObject_SetAttr(consumer, s_pos_dirty, Py_True) < 0 ||
-        PyObject_SetAttr(held, s_pops, Py_None) < 0 || set_ll(consumer, s_pops, pops + 1) < 0 ||
-        attr_ll(consumer, s_popped, &popped) < 0 || set_ll(consumer, s_popped, popped + 1) < 0)
+    if (fset(consumer, &F_c_pos_dirty, Py_True) < 0 ||
+        fset(held, &F_h_pops, Py_None) < 0 || fset_ll(consumer, &F_c_pops, pops + 1) < 0 ||
+        fget_ll(consumer, &F_c_popped, &popped) < 0 || fset_ll(consumer, &F_c_popped, popped + 1) < 0)
         goto done;
     result = 1;
 done:
@@ -633,7 +727,7 @@ static PyObject *lean_pop(PyObject *Py_UNUSED(self), PyObject *const *args,
         PyErr_SetString(PyExc_TypeError, "pop(queue, held) takes 2 arguments");
         return NULL;
     }
-    PyObject *lock = attr(args[0], s_lock);
+    PyObject *lock = fget(args[0], &F_q_lock);
     if (lock == NULL) return NULL;
     int got = take(lock, 1);
     if (got <= 0) {
@@ -792,6 +886,113 @@ static PyObject *encode_records(PyObject *Py_UNUSED(self), PyObject *const *args
     return out;
 }
 
+/* ------------------------------------------------------------------ plain_records, records_size */
+
+/* plain_records(msgs, limit) -> list of (payload, 1) or None: the records of a batch when every
+ * message of the list or tuple ``msgs`` is a bytes object (exactly) of at most ``limit`` bytes;
+ * None for anything else (the caller's general loop then encodes, skips and checks). */
+static PyObject *plain_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "plain_records(msgs, limit) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *msgs = args[0];
+    if (!PyList_CheckExact(msgs) && !PyTuple_CheckExact(msgs)) Py_RETURN_NONE;
+    long long limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(msgs);
+    PyObject **items = PySequence_Fast_ITEMS(msgs);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *msg = items[k];
+        if (!PyBytes_CheckExact(msg) || (long long)PyBytes_GET_SIZE(msg) > limit) Py_RETURN_NONE;
+    }
+    PyObject *kind = PyLong_FromLong(1);
+    if (kind == NULL) return NULL;
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        Py_DECREF(kind);
+        return NULL;
+    }
+    /* No Python code runs in this loop: ``msgs`` cannot change under it. */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *record = PyTuple_Pack(2, items[k], kind);
+        if (record == NULL) {
+            Py_DECREF(kind);
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, k, record);
+    }
+    Py_DECREF(kind);
+    return out;
+}
+
+/* records_size(records) -> int: the bytes of a batch's records, headers included. */
+static PyObject *records_size(PyObject *self, PyObject *records) {
+    if (!PyList_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "records_size: records must be a list");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(records);
+    long long total = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PyList_GET_ITEM(records, k);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError, "records_size: expected (bytes, int) records");
+            return NULL;
+        }
+        total += RECORD + (long long)PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+    }
+    return PyLong_FromLongLong(total);
+}
+
+/* ------------------------------------------------------------------ crc32_range */
+
+/* crc32_range(buf, start, end, seed) -> int: zlib.crc32(buf[start:end], seed), without the copy
+ * (0 <= start, 0 <= end). */
+static PyObject *crc32_range(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "crc32_range(buf, start, end, seed) takes 4 arguments");
+        return NULL;
+    }
+    long long start = PyLong_AsLongLong(args[1]);
+    long long end = PyLong_AsLongLong(args[2]);
+    unsigned long long seed = PyLong_AsUnsignedLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (start < 0 || end < 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "crc32_range: expected 0 <= start and 0 <= end");
+        return NULL;
+    }
+    /* slice semantics, as buf[start:end] */
+    long long len = (long long)view.len;
+    if (end > len) end = len;
+    if (end < start) end = start;
+    uint32_t crc;
+    if (crc_fast) {
+        crc = fast_crc32((uint32_t)seed, (const unsigned char *)view.buf + start,
+                         (size_t)(end - start));
+    } else {
+        PyObject *part =
+            PyBytes_FromStringAndSize((const char *)view.buf + start, (Py_ssize_t)(end - start));
+        if (part == NULL) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        int r = crc32_bytes(part, (uint32_t)seed, &crc);
+        Py_DECREF(part);
+        if (r < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(crc);
+}
+
 /* ------------------------------------------------------------------ the module */
 
 static PyMethodDef methods[] = {
@@ -807,6 +1008,12 @@ static PyMethodDef methods[] = {
      "read_run(data, pos, index, limit, budget, salt, count, msgs, ends) -> (pos, index, n)."},
     {"encode_records", (PyCFunction)(void (*)(void))encode_records, METH_FASTCALL,
      "encode_records(records, salt, index) -> bytes: a batch's records, joined."},
+    {"plain_records", (PyCFunction)(void (*)(void))plain_records, METH_FASTCALL,
+     "plain_records(msgs, limit) -> list of (bytes, 1) or None: a batch of plain messages."},
+    {"records_size", (PyCFunction)records_size, METH_O,
+     "records_size(records) -> int: the bytes of a batch's records, headers included."},
+    {"crc32_range", (PyCFunction)(void (*)(void))crc32_range, METH_FASTCALL,
+     "crc32_range(buf, start, end, seed) -> int: zlib.crc32(buf[start:end], seed)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,8 +18,10 @@ segment name — is ever used twice, even when a power cut lost a segment that h
 Rolling over. The full segment is sealed (end offset and data end in its header, and its
 checkpoint set to its end) before the next one is created, so a consumer in another process
 that sees the next segment knows where this one ends. In ``"periodic"`` mode the full segment
-is fsynced by the next round (at most :data:`MAX_ROLLED` wait for it; beyond that the oldest is
-fsynced at once, so descriptors never pile up); in ``"always"`` mode it was already durable.
+is fsynced by the next round (at most :data:`MAX_ROLLED` wait for it, none longer than
+``sync_interval``; beyond that the add path fsyncs the oldest itself, so descriptors never pile
+up and a disk slower than the adds slows the adds rather than the promise); in ``"always"``
+mode it was already durable.
 The new segment is complete before it gets its name (see ``_segment``): header and metadata
 snapshot written and mapped, and in ``"always"`` mode fdatasynced, so that after a power cut its
 name never stands for zeros; its directory entry is fsynced at once. In ``"periodic"`` mode the
@@ -58,6 +60,7 @@ import os
 import pathlib
 import re
 import struct
+import time
 import zlib
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -75,7 +78,7 @@ _LOGGER = logging.getLogger("persizmq")
 
 PRODUCER_LOCK = "producer.lock"
 #: Full segments that may wait for the next fsync round before one is fsynced at once.
-MAX_ROLLED = 2
+MAX_ROLLED = 16
 _HEADER = _format.SEGMENT_HEADER_SIZE
 _RECORD = _format.RECORD_HEADER_SIZE
 _INITIAL = 1 << 16
@@ -89,6 +92,20 @@ class Writer:
 
     Every method runs with the queue's lock held, except :meth:`close` of a failed open.
     """
+
+    # The attributes the lean paths use (``_speedups.c`` reads them from their slots), then
+    # a __dict__ for the rest.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "dirty",
+        "fast_end",
+        "fast_index",
+        "index",
+        "map",
+        "pos",
+        "salt",
+    )
 
     def __init__(
         self,
@@ -119,6 +136,7 @@ class Writer:
         self.fast_index = 0
         self.reservation: Optional[Reservation] = None
         self.rolled: List[Segment] = []
+        self.rolled_at: List[float] = []  # when each of ``rolled`` was rolled (monotonic)
         self.meta: Dict[bytes, bytes] = {}
         self.torn_tail_bytes = 0
         self.dirty = False  # records written since the last fsync round snapshot
@@ -386,9 +404,18 @@ class Writer:
         self._limits()
         try:
             if self.sync == "periodic":
+                now = time.monotonic()
                 self.rolled.append(old)
-                if len(self.rolled) > MAX_ROLLED:
+                self.rolled_at.append(now)
+                # The next round fsyncs it; the add path does only when too many wait (their
+                # descriptors) or the oldest has waited longer than the interval ("periodic"
+                # promises an fsync within it: a disk slower than the adds holds them back).
+                if (
+                    len(self.rolled) > MAX_ROLLED
+                    or now - self.rolled_at[0] > self.durability.interval
+                ):
                     oldest = self.rolled.pop(0)
+                    del self.rolled_at[0]
                     try:
                         self.durability.fdatasync(oldest.fd, str(oldest.path))
                     finally:
@@ -417,11 +444,14 @@ class Writer:
         assert seg is not None
         if self.pos + size > seg.size:
             target = min(self.cap, max(self.pos + size, 2 * seg.size))
-            if count > 1 and target == self.cap:
+            if (count > 1 and target == self.cap) or self.sync == "always":
                 # A batch near the segment's end grows it to what it needs (rounded to
                 # _INITIAL) rather than to the cap: a later batch that does not fit rolls over,
                 # and the room reserved for it would stay unused (never shrunk) — with batches
                 # of 10,000 messages, 1.38x the payload on disk instead of 1.2x.
+                # In "always" mode every add is followed by an fdatasync, which would also
+                # write the zeros of the room ahead to the disk (before the records that later
+                # fill it are written again): the disk wrote every byte twice.
                 target = min(self.cap, -(-(self.pos + size) // _INITIAL) * _INITIAL)
             if target > _format.MAX_SEGMENT_BYTES:
                 raise StorageWriteError(
@@ -466,7 +496,7 @@ class Writer:
         """Append several messages in one segment — an atomic batch when ``meta`` is given —
         and return the bytes written."""
         marker = b"" if meta is None else _format.encode_batch(len(records), meta)
-        size = _RECORD * len(records) + sum([len(p) for p, _k in records])
+        size = _lean.records_size(records)  # in C when built
         if meta is not None:
             size += _RECORD + len(marker)
         self.make_room(size, len(records))
@@ -524,7 +554,7 @@ class Writer:
             raise self.durability.fail(
                 err, f"duplicating a descriptor of {str(self.directory)!r} for an fsync round"
             ) from err
-        rolled, self.rolled = self.rolled, []
+        rolled, self.rolled, self.rolled_at = self.rolled, [], []
         for s in rolled:
             s.close()
         target = (self.base, self.pos, self.index)
@@ -555,7 +585,7 @@ class Writer:
         self.map, self.fast_end, self.fast_index = None, 0, 0
         for seg in [*self.rolled, *([self.seg] if self.seg is not None else [])]:
             seg.close()
-        self.rolled = []
+        self.rolled, self.rolled_at = [], []
         self.seg = None
         if self.reservation is not None:
             self.reservation.close()
