@@ -891,7 +891,8 @@ static PyObject *encode_records(PyObject *Py_UNUSED(self), PyObject *const *args
 /* plain_records(msgs, limit) -> list of (payload, 1) or None: the records of a batch when every
  * message of the list or tuple ``msgs`` is a bytes object (exactly) of at most ``limit`` bytes;
  * None for anything else (the caller's general loop then encodes, skips and checks). */
-static PyObject *plain_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *plain_records(PyObject *Py_UNUSED(self), PyObject *const *args,
+                               Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "plain_records(msgs, limit) takes 2 arguments");
         return NULL;
@@ -928,7 +929,7 @@ static PyObject *plain_records(PyObject *self, PyObject *const *args, Py_ssize_t
 }
 
 /* records_size(records) -> int: the bytes of a batch's records, headers included. */
-static PyObject *records_size(PyObject *self, PyObject *records) {
+static PyObject *records_size(PyObject *Py_UNUSED(self), PyObject *records) {
     if (!PyList_Check(records)) {
         PyErr_SetString(PyExc_TypeError, "records_size: records must be a list");
         return NULL;
@@ -951,7 +952,8 @@ static PyObject *records_size(PyObject *self, PyObject *records) {
 
 /* crc32_range(buf, start, end, seed) -> int: zlib.crc32(buf[start:end], seed), without the copy
  * (0 <= start, 0 <= end). */
-static PyObject *crc32_range(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *crc32_range(PyObject *Py_UNUSED(self), PyObject *const *args,
+                             Py_ssize_t nargs) {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "crc32_range(buf, start, end, seed) takes 4 arguments");
         return NULL;
