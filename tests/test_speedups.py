@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import zlib
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import hypothesis.strategies as st
 import pytest
@@ -212,3 +212,57 @@ def test_crc32_range_is_zlib_of_the_slice(data: bytes, start: int, end: int, see
     assert _format.py_crc32_range(data, start, end, seed) == zlib.crc32(data[start:end], seed)
     with pytest.raises(ValueError, match="0 <= start"):
         _speedups.crc32_range(data, -1, end, seed)
+
+
+class _Interrupt(BaseException):
+    """What the test's signal handler raises, as KeyboardInterrupt."""
+
+
+def _then_a_check(call: Callable[[], object]) -> None:
+    call()
+    for _ in range(1000):  # a pending signal handler runs at the loop's next check
+        pass
+
+
+@needs_c
+def test_run_uninterrupted_lets_a_signal_in_only_after_the_step() -> None:
+    import signal
+    import threading
+
+    steps: List[str] = []
+
+    def handler(_sig: int, _frame: object) -> None:
+        raise _Interrupt
+
+    def step() -> str:
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives while the step runs
+        total = 0
+        for i in range(20_000):  # bytecode: a plain call would be interrupted in here
+            total += i
+        steps.append(f"done {total}")
+        return "result"
+
+    assert threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with pytest.raises(_Interrupt):
+            _then_a_check(lambda: _lean.uninterrupted(step))
+        assert steps == [f"done {sum(range(20_000))}"]
+        # A plain call is cut in the middle: what the C step protects against.
+        steps.clear()
+        with pytest.raises(_Interrupt):
+            _then_a_check(step)
+        assert steps == []
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@needs_c
+def test_run_uninterrupted_returns_and_raises_what_the_step_does() -> None:
+    assert _speedups.run_uninterrupted(lambda: 42) == 42
+
+    def fails() -> None:
+        raise ValueError("inside")
+
+    with pytest.raises(ValueError, match="inside"):
+        _speedups.run_uninterrupted(fails)

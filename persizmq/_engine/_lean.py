@@ -19,8 +19,10 @@ Python ones rely on ``with lock:`` for that (see ``_try_lock`` for the non-block
 :data:`IMPLEMENTATION` says which one is in use ("C" or "Python").
 """
 
+import sys
+import threading
 import zlib
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from persizmq._engine import _accel, _format
 from persizmq._engine._position import PositionLog
@@ -45,8 +47,10 @@ __all__ = [
     "read_run",
     "records_size",
     "try_front",
+    "uninterrupted",
 ]
 
+_T = TypeVar("_T")
 _RECORD = _format.RECORD_HEADER_SIZE
 _SHIFT = _format.KIND_SHIFT
 _SINGLE_TAG = _format.KIND_SINGLE << _SHIFT
@@ -234,6 +238,25 @@ def py_plain_records(msgs: object, limit: int) -> Optional[List[Tuple[bytes, int
 def py_records_size(records: List[Tuple[bytes, int]]) -> int:
     """The bytes of a batch's records, headers included."""
     return _RECORD * len(records) + sum([len(payload) for payload, _kind in records])
+
+
+_MAIN_THREAD = threading.main_thread().ident
+
+
+def uninterrupted(func: Callable[[], _T]) -> _T:
+    """``func()``, which no signal handler (KeyboardInterrupt) cuts in the middle when the C
+    extension is in use: in the main thread (the only one where Python runs signal handlers) it
+    runs in a short-lived thread while the caller waits where no handler runs, and a signal that
+    arrived meanwhile is handled right after. Without the extension, or in another thread, a
+    plain call (the pure-Python engine keeps this hole: a roll-over cut by KeyboardInterrupt)."""
+    if (
+        _accel.SPEEDUPS is not None
+        and threading.get_ident() == _MAIN_THREAD
+        and not sys.is_finalizing()
+    ):
+        result: _T = _accel.SPEEDUPS.run_uninterrupted(func)
+        return result
+    return func()
 
 
 add: Callable[[Any, object, int], bool] = py_add

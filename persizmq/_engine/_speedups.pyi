@@ -1,7 +1,9 @@
 # The optional C extension built from _speedups.c; its Python reference is _lean.py.
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from persizmq._message import Message
+
+_T = TypeVar("_T")
 
 #: 1 if the CRC-32 is computed by the extension itself (checked against zlib.crc32 at import).
 FAST_CRC: int
@@ -27,3 +29,4 @@ def encode_records(records: List[Tuple[bytes, int]], salt: int, index: int) -> b
 def plain_records(msgs: object, limit: int) -> Optional[List[Tuple[bytes, int]]]: ...
 def records_size(records: List[Tuple[bytes, int]]) -> int: ...
 def crc32_range(buf: Any, start: int, end: int, seed: int) -> int: ...  # noqa: ANN401
+def run_uninterrupted(func: Callable[[], _T]) -> _T: ...

@@ -389,7 +389,15 @@ class Writer:
         The new segment is created first: if the disk refuses it, nothing changed. A view in
         another process that sees the new segment knows the full one is complete (nobody
         writes to a segment that has a successor), sealed or not yet.
+
+        A roll-over is a dozen stores that no KeyboardInterrupt may cut (cut after the old
+        map was closed, every later add failed on it): with the C extension it runs whole
+        (``_lean.uninterrupted``).
         """
+        _lean.uninterrupted(lambda: self._roll(needed))
+
+    def _roll(self, needed: int) -> None:
+        self.fast_end = 0  # no lean add into the full segment from here on
         old = self.seg
         assert old is not None
         end_offset = self.base + self.index
@@ -397,9 +405,9 @@ class Writer:
         old.write_seal(end_offset, self.pos)
         old.write_checkpoint(self.index, self.pos)
         self.ledger.add(self.base, end_offset, self.pos)
-        if old.map is not None:
-            old.map.close()
-            old.map = None
+        unmapped, old.map = old.map, None  # no call between: never a closed map left in place
+        if unmapped is not None:
+            unmapped.close()
         self.seg = None
         self._limits()
         try:
@@ -457,6 +465,10 @@ class Writer:
                 raise StorageWriteError(
                     errno.EFBIG, f"a segment of {target} bytes is larger than a segment may be"
                 )
+            # The grow replaces the map that the lean add uses (closing the old one), and
+            # _limits() below hands it the new one: until then no lean add (an interrupt in
+            # between left every later add storing into the closed map).
+            self.fast_end = 0
             seg.grow(target)
         self._reserve(self.base + self.index + count)
         self._limits()
