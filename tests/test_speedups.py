@@ -40,7 +40,7 @@ indexes = st.integers(min_value=0, max_value=_format.MAX_INDEX - 40)
 
 
 def test_the_extension_is_in_use_where_it_is_required() -> None:
-    # CI and precommit set PERSIZMQ_REQUIRE_SPEEDUPS: a build that silently fell back to Python
+    # CI sets PERSIZMQ_REQUIRE_SPEEDUPS (.ci/run): a build that silently fell back to Python
     # would measure (and test) the wrong thing.
     if not os.environ.get("PERSIZMQ_REQUIRE_SPEEDUPS"):
         pytest.skip("PERSIZMQ_REQUIRE_SPEEDUPS is not set")
