@@ -152,7 +152,10 @@ def test_replay_keep_bind_and_rate(tmp_path: pathlib.Path, sockets: SocketTracke
             proc.wait()
     assert proc.returncode == 0, err
     assert got == messages
-    assert last - first >= (len(messages) - 1) / rate * 0.9  # paced, not a burst
+    # Paced, not a burst (which takes ~1 ms): the first message's delivery can lag behind its
+    # send more than the last one's on a loaded machine (85 ms for the 97.5 ms of sending,
+    # seen once), so the bound leaves room for that.
+    assert last - first >= (len(messages) - 1) / rate * 0.5
     assert "40 messages sent (kept); 40 pending" in err
     assert contents(directory) == messages
 
