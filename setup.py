@@ -12,14 +12,32 @@ import pathlib
 
 import setuptools
 
+_HERE = pathlib.Path(__file__).resolve().parent
 _SOURCE = "persizmq/_engine/_speedups.c"
-_DIGEST = hashlib.sha256((pathlib.Path(__file__).parent / _SOURCE).read_bytes()).hexdigest()
+#: The parts that _speedups.c includes (one translation unit), relative to this file.
+_PARTS = sorted(
+    path.relative_to(_HERE).as_posix()
+    for path in (_HERE / "persizmq" / "_engine" / "_speedups_c").glob("*.h")
+)
+
+
+def _digest() -> str:
+    """SHA-256 of the source and its parts, in this order (tests/test_review_speedups.py
+    computes the same)."""
+    sha = hashlib.sha256()
+    for name in [_SOURCE, *_PARTS]:
+        sha.update((_HERE / name).read_bytes())
+    return sha.hexdigest()
+
+
+_DIGEST = _digest()
 
 setuptools.setup(
     ext_modules=[
         setuptools.Extension(
             "persizmq._engine._speedups",
             sources=[_SOURCE],
+            depends=_PARTS,
             define_macros=[("PERSIZMQ_SPEEDUPS_SHA256", f'"{_DIGEST}"')],
             optional=True,
         )
