@@ -7,6 +7,7 @@ passes since the fix).
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 import types
@@ -112,12 +113,21 @@ def _interrupt_calls(
 
 
 @pytest.mark.parametrize("call", ["add_message", "front", "pop_front", "try_front", "queue"])
-def test_an_interrupt_in_a_lean_path_never_leaves_the_lock_held(
-    tmp_path: pathlib.Path, interrupter: types.SimpleNamespace, call: str, seconds: float
+def test_an_interrupt_in_a_lean_path_never_leaves_the_lock_held(  # noqa: PLR0917 (fixtures)
+    tmp_path: pathlib.Path,
+    interrupter: types.SimpleNamespace,
+    call: str,
+    seconds: float,
+    lean_impl: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Also try_front (the event loop's non-blocking front), lean and general ("queue"): its
     ``acquire(blocking=False)`` then ``try`` leaked the lock (found after the review; see
     ``persizmq/_engine/_try_lock.py``)."""
+    if sys.version_info < (3, 10) and (lean_impl == "Python" or call == "queue"):
+        # Python 3.9 checks for signals at the end of SETUP_WITH: even a plain ``with lock:``
+        # leaks under interrupts there (see CHANGELOG); the C lean paths hold on 3.9 too.
+        request.applymarker(pytest.mark.xfail(reason="3.9: a with statement can leak the lock"))
     storage = persizmq.PersistentStorage(tmp_path / "q", sync="never")
     try:
 
