@@ -169,4 +169,32 @@ static int give_back(PyObject *lock) {
     return 0;
 }
 
+/* Take the queue's lock (``blocking`` 0: only if it is free). Returns the lock, taken (a new
+ * reference); NULL with an exception set on an error, NULL without one when it was not taken. */
+static PyObject *lock_queue(PyObject *queue, int blocking) {
+    PyObject *lock = fget(queue, &F_q_lock);
+    if (lock == NULL) return NULL;
+    int got = take(lock, blocking);
+    if (got <= 0) {
+        Py_DECREF(lock);
+        return NULL;
+    }
+    return lock;
+}
+
+/* Release the lock that lock_queue took and drop the reference: 0, or -1 if the release failed
+ * (an exception already set is kept). */
+static int unlock_queue(PyObject *lock) {
+    int released = give_back(lock);
+    Py_DECREF(lock);
+    return released;
+}
+
+/* 0 if a METH_FASTCALL function got ``want`` arguments, else -1 with a TypeError naming it. */
+static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *signature) {
+    if (nargs == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", signature, want, nargs);
+    return -1;
+}
+
 #endif /* PERSIZMQ_SPEEDUPS_FIELDS_H */

@@ -84,26 +84,18 @@ done:
 
 static PyObject *lean_add(PyObject *Py_UNUSED(self), PyObject *const *args,
                           Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "add(queue, msg, limit) takes 3 arguments");
-        return NULL;
-    }
+    if (check_nargs(nargs, 3, "add(queue, msg, limit)") < 0) return NULL;
     PyObject *queue = args[0], *msg = args[1];
     if (!PyBytes_Check(msg)) Py_RETURN_FALSE;
     long long limit = PyLong_AsLongLong(args[2]);
     if (limit == -1 && PyErr_Occurred()) return NULL;
-    PyObject *lock = fget(queue, &F_q_lock);
-    if (lock == NULL) return NULL;
-    int got = take(lock, 1);
-    if (got <= 0) {
-        Py_DECREF(lock);
-        if (got == 0) Py_RETURN_FALSE;
-        return NULL;
+    PyObject *lock = lock_queue(queue, 1);
+    if (lock == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_FALSE;
     }
     int r = add_locked(queue, msg, limit);
-    int released = give_back(lock);
-    Py_DECREF(lock);
-    if (r < 0 || released < 0) return NULL;
+    if (unlock_queue(lock) < 0 || r < 0) return NULL;
     return PyBool_FromLong(r);
 }
 
@@ -150,22 +142,14 @@ done:
 
 static PyObject *lean_front(PyObject *Py_UNUSED(self), PyObject *const *args,
                             Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "front(queue, held) takes 2 arguments");
-        return NULL;
-    }
-    PyObject *lock = fget(args[0], &F_q_lock);
-    if (lock == NULL) return NULL;
-    int got = take(lock, 1);
-    if (got <= 0) {
-        Py_DECREF(lock);
-        if (got == 0) Py_RETURN_NONE;
-        return NULL;
+    if (check_nargs(nargs, 2, "front(queue, held)") < 0) return NULL;
+    PyObject *lock = lock_queue(args[0], 1);
+    if (lock == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
     }
     PyObject *result = front_locked(args[0], args[1]);
-    int released = give_back(lock);
-    Py_DECREF(lock);
-    if (released < 0) {
+    if (unlock_queue(lock) < 0) {
         Py_XDECREF(result);
         return NULL;
     }
@@ -176,22 +160,14 @@ static PyObject *lean_front(PyObject *Py_UNUSED(self), PyObject *const *args,
  * is busy; None when the general path must answer. */
 static PyObject *lean_try_front(PyObject *Py_UNUSED(self), PyObject *const *args,
                                 Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "try_front(queue, held) takes 2 arguments");
-        return NULL;
-    }
-    PyObject *lock = fget(args[0], &F_q_lock);
-    if (lock == NULL) return NULL;
-    int got = take(lock, 0);
-    if (got <= 0) {
-        Py_DECREF(lock);
-        if (got == 0) return Py_BuildValue("(OO)", Py_False, Py_None);
-        return NULL;
+    if (check_nargs(nargs, 2, "try_front(queue, held)") < 0) return NULL;
+    PyObject *lock = lock_queue(args[0], 0);
+    if (lock == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        return Py_BuildValue("(OO)", Py_False, Py_None);
     }
     PyObject *msg = front_locked(args[0], args[1]);
-    int released = give_back(lock);
-    Py_DECREF(lock);
-    if (msg == NULL || released < 0) {
+    if (unlock_queue(lock) < 0 || msg == NULL) {
         Py_XDECREF(msg);
         return NULL;
     }
@@ -310,22 +286,14 @@ done:
 
 static PyObject *lean_pop(PyObject *Py_UNUSED(self), PyObject *const *args,
                           Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "pop(queue, held) takes 2 arguments");
-        return NULL;
-    }
-    PyObject *lock = fget(args[0], &F_q_lock);
-    if (lock == NULL) return NULL;
-    int got = take(lock, 1);
-    if (got <= 0) {
-        Py_DECREF(lock);
-        if (got == 0) Py_RETURN_FALSE;
-        return NULL;
+    if (check_nargs(nargs, 2, "pop(queue, held)") < 0) return NULL;
+    PyObject *lock = lock_queue(args[0], 1);
+    if (lock == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_FALSE;
     }
     int r = pop_locked(args[0], args[1]);
-    int released = give_back(lock);
-    Py_DECREF(lock);
-    if (r < 0 || released < 0) return NULL;
+    if (unlock_queue(lock) < 0 || r < 0) return NULL;
     return PyBool_FromLong(r);
 }
 

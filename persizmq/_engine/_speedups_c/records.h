@@ -15,10 +15,9 @@
  * decodes those), or after ``count`` records. */
 static PyObject *read_run(PyObject *Py_UNUSED(self), PyObject *const *args,
                           Py_ssize_t nargs) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "read_run takes 9 arguments");
+    if (check_nargs(nargs, 9, "read_run(data, pos, index, limit, budget, salt, count, msgs, ends)") <
+        0)
         return NULL;
-    }
     long long pos = PyLong_AsLongLong(args[1]);
     long long index = PyLong_AsLongLong(args[2]);
     long long limit = PyLong_AsLongLong(args[3]);
@@ -91,10 +90,7 @@ static PyObject *read_run(PyObject *Py_UNUSED(self), PyObject *const *args,
  * is a list of (payload: bytes, kind: int); the first carries message index ``index``. */
 static PyObject *encode_records(PyObject *Py_UNUSED(self), PyObject *const *args,
                                 Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "encode_records(records, salt, index) takes 3 arguments");
-        return NULL;
-    }
+    if (check_nargs(nargs, 3, "encode_records(records, salt, index)") < 0) return NULL;
     PyObject *records = args[0];
     if (!PyList_Check(records)) {
         PyErr_SetString(PyExc_TypeError, "encode_records: records must be a list");
@@ -155,10 +151,7 @@ static PyObject *encode_records(PyObject *Py_UNUSED(self), PyObject *const *args
  * None for anything else (the caller's general loop then encodes, skips and checks). */
 static PyObject *plain_records(PyObject *Py_UNUSED(self), PyObject *const *args,
                                Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "plain_records(msgs, limit) takes 2 arguments");
-        return NULL;
-    }
+    if (check_nargs(nargs, 2, "plain_records(msgs, limit)") < 0) return NULL;
     PyObject *msgs = args[0];
     if (!PyList_CheckExact(msgs) && !PyTuple_CheckExact(msgs)) Py_RETURN_NONE;
     long long limit = PyLong_AsLongLong(args[1]);
@@ -216,10 +209,7 @@ static PyObject *records_size(PyObject *Py_UNUSED(self), PyObject *records) {
  * (0 <= start, 0 <= end). */
 static PyObject *crc32_range(PyObject *Py_UNUSED(self), PyObject *const *args,
                              Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "crc32_range(buf, start, end, seed) takes 4 arguments");
-        return NULL;
-    }
+    if (check_nargs(nargs, 4, "crc32_range(buf, start, end, seed)") < 0) return NULL;
     long long start = PyLong_AsLongLong(args[1]);
     long long end = PyLong_AsLongLong(args[2]);
     unsigned long long seed = PyLong_AsUnsignedLongLong(args[3]);
