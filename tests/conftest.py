@@ -72,16 +72,8 @@ def lean_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
                 pytest.fail("the C extension persizmq._engine._speedups is not built")
             pytest.skip("the C extension persizmq._engine._speedups is not built")
         return "C"
-    for name in (
-        "add",
-        "front",
-        "try_front",
-        "pop",
-        "read_run",
-        "encode_records",
-        "plain_records",
-        "records_size",
-    ):
-        monkeypatch.setattr(_lean, name, getattr(_lean, f"py_{name}"))
+    for name in _lean.__all__:  # every py_X reference stands in for X
+        if name.startswith("py_"):
+            monkeypatch.setattr(_lean, name[3:], getattr(_lean, name))
     monkeypatch.setattr(_format, "crc32_range", _format.py_crc32_range)
     return "Python"
