@@ -117,11 +117,12 @@ def test_sigkill_leaves_exactly_the_acknowledged_state(
         assert not list(directory.glob("*.tmp")), "a temporary file survived the open"
         state = got
         first += len(acked) + 1  # the next child starts after the operation in flight
-    # The background compaction ran along: every one moves to a new generation. (Since
-    # compactions start at 2.5x the live bytes, short trials see fewer of them than one each:
-    # "more than one a trial" failed 4 runs in 14 with 4 or 6 over 6 trials.)
+    # The background compaction ran along: every one moves to a new generation, and without
+    # one the store stays in generation 1. (How many run is the trials' luck: compactions start
+    # at 2.5x the live bytes, and short trials see none. "More than one a trial" failed 4 runs
+    # in 14; "more than half the trials" failed in CI with 2 over 6 trials.)
     generations = [int(p.name.split(".")[0]) for p in directory.glob("*.tlog")]
-    assert max(generations) > crash_trials // 2, generations
+    assert max(generations) > 1, generations
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
