@@ -59,6 +59,31 @@ def ext4_template(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return image
 
 
+@pytest.fixture(params=["C", "pyzmq"])
+def receive_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each receive of the subscriber's loop: the C extension's, straight from
+    libzmq (skipped where it is not built, unless ``PERSIZMQ_REQUIRE_SPEEDUPS`` is set), and
+    pyzmq's (the loop without the extension)."""
+    from persizmq._subscriber import _fast_receive, _loop
+
+    if request.param == "C":
+        context = zmq.Context()
+        probe = context.socket(zmq.PULL)
+        try:
+            found = _fast_receive.fast_receiver(probe) is not None
+        finally:
+            probe.close(linger=0)
+            context.term()
+        if not found:
+            why = "the C extension's receive is not built or found no libzmq"
+            if os.environ.get("PERSIZMQ_REQUIRE_SPEEDUPS"):
+                pytest.fail(why)
+            pytest.skip(why)
+        return "C"
+    monkeypatch.setattr(_loop, "fast_receiver", lambda sock: None)
+    return "pyzmq"
+
+
 @pytest.fixture(params=["C", "Python"])
 def lean_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with each implementation of the engine's lean paths (``_engine._lean``): the

@@ -19,6 +19,9 @@ import persizmq
 from persizmq._errors import InvalidArgumentError, MessageTypeError
 from tests._helpers import SocketTracker, wait_until
 
+#: Every test runs with each receive of the subscriber's loop (the C extension's, pyzmq's).
+pytestmark = pytest.mark.usefixtures("receive_impl")
+
 
 def seq(n: int) -> bytes:
     """The sequence frame of number ``n``."""

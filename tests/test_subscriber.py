@@ -26,6 +26,9 @@ from persizmq._errors import InvalidArgumentError, MessageTypeError
 from persizmq._subscriber import ThreadedSubscriber
 from tests._helpers import SocketTracker, wait_until
 
+#: Every test runs with each receive of the subscriber's loop (the C extension's, pyzmq's).
+pytestmark = pytest.mark.usefixtures("receive_impl")
+
 #: Seconds after which a test that has not finished is taken for hung (see ``hang_guard``).
 HANG_TIMEOUT = 20.0
 

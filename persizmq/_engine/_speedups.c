@@ -27,9 +27,11 @@
  * it and the self-check at import agrees, by calling zlib.crc32 otherwise (see "CRC-32").
  *
  * The code is in parts, one concept each, in _speedups_c/ (crc.h: the CRC-32; fields.h: the
- * attribute access and the lock; lean.h: the lean paths; records.h: the record loops;
- * uninterrupted.h: run_uninterrupted); this file includes them into one translation unit and
- * holds the module's table and init.
+ * attribute access and the lock; lean.h: the lean paths; receive.h: the subscriber's receive
+ * straight from libzmq, which has no twin in _lean.py -- where it is not available the
+ * subscriber's Python loop receives, see persizmq/_subscriber/_fast_receive.py; records.h:
+ * the record loops; uninterrupted.h: run_uninterrupted); this file includes them into one
+ * translation unit and holds the module's table and init.
  *
  * SOURCE_SHA256 (when setup.py built the module) is the SHA-256 of this file and its parts as
  * compiled: the tests compare it with the files, so a module left over from an older source
@@ -90,6 +92,7 @@ static inline void put_u64(unsigned char *p, uint64_t v) {
 #include "_speedups_c/crc.h"
 #include "_speedups_c/fields.h"
 #include "_speedups_c/lean.h"
+#include "_speedups_c/receive.h"
 #include "_speedups_c/records.h"
 #include "_speedups_c/uninterrupted.h"
 
@@ -114,6 +117,10 @@ static PyMethodDef methods[] = {
      "records_size(records) -> int: the bytes of a batch's records, headers included."},
     {"crc32_range", (PyCFunction)(void (*)(void))crc32_range, METH_FASTCALL,
      "crc32_range(buf, start, end, seed) -> int: zlib.crc32(buf[start:end], seed)."},
+    {"bind_zmq", (PyCFunction)bind_zmq, METH_O,
+     "bind_zmq(path) -> (major, minor, patch) or None: find the libzmq of the loaded file."},
+    {"receive", (PyCFunction)(void (*)(void))receive, METH_FASTCALL,
+     "receive(handle, limit, multipart) -> (messages, errno): up to limit whole messages."},
     {"run_uninterrupted", (PyCFunction)run_uninterrupted, METH_O,
      "run_uninterrupted(func) -> func(): in another thread, while this one waits where no "
      "signal handler runs."},

@@ -1,0 +1,180 @@
+/* persizmq._engine._speedups, part: the subscriber's receive (included once by _speedups.c;
+ * see the theory of operation there). */
+
+#ifndef PERSIZMQ_SPEEDUPS_RECEIVE_H
+#define PERSIZMQ_SPEEDUPS_RECEIVE_H
+
+/* ------------------------------------------------------------------ receive
+ *
+ * The receiving thread of a ThreadedSubscriber spends most of its time in pyzmq's per-call
+ * machinery, not in libzmq: a non-copying recv builds a zmq.Frame (to learn whether more frames
+ * follow), and asking RCVMORE of a copying recv costs more still (1.2-1.8 us a message here,
+ * against 0.1-0.2 us in zmq_msg_recv). receive() takes up to `limit` messages from a socket in
+ * one call, straight from libzmq, each whole (all of a multipart message's frames), each frame
+ * copied once into a bytes object -- what `frame.bytes` made.
+ *
+ * The libzmq functions are the ones pyzmq itself calls. bind_zmq() is given the file of pyzmq's
+ * compiled backend, which is loaded already; dlopen() of a loaded file returns its handle, and
+ * dlsym() on a handle looks in that object and then in the objects it depends on: so the symbols
+ * found are those of the libzmq pyzmq was linked with (a bundled copy, the system's, or built
+ * in), never another copy's -- a socket of one copy handed to another would be memory
+ * corruption. Where anything is missing (no dlopen, symbols not exported), bind_zmq() says so
+ * and the Python receive loop serves.
+ *
+ * receive() runs with the GIL held: every call is non-blocking (ZMQ_DONTWAIT), so it never
+ * waits, and the socket is used by one thread only (the subscriber's). */
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#include <errno.h>
+#define RECEIVE_AVAILABLE 1
+#else
+#define RECEIVE_AVAILABLE 0
+#endif
+
+#define Z_DONTWAIT 1
+
+typedef union { /* zmq_msg_t: 64 bytes, pointer-aligned (zmq.h) */
+    unsigned char bytes[64];
+    void *align_ptr;
+    double align_double;
+} zmsg;
+
+static int (*z_msg_init)(zmsg *);
+static int (*z_msg_recv)(zmsg *, void *, int);
+static int (*z_msg_close)(zmsg *);
+static void *(*z_msg_data)(zmsg *);
+static size_t (*z_msg_size)(const zmsg *);
+static int (*z_msg_more)(const zmsg *);
+static int (*z_errno)(void);
+static void (*z_version)(int *, int *, int *);
+static int z_bound = 0;
+
+static PyObject *bind_zmq(PyObject *Py_UNUSED(self), PyObject *path) {
+#if RECEIVE_AVAILABLE
+    if (!PyUnicode_Check(path)) {
+        PyErr_Format(PyExc_TypeError, "bind_zmq: expected a path (str), got %.100s",
+                     Py_TYPE(path)->tp_name);
+        return NULL;
+    }
+    const char *name = PyUnicode_AsUTF8(path);
+    if (name == NULL) return NULL;
+    int flags = RTLD_LAZY;
+#ifdef RTLD_NOLOAD
+    flags |= RTLD_NOLOAD; /* only a file already loaded (pyzmq's), never a new copy */
+#endif
+    void *lib = dlopen(name, flags);
+    if (lib == NULL) Py_RETURN_NONE;
+#define FIND(var, symbol)                                \
+    do {                                                 \
+        *(void **)(&var) = dlsym(lib, symbol);           \
+        if (var == NULL) Py_RETURN_NONE;                 \
+    } while (0)
+    FIND(z_msg_init, "zmq_msg_init");
+    FIND(z_msg_recv, "zmq_msg_recv");
+    FIND(z_msg_close, "zmq_msg_close");
+    FIND(z_msg_data, "zmq_msg_data");
+    FIND(z_msg_size, "zmq_msg_size");
+    FIND(z_msg_more, "zmq_msg_more");
+    FIND(z_errno, "zmq_errno");
+    FIND(z_version, "zmq_version");
+#undef FIND
+    /* The handle stays open: the functions are used for the life of the process. */
+    int major = 0, minor = 0, patch = 0;
+    z_version(&major, &minor, &patch);
+    z_bound = 1;
+    return Py_BuildValue("(iii)", major, minor, patch);
+#else
+    (void)path;
+    Py_RETURN_NONE;
+#endif
+}
+
+#if RECEIVE_AVAILABLE
+/* One frame as bytes, *more set; NULL with *err = libzmq's errno (no Python error), or NULL
+ * with a Python error set and *err = -1. */
+static PyObject *receive_frame(void *sock, int *more, int *err) {
+    zmsg m;
+    z_msg_init(&m);
+    if (z_msg_recv(&m, sock, Z_DONTWAIT) < 0) {
+        *err = z_errno();
+        z_msg_close(&m);
+        return NULL;
+    }
+    PyObject *frame =
+        PyBytes_FromStringAndSize((const char *)z_msg_data(&m), (Py_ssize_t)z_msg_size(&m));
+    *more = z_msg_more(&m);
+    z_msg_close(&m);
+    if (frame == NULL) *err = -1;
+    return frame;
+}
+#endif
+
+static PyObject *receive(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 3, "receive(handle, limit, multipart)") < 0) return NULL;
+#if RECEIVE_AVAILABLE
+    if (!z_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "receive: bind_zmq() has not found libzmq");
+        return NULL;
+    }
+    void *sock = PyLong_AsVoidPtr(args[0]);
+    if (sock == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "receive: a socket handle of 0 (a closed socket)");
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    int multipart = PyObject_IsTrue(args[2]);
+    if (multipart < 0) return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    int err = 0;
+    for (Py_ssize_t i = 0; i < limit; i++) {
+        int more = 0;
+        PyObject *first = receive_frame(sock, &more, &err);
+        if (first == NULL) break;
+        PyObject *msg = first;
+        if (more || multipart) {
+            msg = PyList_New(1);
+            if (msg == NULL) {
+                Py_DECREF(first);
+                err = -1;
+                break;
+            }
+            PyList_SET_ITEM(msg, 0, first);
+            while (more) { /* a multipart message is atomic: its frames are all there */
+                PyObject *frame = receive_frame(sock, &more, &err);
+                if (frame == NULL || PyList_Append(msg, frame) < 0) {
+                    Py_XDECREF(frame);
+                    if (err == 0) err = -1;
+                    break;
+                }
+                Py_DECREF(frame);
+            }
+            if (err != 0) { /* the message cannot be had whole: it is not handed over */
+                Py_DECREF(msg);
+                break;
+            }
+        }
+        if (PyList_Append(out, msg) < 0) {
+            Py_DECREF(msg);
+            err = -1;
+            break;
+        }
+        Py_DECREF(msg);
+    }
+    if (err == -1) { /* a Python error (memory): what was taken is lost with it */
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(Ni)", out, err);
+    return result;
+#else
+    (void)args;
+    PyErr_SetString(PyExc_RuntimeError, "receive: not available on this platform");
+    return NULL;
+#endif
+}
+
+#endif /* PERSIZMQ_SPEEDUPS_RECEIVE_H */

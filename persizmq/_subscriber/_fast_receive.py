@@ -1,0 +1,62 @@
+"""The receive of the subscriber's thread straight from libzmq, where the C extension has it.
+
+:func:`fast_receiver` returns, for a socket, a function ``receive(limit, multipart)`` that takes
+up to ``limit`` whole messages off the socket without blocking and returns them with the
+errno that ended the take (``0``: ``limit`` reached; ``EAGAIN``: nothing left; anything else:
+the socket failed, after the messages returned). Each message is a ``bytes`` (one frame, and
+the socket not multipart), or a list of ``bytes`` (the frames, in order) -- what the Python loop
+of :mod:`persizmq._subscriber._loop` builds from pyzmq's non-copying receive.
+
+It returns None, and the Python loop receives, where the extension is not built, is disabled
+(``PERSIZMQ_PURE_PYTHON=1``), cannot find the libzmq that pyzmq was linked with (see
+``_speedups_c/receive.h``), or finds one whose version is not pyzmq's.
+"""
+
+import functools
+import sys
+import threading
+from typing import Any, Callable, List, Optional, Tuple
+
+import zmq
+
+from persizmq._engine._accel import SPEEDUPS
+
+__all__ = ["Receiver", "fast_receiver"]
+
+#: ``receive(limit, multipart) -> (messages, errno)``.
+Receiver = Callable[[int, bool], Tuple[List[Any], int]]
+
+_BIND_LOCK = threading.Lock()
+_bound: Optional[bool] = None  # None: not tried yet
+
+
+def _backend_file(sock: "zmq.Socket[Any]") -> Optional[str]:
+    """The compiled file of pyzmq's backend that defines the socket's class (loaded already)."""
+    for cls in type(sock).__mro__:
+        module = sys.modules.get(cls.__module__)
+        path = getattr(module, "__file__", None) or ""
+        if path.endswith((".so", ".pyd", ".dylib")):
+            return str(path)
+    return None
+
+
+def _bind(sock: "zmq.Socket[Any]") -> bool:
+    """Find pyzmq's libzmq once per process; whether :func:`fast_receiver` can serve."""
+    global _bound
+    with _BIND_LOCK:
+        if _bound is None:
+            path = _backend_file(sock)
+            found = SPEEDUPS.bind_zmq(path) if SPEEDUPS is not None and path else None
+            _bound = found is not None and tuple(found) == zmq.zmq_version_info()
+        return _bound
+
+
+def fast_receiver(sock: "zmq.Socket[Any]") -> Optional[Receiver]:
+    """``receive(limit, multipart)`` for ``sock``, or None where only pyzmq's receive serves.
+
+    The socket must stay open while the function is used (the caller checks ``sock.closed``
+    before each call, as before a poll) and be used by one thread only.
+    """
+    if SPEEDUPS is None or not _bind(sock):
+        return None
+    return functools.partial(SPEEDUPS.receive, sock.underlying)

@@ -1,0 +1,214 @@
+"""The subscriber's receive straight from libzmq (``_speedups.receive``, ``_fast_receive``).
+
+It must take exactly what pyzmq's receive takes -- the same messages, whole, in order, frames
+as ``bytes`` -- and say why it stopped; the subscriber's loop must use it where it is built and
+fall back to pyzmq's receive where it is not. The subscriber's own behaviour under each receive
+is tested in ``test_subscriber.py`` (fixture ``receive_impl``).
+"""
+
+import errno
+import os
+import pathlib
+import time
+import uuid
+from typing import Any, List, Tuple
+
+import pytest
+import zmq
+
+import persizmq
+from persizmq._engine import _accel
+from persizmq._subscriber import _fast_receive
+from tests._helpers import SocketTracker, wait_until
+
+
+@pytest.fixture
+def speedups() -> Any:
+    """The C extension, or a skip (a failure with ``PERSIZMQ_REQUIRE_SPEEDUPS``)."""
+    if _accel.SPEEDUPS is None:
+        if os.environ.get("PERSIZMQ_REQUIRE_SPEEDUPS"):
+            pytest.fail("the C extension persizmq._engine._speedups is not built")
+        pytest.skip("the C extension persizmq._engine._speedups is not built")
+    return _accel.SPEEDUPS
+
+
+@pytest.fixture
+def unbound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget whether libzmq was found, so that the test's search is the first."""
+    monkeypatch.setattr(_fast_receive, "_bound", None)
+
+
+def pair(sockets: SocketTracker) -> "Tuple[zmq.Socket[bytes], zmq.Socket[bytes]]":
+    """A connected PUSH -> PULL pair over inproc (no slow joiner: nothing is dropped)."""
+    endpoint = f"inproc://fast-receive-{uuid.uuid4().hex}"
+    pull = sockets(zmq.PULL)
+    pull.bind(endpoint)
+    push = sockets(zmq.PUSH)
+    push.connect(endpoint)
+    return push, pull
+
+
+def take_all(receive: _fast_receive.Receiver, want: int, multipart: bool) -> List[Any]:
+    """Call ``receive`` until ``want`` messages came (the last of them may take a moment)."""
+    got: List[Any] = []
+    deadline = time.monotonic() + 10
+    while len(got) < want:
+        msgs, err = receive(want - len(got), multipart)
+        assert err in (0, errno.EAGAIN), err
+        got.extend(msgs)
+        assert time.monotonic() < deadline, f"{len(got)} of {want} messages arrived"
+    return got
+
+
+def test_takes_what_pyzmq_takes(speedups: Any, sockets: SocketTracker) -> None:
+    """Single frames, multipart messages, empty frames, a large frame: same order, same bytes;
+    a multipart message is a list, a single frame a bytes object unless ``multipart``."""
+    push, pull = pair(sockets)
+    receive = _fast_receive.fast_receiver(pull)
+    assert receive is not None
+    sent: List[List[bytes]] = [
+        [b"one"],
+        [b"", b"second", b""],
+        [b""],
+        [b"x" * (1 << 20)],
+        [bytes(range(256)), b"\x00"],
+        *([b"%d" % i] for i in range(300)),
+    ]
+    for frames in sent:
+        push.send_multipart(frames)
+    got = take_all(receive, len(sent), multipart=False)
+    assert got == [frames if len(frames) > 1 else frames[0] for frames in sent]
+    assert all(type(m) is bytes or all(type(f) is bytes for f in m) for m in got)
+    for frames in sent:
+        push.send_multipart(frames)
+    assert take_all(receive, len(sent), multipart=True) == sent
+
+
+def test_limit_and_the_reasons_it_stops(speedups: Any, sockets: SocketTracker) -> None:
+    """At most ``limit`` messages, errno 0 then; EAGAIN once nothing is left; the errno of a
+    socket that cannot receive (a PUSH socket: ENOTSUP), with nothing taken."""
+    push, pull = pair(sockets)
+    receive = _fast_receive.fast_receiver(pull)
+    assert receive is not None
+    for i in range(5):
+        push.send(b"%d" % i)
+    wait_until(lambda: pull.poll(0), 5, "the first message")
+    assert take_all(receive, 3, multipart=False) == [b"0", b"1", b"2"]
+    wait_until(lambda: pull.poll(0), 5, "the fourth message")
+    time.sleep(0.05)  # inproc has the rest by now; a short take then says EAGAIN (not a wait)
+    msgs, err = receive(10, False)
+    if err == 0:  # pragma: no cover (only if the two had not both arrived yet)
+        msgs += receive(10, False)[0]
+    assert msgs[-1] == b"4"
+    assert receive(10, False) == ([], errno.EAGAIN)
+    assert receive(0, False) == ([], 0)
+    cannot = _fast_receive.fast_receiver(push)
+    assert cannot is not None
+    msgs, err = cannot(10, False)
+    assert msgs == []
+    assert err == zmq.ENOTSUP
+
+
+def test_bad_arguments(speedups: Any) -> None:
+    """A handle of 0 (a closed socket's) and wrong types are errors, not a crash."""
+    with pytest.raises(ValueError, match="handle of 0"):
+        speedups.receive(0, 1, False)
+    with pytest.raises(TypeError, match="3 arguments, got 2"):
+        speedups.receive(1, 1)
+    with pytest.raises(TypeError, match="expected a path"):
+        speedups.bind_zmq(b"/not/a/str")
+
+
+def test_binds_only_a_loaded_libzmq(
+    speedups: Any,
+    sockets: SocketTracker,
+    unbound: None,
+    tmp_path: pathlib.Path,
+) -> None:
+    """A file that is not loaded yet is never loaded (no second libzmq); pyzmq's backend is
+    found, and its libzmq's version is pyzmq's."""
+    stranger = tmp_path / "libzmq-stranger.so"
+    stranger.write_bytes(b"not a library")
+    assert speedups.bind_zmq(str(stranger)) is None
+    sock = sockets(zmq.PULL)
+    path = _fast_receive._backend_file(sock)
+    assert path is not None
+    assert speedups.bind_zmq(path) == zmq.zmq_version_info()
+    assert _fast_receive.fast_receiver(sock) is not None
+
+
+def test_a_different_libzmq_version_is_not_used(
+    speedups: Any,
+    sockets: SocketTracker,
+    unbound: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the libzmq found is not the version pyzmq reports, pyzmq's receive serves."""
+    monkeypatch.setattr(zmq, "zmq_version_info", lambda: (0, 0, 1))
+    assert _fast_receive.fast_receiver(sockets(zmq.PULL)) is None
+
+
+def test_pure_python_means_pyzmq_receive(
+    sockets: SocketTracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the extension (or with ``PERSIZMQ_PURE_PYTHON=1``) there is no fast receive."""
+    monkeypatch.setattr(_fast_receive, "SPEEDUPS", None)
+    assert _fast_receive.fast_receiver(sockets(zmq.PULL)) is None
+
+
+class Counting:
+    """Stands in for the extension in ``_fast_receive``: counts the calls of ``receive``."""
+
+    def __init__(self, real: Any) -> None:
+        """Wrap ``real``."""
+        self.real = real
+        self.calls: List[int] = []
+
+    def bind_zmq(self, path: str) -> Any:
+        """The real search."""
+        return self.real.bind_zmq(path)
+
+    def receive(self, handle: int, limit: int, multipart: bool) -> Tuple[List[Any], int]:
+        """The real receive, counted with its limit."""
+        self.calls.append(limit)
+        return self.real.receive(handle, limit, multipart)  # type: ignore[no-any-return]
+
+
+def test_the_subscriber_stores_drained_batches_with_it(
+    speedups: Any,
+    sockets: SocketTracker,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+) -> None:
+    """A storage's add_message: one receive call takes many messages (the batch the storage
+    gets); a plain callback: one message a call, so that a stop leaves the rest in the socket."""
+    counting = Counting(speedups)
+    monkeypatch.setattr(_fast_receive, "SPEEDUPS", counting)
+    push, pull = pair(sockets)
+    for i in range(2000):
+        push.send(b"%d" % i)
+    wait_until(lambda: pull.poll(0), 5, "the first message")
+    with persizmq.PersistentStorage(tmp_path / "q") as storage:
+        subscriber = persizmq.ThreadedSubscriber(callback=storage.add_message, subscriber=pull)
+        try:
+            wait_until(lambda: subscriber.received == 2000, 10, "2,000 stored")
+        finally:
+            subscriber.shutdown()
+        drained = []
+        while storage.front() is not None:
+            drained.append(storage.front())
+            storage.pop_front()
+        assert drained == [b"%d" % i for i in range(2000)]
+    assert max(counting.calls) == 256  # the subscriber's batch_size
+    assert len(counting.calls) < 200
+    counting.calls.clear()
+    got: List[object] = []
+    for i in range(10):
+        push.send(b"%d" % i)
+    subscriber = persizmq.ThreadedSubscriber(callback=got.append, subscriber=pull)
+    try:
+        wait_until(lambda: len(got) == 10, 10, "10 delivered")
+    finally:
+        subscriber.shutdown()
+    assert got == [b"%d" % i for i in range(10)]
+    assert set(counting.calls) == {1}
