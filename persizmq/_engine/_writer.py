@@ -29,24 +29,10 @@ next round fdatasyncs the segment before it fsyncs the directory: a power cut be
 may leave the name of a zero-filled file, which held nothing durable (the metadata is restored
 from the newest segment with a valid header; the consumer reports the file as damage).
 
-Recovery, when the producer opens:
-
-* segment files left under their temporary name are removed; trailing segments that hold no
-  message are removed;
-* every segment that is unsealed, or whose checkpoint is below its seal's data end (it was not
-  known to be complete when last written), is walked from its checkpoint: the valid records
-  there are kept, and from the first invalid one — or from a batch record whose messages are
-  not all valid — on, the rest is a **torn tail**: it is zeroed (never cut off: another process
-  may have the file mapped), reported in ``stats().torn_tail_bytes`` and the segment is sealed
-  at its good end. Below the checkpoint nothing is changed: damage there is bit rot, which the
-  consumer sets aside while it still delivers what follows;
-* a segment whose header is damaged is left to the consumer, which sets it aside whole (also
-  one left zero-filled or empty: whether it held messages cannot be told, so it is reported
-  like damage; in ``"always"`` mode a new segment is fdatasynced — header and metadata
-  snapshot — before it gets its name, so a power cut cannot leave one so);
-* ``stats().torn_tail_bytes`` counts, in a sealed segment, the bytes from the good end to the
-  seal's data end; in an unsealed one, to the last non-zero byte;
-* a new segment is started at the reservation.
+Recovery, when the producer opens: segment files left under their temporary name are removed,
+every segment is verified and its torn tail, if any, zeroed and sealed (``_recovery``), the
+trailing segments that hold no message are removed, and a new segment is started at the
+reservation (with the first add).
 
 Metadata of atomic batches (``add_messages(..., meta=...)``) is kept in memory; each new
 segment starts with a batch record of no messages holding all of it, so opening needs to read
@@ -58,8 +44,6 @@ import errno
 import logging
 import os
 import pathlib
-import re
-import struct
 import time
 import zlib
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -69,6 +53,7 @@ from persizmq._engine import _format, _lean
 from persizmq._engine._durability import Durability, SyncWork
 from persizmq._engine._ledger import Ledger
 from persizmq._engine._position import Reservation, ensure_position_log, read_position
+from persizmq._engine._recovery import Closed, recover_segment, segment_meta
 from persizmq._engine._segment import Segment, has_valid_header, list_bases, remove_tmp
 from persizmq._errors import StorageWriteError
 
@@ -82,9 +67,6 @@ MAX_ROLLED = 16
 _HEADER = _format.SEGMENT_HEADER_SIZE
 _RECORD = _format.RECORD_HEADER_SIZE
 _INITIAL = 1 << 16
-
-#: What one closed segment holds: ``(end offset, data end)``.
-Closed = Tuple[int, int]
 
 
 class Writer:
@@ -208,95 +190,12 @@ class Writer:
             )
 
     def _recover(self, seg: Segment, is_last: bool) -> Optional[Closed]:
-        """Verify one segment at open (see the module docstring); return what it holds."""
-        header = seg.header()
-        if header is None:
-            _LOGGER.error(
-                "persizmq: the header of %s is damaged; the consumer sets the file aside",
-                seg.path,
-            )
-            return None
-        seal, checkpoint = header.seal, header.checkpoint
-        if seal is not None and checkpoint is not None and checkpoint[1] >= seal[1]:
-            if is_last:
-                self._restore_meta(seg)
-            return seal
-        index, pos = (0, _HEADER) if checkpoint is None else checkpoint
-        assert seg.map is not None
-        limit = seg.size if seal is None else min(seg.size, seal[1])
-        while True:
-            found = _format.check_record(seg.map, pos, limit, seg.salt, index)
-            if found is None:
-                break
-            kind, length, end = found
-            if kind == _format.KIND_BATCH:
-                batch_end = self._complete_batch(seg, end, length, index, limit)
-                if batch_end is None:
-                    break  # a batch cut short: torn
-                pos, index = batch_end
-                continue
-            pos, index = end, index + 1
-        torn_end = limit if seal is not None else _nonzero_end(seg, pos)
-        if torn_end > pos:
-            _LOGGER.warning(
-                "persizmq: cut a torn tail of %d bytes off %s at offset %d (the normal trace of "
-                "a crash during a write)",
-                torn_end - pos,
-                seg.path,
-                pos,
-            )
-            self.torn_tail_bytes += torn_end - pos
-            seg.zero(pos, torn_end)
-        seg.write_seal(seg.base + index, pos)
-        seg.write_checkpoint(index, pos)
-        if is_last:
-            self._restore_meta(seg)
-        return seg.base + index, pos
-
-    def _complete_batch(
-        self, seg: Segment, start: int, length: int, index: int, limit: int
-    ) -> Optional[Tuple[int, int]]:
-        """``(end position, next index)`` after a batch whose messages are all valid, or None."""
-        assert seg.map is not None
-        decoded = _format.decode_batch(seg.map[start - length : start])
-        if decoded is None:
-            return None
-        pos = start
-        for _ in range(decoded[0]):
-            found = _format.check_record(seg.map, pos, limit, seg.salt, index)
-            if found is None or found[0] == _format.KIND_BATCH:
-                return None
-            pos, index = found[2], index + 1
-        return pos, index
-
-    def _restore_meta(self, seg: Segment) -> None:
-        """Fold the metadata of the complete batches of the last segment."""
-        assert seg.map is not None
-        header = seg.header()
-        if header is None:
-            return
-        limit = seg.size if header.seal is None else min(seg.size, header.seal[1])
-        # Only a segment that holds batch records needs the walk: look for the header of one
-        # (the salt, then a tag of kind 3 in its most significant byte) at C speed first.
-        pattern = re.escape(struct.pack("<I", seg.salt)) + b"...[\x30-\x3f]"
-        if re.compile(pattern, re.DOTALL).search(seg.map, _HEADER, limit) is None:
-            self.meta = {}
-            return
-        pos, index = _HEADER, 0
-        meta: Dict[bytes, bytes] = {}
-        while True:
-            found = _format.check_record(seg.map, pos, limit, seg.salt, index)
-            if found is None:
-                break
-            kind, length, end = found
-            if kind == _format.KIND_BATCH:
-                decoded = _format.decode_batch(seg.map[end - length : end])
-                if decoded is not None:
-                    meta.update(decoded[1])
-                pos = end
-                continue
-            pos, index = end, index + 1
-        self.meta = meta
+        """Verify one segment at open (see ``_recovery``); return what it holds."""
+        closed, torn = recover_segment(seg)
+        self.torn_tail_bytes += torn
+        if closed is not None and is_last:
+            self.meta = segment_meta(seg)
+        return closed
 
     def _remove_empty_tail(self) -> None:
         """Remove trailing segments that hold no message (and no metadata worth keeping)."""
@@ -621,9 +520,3 @@ def _fdatasync_at_open(seg: Segment) -> None:
             err.errno or errno.EIO,
             f"fdatasync of {str(seg.path)!r} failed while opening: {err.strerror}",
         ) from err
-
-
-def _nonzero_end(seg: Segment, start: int) -> int:
-    """The position just past the last non-zero byte at or after ``start``."""
-    assert seg.map is not None
-    return start + len(seg.map[start : seg.size].rstrip(b"\0"))
