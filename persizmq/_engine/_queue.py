@@ -27,9 +27,7 @@ a file (its maps are shared with the parent, whose queue goes on): the child's h
 :class:`ClosedError`, dropping them changes nothing on disk.
 
 Bounds (``max_messages``, ``max_bytes``) are checked before anything is written, and a batch
-is admitted as that many single adds would be. ``"drop_oldest"`` makes room by popping through
-the consumer, so a message a reader holds from ``front()`` is counted as dropped and the next
-``pop_front()`` removes nothing else (``_consumer``, "Holding").
+is admitted as that many single adds would be (``_bounds``).
 """
 
 import contextlib
@@ -41,16 +39,17 @@ import time
 import weakref
 from typing import Callable, List, Mapping, NamedTuple, Optional, Tuple
 
+from persizmq._engine._bounds import Record, admit
 from persizmq._engine._consumer import Consumer, Holder
 from persizmq._engine._cursor import WriterEnd
 from persizmq._engine._durability import Durability
-from persizmq._engine._format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from persizmq._engine._format import SEGMENT_HEADER_SIZE
 from persizmq._engine._ledger import Ledger
 from persizmq._engine._position import read_position
 from persizmq._engine._registry import check_same, lock_wait
 from persizmq._engine._try_lock import try_lock
 from persizmq._engine._writer import Writer
-from persizmq._errors import ClosedError, QueueFullError, StorageWriteError
+from persizmq._errors import ClosedError, StorageWriteError
 from persizmq._message import Message
 
 __all__ = ["Options", "Queue"]
@@ -58,9 +57,6 @@ __all__ = ["Options", "Queue"]
 _LOGGER = logging.getLogger("persizmq")
 _POLL_MIN = 0.001
 _POLL_MAX = 0.05
-
-#: One record to append: ``(payload, kind)``.
-Record = Tuple[bytes, int]
 
 
 _BOUNDS = ("max_messages", "max_bytes", "overflow")
@@ -361,7 +357,7 @@ class Queue:
             assert writer is not None
             accepted = len(records)
             if self.bounded:
-                records, accepted = self._admit(records)
+                records, accepted = admit(self, records)
             if records or meta is not None:
                 if len(records) == 1 and meta is None:
                     writer.append(*records[0])
@@ -395,72 +391,6 @@ class Queue:
                 listener()
             except Exception:  # a listener must not break an add
                 _LOGGER.exception("persizmq: a storage listener raised")
-
-    def _admit(self, records: List[Record]) -> Tuple[List[Record], int]:
-        """Apply the bounds as that many single adds would (lock held); see the module
-        docstring. Returns the records to write and how many count as accepted."""
-        opts = self._options
-        max_messages = opts.max_messages if opts.max_messages is not None else 1 << 62
-        max_bytes = opts.max_bytes if opts.max_bytes is not None else 1 << 62
-        sizes = [RECORD_HEADER_SIZE + len(payload) for payload, _kind in records]
-        fitting = [r for r, size in zip(records, sizes) if size <= max_bytes]
-        if len(fitting) < len(records) and opts.overflow == "raise":
-            raise QueueFullError(
-                f"expected messages of at most max_bytes={max_bytes} bytes with their "
-                f"{RECORD_HEADER_SIZE}-byte header, got {max(sizes)} bytes; nothing stored"
-            )
-        refused = len(records) - len(fitting)
-        fit_sizes = [RECORD_HEADER_SIZE + len(p) for p, _k in fitting]
-        total = sum(fit_sizes)
-
-        def room() -> Tuple[int, int]:
-            count, nbytes = self.pending()
-            return max_messages - count, max_bytes - nbytes
-
-        free_count, free_bytes = room()
-        if len(fitting) <= free_count and total <= free_bytes:
-            self.dropped_newest += refused
-            return fitting, len(fitting)
-        if opts.overflow == "raise":
-            raise QueueFullError(
-                f"the storage is full: {max_messages - free_count} messages "
-                f"({max_bytes - free_bytes} bytes) pending, {len(fitting)} more ({total} bytes) "
-                f"do not fit in max_messages={opts.max_messages}, max_bytes={opts.max_bytes}; "
-                f"nothing stored"
-            )
-        if opts.overflow == "drop_newest":
-            kept = []
-            for record, size in zip(fitting, fit_sizes):
-                if free_count >= 1 and size <= free_bytes:
-                    kept.append(record)
-                    free_count -= 1
-                    free_bytes -= size
-            self.dropped_newest += len(records) - len(kept)
-            return kept, len(kept)
-        # drop_oldest, as single adds would: the longest run of the newest messages (pending,
-        # then the batch) that fits the bounds survives.
-        kept, kept_bytes = [], 0
-        for record, size in zip(reversed(fitting), reversed(fit_sizes)):
-            if len(kept) + 1 > max_messages or kept_bytes + size > max_bytes:
-                break
-            kept.append(record)
-            kept_bytes += size
-        kept.reverse()
-        self.dropped_oldest += len(fitting) - len(kept)
-        consumer = self.consumer
-        assert consumer is not None
-        writer_end = self.writer_end()
-        if len(kept) < len(fitting):
-            free_count = free_bytes = -1  # a batch message was dropped: no older one stays
-        while free_count < 0 or len(kept) > free_count or kept_bytes > free_bytes:
-            if not consumer.pop(writer_end):
-                break
-            consumer.popped -= 1
-            self.dropped_oldest += 1
-            if free_count >= 0:
-                free_count, free_bytes = room()
-        self.dropped_newest += refused
-        return kept, len(fitting)
 
     # ------------------------------------------------------------------ consuming
 
