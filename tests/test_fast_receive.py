@@ -11,6 +11,8 @@ import functools
 import linecache
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -312,3 +314,40 @@ def test_a_socket_closed_just_before_a_receive_is_not_read(
             return
         sockets.close_all()
     pytest.skip("no new socket took the freed memory: reading it was not observable")
+
+
+#: Binds pyzmq's libzmq, then searches a loaded file without it, then receives (in a process of
+#: its own: before the fix the failed search left NULL functions behind, a crash).
+FAILED_SEARCH = """
+import zmq
+from persizmq._engine._accel import SPEEDUPS
+from persizmq._subscriber import _fast_receive
+context = zmq.Context()
+pull = context.socket(zmq.PULL)
+pull.bind("inproc://failed-search")
+push = context.socket(zmq.PUSH)
+push.connect("inproc://failed-search")
+receive = _fast_receive.fast_receiver(pull)
+assert receive is not None
+assert SPEEDUPS.bind_zmq(SPEEDUPS.__file__) is None  # loaded, but no libzmq in it
+push.send(b"after the failed search")
+assert pull.poll(10000)
+print(receive(10, False)[0])
+pull.close(linger=0)
+push.close(linger=0)
+context.term()
+"""
+
+
+def test_a_failed_search_keeps_the_libzmq_found(speedups: Any) -> None:
+    """A search in a loaded file without libzmq's functions says None and leaves the functions
+    found before as they were: a receive afterwards works (it used to crash)."""
+    done = subprocess.run(
+        [sys.executable, "-c", FAILED_SEARCH],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[b'after the failed search']"

@@ -74,20 +74,27 @@ static PyObject *bind_zmq(PyObject *Py_UNUSED(self), PyObject *path) {
 #endif
     void *lib = dlopen(name, flags);
     if (lib == NULL) Py_RETURN_NONE;
-#define FIND(var, symbol)                                \
-    do {                                                 \
-        *(void **)(&var) = dlsym(lib, symbol);           \
-        if (var == NULL) Py_RETURN_NONE;                 \
-    } while (0)
-    FIND(z_msg_init, "zmq_msg_init");
-    FIND(z_msg_recv, "zmq_msg_recv");
-    FIND(z_msg_close, "zmq_msg_close");
-    FIND(z_msg_data, "zmq_msg_data");
-    FIND(z_msg_size, "zmq_msg_size");
-    FIND(z_msg_more, "zmq_msg_more");
-    FIND(z_errno, "zmq_errno");
-    FIND(z_version, "zmq_version");
-#undef FIND
+    /* All found first, then all set: a search that fails (another file, say) must leave the
+     * functions of an earlier one as they were -- receive() may be using them. */
+    void *found[8];
+    static const char *const symbols[8] = {"zmq_msg_init", "zmq_msg_recv", "zmq_msg_close",
+                                           "zmq_msg_data", "zmq_msg_size", "zmq_msg_more",
+                                           "zmq_errno",    "zmq_version"};
+    for (int i = 0; i < 8; i++) {
+        found[i] = dlsym(lib, symbols[i]);
+        if (found[i] == NULL) {
+            dlclose(lib);
+            Py_RETURN_NONE;
+        }
+    }
+    *(void **)(&z_msg_init) = found[0];
+    *(void **)(&z_msg_recv) = found[1];
+    *(void **)(&z_msg_close) = found[2];
+    *(void **)(&z_msg_data) = found[3];
+    *(void **)(&z_msg_size) = found[4];
+    *(void **)(&z_msg_more) = found[5];
+    *(void **)(&z_errno) = found[6];
+    *(void **)(&z_version) = found[7];
     /* The handle stays open: the functions are used for the life of the process. */
     int major = 0, minor = 0, patch = 0;
     z_version(&major, &minor, &patch);
