@@ -7,11 +7,17 @@ is tested in ``test_subscriber.py`` (fixture ``receive_impl``).
 """
 
 import errno
+import functools
+import linecache
 import os
 import pathlib
+import subprocess
+import sys
+import threading
 import time
+import types
 import uuid
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import pytest
 import zmq
@@ -109,12 +115,16 @@ def test_limit_and_the_reasons_it_stops(speedups: Any, sockets: SocketTracker) -
     assert err == zmq.ENOTSUP
 
 
-def test_bad_arguments(speedups: Any) -> None:
-    """A handle of 0 (a closed socket's) and wrong types are errors, not a crash."""
-    with pytest.raises(ValueError, match="handle of 0"):
-        speedups.receive(0, 1, False)
+def test_bad_arguments(speedups: Any, sockets: SocketTracker) -> None:
+    """A closed socket is ENOTSOCK, as pyzmq's recv says; wrong types are errors, not a crash."""
+    sock = sockets(zmq.PULL)
+    assert _fast_receive.fast_receiver(sock) is not None  # libzmq found
+    sock.close(linger=0)
+    assert speedups.receive(sock, 1, False) == ([], zmq.ENOTSOCK)
+    with pytest.raises(AttributeError, match="underlying"):
+        speedups.receive(12345, 1, False)  # a number is not a socket (an old handle, say)
     with pytest.raises(TypeError, match="3 arguments, got 2"):
-        speedups.receive(1, 1)
+        speedups.receive(sock, 1)
     with pytest.raises(TypeError, match="expected a path"):
         speedups.bind_zmq(b"/not/a/str")
 
@@ -168,10 +178,10 @@ class Counting:
         """The real search."""
         return self.real.bind_zmq(path)
 
-    def receive(self, handle: int, limit: int, multipart: bool) -> Tuple[List[Any], int]:
+    def receive(self, sock: object, limit: int, multipart: bool) -> Tuple[List[Any], int]:
         """The real receive, counted with its limit."""
         self.calls.append(limit)
-        return self.real.receive(handle, limit, multipart)  # type: ignore[no-any-return]
+        return self.real.receive(sock, limit, multipart)  # type: ignore[no-any-return]
 
 
 def test_the_subscriber_stores_drained_batches_with_it(
@@ -212,3 +222,132 @@ def test_the_subscriber_stores_drained_batches_with_it(
         subscriber.shutdown()
     assert got == [b"%d" % i for i in range(10)]
     assert set(counting.calls) == {1}
+
+
+def receiving_line_tracer(
+    function: str, text: str, at_receive: threading.Event, resume: threading.Event
+) -> Any:
+    """A ``threading.settrace`` function that stops the subscriber's thread once, just before it
+    runs the first line of ``function`` that contains ``text`` (its receive): ``at_receive`` is
+    set, and the thread goes on once ``resume`` is set -- the moment at which another thread may
+    get the GIL, on Python 3.9 at any line."""
+
+    def local(frame: types.FrameType, event: str, arg: object) -> Any:
+        if event == "line" and not at_receive.is_set():
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+            if text in line:
+                at_receive.set()
+                resume.wait(10)
+        return local
+
+    def tracer(frame: types.FrameType, event: str, arg: object) -> Any:
+        return local if frame.f_code.co_name == function else None
+
+    return tracer
+
+
+def socket_on_freed_memory(sockets: SocketTracker, handle: int) -> "Optional[zmq.Socket[bytes]]":
+    """A new PULL socket that libzmq put where the closed socket ``handle`` was (the reaper frees
+    a closed socket in its own time), with one message waiting; None if none did (the allocator
+    reuses the memory soon or, often enough, not at all)."""
+    for _ in range(100):  # a few hundred sockets would pass the context's maximum
+        sock = sockets(zmq.PULL)
+        if sock.underlying == handle:
+            endpoint = f"inproc://foreign-{uuid.uuid4().hex}"
+            sock.bind(endpoint)
+            push = sockets(zmq.PUSH)
+            push.connect(endpoint)
+            push.send(b"another socket's message")
+            wait_until(functools.partial(sock.poll, 0), 5, "the message on the new socket")
+            return sock
+        time.sleep(0.002)  # the reaper's pace: polled, a bounded number of times
+    return None
+
+
+def close_at_receive(
+    receive_impl: str, sockets: SocketTracker
+) -> "Tuple[List[object], List[Exception], Optional[zmq.Socket[bytes]]]":
+    """Start a subscriber, stop its thread just before its first receive, close the socket from
+    this thread, make a socket where it was if libzmq will, let the subscriber go on; return what
+    it delivered, what it reported, and the new socket (or None)."""
+    pull = sockets(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push = sockets(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    at_receive, resume = threading.Event(), threading.Event()
+    where = ("_fast_loop", "receive(") if receive_impl == "C" else ("_receive_loop", "recv(")
+    got: List[object] = []
+    errors: List[Exception] = []
+    threading.settrace(receiving_line_tracer(*where, at_receive, resume))
+    try:
+        subscriber = persizmq.ThreadedSubscriber(
+            callback=got.append, subscriber=pull, on_exception=errors.append
+        )
+    finally:
+        threading.settrace(None)
+    try:
+        push.send(b"mine")
+        assert at_receive.wait(10), "the subscriber never came to receive"
+        handle = pull.underlying
+        pull.close(linger=0)
+        foreign = socket_on_freed_memory(sockets, handle)
+        resume.set()
+        wait_until(lambda: errors, 10, "the report of the closed socket")
+    finally:
+        resume.set()
+        subscriber.shutdown()
+    return got, errors, foreign
+
+
+def test_a_socket_closed_just_before_a_receive_is_not_read(
+    receive_impl: str, sockets: SocketTracker
+) -> None:
+    """Another thread closes the socket after the loop checked it and before it receives: the
+    receive says ENOTSOCK (reported once), as pyzmq's does, and never reads the freed socket --
+    or the socket libzmq made next in its memory, whose message must stay where it is."""
+    for _ in range(8):  # until libzmq puts a new socket where the closed one was
+        got, errors, foreign = close_at_receive(receive_impl, sockets)
+        assert got == []
+        assert [getattr(e, "errno", e) for e in errors] == [zmq.ENOTSOCK]
+        if foreign is not None:
+            assert foreign.recv(zmq.NOBLOCK) == b"another socket's message"
+            return
+        sockets.close_all()
+    pytest.skip("no new socket took the freed memory: reading it was not observable")
+
+
+#: Binds pyzmq's libzmq, then searches a loaded file without it, then receives (in a process of
+#: its own: before the fix the failed search left NULL functions behind, a crash).
+FAILED_SEARCH = """
+import zmq
+from persizmq._engine._accel import SPEEDUPS
+from persizmq._subscriber import _fast_receive
+context = zmq.Context()
+pull = context.socket(zmq.PULL)
+pull.bind("inproc://failed-search")
+push = context.socket(zmq.PUSH)
+push.connect("inproc://failed-search")
+receive = _fast_receive.fast_receiver(pull)
+assert receive is not None
+assert SPEEDUPS.bind_zmq(SPEEDUPS.__file__) is None  # loaded, but no libzmq in it
+push.send(b"after the failed search")
+assert pull.poll(10000)
+print(receive(10, False)[0])
+pull.close(linger=0)
+push.close(linger=0)
+context.term()
+"""
+
+
+def test_a_failed_search_keeps_the_libzmq_found(speedups: Any) -> None:
+    """A search in a loaded file without libzmq's functions says None and leaves the functions
+    found before as they were: a receive afterwards works (it used to crash)."""
+    done = subprocess.run(
+        [sys.executable, "-c", FAILED_SEARCH],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[b'after the failed search']"

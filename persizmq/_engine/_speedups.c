@@ -66,7 +66,7 @@ static PyObject *s_lock, *s_writer, *s_fast_add, *s_durability, *s_failed, *s_po
     *s_index, *s_fast_index, *s_salt, *s_map, *s_dirty, *s_added, *s_waiters, *s_cond,
     *s_notify_all, *s_acquire, *s_release, *s_consumer, *s_ahead, *s_ahead_i, *s_ahead_ok,
     *s_closing, *s_pops, *s_ahead_ends, *s_plog, *s_map_, *s_slot_, *s_previous_, *s_cursor,
-    *s_base, *s_pos_dirty, *s_popped;
+    *s_base, *s_pos_dirty, *s_popped, *s_underlying;
 static PyObject *crc32_func;
 
 /* ------------------------------------------------------------------ little helpers */
@@ -120,7 +120,7 @@ static PyMethodDef methods[] = {
     {"bind_zmq", (PyCFunction)bind_zmq, METH_O,
      "bind_zmq(path) -> (major, minor, patch) or None: find the libzmq of the loaded file."},
     {"receive", (PyCFunction)(void (*)(void))receive, METH_FASTCALL,
-     "receive(handle, limit, multipart) -> (messages, errno): up to limit whole messages."},
+     "receive(sock, limit, multipart) -> (messages, errno): up to limit whole messages."},
     {"run_uninterrupted", (PyCFunction)run_uninterrupted, METH_O,
      "run_uninterrupted(func) -> func(): in another thread, while this one waits where no "
      "signal handler runs."},
@@ -173,6 +173,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_base, "base");
     INTERN(s_pos_dirty, "pos_dirty");
     INTERN(s_popped, "popped");
+    INTERN(s_underlying, "underlying");
     PyObject *zlib = PyImport_ImportModule("zlib");
     if (zlib == NULL) return NULL;
     crc32_func = PyObject_GetAttrString(zlib, "crc32");

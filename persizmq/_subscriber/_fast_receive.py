@@ -54,9 +54,11 @@ def _bind(sock: "zmq.Socket[Any]") -> bool:
 def fast_receiver(sock: "zmq.Socket[Any]") -> Optional[Receiver]:
     """``receive(limit, multipart)`` for ``sock``, or None where only pyzmq's receive serves.
 
-    The socket must stay open while the function is used (the caller checks ``sock.closed``
-    before each call, as before a poll) and be used by one thread only.
+    The socket must be used by one thread only. It may be closed by another thread meanwhile:
+    the function reads the socket's handle at every call (under the GIL, as pyzmq's recv
+    does), so a closed socket ends the take with ``ENOTSOCK`` -- never a handle kept from
+    before the close, which libzmq may have freed and given to a new socket.
     """
     if SPEEDUPS is None or not _bind(sock):
         return None
-    return functools.partial(SPEEDUPS.receive, sock.underlying)
+    return functools.partial(SPEEDUPS.receive, sock)

@@ -66,7 +66,7 @@ _LOGGER = logging.getLogger("persizmq")
 
 def poll_closed(sock: "zmq.Socket[Any]") -> None:
     """Raise ``ENOTSOCK`` if ``sock`` was closed under the loop: a closed socket has a NULL
-    handle, which zmq_poll would take for fd 0 (and the extension's receive for freed memory)."""
+    handle, which zmq_poll would take for fd 0."""
     if sock.closed:
         raise zmq.ZMQError(zmq.ENOTSOCK)
 
@@ -206,8 +206,8 @@ class ReceiveLoop:
                 if callback is not last_callback:
                     last_callback = callback
                     batching = is_storage_add(callback)
-                if sock.closed:  # the handle of a closed socket is freed memory
-                    raise zmq.ZMQError(zmq.ENOTSOCK)
+                # A socket closed meanwhile ends the take with ENOTSOCK: the receive reads the
+                # handle itself, under the GIL (a handle kept from before would be freed memory).
                 msgs, err = receive(batch_size - taken if batching else 1, multipart)
                 taken += len(msgs)
                 if msgs:

@@ -22,7 +22,16 @@
  * and the Python receive loop serves.
  *
  * receive() runs with the GIL held: every call is non-blocking (ZMQ_DONTWAIT), so it never
- * waits, and the socket is used by one thread only (the subscriber's). */
+ * waits, and the socket is used by one thread only (the subscriber's).
+ *
+ * The handle is read from the socket object, never kept. Another thread may close the socket
+ * (pyzmq's close() runs under the GIL and sets the handle to NULL); libzmq's reaper then frees
+ * the socket, and a new socket may be given the same memory -- a handle kept from before the
+ * close would then receive another socket's messages, from a second thread. So receive() reads
+ * `sock.underlying` under the GIL it holds, and reads it again after anything that can run
+ * Python code and so let another thread in: creating a list (a GC-tracked object) may start a
+ * collection, whose finalizers and callbacks are Python code. A NULL handle ends the take with
+ * ENOTSOCK, what pyzmq's recv raises for a closed socket. */
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
@@ -65,20 +74,27 @@ static PyObject *bind_zmq(PyObject *Py_UNUSED(self), PyObject *path) {
 #endif
     void *lib = dlopen(name, flags);
     if (lib == NULL) Py_RETURN_NONE;
-#define FIND(var, symbol)                                \
-    do {                                                 \
-        *(void **)(&var) = dlsym(lib, symbol);           \
-        if (var == NULL) Py_RETURN_NONE;                 \
-    } while (0)
-    FIND(z_msg_init, "zmq_msg_init");
-    FIND(z_msg_recv, "zmq_msg_recv");
-    FIND(z_msg_close, "zmq_msg_close");
-    FIND(z_msg_data, "zmq_msg_data");
-    FIND(z_msg_size, "zmq_msg_size");
-    FIND(z_msg_more, "zmq_msg_more");
-    FIND(z_errno, "zmq_errno");
-    FIND(z_version, "zmq_version");
-#undef FIND
+    /* All found first, then all set: a search that fails (another file, say) must leave the
+     * functions of an earlier one as they were -- receive() may be using them. */
+    void *found[8];
+    static const char *const symbols[8] = {"zmq_msg_init", "zmq_msg_recv", "zmq_msg_close",
+                                           "zmq_msg_data", "zmq_msg_size", "zmq_msg_more",
+                                           "zmq_errno",    "zmq_version"};
+    for (int i = 0; i < 8; i++) {
+        found[i] = dlsym(lib, symbols[i]);
+        if (found[i] == NULL) {
+            dlclose(lib);
+            Py_RETURN_NONE;
+        }
+    }
+    *(void **)(&z_msg_init) = found[0];
+    *(void **)(&z_msg_recv) = found[1];
+    *(void **)(&z_msg_close) = found[2];
+    *(void **)(&z_msg_data) = found[3];
+    *(void **)(&z_msg_size) = found[4];
+    *(void **)(&z_msg_more) = found[5];
+    *(void **)(&z_errno) = found[6];
+    *(void **)(&z_version) = found[7];
     /* The handle stays open: the functions are used for the life of the process. */
     int major = 0, minor = 0, patch = 0;
     z_version(&major, &minor, &patch);
@@ -110,19 +126,30 @@ static PyObject *receive_frame(void *sock, int *more, int *err) {
 }
 #endif
 
+#if RECEIVE_AVAILABLE
+/* The socket's libzmq handle now; NULL with *err = ENOTSOCK once it is closed, or NULL with a
+ * Python error set and *err = -1. */
+static void *live_handle(PyObject *sock, int *err) {
+    PyObject *value = PyObject_GetAttr(sock, s_underlying);
+    if (value == NULL) {
+        *err = -1;
+        return NULL;
+    }
+    void *handle = PyLong_AsVoidPtr(value);
+    Py_DECREF(value);
+    if (handle == NULL) *err = PyErr_Occurred() ? -1 : ENOTSOCK;
+    return handle;
+}
+#endif
+
 static PyObject *receive(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs(nargs, 3, "receive(handle, limit, multipart)") < 0) return NULL;
+    if (check_nargs(nargs, 3, "receive(sock, limit, multipart)") < 0) return NULL;
 #if RECEIVE_AVAILABLE
     if (!z_bound) {
         PyErr_SetString(PyExc_RuntimeError, "receive: bind_zmq() has not found libzmq");
         return NULL;
     }
-    void *sock = PyLong_AsVoidPtr(args[0]);
-    if (sock == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "receive: a socket handle of 0 (a closed socket)");
-        return NULL;
-    }
+    PyObject *owner = args[0];
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
     if (limit == -1 && PyErr_Occurred()) return NULL;
     int multipart = PyObject_IsTrue(args[2]);
@@ -130,13 +157,16 @@ static PyObject *receive(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ss
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
     int err = 0;
+    void *sock = NULL; /* read (again) before a receive; NULL: Python code may have run */
     for (Py_ssize_t i = 0; i < limit; i++) {
+        if (sock == NULL && (sock = live_handle(owner, &err)) == NULL) break;
         int more = 0;
         PyObject *first = receive_frame(sock, &more, &err);
         if (first == NULL) break;
         PyObject *msg = first;
         if (more || multipart) {
             msg = PyList_New(1);
+            sock = NULL; /* a list: a collection may have run, and another thread */
             if (msg == NULL) {
                 Py_DECREF(first);
                 err = -1;
@@ -144,6 +174,7 @@ static PyObject *receive(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ss
             }
             PyList_SET_ITEM(msg, 0, first);
             while (more) { /* a multipart message is atomic: its frames are all there */
+                if (sock == NULL && (sock = live_handle(owner, &err)) == NULL) break;
                 PyObject *frame = receive_frame(sock, &more, &err);
                 if (frame == NULL || PyList_Append(msg, frame) < 0) {
                     Py_XDECREF(frame);
