@@ -351,3 +351,54 @@ def test_a_failed_search_keeps_the_libzmq_found(speedups: Any) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[b'after the failed search']"
+
+
+class Plain(zmq.Socket):  # type: ignore[type-arg]
+    """A socket class of the user's that changes nothing of the receive."""
+
+
+class OwnRecv(zmq.Socket):  # type: ignore[type-arg]
+    """A socket class with a ``recv`` of its own (it counts its calls)."""
+
+    calls = 0
+
+    def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
+        """pyzmq's recv, counted."""
+        OwnRecv.calls += 1
+        return super().recv(flags, copy, track)
+
+
+def test_a_socket_class_with_its_own_recv_keeps_it(
+    speedups: Any,
+    zmq_context: "zmq.Context[Any]",
+) -> None:
+    """A subclass that overrides ``recv`` gets no fast receive: the subscriber's loop calls its
+    recv, as without the extension. A plain subclass gets it; both are found through pyzmq's
+    backend class, not through their own module."""
+    endpoint = f"inproc://fast-receive-own-{uuid.uuid4().hex}"
+    pull = OwnRecv(zmq_context, zmq.PULL)
+    push = zmq_context.socket(zmq.PUSH)
+    try:
+        pull.bind(endpoint)
+        push.connect(endpoint)
+        assert _fast_receive.fast_receiver(pull) is None
+        backend = sys.modules[zmq.backend.Socket.__module__].__file__
+        assert _fast_receive._backend_file(pull) == backend
+        plain = Plain(zmq_context, zmq.PULL)
+        try:
+            assert _fast_receive._backend_file(plain) == backend
+            assert _fast_receive.fast_receiver(plain) is not None
+        finally:
+            plain.close(linger=0)
+        got: List[object] = []
+        subscriber = persizmq.ThreadedSubscriber(callback=got.append, subscriber=pull)
+        try:
+            push.send(b"m")
+            wait_until(lambda: got, 5, "the message")
+        finally:
+            subscriber.shutdown()
+        assert got == [b"m"]
+        assert OwnRecv.calls >= 1
+    finally:
+        pull.close(linger=0)
+        push.close(linger=0)

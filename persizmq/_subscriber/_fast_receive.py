@@ -9,7 +9,8 @@ of :mod:`persizmq._subscriber._loop` builds from pyzmq's non-copying receive.
 
 It returns None, and the Python loop receives, where the extension is not built, is disabled
 (``PERSIZMQ_PURE_PYTHON=1``), cannot find the libzmq that pyzmq was linked with (see
-``_speedups_c/receive.h``), or finds one whose version is not pyzmq's.
+``_speedups_c/receive.h``), or finds one whose version is not pyzmq's -- and for a socket whose
+class has a ``recv`` of its own, which the Python loop calls.
 """
 
 import functools
@@ -31,13 +32,17 @@ _bound: Optional[bool] = None  # None: not tried yet
 
 
 def _backend_file(sock: "zmq.Socket[Any]") -> Optional[str]:
-    """The compiled file of pyzmq's backend that defines the socket's class (loaded already)."""
-    for cls in type(sock).__mro__:
-        module = sys.modules.get(cls.__module__)
-        path = getattr(module, "__file__", None) or ""
-        if path.endswith((".so", ".pyd", ".dylib")):
-            return str(path)
-    return None
+    """The compiled file of pyzmq's backend (loaded already), if ``sock`` is one of its sockets.
+
+    The backend's own class is asked, not the socket's class hierarchy: a compiled subclass of
+    the user's would be found first there (and its file holds no libzmq).
+    """
+    backend = getattr(zmq.backend, "Socket", None)
+    if not isinstance(backend, type) or not isinstance(sock, backend):
+        return None
+    module = sys.modules.get(backend.__module__)
+    path = getattr(module, "__file__", None) or ""
+    return str(path) if path.endswith((".so", ".pyd", ".dylib")) else None
 
 
 def _bind(sock: "zmq.Socket[Any]") -> bool:
@@ -59,6 +64,8 @@ def fast_receiver(sock: "zmq.Socket[Any]") -> Optional[Receiver]:
     does), so a closed socket ends the take with ``ENOTSOCK`` -- never a handle kept from
     before the close, which libzmq may have freed and given to a new socket.
     """
+    if type(sock).recv is not zmq.Socket.recv:  # a subclass's own recv is honoured
+        return None
     if SPEEDUPS is None or not _bind(sock):
         return None
     return functools.partial(SPEEDUPS.receive, sock)

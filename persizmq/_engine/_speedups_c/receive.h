@@ -175,7 +175,14 @@ static PyObject *receive(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ss
             PyList_SET_ITEM(msg, 0, first);
             while (more) { /* a multipart message is atomic: its frames are all there */
                 if (sock == NULL && (sock = live_handle(owner, &err)) == NULL) break;
-                PyObject *frame = receive_frame(sock, &more, &err);
+                /* The rest of a message is there: an interrupted call is made again (a take
+                 * that ended here would leave the next one starting in the middle of it). */
+                PyObject *frame;
+                int tries = 0;
+                do {
+                    err = 0;
+                    frame = receive_frame(sock, &more, &err);
+                } while (frame == NULL && err == EINTR && ++tries < 100);
                 if (frame == NULL || PyList_Append(msg, frame) < 0) {
                     Py_XDECREF(frame);
                     if (err == 0) err = -1;
