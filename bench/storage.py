@@ -6,6 +6,8 @@ fresh directory, times a loop of N adds, then a loop of N consumes, and closes i
 interleaved (round 1 of every case, then round 2, ...; each in a fresh child process, in an
 order rotated from round to round), so a noisy neighbour slows all cases alike; the table shows
 medians. The add loop is timed alone (no close or final flush is included, for any queue).
+Beside the group commit runs the disk's ceiling for it, ``disk-batch``: no queue, a bare loop
+that appends the same bytes per batch to one file and fdatasyncs after each.
 
 The consume loop drains a backlog that is already durable, as SPEC 7 defines the target: for
 persizmq 3, ``sync_now()`` runs between the two loops, untimed (no add loop of any queue times
@@ -20,6 +22,7 @@ the anchors in a child of the anchors' virtualenv (:mod:`bench._anchors`).
 Run: ``python3 bench/storage.py [--quick] [--dir DIR] [--no-anchors]``.
 """
 
+import os
 import pathlib
 import sys
 import time
@@ -47,12 +50,15 @@ __all__ = [
 
 SIZES = (100, 4096)
 P2_CASES = ("p2-periodic", "p2-never", "p2-always", "p2-batch")
+#: No queue: the bytes of persizmq's batches written by a bare loop, the disk's ceiling for them.
+BARE_CASES = ("disk-batch",)
 ANCHOR_CASES = ("v1", "queuelib", "pq-file", "pq-sqlite", "diskcache")
 LABELS = {
     "p2-periodic": 'persizmq 3 sync="periodic"',
     "p2-never": 'persizmq 3 sync="never"',
     "p2-always": 'persizmq 3 sync="always"',
     "p2-batch": 'persizmq 3 "always" add_messages',
+    "disk-batch": "no queue: os.write+fdatasync of those bytes",
     "v1": "persizmq 1.0.3 PersistentStorage",
     "queuelib": "queuelib FifoDiskQueue",
     "pq-file": "persist-queue Queue (file)",
@@ -79,7 +85,7 @@ def message_count(case: str, size: int, profile: Profile) -> int:
         n = profile.slow_n if small else profile.slow_n_4k
     else:
         n = profile.fast_n if small else profile.fast_n_4k
-    if case == "p2-batch":
+    if case in ("p2-batch", "disk-batch"):
         n = max(profile.batch, n - n % profile.batch)
     return n
 
@@ -136,6 +142,21 @@ def _persizmq_loops(storage: _Storage, payload: bytes, batch: Optional[int]) -> 
     return _Loops(add_loop, consume_loop, close, settle)
 
 
+def _bare_batches(directory: pathlib.Path, payload: bytes, batch: int) -> _Loops:
+    """The disk's ceiling for ``p2-batch``: the same number of bytes per batch (``batch``
+    records of a 16-byte header and ``payload``) appended to one file with ``os.write`` and
+    made durable with ``fdatasync``, and nothing else (no queue, no CRC, no index)."""
+    chunk = bytes(len(payload) + 16) * batch
+    fd = os.open(directory / "bare.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def add_batches(n: int) -> None:
+        for _ in range(n // batch):
+            os.write(fd, chunk)
+            os.fdatasync(fd)
+
+    return _Loops(add_batches, None, lambda: os.close(fd))
+
+
 def _open(case: str, directory: pathlib.Path, payload: bytes, batch: int) -> _Loops:
     """Open the queue of ``case`` in ``directory``: its add loop, consume loop and close."""
     if case.startswith("p2-") or case == "v1":
@@ -149,6 +170,8 @@ def _open(case: str, directory: pathlib.Path, payload: bytes, batch: int) -> _Lo
         mode = {"p2-batch": "always"}.get(case, case[3:])
         storage = persizmq.PersistentStorage(directory, sync=mode)
         return _persizmq_loops(storage, payload, batch if case == "p2-batch" else None)
+    if case == "disk-batch":
+        return _bare_batches(directory, payload, batch)
     if case == "queuelib":
         from queuelib import FifoDiskQueue
 
@@ -266,7 +289,7 @@ def run(
     Every (case, size) of a round runs in its own fresh child process; the order is rotated
     (and reversed every other round) so that each case meets the machine's noise at a
     different moment."""
-    names = list(P2_CASES) + (list(ANCHOR_CASES) if anchors_python is not None else [])
+    names = [*P2_CASES, *BARE_CASES] + (list(ANCHOR_CASES) if anchors_python is not None else [])
     cases = [(c, s) for s in SIZES for c in names]
     result: StorageResult = {}
     for round_no in range(profile.rounds):
@@ -301,7 +324,7 @@ def render(
     for size in SIZES:
         ref_add = _median_of(result, _REFERENCE, size, "add")
         ref_consume = _median_of(result, _REFERENCE, size, "consume")
-        for case in (*P2_CASES, *ANCHOR_CASES):
+        for case in (*P2_CASES, *BARE_CASES, *ANCHOR_CASES):
             slot = result.get(case, {}).get(size)
             if slot is None:
                 continue
@@ -415,12 +438,17 @@ def targets(result: StorageResult, fsync: Optional[Dict[str, float]] = None) -> 
         ratio = p2_add / v1_add
         out.append(Target('add "periodic" 100 B vs 1.0.3', ">= 20x", f"{ratio:.0f}x", ratio >= 20))
     batch_add = _median_of(result, "p2-batch", 100, "add")
-    fsync_note = f" (fsync {fsync['median_ms']:.2f} ms)" if fsync else ""
+    notes = [f"fsync {fsync['median_ms']:.2f} ms"] if fsync else []
+    bare = _median_of(result, "disk-batch", 100, "add")
+    if bare and batch_add is not None:
+        # The disk's own ceiling for these bytes, in the same rounds: a target above it is
+        # out of reach of any queue on this disk.
+        notes.append(f"the bytes alone: {fmt_rate(bare)}/s, {batch_add / bare:.2f}x of it")
     out.append(
         Target(
             'add_messages x1000 "always" 100 B',
             ">= 1,000,000/s",
-            f"{fmt_rate(batch_add)}/s{fsync_note}",
+            f"{fmt_rate(batch_add)}/s" + (f" ({'; '.join(notes)})" if notes else ""),
             None if batch_add is None else batch_add >= 1_000_000,
         )
     )

@@ -50,11 +50,11 @@ FILE_MODE = 0o644
 _ZEROS = memoryview(bytes(1 << 20))
 
 
-def allocate(fd: int, start: int, end: int) -> None:
-    """Reserve the blocks of ``[start, end)`` of a file and write zeros there: the space is
-    taken now (a full disk is an ``ENOSPC`` or ``EFBIG`` here, never a ``SIGBUS`` when a page
-    of a mapping is touched later), and the pages are in the page cache with their blocks
-    written.
+def allocate(fd: int, start: int, end: int, *, zeros: bool = True) -> None:
+    """Reserve the blocks of ``[start, end)`` of a file and, unless ``zeros`` is False, write
+    zeros there: the space is taken now (a full disk is an ``ENOSPC`` or ``EFBIG`` here, never
+    a ``SIGBUS`` when a page of a mapping is touched later), and the pages are in the page
+    cache with their blocks written.
 
     Why the zeros: on ext4 a page of a merely reserved (``posix_fallocate``) region costs a
     page fault with a journal transaction when it is first stored into through a mapping, and
@@ -63,12 +63,17 @@ def allocate(fd: int, start: int, end: int) -> None:
     the zeros costs ~1 us per 4 KiB page. Only ever call it on a region that holds nothing
     (new files, the room a file grows into).
 
+    ``zeros=False`` is for room that is filled with ``pwrite`` rather than with stores through
+    a mapping (``"always"`` mode, see ``_engine._writer``): the zeros would cost their own
+    writing, and each fdatasync would write them to the disk before the records that later
+    overwrite them.
+
     :raises OSError: the disk refused (the caller words the error).
     """
     if end <= start:
         return
     os.posix_fallocate(fd, start, end - start)
-    at = start
+    at = start if zeros else end
     while at < end:
         at += os.pwrite(fd, _ZEROS[: min(len(_ZEROS), end - at)], at)
 

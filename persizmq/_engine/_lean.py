@@ -1,4 +1,5 @@
-"""The lean paths of add_message, front, try_front and pop_front, and the record loops.
+"""The lean paths of add_message, front, try_front and pop_front, the record loops, and
+``"always"`` mode's write of records (:func:`write_at`).
 
 Theory of operation
 ===================
@@ -19,6 +20,8 @@ Python ones rely on ``with lock:`` for that (see ``_try_lock`` for the non-block
 :data:`IMPLEMENTATION` says which one is in use ("C" or "Python").
 """
 
+import errno
+import os
 import sys
 import threading
 import zlib
@@ -44,10 +47,12 @@ __all__ = [
     "py_read_run",
     "py_records_size",
     "py_try_front",
+    "py_write_at",
     "read_run",
     "records_size",
     "try_front",
     "uninterrupted",
+    "write_at",
 ]
 
 _T = TypeVar("_T")
@@ -240,6 +245,34 @@ def py_records_size(records: List[Tuple[bytes, int]]) -> int:
     return _RECORD * len(records) + sum([len(payload) for payload, _kind in records])
 
 
+def py_write_at(writer: Any, fd: int, data: bytes, index: int) -> None:  # noqa: ANN401
+    """``"always"`` mode: write ``data`` (whole records, the first at ``writer.pos``) with
+    ``pwrite`` — everything after the first record's header, then that header, so that no
+    record of ``data`` is readable before all are in the file — and move the writer's end past
+    them (``index``: the next message's index). A failed write raises ``OSError`` with the
+    writer unchanged.
+
+    The C version runs no Python code between the last write and the stores of the end; here
+    a KeyboardInterrupt can fall between them (the pure-Python engine keeps this hole: valid
+    records past the writer's end, written over by the next add)."""
+    start = writer.pos
+    view = memoryview(data)
+    _pwrite_all(fd, view[_RECORD:], start + _RECORD)
+    _pwrite_all(fd, view[:_RECORD], start)
+    writer.pos = start + len(data)
+    writer.index = index
+    writer.dirty = True
+
+
+def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
+    while data:
+        wrote = os.pwrite(fd, data, at)
+        if wrote <= 0:  # never for a regular file with room reserved
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        data = data[wrote:]
+        at += wrote
+
+
 _MAIN_THREAD = threading.main_thread().ident
 
 
@@ -267,6 +300,7 @@ read_run: Callable[..., Tuple[int, int, int]] = py_read_run
 encode_records: Callable[[List[Tuple[bytes, int]], int, int], bytes] = py_encode_records
 plain_records: Callable[[object, int], Optional[List[Tuple[bytes, int]]]] = py_plain_records
 records_size: Callable[[List[Tuple[bytes, int]]], int] = py_records_size
+write_at: Callable[[Any, int, bytes, int], None] = py_write_at
 IMPLEMENTATION = "Python"
 
 if _accel.SPEEDUPS is not None:
@@ -274,4 +308,5 @@ if _accel.SPEEDUPS is not None:
     add, front, try_front, pop = _c.add, _c.front, _c.try_front, _c.pop
     read_run, encode_records = _c.read_run, _c.encode_records
     plain_records, records_size = _c.plain_records, _c.records_size
+    write_at = _c.write_at
     IMPLEMENTATION = "C"

@@ -9,7 +9,9 @@ what is in it). The rules that keep a mapping safe, by construction:
   holds for files persizmq did not write itself (a sparse copy of a queue): the producer
   reserves every segment it opens, and the consumer every segment with holes, at open. The
   room of a new or growing segment is also filled with written zeros (``_fs.allocate``): a
-  store into a page that is only reserved costs a slow page fault on ext4.
+  store into a page that is only reserved costs a slow page fault on ext4. Not so in
+  ``"always"`` mode, whose records are written with ``pwrite`` (see ``_writer``): its room is
+  only reserved, and the only stores through its mapping go into the header's page.
 * A segment file only ever grows; nothing truncates it (another process may have it mapped, and
   touching a page past the end of a file is ``SIGBUS``). A torn tail is zeroed, not cut off.
 * A new segment is written under a temporary name (``NNN.log.tmp``) — reserved, header (and
@@ -189,11 +191,16 @@ class Segment:
         size: int,
         first: Optional[Callable[[int], bytes]] = None,
         fdatasync: Optional[Callable[[int, str], None]] = None,
+        *,
+        zeros: bool = True,
     ) -> "Segment":
         """Create segment ``base`` with ``size`` bytes reserved, its header written (and the
         record ``first(salt)`` after it, if given), mapped, made durable with ``fdatasync(fd,
         what)`` if given, and only then renamed into place; return it open for writing. The
         caller makes the directory entry durable.
+
+        ``zeros=False``: the room after the header is reserved but not written (``"always"``
+        mode: the writer fills it with ``pwrite``, see ``_fs.allocate``).
 
         The name appears only once the file is complete: a failure leaves nothing, so the name
         is free to be created again — nobody can have seen it.
@@ -215,7 +222,7 @@ class Segment:
                 os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                 _fs.FILE_MODE,
             )
-            _fs.allocate(fd, 0, size)
+            _fs.allocate(fd, 0, size, zeros=zeros)
             os.pwrite(fd, _format.encode_header(base, salt), 0)
             if first is not None:
                 os.pwrite(fd, first(salt), _format.SEGMENT_HEADER_SIZE)
@@ -287,13 +294,14 @@ class Segment:
             raise _unusable(err, f"cannot map the segment {str(self.path)!r} again") from err
         return True
 
-    def grow(self, size: int) -> None:
-        """Reserve the file's space up to ``size`` bytes and map it (producer only).
+    def grow(self, size: int, *, zeros: bool = True) -> None:
+        """Reserve the file's space up to ``size`` bytes (filled with written zeros unless
+        ``zeros`` is False, see ``_fs.allocate``) and map it (producer only).
 
         :raises StorageWriteError: the disk refused; the file and its mapping are unchanged.
         """
         try:
-            _fs.allocate(self.fd, self.size, size)
+            _fs.allocate(self.fd, self.size, size, zeros=zeros)
         except OSError as err:
             raise StorageWriteError(
                 err.errno if err.errno is not None else errno.EIO,

@@ -27,10 +27,11 @@
  * it and the self-check at import agrees, by calling zlib.crc32 otherwise (see "CRC-32").
  *
  * The code is in parts, one concept each, in _speedups_c/ (crc.h: the CRC-32; fields.h: the
- * attribute access and the lock; lean.h: the lean paths; receive.h: the subscriber's receive
- * straight from libzmq, which has no twin in _lean.py -- where it is not available the
- * subscriber's Python loop receives, see persizmq/_subscriber/_fast_receive.py; records.h:
- * the record loops; uninterrupted.h: run_uninterrupted); this file includes them into one
+ * attribute access and the lock; direct.h: "always" mode's pwrite of records; lean.h: the
+ * lean paths; receive.h: the subscriber's receive straight from libzmq, which has no twin in
+ * _lean.py -- where it is not available the subscriber's Python loop receives, see
+ * persizmq/_subscriber/_fast_receive.py; records.h: the record loops; uninterrupted.h:
+ * run_uninterrupted); this file includes them into one
  * translation unit and holds the module's table and init.
  *
  * SOURCE_SHA256 (when setup.py built the module) is the SHA-256 of this file and its parts as
@@ -91,6 +92,7 @@ static inline void put_u64(unsigned char *p, uint64_t v) {
  * stays static). */
 #include "_speedups_c/crc.h"
 #include "_speedups_c/fields.h"
+#include "_speedups_c/direct.h"
 #include "_speedups_c/lean.h"
 #include "_speedups_c/receive.h"
 #include "_speedups_c/records.h"
@@ -117,6 +119,9 @@ static PyMethodDef methods[] = {
      "records_size(records) -> int: the bytes of a batch's records, headers included."},
     {"crc32_range", (PyCFunction)(void (*)(void))crc32_range, METH_FASTCALL,
      "crc32_range(buf, start, end, seed) -> int: zlib.crc32(buf[start:end], seed)."},
+    {"write_at", (PyCFunction)(void (*)(void))write_at, METH_FASTCALL,
+     "write_at(writer, fd, data, index) -> None: \"always\" mode's pwrite of records, then "
+     "the writer's end moved past them."},
     {"bind_zmq", (PyCFunction)bind_zmq, METH_O,
      "bind_zmq(path) -> (major, minor, patch) or None: find the libzmq of the loaded file."},
     {"receive", (PyCFunction)(void (*)(void))receive, METH_FASTCALL,

@@ -7,7 +7,14 @@ Appending. The producer writes into the newest segment through a shared memory m
 is a store into the page cache (no system call), which survives the death of the process. The
 file's space is reserved ahead (``posix_fallocate``, growing by doubling up to the segment
 size), so a full disk is refused before anything is written — an add either stores all of its
-messages or none. A segment holds at most ``segment_size`` bytes of records, except that a
+messages or none. The reserved room is filled with written zeros first (a store into merely
+reserved room costs a slow page fault, see ``_fs.allocate``) — except in ``"always"`` mode,
+where every add ends in an fdatasync that would write those zeros to the disk too, before the
+records that overwrite them: there the records of an add are written with one ``pwrite``
+(``_lean.write_at``: the first record's header last, and the end moved with no interrupt
+possible in between) into room that is only reserved. A failed ``pwrite`` is fail-stop, like a
+failed fsync (part of the records may be in the file past the end; opening again cuts them as a
+torn tail). A segment holds at most ``segment_size`` bytes of records, except that a
 record or batch larger than that gets a segment of its own.
 
 Offsets and the reservation. The producer stores (and, unless ``sync="never"``, fsyncs) a
@@ -122,6 +129,9 @@ class Writer:
         self.meta: Dict[bytes, bytes] = {}
         self.torn_tail_bytes = 0
         self.dirty = False  # records written since the last fsync round snapshot
+        #: "always" mode: records are written with pwrite into room that holds no zeros (see
+        #: the module docstring); the other modes store them through the map.
+        self.direct = sync == "always"
         self.dir_dirty = False  # a segment was created since the last directory fsync
         #: ``(base, position)`` up to which the records are durable (completed fsyncs).
         self.durable: Tuple[int, int] = (-1, 0)
@@ -247,6 +257,7 @@ class Writer:
             # the directory, which is all its contract needs (nothing in it is durable before);
             # an fdatasync here, in the add path, cost ~5 ms a roll-over on this machine.
             self.durability.fdatasync if self.sync == "always" else None,
+            zeros=not self.direct,
         )
         return seg, cap, first(seg.salt) if snapshot else b""
 
@@ -351,14 +362,11 @@ class Writer:
         assert seg is not None
         if self.pos + size > seg.size:
             target = min(self.cap, max(self.pos + size, 2 * seg.size))
-            if (count > 1 and target == self.cap) or self.sync == "always":
+            if count > 1 and target == self.cap:
                 # A batch near the segment's end grows it to what it needs (rounded to
                 # _INITIAL) rather than to the cap: a later batch that does not fit rolls over,
                 # and the room reserved for it would stay unused (never shrunk) — with batches
                 # of 10,000 messages, 1.38x the payload on disk instead of 1.2x.
-                # In "always" mode every add is followed by an fdatasync, which would also
-                # write the zeros of the room ahead to the disk (before the records that later
-                # fill it are written again): the disk wrote every byte twice.
                 target = min(self.cap, -(-(self.pos + size) // _INITIAL) * _INITIAL)
             if target > _format.MAX_SEGMENT_BYTES:
                 raise StorageWriteError(
@@ -368,7 +376,7 @@ class Writer:
             # _limits() below hands it the new one: until then no lean add (an interrupt in
             # between left every later add storing into the closed map).
             self.fast_end = 0
-            seg.grow(target)
+            seg.grow(target, zeros=not self.direct)
         self._reserve(self.base + self.index + count)
         self._limits()
 
@@ -390,6 +398,10 @@ class Writer:
         self.make_room(size, 1)
         seg = self.seg
         assert seg is not None
+        if self.direct:
+            record = _format.encode_record(payload, kind, seg.salt, self.index)
+            self._write(seg, record, self.index + 1)
+            return
         assert seg.map is not None
         pos = self.pos
         tag = kind << _format.KIND_SHIFT | self.index
@@ -421,6 +433,11 @@ class Writer:
         parts.append(_lean.encode_records(records, salt, index))  # in C when built
         index += len(records)
         data = b"".join(parts)
+        if self.direct:
+            self._write(seg, data, index)
+            if meta:
+                self.meta.update(meta)
+            return len(data)
         start = self.pos
         end = start + len(data)
         # One store, then the end moves with no call in between: an asynchronous exception
@@ -434,6 +451,14 @@ class Writer:
         if meta:
             self.meta.update(meta)
         return end - start
+
+    def _write(self, seg: Segment, data: bytes, index: int) -> None:
+        """``"always"`` mode: write the records ``data`` at the end, which then moves past
+        them (``index``: the next message's); a failure is fail-stop."""
+        try:
+            _lean.write_at(self, seg.fd, data, index)
+        except OSError as err:
+            raise self.durability.fail(err, f"writing to {str(seg.path)!r}") from err
 
     def fdatasync_now(self) -> None:
         """``"always"`` mode: make everything appended so far durable, inline."""
