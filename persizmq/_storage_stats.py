@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 from persizmq._engine import _format
 from persizmq._engine._consumer import Consumer
@@ -37,6 +37,8 @@ from persizmq._engine._position import POSITION_FILE, RESERVATION_FILE, read_pos
 from persizmq._engine._queue import Queue
 
 __all__ = ["StorageCounters", "StorageStats", "counters", "snapshot"]
+
+_POSITION_FILES = (POSITION_FILE, RESERVATION_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,13 +147,15 @@ def _v2_len(consumer: Consumer) -> int:
 def _disk_usage(directory: pathlib.Path) -> Tuple[int, int]:
     """``(bytes of the storage's files, segment files)``."""
     total = segments = 0
-    names: List[str] = os.listdir(directory)
-    for name in names:
-        is_segment = _format.segment_base(name) is not None
-        if is_segment or name in (POSITION_FILE, RESERVATION_FILE) or _is_legacy(name):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(directory / name).st_size
-            segments += is_segment
+    # scandir: each entry's path is joined in C (a pathlib join per file was a third of the cost).
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            name = entry.name
+            is_segment = _format.segment_base(name) is not None
+            if is_segment or name in _POSITION_FILES or _is_legacy(name):
+                with contextlib.suppress(FileNotFoundError):
+                    total += entry.stat().st_size
+                segments += is_segment
     return total, segments
 
 
