@@ -37,7 +37,13 @@ from persizmq._message import Message, MessageLike
 from persizmq._protocol import Notifying, StatsLike, Storage
 from persizmq._reliable import ReceiverStats, ReliableReceiver, ReliableSender, SenderStats
 from persizmq._sequence import Gap, SequencedPublisher, SequenceStats, TopicSequenceStats
-from persizmq._storage import OVERFLOW_POLICIES, ROLES, PersistentStorage, StorageStats
+from persizmq._storage import (
+    OVERFLOW_POLICIES,
+    ROLES,
+    PersistentStorage,
+    StorageCounters,
+    StorageStats,
+)
 from persizmq._subscriber import ThreadedSubscriber
 from persizmq._topics import PersistentTopicStorage, TopicStorageStats
 
@@ -99,6 +105,7 @@ __all__ = [
     "ServerUnavailableError",
     "StatsLike",
     "Storage",
+    "StorageCounters",
     "StorageStats",
     "StorageWriteError",
     "ThreadedSubscriber",

@@ -31,9 +31,16 @@ from persizmq._errors import (
     RoleError,
 )
 from persizmq._message import Message, MessageLike, encode_payload
-from persizmq._storage_stats import StorageStats, snapshot
+from persizmq._storage_stats import StorageCounters, StorageStats, counters, snapshot
 
-__all__ = ["OVERFLOW_POLICIES", "QUARANTINE_DIR", "ROLES", "PersistentStorage", "StorageStats"]
+__all__ = [
+    "OVERFLOW_POLICIES",
+    "QUARANTINE_DIR",
+    "ROLES",
+    "PersistentStorage",
+    "StorageCounters",
+    "StorageStats",
+]
 
 #: The accepted values of ``overflow``.
 OVERFLOW_POLICIES = ("raise", "drop_oldest", "drop_newest")
@@ -380,6 +387,12 @@ class PersistentStorage:
         with queue.lock:
             queue.check_open("take the stats of")
             return snapshot(queue, self._dir)
+
+    def counters(self) -> StorageCounters:
+        """Return the figures of :meth:`stats` that are cheap to poll; see
+        :class:`StorageCounters`. Adds in other threads wait for no file-system call of it."""
+        self._check("take the counters of", True)
+        return counters(self._queue, self._dir)
 
     @property
     def persistent_dir(self) -> pathlib.Path:

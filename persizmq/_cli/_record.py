@@ -241,7 +241,13 @@ class _Recorder:
 
     def snapshot(self, received: int) -> Dict[str, int]:
         """The numbers of the status line."""
-        if self.queue is not None:
+        if isinstance(self.queue, persizmq.PersistentStorage):
+            # Not stats(): it holds the queue's lock while it stats every file, and the
+            # subscriber thread's adds wait for that lock (counters() has the same figures).
+            figures = self.queue.counters()
+            stored, pending = figures.added, figures.pending
+            disk, dropped = figures.disk_bytes, figures.dropped_newest
+        elif self.queue is not None:  # a stream
             stats = self.queue.stats()
             stored, pending = stats.added, stats.pending
             disk, dropped = getattr(stats, "disk_bytes", 0), stats.dropped_newest

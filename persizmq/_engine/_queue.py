@@ -45,7 +45,7 @@ from persizmq._engine._cursor import WriterEnd
 from persizmq._engine._durability import Durability
 from persizmq._engine._format import SEGMENT_HEADER_SIZE
 from persizmq._engine._ledger import Ledger
-from persizmq._engine._position import read_position
+from persizmq._engine._position import Position, read_position
 from persizmq._engine._registry import check_same, lock_wait
 from persizmq._engine._try_lock import try_lock
 from persizmq._engine._writer import Writer
@@ -522,9 +522,14 @@ class Queue:
             if self.readonly:
                 self.consumer.release()
             return pending
+        return self.producer_pending(read_position(self.directory))
+
+    def producer_pending(self, position: Optional[Position]) -> Tuple[int, int]:
+        """``(messages, bytes)`` pending when no consumer is in this process, ``position`` being
+        what :func:`read_position` returned (lock held; the file may have been read before the
+        lock was taken: see ``_storage_stats.counters``)."""
         writer = self.writer
         assert writer is not None
-        position = read_position(self.directory)
         live = self.writer_end()
         if position is not None:
             offset, base, pos = position

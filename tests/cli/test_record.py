@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any, List
+from typing import Any, Dict, List
 
 import pytest
 import zmq
@@ -155,6 +155,38 @@ def test_record_until_signal_persists_everything(
     assert f"stopped by {signal.Signals(signum).name}" in log
     assert f"received {total:,}, stored {total:,}" in log
     assert contents(directory) == messages
+
+
+def test_record_status_figures_follow_a_consumer_in_another_process(
+    tmp_path: pathlib.Path, sockets: SocketTracker
+) -> None:
+    """The status line's pending and disk figures (``PersistentStorage.counters``, the consumer's
+    position read from its file) are those of ``persizmq stats``, also after another process
+    popped."""
+    directory = tmp_path / "q"
+    publisher = Publisher(sockets)
+    env = {_cli.STATUS_INTERVAL_ENV: "0.05"}
+    with Recorder(tmp_path / "rec.log", publisher.endpoint, str(directory), env=env) as rec:
+        publisher.wait_subscribed()
+        publisher.send(numbered(300))
+        wait_until(lambda: pending(directory) == 300, DEADLINE, "300 messages persisted")
+        popped = run_cli("pop", str(directory), "-n", "100")
+        assert popped.returncode == 0, popped.stderr
+
+        def status_with_200_pending() -> Dict[str, str]:
+            lines = [line for line in rec.output().splitlines() if " pending=200 " in line]
+            if not lines:
+                return {}
+            return dict(field.split("=", 1) for field in lines[-1].split() if "=" in field)
+
+        fields = wait_until(status_with_200_pending, DEADLINE, "a status line with 200 pending")
+        stats = run_cli("stats", str(directory), "--json")
+        assert stats.returncode == 0, stats.stderr
+        info = json.loads(stats.stdout)
+        assert rec.stop() == 0
+    assert (fields["received"], fields["stored"], fields["dropped"]) == ("300", "300", "0")
+    assert info["pending"] == 200
+    assert int(fields["disk_bytes"]) == info["disk_bytes"] > 0
 
 
 def test_record_and_consume_in_two_processes(
