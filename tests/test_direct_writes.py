@@ -103,7 +103,7 @@ def test_a_failed_write_leaves_the_writer_unchanged(tmp_path: pathlib.Path) -> N
         fd = os.open(writer.seg.path, os.O_RDONLY)
         try:
             with storage._queue.lock, pytest.raises(OSError, match="Bad file") as caught:
-                _lean.write_at(writer, fd, data, writer.index + 1)
+                _lean.write_at(writer, fd, data, writer.index + 1, None)
         finally:
             os.close(fd)
         assert caught.value.errno == errno.EBADF
@@ -182,3 +182,38 @@ def test_no_python_line_runs_with_records_past_the_writers_end(
         assert not holes, f"records past the writer's end while Python ran: {holes}"
         assert writer.pos > start
         assert _drain(storage) == [b"first", b"second", b"third"]
+
+
+def test_an_interrupt_when_the_write_returns_keeps_the_batch_values(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGINT that arrives while write_at's pwrite runs (the GIL released: the likely moment
+    in an "always" add besides the fsync) is handled as soon as write_at returns, with the
+    atomic batch in the file and the end moved past it: its values must then be the writer's
+    too. Here a wrapper raises KeyboardInterrupt right after the real write_at. writer_meta(),
+    the snapshot a roll-over writes into the next segment and so a reopen must show them (when
+    the writer folded them in after write_at returned, all three kept the old ones while the
+    batch was delivered: a resend of it is a duplicate)."""
+    storage = persizmq.PersistentStorage(tmp_path, sync="always", segment_size=4096)
+    try:
+        storage.add_messages([b"a"], meta={b"seq": b"1"})
+        real = _lean.write_at
+
+        def interrupted(*args: Any) -> None:
+            real(*args)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_lean, "write_at", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            storage.add_messages([b"b", b"c"], meta={b"seq": b"2", b"other": b"x"})
+        monkeypatch.setattr(_lean, "write_at", real)
+        assert dict(storage.writer_meta()) == {b"seq": b"2", b"other": b"x"}
+        first = _writer(storage).base
+        for _ in range(8):  # roll over: the next segment starts with a snapshot of the values
+            storage.add_message(b"x" * 1000)
+        assert _writer(storage).base > first
+    finally:
+        storage.close()
+    with persizmq.PersistentStorage(tmp_path, sync="always", segment_size=4096) as reopened:
+        assert dict(reopened.writer_meta()) == {b"seq": b"2", b"other": b"x"}
+        assert _drain(reopened)[:3] == [b"a", b"b", b"c"]
