@@ -9,6 +9,9 @@ the same bytes and move the writer's end the same way. The disk traffic it saves
 import errno
 import os
 import pathlib
+import re
+import shutil
+import subprocess
 import sys
 import types
 from typing import Any, List, Optional, Tuple
@@ -90,6 +93,52 @@ def test_write_at_writes_the_first_header_last(
         storage.add_messages([b"x" * 100, b"y" * 100])
         monkeypatch.undo()
     assert writes == [(start + 16, 2 * 116 - 16), (start, 16)]
+
+
+_STRACED = """
+import sys
+import persizmq
+with persizmq.PersistentStorage(sys.argv[1], sync="always") as storage:
+    storage.add_message(b"first")
+    writer = storage._queue.writer
+    fd, start = writer.seg.fd, writer.pos
+    print("start", fd, start, file=sys.stderr, flush=True)
+    storage.add_messages([b"x" * 100, b"y" * 100])
+    print("end", file=sys.stderr, flush=True)
+"""
+
+
+def test_the_c_write_at_writes_the_first_header_last(
+    tmp_path: pathlib.Path, lean_impl: str
+) -> None:
+    """The order of the C write_at's system calls, seen by strace in a child process: the
+    records after the first header, then that header (the Python test above cannot see them)."""
+    if lean_impl == "Python":
+        pytest.skip("the Python write_at's order is checked above")
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("needs strace")
+    trace = tmp_path / "trace"
+    done = subprocess.run(
+        [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=pwrite64,write", sys.executable]
+        + ["-c", _STRACED, str(tmp_path / "queue")],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0 and b"ptrace" in done.stderr:
+        pytest.skip(f"strace cannot trace here: {done.stderr[-200:]!r}")
+    assert done.returncode == 0, done.stderr
+    marker = re.search(rb"start (\d+) (\d+)", done.stderr)
+    assert marker is not None, done.stderr
+    fd, start = int(marker[1]), int(marker[2])
+    text = trace.read_text(errors="replace")
+    section = text[text.index('"start"') : text.index('"end"')]
+    writes = [
+        (int(at), int(size))
+        for size, at in re.findall(rf"pwrite64\({fd}, .*?, (\d+), (\d+)\)", section)
+    ]
+    assert writes == [(start + 16, 2 * 116 - 16), (start, 16)], section
 
 
 def test_a_failed_write_leaves_the_writer_unchanged(tmp_path: pathlib.Path) -> None:
