@@ -119,9 +119,9 @@ def test_the_c_write_at_writes_the_first_header_last(
     if strace is None:
         pytest.skip("needs strace")
     trace = tmp_path / "trace"
+    command = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=pwrite64,write"]
     done = subprocess.run(
-        [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=pwrite64,write", sys.executable]
-        + ["-c", _STRACED, str(tmp_path / "queue")],
+        [*command, sys.executable, "-c", _STRACED, str(tmp_path / "queue")],
         capture_output=True,
         timeout=60,
         check=False,
