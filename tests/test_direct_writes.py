@@ -9,6 +9,9 @@ the same bytes and move the writer's end the same way. The disk traffic it saves
 import errno
 import os
 import pathlib
+import re
+import shutil
+import subprocess
 import sys
 import types
 from typing import Any, List, Optional, Tuple
@@ -92,6 +95,52 @@ def test_write_at_writes_the_first_header_last(
     assert writes == [(start + 16, 2 * 116 - 16), (start, 16)]
 
 
+_STRACED = """
+import sys
+import persizmq
+with persizmq.PersistentStorage(sys.argv[1], sync="always") as storage:
+    storage.add_message(b"first")
+    writer = storage._queue.writer
+    fd, start = writer.seg.fd, writer.pos
+    print("start", fd, start, file=sys.stderr, flush=True)
+    storage.add_messages([b"x" * 100, b"y" * 100])
+    print("end", file=sys.stderr, flush=True)
+"""
+
+
+def test_the_c_write_at_writes_the_first_header_last(
+    tmp_path: pathlib.Path, lean_impl: str
+) -> None:
+    """The order of the C write_at's system calls, seen by strace in a child process: the
+    records after the first header, then that header (the Python test above cannot see them)."""
+    if lean_impl == "Python":
+        pytest.skip("the Python write_at's order is checked above")
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("needs strace")
+    trace = tmp_path / "trace"
+    command = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=pwrite64,write"]
+    done = subprocess.run(
+        [*command, sys.executable, "-c", _STRACED, str(tmp_path / "queue")],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0 and b"ptrace" in done.stderr:
+        pytest.skip(f"strace cannot trace here: {done.stderr[-200:]!r}")
+    assert done.returncode == 0, done.stderr
+    marker = re.search(rb"start (\d+) (\d+)", done.stderr)
+    assert marker is not None, done.stderr
+    fd, start = int(marker[1]), int(marker[2])
+    text = trace.read_text(errors="replace")
+    section = text[text.index('"start"') : text.index('"end"')]
+    writes = [
+        (int(at), int(size))
+        for size, at in re.findall(rf"pwrite64\({fd}, .*?, (\d+), (\d+)\)", section)
+    ]
+    assert writes == [(start + 16, 2 * 116 - 16), (start, 16)], section
+
+
 def test_a_failed_write_leaves_the_writer_unchanged(tmp_path: pathlib.Path) -> None:
     """write_at on a descriptor that cannot be written: OSError, and the writer's end, index
     and dirty flag are what they were."""
@@ -103,7 +152,7 @@ def test_a_failed_write_leaves_the_writer_unchanged(tmp_path: pathlib.Path) -> N
         fd = os.open(writer.seg.path, os.O_RDONLY)
         try:
             with storage._queue.lock, pytest.raises(OSError, match="Bad file") as caught:
-                _lean.write_at(writer, fd, data, writer.index + 1)
+                _lean.write_at(writer, fd, data, writer.index + 1, None)
         finally:
             os.close(fd)
         assert caught.value.errno == errno.EBADF
@@ -182,3 +231,38 @@ def test_no_python_line_runs_with_records_past_the_writers_end(
         assert not holes, f"records past the writer's end while Python ran: {holes}"
         assert writer.pos > start
         assert _drain(storage) == [b"first", b"second", b"third"]
+
+
+def test_an_interrupt_when_the_write_returns_keeps_the_batch_values(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGINT that arrives while write_at's pwrite runs (the GIL released: the likely moment
+    in an "always" add besides the fsync) is handled as soon as write_at returns, with the
+    atomic batch in the file and the end moved past it: its values must then be the writer's
+    too. Here a wrapper raises KeyboardInterrupt right after the real write_at. writer_meta(),
+    the snapshot a roll-over writes into the next segment and so a reopen must show them (when
+    the writer folded them in after write_at returned, all three kept the old ones while the
+    batch was delivered: a resend of it is a duplicate)."""
+    storage = persizmq.PersistentStorage(tmp_path, sync="always", segment_size=4096)
+    try:
+        storage.add_messages([b"a"], meta={b"seq": b"1"})
+        real = _lean.write_at
+
+        def interrupted(*args: Any) -> None:
+            real(*args)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_lean, "write_at", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            storage.add_messages([b"b", b"c"], meta={b"seq": b"2", b"other": b"x"})
+        monkeypatch.setattr(_lean, "write_at", real)
+        assert dict(storage.writer_meta()) == {b"seq": b"2", b"other": b"x"}
+        first = _writer(storage).base
+        for _ in range(8):  # roll over: the next segment starts with a snapshot of the values
+            storage.add_message(b"x" * 1000)
+        assert _writer(storage).base > first
+    finally:
+        storage.close()
+    with persizmq.PersistentStorage(tmp_path, sync="always", segment_size=4096) as reopened:
+        assert dict(reopened.writer_meta()) == {b"seq": b"2", b"other": b"x"}
+        assert _drain(reopened)[:3] == [b"a", b"b", b"c"]

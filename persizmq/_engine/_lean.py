@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import zlib
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from persizmq._engine import _accel, _format
 from persizmq._engine._position import PositionLog
@@ -245,23 +245,33 @@ def py_records_size(records: List[Tuple[bytes, int]]) -> int:
     return _RECORD * len(records) + sum([len(payload) for payload, _kind in records])
 
 
-def py_write_at(writer: Any, fd: int, data: bytes, index: int) -> None:  # noqa: ANN401
+def py_write_at(
+    writer: Any,  # noqa: ANN401
+    fd: int,
+    data: bytes,
+    index: int,
+    meta: Optional[Dict[bytes, bytes]],
+) -> None:
     """``"always"`` mode: write ``data`` (whole records, the first at ``writer.pos``) with
     ``pwrite`` — everything after the first record's header, then that header, so that no
     record of ``data`` is readable before all are in the file — and move the writer's end past
-    them (``index``: the next message's index). A failed write raises ``OSError`` with the
-    writer unchanged.
+    them (``index``: the next message's index); for an atomic batch, ``meta`` (the writer's
+    values with the batch's folded in) replaces ``writer.meta`` with them (None: unchanged). A
+    failed write raises ``OSError`` with the writer unchanged.
 
     The C version runs no Python code between the last write and the stores of the end; here
     a KeyboardInterrupt can fall between them (the pure-Python engine keeps this hole: valid
     records past the writer's end, written over by the next add)."""
     start = writer.pos
+    end = start + len(data)
     view = memoryview(data)
     _pwrite_all(fd, view[_RECORD:], start + _RECORD)
     _pwrite_all(fd, view[:_RECORD], start)
-    writer.pos = start + len(data)
+    writer.pos = end
     writer.index = index
     writer.dirty = True
+    if meta is not None:
+        writer.meta = meta
 
 
 def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
@@ -300,7 +310,7 @@ read_run: Callable[..., Tuple[int, int, int]] = py_read_run
 encode_records: Callable[[List[Tuple[bytes, int]], int, int], bytes] = py_encode_records
 plain_records: Callable[[object, int], Optional[List[Tuple[bytes, int]]]] = py_plain_records
 records_size: Callable[[List[Tuple[bytes, int]]], int] = py_records_size
-write_at: Callable[[Any, int, bytes, int], None] = py_write_at
+write_at: Callable[[Any, int, bytes, int, Optional[Dict[bytes, bytes]]], None] = py_write_at
 IMPLEMENTATION = "Python"
 
 if _accel.SPEEDUPS is not None:

@@ -67,7 +67,7 @@ static PyObject *s_lock, *s_writer, *s_fast_add, *s_durability, *s_failed, *s_po
     *s_index, *s_fast_index, *s_salt, *s_map, *s_dirty, *s_added, *s_waiters, *s_cond,
     *s_notify_all, *s_acquire, *s_release, *s_consumer, *s_ahead, *s_ahead_i, *s_ahead_ok,
     *s_closing, *s_pops, *s_ahead_ends, *s_plog, *s_map_, *s_slot_, *s_previous_, *s_cursor,
-    *s_base, *s_pos_dirty, *s_popped, *s_underlying;
+    *s_base, *s_pos_dirty, *s_popped, *s_underlying, *s_meta;
 static PyObject *crc32_func;
 
 /* ------------------------------------------------------------------ little helpers */
@@ -120,8 +120,8 @@ static PyMethodDef methods[] = {
     {"crc32_range", (PyCFunction)(void (*)(void))crc32_range, METH_FASTCALL,
      "crc32_range(buf, start, end, seed) -> int: zlib.crc32(buf[start:end], seed)."},
     {"write_at", (PyCFunction)(void (*)(void))write_at, METH_FASTCALL,
-     "write_at(writer, fd, data, index) -> None: \"always\" mode's pwrite of records, then "
-     "the writer's end moved past them."},
+     "write_at(writer, fd, data, index, meta) -> None: \"always\" mode's pwrite of records, "
+     "then the writer's end moved past them (and its metadata replaced by meta, unless None)."},
     {"bind_zmq", (PyCFunction)bind_zmq, METH_O,
      "bind_zmq(path) -> (major, minor, patch) or None: find the libzmq of the loaded file."},
     {"receive", (PyCFunction)(void (*)(void))receive, METH_FASTCALL,
@@ -179,6 +179,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_pos_dirty, "pos_dirty");
     INTERN(s_popped, "popped");
     INTERN(s_underlying, "underlying");
+    INTERN(s_meta, "meta");
     PyObject *zlib = PyImport_ImportModule("zlib");
     if (zlib == NULL) return NULL;
     crc32_func = PyObject_GetAttrString(zlib, "crc32");

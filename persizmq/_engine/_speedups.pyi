@@ -1,5 +1,5 @@
 # The optional C extension built from _speedups.c; its Python reference is _lean.py.
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from persizmq._message import Message
 
@@ -28,7 +28,13 @@ def read_run(
 def encode_records(records: List[Tuple[bytes, int]], salt: int, index: int) -> bytes: ...
 def plain_records(msgs: object, limit: int) -> Optional[List[Tuple[bytes, int]]]: ...
 def records_size(records: List[Tuple[bytes, int]]) -> int: ...
-def write_at(writer: Any, fd: int, data: bytes, index: int) -> None: ...  # noqa: ANN401
+def write_at(
+    writer: Any,  # noqa: ANN401
+    fd: int,
+    data: bytes,
+    index: int,
+    meta: Optional[Dict[bytes, bytes]],
+) -> None: ...
 def crc32_range(buf: Any, start: int, end: int, seed: int) -> int: ...  # noqa: ANN401
 def run_uninterrupted(func: Callable[[], _T]) -> _T: ...
 def bind_zmq(path: str) -> Optional[Tuple[int, int, int]]: ...

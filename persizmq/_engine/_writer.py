@@ -92,6 +92,7 @@ class Writer:
         "fast_index",
         "index",
         "map",
+        "meta",
         "pos",
         "salt",
     )
@@ -400,7 +401,7 @@ class Writer:
         assert seg is not None
         if self.direct:
             record = _format.encode_record(payload, kind, seg.salt, self.index)
-            self._write(seg, record, self.index + 1)
+            self._write(seg, record, self.index + 1, None)
             return
         assert seg.map is not None
         pos = self.pos
@@ -434,9 +435,15 @@ class Writer:
         index += len(records)
         data = b"".join(parts)
         if self.direct:
-            self._write(seg, data, index)
+            # The batch's values become the writer's in the call that moves the end: a
+            # KeyboardInterrupt handled when the write returns (a SIGINT that came during it)
+            # left the batch in the file without them — writer_meta() did not show them and
+            # the next segment's snapshot lost them. Plain bytes: dropping the old dict there
+            # runs no Python code.
+            merged = None
             if meta:
-                self.meta.update(meta)
+                merged = {**self.meta, **{bytes(k): bytes(v) for k, v in meta.items()}}
+            self._write(seg, data, index, merged)
             return len(data)
         start = self.pos
         end = start + len(data)
@@ -452,11 +459,14 @@ class Writer:
             self.meta.update(meta)
         return end - start
 
-    def _write(self, seg: Segment, data: bytes, index: int) -> None:
+    def _write(
+        self, seg: Segment, data: bytes, index: int, meta: Optional[Dict[bytes, bytes]]
+    ) -> None:
         """``"always"`` mode: write the records ``data`` at the end, which then moves past
-        them (``index``: the next message's); a failure is fail-stop."""
+        them (``index``: the next message's; ``meta``, unless None: the writer's values from
+        then on); a failure is fail-stop."""
         try:
-            _lean.write_at(self, seg.fd, data, index)
+            _lean.write_at(self, seg.fd, data, index, meta)
         except OSError as err:
             raise self.durability.fail(err, f"writing to {str(seg.path)!r}") from err
 

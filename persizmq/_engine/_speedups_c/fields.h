@@ -134,6 +134,7 @@ static Field F_w_fast_end = {&s_fast_end, NULL, 0};
 static Field F_w_fast_index = {&s_fast_index, NULL, 0};
 static Field F_w_index = {&s_index, NULL, 0};
 static Field F_w_map = {&s_map, NULL, 0};
+static Field F_w_meta = {&s_meta, NULL, 0};
 static Field F_w_pos = {&s_pos, NULL, 0};
 static Field F_w_salt = {&s_salt, NULL, 0};
 
