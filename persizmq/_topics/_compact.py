@@ -127,6 +127,7 @@ def run(
         if claimed:
             with core.lock:
                 core.compacting = False
+                core.compactions_ended += 1
                 if not core.closed:
                     core.set_thresholds()
                 core.wake.notify_all()

@@ -118,6 +118,7 @@ class TopicCore:
         self.failure: Optional[OSError] = None
         self.failed_path = ""
         self.compacting = False
+        self.compactions_ended = 0  # counts the compactions that cleared ``compacting``
         self.compact_retry_at = 0.0
         #: Whether compactions copy in a helper process (see ``_copier``); cleared when one
         #: cannot be started.
@@ -455,10 +456,13 @@ class TopicCore:
             _thread.start_new_thread(_compact.run, (self,))
             self.set_thresholds()
             return
-        # A compaction runs and the disk reached HOLD_AT times the live bytes: wait for it.
+        # A compaction runs and the disk reached HOLD_AT times the live bytes: wait for it --
+        # that one, not for the next: a compaction claimed right after it ends (compact() in
+        # a loop) held every write for the whole HOLD_SECONDS.
         self.holds += 1
         deadline = time.monotonic() + HOLD_SECONDS
-        while self.compacting and not self.stopping:
+        ended = self.compactions_ended
+        while self.compacting and self.compactions_ended == ended and not self.stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.check_at = _NEVER
