@@ -289,7 +289,7 @@ def run(
     """Every case on every server found, ``profile.rounds`` interleaved rounds."""
     del base, anchors_python  # the queues live in the servers; no anchors' virtualenv needed
     result: RedisResult = {}
-    with servers(first_only=profile.name == "smoke") as started:
+    with servers(first_only=profile.name in ("smoke", "quick")) as started:
         if not started:
             log("  redis: no Redis >= 7.0 or Valkey >= 7.2 server binary found; skipped")
         for server in started:
