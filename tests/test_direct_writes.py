@@ -20,20 +20,11 @@ import pytest
 
 import persizmq
 from persizmq._engine import _format, _lean
+from tests._reliab_util import drain
 
 pytestmark = pytest.mark.usefixtures("lean_impl")
 
 _PACKAGE = str(pathlib.Path(persizmq.__file__).parent)
-
-
-def _drain(storage: persizmq.PersistentStorage) -> List[object]:
-    out: List[object] = []
-    while True:
-        msg = storage.front()
-        if msg is None:
-            return out
-        out.append(msg)
-        storage.pop_front()
 
 
 def _writer(storage: persizmq.PersistentStorage) -> Any:
@@ -61,13 +52,7 @@ def test_always_mode_writes_records_that_read_back(tmp_path: pathlib.Path) -> No
         assert dict(storage.writer_meta()) == {b"round": b"39"}
         assert storage.front() == messages[0]
     with persizmq.PersistentStorage(tmp_path, sync="always", segment_size=4096) as reopened:
-        got = []
-        while True:
-            msg = reopened.front()
-            if msg is None:
-                break
-            got.append(msg)
-            reopened.pop_front()
+        got = drain(reopened)
         assert dict(reopened.writer_meta()) == {b"round": b"39"}
     assert got == messages
 
@@ -157,7 +142,7 @@ def test_a_failed_write_leaves_the_writer_unchanged(tmp_path: pathlib.Path) -> N
             os.close(fd)
         assert caught.value.errno == errno.EBADF
         assert (writer.pos, writer.index, writer.dirty) == before
-        assert _drain(storage) == [b"before"]
+        assert drain(storage) == [b"before"]
 
 
 @pytest.mark.parametrize("call", ["add_message", "add_messages"])
@@ -190,9 +175,9 @@ def test_a_failed_write_is_fail_stop(tmp_path: pathlib.Path, call: str) -> None:
     with pytest.raises(persizmq.StorageWriteError):
         storage.close()
     with persizmq.PersistentStorage(tmp_path, sync="always") as reopened:
-        assert _drain(reopened) == [b"a", b"b"]
+        assert drain(reopened) == [b"a", b"b"]
         reopened.add_message(b"after")
-        assert _drain(reopened) == [b"after"]
+        assert drain(reopened) == [b"after"]
 
 
 def test_no_python_line_runs_with_records_past_the_writers_end(
@@ -230,7 +215,7 @@ def test_no_python_line_runs_with_records_past_the_writers_end(
         assert lines > 0, "the trace saw no line of persizmq: the test proved nothing"
         assert not holes, f"records past the writer's end while Python ran: {holes}"
         assert writer.pos > start
-        assert _drain(storage) == [b"first", b"second", b"third"]
+        assert drain(storage) == [b"first", b"second", b"third"]
 
 
 def test_an_interrupt_when_the_write_returns_keeps_the_batch_values(
@@ -265,4 +250,4 @@ def test_an_interrupt_when_the_write_returns_keeps_the_batch_values(
         storage.close()
     with persizmq.PersistentStorage(tmp_path, sync="always", segment_size=4096) as reopened:
         assert dict(reopened.writer_meta()) == {b"seq": b"2", b"other": b"x"}
-        assert _drain(reopened)[:3] == [b"a", b"b", b"c"]
+        assert drain(reopened)[:3] == [b"a", b"b", b"c"]

@@ -456,9 +456,8 @@ class TopicCore:
             _thread.start_new_thread(_compact.run, (self,))
             self.set_thresholds()
             return
-        # A compaction runs and the disk reached HOLD_AT times the live bytes: wait for it --
-        # that one, not for the next: a compaction claimed right after it ends (compact() in
-        # a loop) held every write for the whole HOLD_SECONDS.
+        # A compaction runs and the disk reached HOLD_AT times the live bytes: wait for that
+        # one, not the next (compact() in a loop held every write for the whole HOLD_SECONDS).
         self.holds += 1
         deadline = time.monotonic() + HOLD_SECONDS
         ended = self.compactions_ended
