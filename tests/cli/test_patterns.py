@@ -89,8 +89,11 @@ def test_record_counts_gaps_shows_them_and_keeps_them(
             publisher.wait_subscribed()
             before = len(contents(directory)) if directory.exists() else 0
             publisher.send(messages)
+            # The recorder may subscribe before it has created the directory (seen in CI).
             wait_until(
-                lambda: len(contents(directory)) == before + len(messages), DEADLINE, "recorded"
+                lambda: directory.exists() and len(contents(directory)) == before + len(messages),
+                DEADLINE,
+                "recorded",
             )
             wait_until(lambda: f"gaps={expect_gaps} " in recorder.output(), DEADLINE, "status")
             assert recorder.stop() == 0
